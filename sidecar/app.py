@@ -1,0 +1,120 @@
+"""Wiring: build every part from the command-line options and run until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from sidecar.admin import admin_app
+from sidecar.audit import AuditLog
+from sidecar.certs import CAError, CertificateAuthority, LeafCache
+from sidecar.config import LiveConfig, Sources
+from sidecar.metrics import Metrics
+from sidecar.proxy.context import ProxyContext, ProxySettings
+from sidecar.proxy.frontdoor import FrontDoor
+from sidecar.upstream import (
+    OverridingResolver,
+    ResolveOverride,
+    make_session,
+    upstream_tls_context,
+)
+
+log = logging.getLogger("keyhole")
+
+
+@dataclass
+class Options:
+    """Everything ``keyhole-sidecar`` is told on its command line."""
+
+    injections: Path
+    secrets_dir: Path
+    ca_dir: Path
+    listen: tuple[str, int] = ("127.0.0.1", 15080)
+    admin_listen: tuple[str, int] = ("127.0.0.1", 15090)
+    unmatched: str = "passthrough"
+    resolve: list[ResolveOverride] = field(default_factory=list)
+    upstream_ca: Path | None = None
+    signing_key: Path | None = None
+    reload_interval: float = 1.0
+
+
+class StartupError(RuntimeError):
+    """Cannot start; the message says what to fix."""
+
+
+async def run(options: Options, *, ready: asyncio.Event | None = None,
+              stop: asyncio.Event | None = None) -> None:
+    metrics = Metrics()
+    config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key),
+                        metrics)
+    if not config.load():
+        raise StartupError(f"the configuration has problems, fix them and start again:\n"
+                           f"{config.last_error}")
+    try:
+        ca = CertificateAuthority.load_or_create(options.ca_dir)
+    except CAError as exc:
+        raise StartupError(str(exc)) from None
+    leaves = LeafCache(ca, on_mint=metrics.leaves_minted.inc)
+    try:
+        upstream_tls = upstream_tls_context(options.upstream_ca)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    resolver = OverridingResolver(options.resolve)
+    session = make_session(resolver, upstream_tls)
+    settings = ProxySettings(unmatched=options.unmatched)  # type: ignore[arg-type]
+    ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
+                       resolver=resolver, session=session, metrics=metrics, audit=AuditLog())
+    server_kwargs = dict(
+        keepalive_timeout=settings.idle_timeout, max_line_size=settings.max_line_size,
+        max_field_size=settings.max_field_size, max_headers=settings.max_headers,
+        access_log=None, auto_decompress=False, lingering_time=2.0,
+    )
+    loop = asyncio.get_running_loop()
+
+    def readiness() -> str | None:
+        if config.table is None:
+            return "no configuration loaded"
+        try:
+            leaves.check()
+        except CAError as exc:
+            return str(exc)
+        return None
+
+    admin_runner = web.AppRunner(admin_app(metrics, readiness), access_log=None)
+    await admin_runner.setup()
+    try:
+        proxy_server = await loop.create_server(
+            lambda: FrontDoor(ctx, server_kwargs), options.listen[0], options.listen[1],
+            reuse_address=True, backlog=1024,
+        )
+        await web.TCPSite(admin_runner, options.admin_listen[0], options.admin_listen[1],
+                          reuse_address=True).start()
+    except OSError as exc:
+        await admin_runner.cleanup()
+        await session.close()
+        raise StartupError(f"cannot listen: {exc.strerror} ({exc})") from None
+    watcher = asyncio.create_task(config.watch(options.reload_interval))
+    host, port = proxy_server.sockets[0].getsockname()[:2]
+    log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",
+             host, port, options.unmatched, *options.admin_listen)
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        watcher.cancel()
+        proxy_server.close()
+        await admin_runner.cleanup()
+        await session.close()
+        await resolver.close()

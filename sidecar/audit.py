@@ -1,0 +1,43 @@
+"""The audit log: one JSON line per request on stdout, the record of every decision.
+
+Never a header value, never a query value, never a body: a path, the names of the query
+parameters, and what the proxy decided and why.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    mode: str  # "intercept", "tunnel", "absolute", "base-url"
+    method: str
+    host: str
+    path: str = ""
+    query_keys: list[str] = field(default_factory=list)
+    injection: str | None = None
+    decision: str = "denied"  # injected | passthrough | denied | error
+    reason: str = ""
+    status: int = 0
+    bytes_in: int = 0  # from the client, towards the upstream
+    bytes_out: int = 0  # to the client
+    started: float = field(default_factory=time.monotonic)
+
+
+class AuditLog:
+    def __init__(self, stream: TextIO | None = None):
+        self._stream = stream or sys.stdout
+
+    def write(self, record: AuditRecord) -> None:
+        line = asdict(record)
+        started = line.pop("started")
+        line["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) +
+                f".{int(time.time() * 1000) % 1000:03d}Z", **line}
+        self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._stream.flush()

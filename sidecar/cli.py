@@ -1,0 +1,149 @@
+"""``keyhole-sidecar``: run the proxy, or ``keyhole-sidecar check`` a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+
+from sidecar import __version__
+from sidecar.app import Options, StartupError, run
+from sidecar.certs import CAError, CertificateAuthority
+from sidecar.config import Sources, load_route_table
+from sidecar.spec import SpecError
+from sidecar.upstream import ResolveOverride, upstream_tls_context
+
+DEFAULT_LISTEN = "127.0.0.1:15080"
+DEFAULT_ADMIN = "127.0.0.1:15090"
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _loopback(text: str) -> tuple[str, int]:
+    host, port = _address(text)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the proxy port must listen on a loopback address (127.0.0.1 or ::1); "
+            "whoever reaches it can use every injected secret"
+        )
+    return host, port
+
+
+def _resolve(text: str) -> ResolveOverride:
+    try:
+        return ResolveOverride.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--injections", type=Path, required=True, metavar="FILE|DIR",
+                        help="SecretInjection YAML/JSON: a file or a folder (edits apply live)")
+    parser.add_argument("--secrets-dir", type=Path, required=True, metavar="DIR",
+                        help="secret values as <secret-name>/<key> files")
+    parser.add_argument("--ca-dir", type=Path, default=Path("./ca"), metavar="DIR",
+                        help="tls.crt + tls.key of the CA for intercepted hosts; created when "
+                             "absent (default ./ca)")
+    parser.add_argument("--upstream-ca", type=Path, metavar="FILE",
+                        help="PEM bundle trusted for upstream TLS besides the system roots")
+    parser.add_argument("--signing-key", type=Path, metavar="FILE",
+                        help="require the injections document to be signed with this key")
+
+
+def build_parser(check: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keyhole-sidecar check" if check else "keyhole-sidecar",
+        description=("Validate injections, secrets and CA without serving; exit 1 on any problem."
+                     if check else
+                     "Proxy that adds secrets to requests for the hosts they belong to. "
+                     "Run 'keyhole-sidecar check --help' to validate a configuration."),
+    )
+    _common(parser)
+    if not check:
+        parser.add_argument("--listen", type=_loopback, default=_loopback(DEFAULT_LISTEN),
+                            metavar="HOST:PORT", help=f"proxy port (default {DEFAULT_LISTEN}; "
+                                                      "loopback only)")
+        parser.add_argument("--admin-listen", type=_address, default=_address(DEFAULT_ADMIN),
+                            metavar="HOST:PORT", help="/healthz, /readyz and /metrics "
+                                                      f"(default {DEFAULT_ADMIN})")
+        parser.add_argument("--unmatched", choices=("passthrough", "deny"),
+                            default="passthrough", help="unrouted hosts: tunnel/forward them "
+                                                        "untouched (default) or answer 403")
+        parser.add_argument("--resolve", type=_resolve, action="append", default=[],
+                            metavar="HOST:PORT:ADDR", help="connect to ADDR for HOST:PORT "
+                                                           "(repeatable, like curl)")
+        parser.add_argument("--log-level", default="info",
+                            choices=("debug", "info", "warning", "error"))
+        parser.add_argument("--version", action="version", version=f"keyhole {__version__}")
+    return parser
+
+
+def check(argv: list[str]) -> int:
+    args = build_parser(check=True).parse_args(argv)
+    problems: list[str] = []
+    try:
+        table = load_route_table(Sources(args.injections, args.secrets_dir, args.signing_key))
+    except SpecError as exc:
+        problems.extend(str(p) for p in exc.problems)
+        table = None
+    if args.ca_dir.exists():
+        try:
+            CertificateAuthority.load(args.ca_dir)
+        except CAError as exc:
+            problems.append(f"{args.ca_dir}: {exc}")
+    if args.upstream_ca:
+        try:
+            upstream_tls_context(args.upstream_ca)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        print(f"{len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    assert table is not None
+    for route in table.routes:
+        hosts = ", ".join(str(h) for h in route.injection.hosts)
+        sets = [name for name, _ in route.headers] + [f"?{name}" for name, _ in route.query]
+        print(f"ok  {route.name}: {hosts} ← {', '.join(sets)}")
+    print(f"{len(table)} injection(s) ok")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        return check(argv[1:])
+    args = build_parser(check=False).parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    options = Options(
+        injections=args.injections, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir,
+        listen=args.listen, admin_listen=args.admin_listen, unmatched=args.unmatched,
+        resolve=args.resolve, upstream_ca=args.upstream_ca, signing_key=args.signing_key,
+    )
+    try:
+        asyncio.run(run(options))
+    except StartupError as exc:
+        print(f"keyhole-sidecar: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

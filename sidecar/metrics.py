@@ -1,0 +1,57 @@
+"""Prometheus metrics, all in one place. Labels are bounded: injection names come from the
+config, every unrouted host shares the label ``-``, methods outside the standard set are
+``OTHER``, and no label ever holds a path, a host name of an unrouted request or a value."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+UNROUTED = "-"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT"})
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                    10, 30, 60, 120)
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHODS else "OTHER"
+
+
+class Metrics:
+    """The sidecar's metrics, on a registry of their own (so tests can make several)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("keyhole_requests", "Requests answered, by injection, method and "
+                                "status class.", ["injection", "method", "status_class"],
+                                registry=r)
+        self.decisions = Counter("keyhole_decisions", "Routing decisions: injected, passthrough "
+                                 "or denied, with the reason.", ["decision", "reason"], registry=r)
+        self.duration = Histogram("keyhole_request_duration_seconds", "Time from request to the "
+                                  "end of the response.", ["injection"],
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram("keyhole_upstream_duration_seconds", "Time from "
+                                           "sending upstream to the response headers.",
+                                           ["injection"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.open_connections = Gauge("keyhole_open_connections", "Client connections open.",
+                                      registry=r)
+        self.open_tunnels = Gauge("keyhole_open_tunnels", "CONNECT tunnels open, intercepted or "
+                                  "blind.", ["kind"], registry=r)
+        self.bytes = Counter("keyhole_bytes", "Body bytes relayed, upstream (sent) or downstream "
+                             "(received).", ["injection", "direction"], registry=r)
+        self.leaves_minted = Counter("keyhole_leaf_certificates_minted", "Leaf certificates "
+                                     "minted for intercepted hosts.", registry=r)
+        self.reloads = Counter("keyhole_config_reloads", "Configuration (re)loads by result.",
+                               ["result"], registry=r)
+        self.upstream_errors = Counter("keyhole_upstream_errors", "Failures talking to upstreams "
+                                       "by kind.", ["kind"], registry=r)
+        self.routes = Gauge("keyhole_injections", "Injections in the configuration being served.",
+                            registry=r)
+        self.config_timestamp = Gauge("keyhole_config_last_reload_success_timestamp_seconds",
+                                      "When the configuration being served was loaded.",
+                                      registry=r)
+        for decision in ("injected", "passthrough", "denied"):
+            self.decisions.labels(decision, "-")
+        for result in ("success", "error"):
+            self.reloads.labels(result)
+        for kind in ("intercepted", "blind"):
+            self.open_tunnels.labels(kind)

@@ -1,0 +1,50 @@
+"""The proxy's refusals and failures, each mapped to one status in one place.
+
+``reason`` is a short, bounded code for metrics and the audit log; ``message`` is the
+sentence a human reads in the response body. Neither ever holds a secret value.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    status = 502
+    decision = "error"
+
+    def __init__(self, reason: str, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class Denied(ProxyError):
+    """Policy said no: an unrouted host under ``--unmatched deny``, or a rule."""
+
+    status = 403
+    decision = "denied"
+
+
+class BadRequest(ProxyError):
+    """The request cannot be interpreted safely."""
+
+    status = 400
+    decision = "denied"
+
+
+class UpstreamFailed(ProxyError):
+    """The upstream could not be reached, failed TLS verification, or broke the protocol."""
+
+    status = 502
+
+
+def error_response(error: ProxyError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        text=f"keyhole: {error.message}\n",
+        headers={"X-Keyhole-Error": error.reason, "Connection": "close"}
+        if error.status == 400 else {"X-Keyhole-Error": error.reason},
+    )

@@ -1,0 +1,242 @@
+"""Sending one request upstream and streaming the answer back, redacted.
+
+Shared by every mode (intercepted CONNECT, absolute-form, base-URL): the modes only decide
+the :class:`Target`; what leaves the proxy and what comes back is decided here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.audit import AuditRecord
+from sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
+from sidecar.proxy.context import ProxyContext
+from sidecar.proxy.errors import ProxyError, UpstreamFailed
+from sidecar.redact import Redactor
+from sidecar.routes import Route
+
+# Encodings the proxy can decode to redact; anything else from a routed host is refused.
+DECODABLE = ("gzip", "deflate", "br")
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version",
+                           "sec-websocket-protocol", "sec-websocket-extensions"})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes and which injections apply (none: passthrough)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # raw (percent-encoded) path to send
+    query: str  # raw query string from the client
+    routes: tuple[Route, ...] = ()
+
+    @property
+    def routed(self) -> bool:
+        return bool(self.routes)
+
+    @property
+    def label(self) -> str:
+        """Bounded metric label: the injection names, or '-' when unrouted."""
+        return "+".join(sorted(r.name for r in self.routes)) or "-"
+
+    def url(self, scheme: str | None = None) -> URL:
+        return URL.build(scheme=scheme or self.scheme, host=self.host, port=self.port,
+                         path=self.path, query_string=forwarded_query(self.query, self.routes),
+                         encoded=True)
+
+    def redactor(self) -> Redactor:
+        if len(self.routes) == 1:
+            return self.routes[0].redactor
+        return Redactor(form for r in self.routes for form in r.redactor.forms)
+
+
+def _is_websocket(request: web.BaseRequest) -> bool:
+    return (request.headers.get("Upgrade", "").lower() == "websocket"
+            and "upgrade" in request.headers.get("Connection", "").lower())
+
+
+def _accept_encoding(client_value: str | None) -> str | None:
+    """What a routed request may ask the upstream for: only encodings we can decode."""
+    if not client_value:
+        return None
+    offered = [part.split(";")[0].strip().lower() for part in client_value.split(",")]
+    chosen = [enc for enc in DECODABLE if enc in offered or "*" in offered]
+    return ", ".join(chosen) if chosen else None
+
+
+async def _client_body(request: web.BaseRequest, record: AuditRecord) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_any():
+        record.bytes_in += len(chunk)
+        yield chunk
+
+
+def _upstream_failure(exc: BaseException, target: Target) -> ProxyError:
+    where = f"{target.host}:{target.port}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return UpstreamFailed("upstream_tls", f"the TLS certificate of {where} failed "
+                              f"verification ({exc.certificate_error}); the request was not sent")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return UpstreamFailed("upstream_tls", f"TLS with {where} failed ({exc}); the request was "
+                              "not sent")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return UpstreamFailed("dns", f"cannot resolve {target.host}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailed("connect", f"cannot connect to {where} ({exc.os_error.strerror or exc})")
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamFailed("timeout", f"{where} did not answer in time", status=504)
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return UpstreamFailed("upstream_reset", f"{where} closed the connection before answering")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamFailed("bad_response", f"{where} sent a malformed response")
+    return UpstreamFailed("upstream_error", f"talking to {where} failed ({type(exc).__name__})")
+
+
+def _response_headers(upstream: aiohttp.ClientResponse, target: Target,
+                      redactor: Redactor | None) -> CIMultiDict[str]:
+    named_in_connection = {t.strip().lower() for v in upstream.headers.getall("Connection", ())
+                           for t in v.split(",")}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower.startswith("proxy-") or lower in named_in_connection:
+            continue
+        if target.routed and lower == "content-encoding":
+            continue  # decoded for redaction
+        headers.add(name, redactor.redact_text(value) if redactor else value)
+    if not target.routed and "Content-Length" in upstream.headers:
+        headers["Content-Length"] = upstream.headers["Content-Length"]
+    return headers
+
+
+async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
+                  record: AuditRecord) -> web.StreamResponse:
+    """Send ``request`` to ``target`` and stream the answer; raise ProxyError before any byte
+    of the answer was written, abort the connection after."""
+    if target.routed and _is_websocket(request):
+        return await _forward_websocket(ctx, request, target, record)
+    headers = forwarded_headers(request.headers, target.routes)
+    if target.routed:
+        headers.popall("Accept-Encoding", None)
+        accept = _accept_encoding(request.headers.get("Accept-Encoding"))
+        if accept:
+            headers["Accept-Encoding"] = accept
+    if "Content-Length" in request.headers and request.can_read_body:
+        headers["Content-Length"] = request.headers["Content-Length"]
+    body = None
+    if request.can_read_body:
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = _client_body(request, record)
+
+    label = target.label
+    started = time.monotonic()
+    try:
+        upstream_cm = ctx.session.request(
+            request.method, target.url(), headers=headers, data=body, allow_redirects=False,
+            auto_decompress=target.routed, compress=None, chunked=None,
+        )
+        upstream = await upstream_cm.__aenter__()
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        failure = _upstream_failure(exc, target)
+        ctx.metrics.upstream_errors.labels(failure.reason).inc()
+        raise failure from None
+    try:
+        ctx.metrics.upstream_duration.labels(label).observe(time.monotonic() - started)
+        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+        if target.routed and encoding not in ("identity", "", *DECODABLE):
+            ctx.metrics.upstream_errors.labels("encoding").inc()
+            raise UpstreamFailed("encoding", f"{target.host} answered with Content-Encoding "
+                                 f"{encoding!r}, which keyhole cannot inspect for secrets")
+        redactor = target.redactor() if target.routed else None
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=_response_headers(upstream, target, redactor))
+        record.status = upstream.status
+        await response.prepare(request)
+        stream = redactor.stream() if redactor else None
+        try:
+            async for chunk in upstream.content.iter_any():
+                out = stream.feed(chunk) if stream else chunk
+                if out:
+                    record.bytes_out += len(out)
+                    await response.write(out)
+            if stream:
+                tail = stream.flush()
+                if tail:
+                    record.bytes_out += len(tail)
+                    await response.write(tail)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            ctx.metrics.upstream_errors.labels("mid_body").inc()
+            record.reason = f"upstream broke off mid-body ({type(exc).__name__})"
+            request.transport and request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+    finally:
+        await upstream_cm.__aexit__(None, None, None)
+
+
+async def _forward_websocket(ctx: ProxyContext, request: web.BaseRequest, target: Target,
+                             record: AuditRecord) -> web.StreamResponse:
+    """A WebSocket upgrade to a routed host: inject into the handshake, redact every message."""
+    headers = forwarded_headers(request.headers, target.routes, keep_upgrade=True)
+    for name in _WS_HANDSHAKE:
+        headers.popall(name, None)
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+                 if p.strip()]
+    try:
+        upstream = await ctx.session.ws_connect(
+            target.url("wss"), headers=headers, protocols=protocols, autoclose=False,
+            autoping=False, compress=0, max_msg_size=0,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        raise UpstreamFailed("websocket_refused", f"{target.host} refused the WebSocket upgrade "
+                             f"with status {exc.status}", status=502) from None
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        failure = _upstream_failure(exc, target)
+        ctx.metrics.upstream_errors.labels(failure.reason).inc()
+        raise failure from None
+    redactor = target.redactor()
+    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
+                                   autoclose=False, autoping=False, max_msg_size=0)
+    await client.prepare(request)
+    record.status = 101
+
+    async def pump(source, sink, redact: bool) -> None:
+        async for msg in source:
+            if msg.type == WSMsgType.TEXT:
+                await sink.send_str(redactor.redact_text(msg.data) if redact else msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await sink.send_bytes(redactor.redact(msg.data) if redact else msg.data)
+            elif msg.type == WSMsgType.PING:
+                await sink.ping(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                await sink.pong(msg.data)
+            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                break
+        await sink.close(code=source.close_code or 1000)
+
+    tasks = [asyncio.ensure_future(pump(client, upstream, False)),
+             asyncio.ensure_future(pump(upstream, client, True))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await upstream.close()
+        await client.close()
+    return client

@@ -1,0 +1,184 @@
+"""From a parsed request to a :class:`Target`: the routing decision of each mode.
+
+- intercepted: a request inside a CONNECT tunnel we terminated; the CONNECT authority decides.
+- absolute-form: ``GET http://host/path`` sent to the proxy in the clear.
+- base-URL: ``GET /<injection>/path`` for clients that ignore proxy variables.
+
+Every routed decision passes through :func:`routed_target`, which applies the rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from urllib.parse import unquote_plus
+
+from aiohttp import web
+
+from sidecar.audit import AuditRecord
+from sidecar.metrics import method_label
+from sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
+from sidecar.proxy.context import ProxyContext
+from sidecar.proxy.errors import BadRequest, Denied, ProxyError, error_response
+from sidecar.proxy.forward import Target, forward
+from sidecar.routes import Route
+from sidecar.spec import normalise_hostname, split_authority
+
+MAX_AUDIT_QUERY_KEYS = 20
+
+
+def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_port: int,
+                  raw_path: str, raw_query: str) -> Target:
+    """The target for a routed request, after every applicable injection's rules agreed."""
+    try:
+        path = normalise_path(raw_path or "/")
+    except PathRejected as exc:
+        raise BadRequest("bad_path", str(exc)) from None
+    for route in routes:
+        verdict = check_rules(route.injection.rules, method, path)
+        if not verdict.allowed:
+            status = 405 if verdict.reason.startswith("method") else 403
+            raise Denied("rule", f"injection {route.name!r} refuses this request: "
+                                 f"{verdict.reason}", status=status)
+    if not any(r.injection.rules is not None for r in routes):
+        path = raw_path or "/"  # nothing was judged on the path: forward it untouched
+    return Target("https", normalise_hostname(host), upstream_port, path, raw_query, routes)
+
+
+def _unrouted(ctx: ProxyContext, scheme: str, host: str, port: int, raw_path: str,
+              raw_query: str) -> Target:
+    if ctx.settings.unmatched == "deny":
+        raise Denied("unrouted", f"{host}:{port} is not routed by any injection and this proxy "
+                                 "runs with --unmatched deny")
+    return Target(scheme, host, port, raw_path or "/", raw_query)
+
+
+def _query_keys(raw_query: str) -> list[str]:
+    keys = [unquote_plus(pair.partition("=")[0]) for pair in raw_query.split("&") if pair]
+    return keys[:MAX_AUDIT_QUERY_KEYS]
+
+
+async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecord,
+                 decide: Callable[[], Target]) -> web.StreamResponse:
+    """Decide, forward, and account for the request whatever happens."""
+    label = "-"
+    started = time.monotonic()
+    try:
+        target = decide()
+        label = target.label
+        record.injection = label if target.routed else None
+        record.decision = "injected" if target.routed else "passthrough"
+        record.reason = "routed" if target.routed else "unrouted"
+        return await forward(ctx, request, target, record)
+    except ProxyError as error:
+        record.decision, record.reason, record.status = error.decision, error.reason, error.status
+        return error_response(error)
+    except asyncio.CancelledError:
+        record.reason = "client closed the connection"
+        raise
+    finally:
+        m = ctx.metrics
+        m.requests.labels(label, method_label(request.method), f"{record.status // 100}xx").inc()
+        m.decisions.labels(record.decision, record.reason if record.decision != "injected"
+                           else "routed").inc()
+        m.duration.labels(label).observe(time.monotonic() - started)
+        m.bytes.labels(label, "upstream").inc(record.bytes_in)
+        m.bytes.labels(label, "downstream").inc(record.bytes_out)
+        ctx.audit.write(record)
+
+
+async def handle_plain(ctx: ProxyContext, request: web.BaseRequest) -> web.StreamResponse:
+    """Requests on the proxy port that are not CONNECT: absolute-form or base-URL."""
+    url = request.message.url
+    record = AuditRecord(mode="absolute" if url.absolute else "base-url", method=request.method,
+                         host=(url.raw_host or "") if url.absolute else "",
+                         path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
+
+    def decide() -> Target:
+        if request.method == "CONNECT":
+            raise BadRequest("bad_request", "CONNECT must be the first request on a new "
+                                            "connection to the proxy")
+        if url.absolute:
+            return _decide_absolute(ctx, request, url)
+        return _decide_base_url(ctx, request.method, url.raw_path, url.raw_query_string)
+
+    return await _serve(ctx, request, record, decide)
+
+
+def _decide_absolute(ctx: ProxyContext, request: web.BaseRequest, url) -> Target:
+    if url.scheme not in ("http", "https"):
+        raise BadRequest("bad_request", f"scheme {url.scheme!r} is not proxied; use http or https")
+    if url.user is not None or url.password is not None:
+        raise BadRequest("bad_request", "credentials in the request URL are refused; the proxy "
+                                        "adds credentials itself")
+    host, port = url.raw_host, url.port
+    if not host or port is None:
+        raise BadRequest("bad_request", "the request URL has no host")
+    table = ctx.routes()
+    routes = table.match(host, port, plain_http=url.scheme == "http")
+    if not routes:
+        return _unrouted(ctx, url.scheme, host, port, url.raw_path, url.raw_query_string)
+    entry = table.upstream_for(routes, host, port, plain_http=url.scheme == "http")
+    return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
+                         url.raw_query_string)
+
+
+def _decide_base_url(ctx: ProxyContext, method: str, raw_path: str, raw_query: str) -> Target:
+    try:
+        name, rest = split_base_url(raw_path)
+    except BaseUrlError as exc:
+        raise Denied("not_found" if exc.status == 404 else "bad_path", str(exc),
+                     status=exc.status) from None
+    table = ctx.routes()
+    route = table.by_name(name)
+    if route is None:
+        raise Denied("not_found", f"no injection is named {name!r}; base-URL requests look "
+                                  "like /<injection>/<path>", status=404)
+    upstream = route.injection.base_url_upstream
+    if upstream is None:
+        raise Denied("not_found", f"injection {name!r} lists only wildcard hosts; base-URL "
+                                  "mode needs an exact host", status=404)
+    routes = table.match(upstream.name, upstream.upstream_port)
+    return routed_target(method, routes, upstream.name, upstream.upstream_port, rest, raw_query)
+
+
+async def handle_intercepted(ctx: ProxyContext, host: str, port: int,
+                             request: web.BaseRequest) -> web.StreamResponse:
+    """A request decrypted from a CONNECT tunnel to ``host:port``."""
+    url = request.message.url
+    record = AuditRecord(mode="intercept", method=request.method, host=f"{host}:{port}",
+                         path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
+
+    def decide() -> Target:
+        _require_same_authority(request, url, host, port)
+        table = ctx.routes()
+        routes = table.match(host, port)
+        if not routes:  # revoked while the tunnel was open
+            return _unrouted(ctx, "https", host, port, url.raw_path, url.raw_query_string)
+        entry = table.upstream_for(routes, host, port)
+        return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
+                             url.raw_query_string)
+
+    return await _serve(ctx, request, record, decide)
+
+
+def _require_same_authority(request: web.BaseRequest, url, host: str, port: int) -> None:
+    """Inside a tunnel the CONNECT authority decides; a different Host or URL is refused."""
+    claims = []
+    if url.absolute:
+        claims.append((url.raw_host or "", url.port))
+    host_header = request.headers.getall("Host", [])
+    if len(host_header) > 1:
+        raise BadRequest("bad_request", "more than one Host header")
+    if host_header:
+        try:
+            claims.append(split_authority(host_header[0]))
+        except ValueError as exc:
+            raise BadRequest("bad_request", f"malformed Host header: {exc}") from None
+    for claimed_host, claimed_port in claims:
+        if (normalise_hostname(claimed_host) != normalise_hostname(host)
+                or (claimed_port or 443) != port):
+            raise Denied("host_mismatch", f"this tunnel was opened to {host}:{port}; a "
+                                          "request for another host must open its own",
+                         status=421)

@@ -1,0 +1,117 @@
+"""Redaction: make sure no response can carry a secret back to the agent.
+
+An upstream may echo what it received (debug endpoints, error pages, reflected headers).
+Every response from a routed host passes through a :class:`StreamRedactor` that replaces
+each *form* of the secrets that request carried: the raw value, the value as injected
+(``Bearer …``, ``Basic …``), its base64 at every byte alignment, and its URL encoding.
+
+Streaming matters: LLM answers arrive as Server-Sent Events and must reach the client as
+they are sent, so the redactor holds back only a tail that could still begin a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from urllib.parse import quote, quote_plus
+
+MASK = b"[REDACTED]"
+MIN_FORM_LENGTH = 4  # shorter forms would shred ordinary text and protect nothing
+
+
+def _base64_cores(value: bytes) -> set[bytes]:
+    """Base64 text of ``value`` at each of the three byte alignments inside a larger blob.
+
+    Only the characters that depend on ``value`` alone are kept, so the form is found
+    wherever the value sits in a longer base64 payload.
+    """
+    cores: set[bytes] = set()
+    n = len(value)
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + value + b"\0\0\0")
+        first = -(-8 * shift // 6)  # first char whose bits start inside value
+        last = (8 * (shift + n)) // 6  # chars before this end inside value
+        core = encoded[first:last]
+        cores.add(core)
+        cores.add(core.translate(bytes.maketrans(b"+/", b"-_")))
+    full = base64.b64encode(value)
+    cores.update({full, full.rstrip(b"="), base64.urlsafe_b64encode(value)})
+    return cores
+
+
+def secret_forms(values: Iterable[str]) -> frozenset[bytes]:
+    """Every byte string that would reveal one of ``values`` (raw or injected), to be masked."""
+    forms: set[bytes] = set()
+    for value in values:
+        raw = value.encode("utf-8")
+        forms.add(raw)
+        forms.update(_base64_cores(raw))
+        forms.add(quote(value, safe="").encode())
+        forms.add(quote_plus(value, safe="").encode())
+    return frozenset(f for f in forms if len(f) >= MIN_FORM_LENGTH)
+
+
+class Redactor:
+    """Masks a fixed set of forms. Share one per route; make a :meth:`stream` per response."""
+
+    def __init__(self, forms: Iterable[bytes]):
+        # Longest first, so "Bearer <v>" is masked whole before "<v>" alone.
+        self.forms: tuple[bytes, ...] = tuple(sorted(set(forms), key=len, reverse=True))
+        self.longest = len(self.forms[0]) if self.forms else 0
+        self._first_bytes = frozenset(f[0] for f in self.forms)
+
+    def __bool__(self) -> bool:
+        return bool(self.forms)
+
+    def redact(self, data: bytes) -> bytes:
+        """Mask every complete occurrence (for headers and other whole values)."""
+        for form in self.forms:
+            if form in data:
+                data = data.replace(form, MASK)
+        return data
+
+    def redact_text(self, text: str) -> str:
+        return self.redact(text.encode("utf-8", "surrogateescape")).decode(
+            "utf-8", "surrogateescape"
+        )
+
+    def pending_tail(self, data: bytes) -> int:
+        """Length of the longest suffix of ``data`` that is a proper prefix of some form."""
+        start = max(0, len(data) - self.longest + 1)
+        first = self._first_bytes
+        for i in range(start, len(data)):
+            if data[i] in first:
+                tail = data[i:]
+                if any(f.startswith(tail) for f in self.forms):
+                    return len(data) - i
+        return 0
+
+    def stream(self) -> StreamRedactor:
+        return StreamRedactor(self)
+
+
+class StreamRedactor:
+    """Redacts a body that arrives in chunks, across chunk boundaries."""
+
+    __slots__ = ("_held", "_redactor")
+
+    def __init__(self, redactor: Redactor):
+        self._redactor = redactor
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return what can be sent now; keep back only bytes that could begin a secret."""
+        data = self._redactor.redact(self._held + chunk) if self._held else (
+            self._redactor.redact(chunk)
+        )
+        keep = self._redactor.pending_tail(data)
+        if keep:
+            self._held = data[-keep:]
+            return data[:-keep]
+        self._held = b""
+        return data
+
+    def flush(self) -> bytes:
+        """The body ended: what was held back cannot become a secret any more."""
+        held, self._held = self._held, b""
+        return held

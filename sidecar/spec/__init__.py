@@ -1,0 +1,34 @@
+"""The SecretInjection API: model, parser, host matching and the signed document format.
+
+Pure code shared by the sidecar and the operator: no networking, no Kubernetes client.
+"""
+
+from sidecar.spec.hosts import HostPattern, is_ip_literal, normalise_hostname, split_authority
+from sidecar.spec.model import (
+    API_VERSION,
+    KIND,
+    LIST_KIND,
+    AgentEnv,
+    BasicAuth,
+    HeaderInjection,
+    QueryParamInjection,
+    Rule,
+    SecretInjection,
+    SecretKeyRef,
+)
+from sidecar.spec.parse import (
+    Problem,
+    SpecError,
+    load_injections,
+    parse_injection,
+    parse_injections,
+    read_documents,
+)
+from sidecar.spec.signing import SignatureError, sign, verify
+
+__all__ = [
+    "API_VERSION", "KIND", "LIST_KIND", "AgentEnv", "BasicAuth", "HeaderInjection", "HostPattern",
+    "Problem", "QueryParamInjection", "Rule", "SecretInjection", "SecretKeyRef", "SignatureError",
+    "SpecError", "is_ip_literal", "load_injections", "normalise_hostname", "parse_injection",
+    "parse_injections", "read_documents", "sign", "split_authority", "verify",
+]
