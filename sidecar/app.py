@@ -42,6 +42,8 @@ class Options:
     upstream_ca: Path | None = None
     signing_key: Path | None = None
     reload_interval: float = 1.0
+    header_timeout: float = 15.0
+    idle_timeout: float = 120.0
 
 
 class StartupError(RuntimeError):
@@ -67,7 +69,9 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         raise StartupError(str(exc)) from None
     resolver = OverridingResolver(options.resolve)
     session = make_session(resolver, upstream_tls)
-    settings = ProxySettings(unmatched=options.unmatched)  # type: ignore[arg-type]
+    settings = ProxySettings(unmatched=options.unmatched,  # type: ignore[arg-type]
+                             header_timeout=options.header_timeout,
+                             idle_timeout=options.idle_timeout)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, session=session, metrics=metrics, audit=AuditLog())
     server_kwargs = dict(
@@ -93,16 +97,18 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
             lambda: FrontDoor(ctx, server_kwargs), options.listen[0], options.listen[1],
             reuse_address=True, backlog=1024,
         )
-        await web.TCPSite(admin_runner, options.admin_listen[0], options.admin_listen[1],
-                          reuse_address=True).start()
+        admin_site = web.TCPSite(admin_runner, options.admin_listen[0], options.admin_listen[1],
+                                 reuse_address=True)
+        await admin_site.start()
     except OSError as exc:
         await admin_runner.cleanup()
         await session.close()
         raise StartupError(f"cannot listen: {exc.strerror} ({exc})") from None
     watcher = asyncio.create_task(config.watch(options.reload_interval))
     host, port = proxy_server.sockets[0].getsockname()[:2]
+    admin_host, admin_port = admin_runner.addresses[0][:2]
     log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",
-             host, port, options.unmatched, *options.admin_listen)
+             host, port, options.unmatched, admin_host, admin_port)
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):

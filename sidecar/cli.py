@@ -84,6 +84,11 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
         parser.add_argument("--resolve", type=_resolve, action="append", default=[],
                             metavar="HOST:PORT:ADDR", help="connect to ADDR for HOST:PORT "
                                                            "(repeatable, like curl)")
+        parser.add_argument("--header-timeout", type=float, default=15.0, metavar="SECONDS",
+                            help="close connections that send no complete request head in "
+                                 "time (default 15)")
+        parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
+                            help="close keep-alive connections idle this long (default 120)")
         parser.add_argument("--log-level", default="info",
                             choices=("debug", "info", "warning", "error"))
         parser.add_argument("--version", action="version", version=f"keyhole {__version__}")
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         injections=args.injections, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir,
         listen=args.listen, admin_listen=args.admin_listen, unmatched=args.unmatched,
         resolve=args.resolve, upstream_ca=args.upstream_ca, signing_key=args.signing_key,
+        header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
     )
     try:
         asyncio.run(run(options))

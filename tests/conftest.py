@@ -1,0 +1,99 @@
+"""Shared fixtures: the test CA, the HTTPS upstream on 127.0.0.1:443 and the real sidecar."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.support.config import INJECTIONS, SECRETS, resolve_all
+from tests.support.sidecar import Sidecar, start_sidecar
+from tests.support.upstream import Upstream, UpstreamServer
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory) -> tuple[trustme.CA, str]:
+    ca = trustme.CA(organization_name="keyhole tests")
+    path = tmp_path_factory.mktemp("test-ca") / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return ca, str(path)
+
+
+@pytest.fixture(scope="session")
+def upstream(test_ca) -> Upstream:
+    """The real hosts' stand-in: HTTPS on 127.0.0.1:443, reached through --resolve so that
+    host entries without a port (the common case) are tested as users write them."""
+    ca, ca_file = test_ca
+    server = UpstreamServer(ca, ca_file, port=443)
+    try:
+        state = server.start()
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            pytest.fail("the test upstream binds 127.0.0.1:443: run the tests as root or allow "
+                        "it with sysctl net.ipv4.ip_unprivileged_port_start=443")
+        raise
+    yield state
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_upstream(test_ca) -> Upstream:
+    """A plain-HTTP twin of the upstream on a free port, for forwarding unrouted http://."""
+    ca, ca_file = test_ca
+    server = UpstreamServer(ca, ca_file, port=0, tls=False)
+    state = server.start()
+    yield state
+    server.stop()
+
+
+@pytest.fixture
+def marker() -> str:
+    """A unique path segment, to find this test's requests among the upstream's records."""
+    return f"t{next(_counter)}x{id(object()) % 100000}"
+
+
+def _start(tmp_path_factory, upstream: Upstream, plain: Upstream, injections=INJECTIONS,
+           secrets=SECRETS, args=()) -> Sidecar:
+    resolve = [*resolve_all(upstream.port), f"plain.unrouted.test:{plain.port}:127.0.0.1"]
+    return start_sidecar(tmp_path_factory.mktemp("sidecar"), injections, secrets,
+                         resolve=resolve, upstream_ca=upstream.ca_file, args=list(args))
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory, upstream, plain_upstream) -> Sidecar:
+    """The standard configuration, unmatched hosts passed through."""
+    proc = _start(tmp_path_factory, upstream, plain_upstream)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def deny_sidecar(tmp_path_factory, upstream, plain_upstream) -> Sidecar:
+    proc = _start(tmp_path_factory, upstream, plain_upstream, args=["--unmatched", "deny"])
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def make_sidecar(tmp_path_factory, upstream, plain_upstream):
+    """Start a sidecar with a configuration of the test's own; stopped after the test."""
+    started: list[Sidecar] = []
+
+    def make(injections=INJECTIONS, secrets=SECRETS, args=()) -> Sidecar:
+        proc = _start(tmp_path_factory, upstream, plain_upstream, injections, secrets, args)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
