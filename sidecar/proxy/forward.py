@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import ContentEncodingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -82,8 +83,24 @@ async def _client_body(request: web.BaseRequest, record: AuditRecord) -> AsyncIt
         yield chunk
 
 
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, kind):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
+    return UpstreamFailed("encoding", f"{target.host} answered with Content-Encoding {encoding!r}, "
+                          "which keyhole cannot inspect for secrets")
+
+
 def _upstream_failure(exc: BaseException, target: Target) -> ProxyError:
     where = f"{target.host}:{target.port}"
+    if _caused_by(exc, ContentEncodingError):
+        return _refused_encoding(target, "unsupported")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return UpstreamFailed("upstream_tls", f"the TLS certificate of {where} failed "
                               f"verification ({exc.certificate_error}); the request was not sent")
@@ -157,8 +174,7 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
         encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
         if target.routed and encoding not in ("identity", "", *DECODABLE):
             ctx.metrics.upstream_errors.labels("encoding").inc()
-            raise UpstreamFailed("encoding", f"{target.host} answered with Content-Encoding "
-                                 f"{encoding!r}, which keyhole cannot inspect for secrets")
+            raise _refused_encoding(target, encoding)
         redactor = target.redactor() if target.routed else None
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=_response_headers(upstream, target, redactor))

@@ -1,0 +1,326 @@
+"""One test per security invariant of DESIGN.md that the sidecar enforces: each would fail if
+the invariant were broken."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+import trustme
+
+from tests.integration.clients import curl
+from tests.support.config import (
+    ALL_SECRETS,
+    API_TOKEN,
+    MAPS_KEY,
+    RULES_KEY,
+    SECRETS,
+    injection,
+    ref,
+)
+from tests.support.raw import exchange, open_tunnel, read_all, status_of
+from tests.support.upstream import UpstreamServer
+
+
+def leaked(text: str | bytes) -> list[str]:
+    """Which secrets (raw or base64) appear in ``text``."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return [s for s in ALL_SECRETS if s in text or base64.b64encode(s.encode()).decode() in text]
+
+
+# -- client-sent credentials are dropped, never merged -------------------------------------
+
+def test_client_sent_authorization_is_replaced_not_merged(sidecar, upstream, marker):
+    curl(sidecar, "-H", "Authorization: Bearer agent-guess", f"https://api.routed.test/{marker}")
+    assert upstream.one(marker).header("Authorization") == [f"Bearer {API_TOKEN}"]
+
+
+def test_an_injected_header_sent_twice_by_the_client_arrives_once(sidecar, upstream, marker):
+    exchange(sidecar.proxy_port, (
+        f"GET http://api.routed.test/{marker} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        "Authorization: one\r\nauthorization: two\r\nConnection: close\r\n\r\n").encode())
+    assert upstream.one(marker).header("Authorization") == [f"Bearer {API_TOKEN}"]
+
+
+def test_client_sent_values_of_an_injected_query_parameter_are_dropped(sidecar, upstream, marker):
+    curl(sidecar, f"https://query.routed.test/{marker}?key=mine&a=1&%6bey=encoded&key=again")
+    assert upstream.one(marker).path == f"/{marker}?a=1&key={MAPS_KEY}"
+
+
+def test_proxy_headers_are_never_forwarded(sidecar, upstream, marker):
+    exchange(sidecar.proxy_port, (
+        f"GET http://api.routed.test/{marker} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        "Proxy-Authorization: Basic abc\r\nProxy-Connection: keep-alive\r\n"
+        "Proxy-Anything: x\r\nConnection: close\r\n\r\n").encode())
+    names = {name.lower() for name, _ in upstream.one(marker).headers}
+    assert not any(name.startswith("proxy-") for name in names)
+
+
+def test_proxy_headers_are_not_forwarded_to_unrouted_hosts_either(sidecar, plain_upstream, marker):
+    curl(sidecar, "-H", "Proxy-Authorization: Basic abc",
+         f"http://plain.unrouted.test:{plain_upstream.port}/{marker}")
+    names = {name.lower() for name, _ in plain_upstream.one(marker).headers}
+    assert not any(name.startswith("proxy-") for name in names)
+
+
+# -- the CONNECT authority decides -----------------------------------------------------------
+
+def _tunnel_request(sidecar, authority: str, request: bytes, ca: str | None = None) -> bytes:
+    with open_tunnel(sidecar.proxy_port, authority, ca or str(sidecar.ca_cert)) as tls:
+        tls.sendall(request)
+        return read_all(tls)
+
+
+def test_an_inner_host_that_differs_from_the_connect_authority_is_refused(sidecar, upstream,
+                                                                          marker):
+    answer = _tunnel_request(sidecar, "api.routed.test:443", (
+        f"GET /{marker} HTTP/1.1\r\nHost: unrouted.test\r\nConnection: close\r\n\r\n").encode())
+    assert status_of(answer) == 421
+    assert upstream.find(marker) == []
+
+
+def test_an_inner_absolute_url_for_another_host_is_refused(sidecar, upstream, marker):
+    answer = _tunnel_request(sidecar, "api.routed.test:443", (
+        f"GET https://unrouted.test/{marker} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        "Connection: close\r\n\r\n").encode())
+    assert status_of(answer) == 421
+    assert upstream.find(marker) == []
+
+
+def test_sni_naming_another_host_does_not_change_the_route(sidecar, upstream, marker):
+    """The leaf is for the CONNECT authority, whatever SNI says: a client asking for another
+    name gets a certificate it rejects, and nothing is sent anywhere."""
+    with pytest.raises(ssl.SSLCertVerificationError):
+        with open_tunnel(sidecar.proxy_port, "api.routed.test:443", str(sidecar.ca_cert),
+                         server_hostname="unrouted.test") as tls:
+            tls.sendall(f"GET /{marker} HTTP/1.1\r\nHost: api.routed.test\r\n\r\n".encode())
+    assert upstream.find(marker) == []
+
+
+# -- redirects are never followed -------------------------------------------------------------
+
+def test_a_redirect_goes_back_to_the_client_and_is_not_followed(sidecar, upstream, marker):
+    target = f"https://unrouted.test/{marker}-followed"
+    reply = curl(sidecar, f"https://api.routed.test/redirect?to={target}&m={marker}")
+    assert reply.status == 302
+    assert dict(reply.headers)["Location"] == target
+    assert [r for r in upstream.received if r.path.startswith(f"/{marker}-followed")] == []
+
+
+# -- secrets never come back ------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["body", "header", "cookie", "location", "www-auth", "error"])
+@pytest.mark.parametrize("form", ["raw", "value", "b64", "b64-offset", "url"])
+def test_an_echoed_secret_is_redacted(sidecar, upstream, marker, where, form):
+    reply = curl(sidecar, f"https://api.routed.test/reflect?where={where}&form={form}&m={marker}")
+    assert upstream.one(marker)  # the upstream did receive (and reflect) the credential
+    assert leaked(reply.everything()) == []
+    assert "[REDACTED]" in reply.everything()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_secret_echoed_in_a_compressed_body_is_redacted(sidecar, upstream, marker, encoding):
+    reply = curl(sidecar, "--compressed",
+                 f"https://api.routed.test/reflect?enc={encoding}&m={marker}")
+    assert reply.status == 200
+    assert "you sent: [REDACTED] (end)" in reply.body
+    assert leaked(reply.everything()) == []
+
+
+@pytest.mark.parametrize("split", [1, 3, 7])
+def test_a_secret_split_across_chunks_is_redacted(sidecar, upstream, marker, split):
+    reply = curl(sidecar, f"https://api.routed.test/reflect?split={split}&m={marker}")
+    assert reply.body == "you sent: [REDACTED] (end)"
+
+
+def test_a_secret_split_across_compressed_chunks_is_redacted(sidecar, upstream, marker):
+    reply = curl(sidecar, "--compressed",
+                 f"https://api.routed.test/reflect?split=5&enc=gzip&m={marker}")
+    assert reply.body == "you sent: [REDACTED] (end)"
+
+
+def test_an_encoding_the_proxy_cannot_inspect_is_refused(sidecar, upstream, marker):
+    reply = curl(sidecar, f"https://api.routed.test/reflect?enc=zstd-fake&m={marker}")
+    assert reply.status == 502
+    assert "cannot inspect" in reply.body
+    assert leaked(reply.everything()) == []
+
+
+def test_the_query_parameter_secret_is_redacted_when_echoed(sidecar, upstream, marker):
+    reply = curl(sidecar, f"https://query.routed.test/{marker}")
+    assert MAPS_KEY not in reply.everything()
+    assert upstream.one(marker)
+
+
+# -- injection only over verified TLS ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def impostor(tmp_path_factory):
+    """An HTTPS server for api.routed.test whose certificate comes from an unknown CA."""
+    other_ca = trustme.CA()
+    path = tmp_path_factory.mktemp("impostor") / "ca.pem"
+    other_ca.cert_pem.write_to_path(str(path))
+    server = UpstreamServer(other_ca, str(path), port=0, hosts=("api.routed.test",))
+    state = server.start()
+    yield state
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def expired(test_ca, tmp_path_factory):
+    import datetime as dt
+    ca, ca_file = test_ca
+    cert = ca.issue_cert("api.routed.test", not_after=dt.datetime(2020, 1, 1),
+                         not_before=dt.datetime(2019, 1, 1))
+    server = UpstreamServer(ca, ca_file, port=0, cert=cert)
+    state = server.start()
+    yield state
+    server.stop()
+
+
+@pytest.mark.parametrize("server_name", ["impostor", "expired"])
+def test_upstream_certificate_errors_are_a_502_and_nothing_is_sent(make_sidecar, request, marker,
+                                                                    server_name):
+    server = request.getfixturevalue(server_name)
+    port = server.port
+    proc = make_sidecar([injection("api", hosts=[f"api.routed.test:{port}"],
+                                   headers=[{"name": "Authorization",
+                                             "valueFrom": ref("api-credentials", "token")}])],
+                        args=["--resolve", f"api.routed.test:{port}:127.0.0.1"])
+    reply = curl(proc, f"https://api.routed.test:{port}/{marker}")
+    assert reply.status == 502
+    assert "failed verification" in reply.body
+    assert server.find(marker) == []  # no request, and certainly no credential, got through
+    assert proc.metric("keyhole_upstream_errors_total", kind="upstream_tls") >= 1
+
+
+# -- malformed input: 400, connection closed, nothing forwarded --------------------------------
+
+SMUGGLING = {
+    "conflicting content-length and transfer-encoding":
+        "POST http://api.routed.test/{m} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two content-lengths":
+        "POST http://api.routed.test/{m} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        "Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    "obs-fold":
+        "GET http://api.routed.test/{m} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        "X-Folded: a\r\n b\r\n\r\n",
+    "bare LF inside a header line":
+        "GET http://api.routed.test/{m} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        "X-A: a\nX-B: b\r\n\r\n",
+    "space before the colon":
+        "GET http://api.routed.test/{m} HTTP/1.1\r\nHost : api.routed.test\r\n\r\n",
+    "oversized header":
+        "GET http://api.routed.test/{m} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        "X-Big: " + "a" * 9000 + "\r\n\r\n",
+    "too many headers":
+        "GET http://api.routed.test/{m} HTTP/1.1\r\nHost: api.routed.test\r\n"
+        + "".join(f"X-H{i}: v\r\n" for i in range(150)) + "\r\n",
+    "NUL in a header value":
+        "GET http://api.routed.test/{m} HTTP/1.1\r\nHost: api.routed.test\r\nX-A: a\0b\r\n\r\n",
+    "over-long request line":
+        "GET http://api.routed.test/{m}?" + "q" * 9000 + " HTTP/1.1\r\nHost: api.routed.test\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMUGGLING))
+def test_malformed_requests_get_400_and_are_not_forwarded(sidecar, upstream, marker, case):
+    answer = exchange(sidecar.proxy_port, SMUGGLING[case].format(m=marker).encode())
+    assert status_of(answer) in (400, 431), answer[:200]
+    assert upstream.find(marker) == []
+
+
+@pytest.mark.parametrize("case", ["conflicting content-length and transfer-encoding", "obs-fold",
+                                  "bare LF inside a header line"])
+def test_malformed_requests_inside_a_tunnel_get_400(sidecar, upstream, marker, case):
+    request = SMUGGLING[case].format(m=marker).replace("http://api.routed.test", "")
+    answer = _tunnel_request(sidecar, "api.routed.test:443", request.encode())
+    assert status_of(answer) == 400
+    assert upstream.find(marker) == []
+
+
+def test_a_malformed_connect_gets_400(sidecar):
+    answer = exchange(sidecar.proxy_port, b"CONNECT api.routed.test:443 HTTP/1.1\r\n"
+                                          b"Host: a\r\nX: a\r\n b\r\n\r\n")
+    assert status_of(answer) == 400
+
+
+# -- rules ---------------------------------------------------------------------------------------
+
+def test_a_request_outside_the_rules_is_refused_naming_the_injection(sidecar, upstream, marker):
+    reply = curl(sidecar, f"https://rules.routed.test/v1/admin/{marker}")
+    assert reply.status == 403
+    assert "injection 'rules'" in reply.body and "is not allowed" in reply.body
+    assert RULES_KEY not in reply.everything()
+    assert upstream.find(marker) == []
+
+
+def test_a_method_outside_the_rules_is_refused(sidecar, upstream, marker):
+    reply = curl(sidecar, "-X", "DELETE", f"https://rules.routed.test/v1/models/{marker}")
+    assert reply.status == 405
+    assert upstream.find(marker) == []
+
+
+def test_a_request_inside_the_rules_is_forwarded(sidecar, upstream, marker):
+    assert curl(sidecar, f"https://rules.routed.test/v1/models/{marker}").status == 200
+    assert upstream.one(marker).header("X-Api-Key") == [RULES_KEY]
+
+
+def test_encoded_dot_segments_cannot_escape_a_rule(sidecar, upstream, marker):
+    reply = curl(sidecar, "--path-as-is",
+                 f"https://rules.routed.test/v1/models/%2e%2e/admin/{marker}")
+    assert reply.status == 403
+    assert upstream.find(marker) == []
+
+
+# -- timeouts --------------------------------------------------------------------------------
+
+def test_a_connection_that_sends_no_request_is_closed_after_the_header_timeout(make_sidecar):
+    proc = make_sidecar(args=["--header-timeout", "1"])
+    with socket.create_connection(("127.0.0.1", proc.proxy_port)) as sock:
+        sock.sendall(b"GET http://api.routed.test/ HTTP/1.1\r\nHost: api")  # and then nothing
+        start = time.monotonic()
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+        assert time.monotonic() - start < 3
+
+
+def test_an_idle_keep_alive_connection_is_closed(make_sidecar, upstream, marker):
+    proc = make_sidecar(args=["--idle-timeout", "1"])
+    with socket.create_connection(("127.0.0.1", proc.proxy_port)) as sock:
+        sock.sendall(f"GET http://api.routed.test/{marker} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        sock.settimeout(5)
+        data = b""
+        start = time.monotonic()
+        while chunk := sock.recv(65536):
+            data += chunk
+        assert status_of(data) == 200
+        assert time.monotonic() - start < 4
+
+
+# -- nothing secret in logs, metrics or errors -----------------------------------------------
+
+def test_no_secret_value_reaches_the_audit_log_the_diagnostics_or_the_metrics(sidecar):
+    """Runs after the tests above in this module have pushed every kind of request through."""
+    curl(sidecar, f"https://query.routed.test/x?key={MAPS_KEY}")  # even a client that sends one
+    _, metrics = sidecar.admin("/metrics")
+    for name, text in [("audit", (sidecar.workdir / "stdout.log").read_text()),
+                       ("stderr", sidecar.stderr()), ("metrics", metrics)]:
+        assert leaked(text) == [], f"a secret reached the {name}"
+    secrets_in_files = [v for keys in SECRETS.values() for v in keys.values()]
+    assert all(v not in metrics for v in secrets_in_files)
+
+
+def test_the_proxy_port_refuses_a_non_loopback_listen_address(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--injections", "x", "--secrets-dir", "y", "--listen", "0.0.0.0:15080"],
+        capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "loopback" in done.stderr
