@@ -1,0 +1,67 @@
+"""The admin port and the audit log: what an operator watches."""
+
+from __future__ import annotations
+
+from tests.integration.clients import curl
+
+
+def test_healthz_and_readyz_answer(sidecar):
+    assert sidecar.admin("/healthz") == (200, "ok\n")
+    assert sidecar.admin("/readyz") == (200, "ready\n")
+
+
+def test_metrics_count_requests_and_decisions_by_injection(sidecar, upstream, marker):
+    before = sidecar.metric("keyhole_requests_total", injection="api", method="GET",
+                            status_class="2xx")
+    curl(sidecar, f"https://api.routed.test/{marker}")
+    curl(sidecar, f"https://rules.routed.test/forbidden/{marker}")
+    assert sidecar.metric("keyhole_requests_total", injection="api", method="GET",
+                          status_class="2xx") == before + 1
+    assert sidecar.metric("keyhole_decisions_total", decision="denied", reason="rule") >= 1
+    assert sidecar.metric("keyhole_leaf_certificates_minted_total") >= 1
+    assert sidecar.metric("keyhole_request_duration_seconds_count", injection="api") >= 1
+    assert sidecar.metric("keyhole_upstream_duration_seconds_count", injection="api") >= 1
+    assert sidecar.metric("keyhole_config_reloads_total", result="success") >= 1
+    assert sidecar.metric("keyhole_injections") == 6
+
+
+def test_metrics_never_label_with_paths_or_unrouted_host_names(sidecar, plain_upstream, marker):
+    curl(sidecar, f"http://plain.unrouted.test:{plain_upstream.port}/{marker}")
+    _, text = sidecar.admin("/metrics")
+    assert marker not in text
+    assert "plain.unrouted.test" not in text
+    assert sidecar.metric("keyhole_requests_total", injection="-") >= 1
+
+
+def test_one_audit_line_per_request_with_the_decision_and_no_query_values(sidecar, upstream, marker):
+    curl(sidecar, f"https://query.routed.test/{marker}?q=private-search-term&key=x")
+    record = sidecar.wait_audit(lambda r: marker in r["path"])
+    assert record["mode"] == "intercept"
+    assert record["method"] == "GET"
+    assert record["host"] == "query.routed.test:443"
+    assert record["path"] == f"/{marker}"
+    assert record["query_keys"] == ["q", "key"]
+    assert record["injection"] == "query"
+    assert record["decision"] == "injected"
+    assert record["status"] == 200
+    assert record["bytes_out"] > 0
+    assert record["duration_ms"] >= 0
+    assert "private-search-term" not in (sidecar.workdir / "stdout.log").read_text()
+
+
+def test_denied_requests_are_audited_with_the_reason(sidecar, upstream, marker):
+    curl(sidecar, f"https://rules.routed.test/v1/admin/{marker}")
+    record = sidecar.wait_audit(lambda r: marker in r["path"])
+    assert (record["decision"], record["reason"], record["status"]) == ("denied", "rule", 403)
+
+
+def test_a_client_that_rejects_the_keyhole_ca_is_named_in_the_log(sidecar, upstream, marker):
+    import subprocess
+
+    env = sidecar.client_env(CURL_CA_BUNDLE=sidecar.extra_ca[0], SSL_CERT_FILE=sidecar.extra_ca[0])
+    done = subprocess.run(["curl", "-sS", f"https://api.routed.test/{marker}"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    sidecar.wait_for_log("client rejected the keyhole CA for api.routed.test")
+    assert "SSL_CERT_FILE" in sidecar.stderr()
+    assert upstream.find(marker) == []

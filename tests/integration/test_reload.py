@@ -1,0 +1,150 @@
+"""Hot reload: edits to injections and secrets apply to the next requests without a restart;
+a broken edit is refused with a log line naming the problem, and the last good config serves."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tests.integration.clients import curl
+from tests.support.config import API_TOKEN, INJECTIONS, SECRETS, injection, ref
+from tests.support.sidecar import write_injections
+
+
+def wait_until(check, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.1)
+
+
+def sent_authorization(proc, upstream, marker_base: str) -> str:
+    marker = f"{marker_base}-{time.monotonic_ns()}"
+    curl(proc, f"https://api.routed.test/{marker}")
+    return upstream.one(marker).header("Authorization")[0]
+
+
+def test_a_changed_secret_is_used_by_the_next_requests(make_sidecar, upstream, marker):
+    proc = make_sidecar()
+    (proc.secrets_dir / "api-credentials" / "token").write_text("sk-rotated-NEWVALUE-000111\n")
+    wait_until(lambda: sent_authorization(proc, upstream, marker)
+               == "Bearer sk-rotated-NEWVALUE-000111")
+
+
+def kubernetes_secret_volume(root: Path, name: str, values: dict[str, str], version: int) -> None:
+    """Write a Secret the way the kubelet does: files in a timestamped folder, ``..data``
+    pointing at it, and each key a symlink through ``..data``; updates swap ``..data``."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    data_dir = folder / f"..2026_11_28_00_00_0{version}"
+    data_dir.mkdir()
+    for key, value in values.items():
+        (data_dir / key).write_text(value)
+    tmp_link = folder / "..data_tmp"
+    tmp_link.symlink_to(data_dir.name)
+    os.replace(tmp_link, folder / "..data")
+    for key in values:
+        if not (folder / key).is_symlink():
+            if (folder / key).exists():
+                (folder / key).unlink()
+            (folder / key).symlink_to(f"..data/{key}")
+
+
+def test_a_kubernetes_style_secret_swap_is_followed(make_sidecar, upstream, marker):
+    proc = make_sidecar()
+    secret_dir = proc.secrets_dir / "api-credentials"
+    (secret_dir / "token").unlink()
+    secret_dir.rmdir()
+    kubernetes_secret_volume(proc.secrets_dir, "api-credentials", {"token": "sk-first-AAAA-1111"}, 1)
+    wait_until(lambda: sent_authorization(proc, upstream, marker) == "Bearer sk-first-AAAA-1111")
+    kubernetes_secret_volume(proc.secrets_dir, "api-credentials", {"token": "sk-second-BBBB-2222"}, 2)
+    wait_until(lambda: sent_authorization(proc, upstream, marker) == "Bearer sk-second-BBBB-2222")
+
+
+def test_an_edited_injection_applies_without_restart(make_sidecar, upstream, marker):
+    proc = make_sidecar()
+    assert curl(proc, f"https://other.routed.test/{marker}-before").status == 200
+    assert upstream.one(f"{marker}-before").header("Authorization") == []  # not routed yet
+    edited = [*INJECTIONS[1:], injection(
+        "api", hosts=["api.routed.test", "other.routed.test"],
+        headers=[{"name": "Authorization", "valueFrom": ref("api-credentials", "token"),
+                  "format": "Bearer {value}"}])]
+    write_injections(proc.injections, edited)
+
+    def routed() -> bool:
+        probe = f"{marker}-{time.monotonic_ns()}"
+        curl(proc, f"https://other.routed.test/{probe}")
+        return upstream.one(probe).header("Authorization") == [f"Bearer {API_TOKEN}"]
+
+    wait_until(routed)
+
+
+def test_removing_an_injection_revokes_access_even_on_an_open_tunnel(make_sidecar, upstream, marker):
+    import http.client
+
+    from tests.support.raw import open_tunnel
+
+    proc = make_sidecar()
+    with open_tunnel(proc.proxy_port, "api.routed.test:443", str(proc.ca_cert)) as tls:
+        def ask(suffix: str) -> int:
+            tls.sendall(f"GET /{marker}-{suffix} HTTP/1.1\r\nHost: api.routed.test\r\n\r\n".encode())
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            response.read()
+            return response.status
+
+        assert ask("granted") == 200
+        assert upstream.one(f"{marker}-granted").header("Authorization") == [f"Bearer {API_TOKEN}"]
+        write_injections(proc.injections, INJECTIONS[1:])
+        proc.wait_for_log("reloaded configuration")
+        assert ask("revoked") == 200  # passed through untouched (--unmatched passthrough)
+    assert upstream.one(f"{marker}-revoked").header("Authorization") == []
+
+
+def test_a_broken_edit_is_refused_and_the_last_good_config_keeps_serving(make_sidecar, upstream,
+                                                                        marker):
+    proc = make_sidecar()
+    broken = [injection("api", hosts=["api.routed.test"],
+                        headers=[{"name": "Authorization", "valueFrom": ref("nope", "missing"),
+                                  "format": "Bearer"}])]
+    write_injections(proc.injections, broken)
+    proc.wait_for_log("configuration rejected")
+    assert "must contain {value} exactly once" in proc.stderr()
+    assert "keeping the last good configuration" in proc.stderr()
+    assert proc.metric("keyhole_config_reloads_total", result="error") >= 1
+    assert sent_authorization(proc, upstream, marker) == f"Bearer {API_TOKEN}"
+
+
+def test_a_missing_secret_on_reload_is_named_and_the_old_value_keeps_serving(make_sidecar, upstream,
+                                                                           marker):
+    proc = make_sidecar()
+    (proc.secrets_dir / "api-credentials" / "token").unlink()
+    proc.wait_for_log("configuration rejected")
+    assert "Secret 'api-credentials' has no key 'token'" in proc.stderr()
+    assert sent_authorization(proc, upstream, marker) == f"Bearer {API_TOKEN}"
+    assert API_TOKEN not in proc.stderr()
+
+
+def test_invalid_yaml_on_reload_is_named(make_sidecar):
+    proc = make_sidecar()
+    proc.injections.write_text("apiVersion: [unclosed\n")
+    proc.wait_for_log("not valid YAML or JSON")
+    assert proc.admin("/readyz")[0] == 200  # still serving the last good config
+
+
+def test_a_secret_with_a_control_character_is_refused(make_sidecar):
+    proc = make_sidecar()
+    (proc.secrets_dir / "api-credentials" / "token").write_text("sk-bad\x07value-123456\n")
+    proc.wait_for_log("control character 0x07")
+    assert "sk-bad" not in proc.stderr()
+
+
+def test_secrets_dir_unused_keys_do_not_matter(make_sidecar, upstream, marker):
+    secrets = {**SECRETS, "unused": {"k": "whatever-value-here"}}
+    proc = make_sidecar(secrets=secrets)
+    assert sent_authorization(proc, upstream, marker) == f"Bearer {API_TOKEN}"

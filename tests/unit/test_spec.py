@@ -1,0 +1,132 @@
+import json
+
+import pytest
+
+from sidecar.spec import (
+    SpecError,
+    load_injections,
+    parse_injection,
+    parse_injections,
+)
+from tests.support.config import INJECTIONS, injection, ref
+
+
+def problems(doc) -> list[str]:
+    _, found = parse_injection(doc, "doc")
+    return [f"{p.field}: {p.message}" for p in found]
+
+
+def test_the_standard_test_configuration_parses_into_typed_objects():
+    parsed = parse_injections(("test", doc) for doc in INJECTIONS)
+    api = parsed[0]
+    assert api.name == "api"
+    assert str(api.hosts[0]) == "api.routed.test"
+    assert api.headers[0].format == "Bearer {value}"
+    assert api.headers[0].secret.name == "api-credentials"
+    rules = parsed[3].rules
+    assert rules[0].methods == frozenset({"GET"}) and rules[0].paths == ("/v1/models/*", "/reflect")
+    assert parsed[5].basic_auth.password.key == "token"
+
+
+def test_parsed_objects_are_frozen():
+    parsed = parse_injections([("t", INJECTIONS[0])])[0]
+    with pytest.raises(AttributeError):
+        parsed.name = "other"
+
+
+def test_a_kubernetes_object_as_kubectl_prints_it_parses():
+    doc = injection("openai", hosts=["api.openai.com"],
+                    podSelector={"matchLabels": {"keyhole.dev/openai": "true"}},
+                    headers=[{"name": "Authorization", "valueFrom": ref("openai", "api-key"),
+                              "format": "Bearer {value}"}],
+                    agentEnv=[{"name": "OPENAI_API_KEY", "placeholder": True},
+                              {"name": "OPENAI_BASE_URL", "baseURL": "/v1"}])
+    doc["metadata"].update(namespace="agents", uid="abc", resourceVersion="5", generation=3)
+    doc["status"] = {"matchedPods": 2}
+    parsed = parse_injections([("k", doc)])[0]
+    assert parsed.namespace == "agents"
+    assert parsed.agent_env[1].base_url == "/v1"
+    assert parsed.pod_selector == {"matchLabels": {"keyhole.dev/openai": "true"}}
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"spec": {"hosts": ["a.test"]}}, "spec: nothing to inject"),
+    ({"apiVersion": "v1"}, "apiVersion: must be 'keyhole.dev/v1alpha1'"),
+    ({"kind": "Secret"}, "kind: must be 'SecretInjection'"),
+    ({"spec": {"hosts": [], "headers": []}}, "spec.hosts: must not be empty"),
+    ({"spec": {"hosts": "a.test", "queryParams": []}}, "spec.hosts: must be a list"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "Host", "valueFrom": ref("s", "k")}]}},
+     "spec.headers[0].name: 'Host' is managed by the proxy"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "Proxy-Authorization",
+                                                 "valueFrom": ref("s", "k")}]}},
+     "is managed by the proxy"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "X", "valueFrom": ref("s", "k"),
+                                                 "format": "a{value}\r\nb"}]}},
+     "must not contain CR, LF"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "X", "valueFrom": ref("s", "k"),
+                                                 "format": "{value}{value}"}]}},
+     "exactly once"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "X", "valueFrom": ref("s", "k")},
+                                                {"name": "x", "valueFrom": ref("s", "k")}]}},
+     "header 'x' is set twice"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "X", "valueFrom": ref("S_", "k")}]}},
+     "secretKeyRef.name: 'S_' is not valid"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "X", "valueFrom": ref("s", "../etc")}]}},
+     "secretKeyRef.key: '../etc' is not valid"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "X", "valueFrom": ref("s", "..data")}]}},
+     "may not start with '..'"),
+    ({"spec": {"hosts": ["a.test"], "headers": [{"name": "X", "valueFrom": {"configMapKeyRef": {}}}]}},
+     "valueFrom.configMapKeyRef: unknown field"),
+    ({"spec": {"hosts": ["a.test"], "basicAuth": {"usernameFrom": ref("s", "u")},
+               "headers": [{"name": "Authorization", "valueFrom": ref("s", "k")}]}},
+     "basicAuth sets Authorization"),
+    ({"spec": {"hosts": ["a.test"], "queryParams": [{"name": "a&b", "valueFrom": ref("s", "k")}]}},
+     "queryParams[0].name"),
+    ({"spec": {"hosts": ["a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
+               "rules": [{}]}}, "an empty rule allows everything"),
+    ({"spec": {"hosts": ["a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
+               "rules": [{"paths": ["v1/x"]}]}}, "must start with '/'"),
+    ({"spec": {"hosts": ["a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
+               "rules": [{"methods": ["GET "]}]}}, "an HTTP method"),
+    ({"spec": {"hosts": ["a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
+               "agentEnv": [{"name": "X", "placeholder": True, "baseURL": "/v1"}]}},
+     "exactly one of placeholder"),
+    ({"spec": {"hosts": ["*.a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
+               "agentEnv": [{"name": "X", "baseURL": "/v1"}]}},
+     "a baseURL needs a host entry without a wildcard"),
+    ({"metadata": {"name": "Bad_Name"}}, "metadata.name: 'Bad_Name' is not valid"),
+])
+def test_every_mistake_gets_a_message_naming_the_field(change, expected):
+    doc = injection("x", hosts=["a.test"],
+                    headers=[{"name": "X", "valueFrom": ref("s", "k")}])
+    for key, value in change.items():
+        doc[key] = value
+    found = problems(doc)
+    assert any(expected in p for p in found), found
+
+
+def test_all_problems_of_a_document_are_reported_together():
+    doc = injection("x", hosts=["https://a"], headers=[{"name": "Host", "format": "x"}], foo=1)
+    assert len(problems(doc)) >= 4
+
+
+def test_load_reads_a_folder_of_yaml_and_json_and_expands_lists(tmp_path):
+    import yaml
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all(INJECTIONS[:2]))
+    (tmp_path / "b.json").write_text(json.dumps({"kind": "SecretInjectionList",
+                                                 "items": INJECTIONS[2:4]}))
+    (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / ".hidden.yaml").write_text("ignored: [")
+    names = [i.name for i in load_injections(tmp_path)]
+    assert names == ["api", "basic", "query", "rules"]
+
+
+def test_load_reports_invalid_yaml_with_the_file(tmp_path):
+    (tmp_path / "x.yaml").write_text("a: [")
+    with pytest.raises(SpecError, match=r"x.yaml: not valid YAML or JSON"):
+        load_injections(tmp_path / "x.yaml")
+
+
+def test_duplicate_names_are_refused():
+    with pytest.raises(SpecError, match="two injections have this name"):
+        parse_injections([("a", INJECTIONS[0]), ("b", INJECTIONS[0])])
