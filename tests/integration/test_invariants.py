@@ -96,10 +96,11 @@ def test_an_inner_absolute_url_for_another_host_is_refused(sidecar, upstream, ma
 def test_sni_naming_another_host_does_not_change_the_route(sidecar, upstream, marker):
     """The leaf is for the CONNECT authority, whatever SNI says: a client asking for another
     name gets a certificate it rejects, and nothing is sent anywhere."""
-    with pytest.raises(ssl.SSLCertVerificationError):
-        with open_tunnel(sidecar.proxy_port, "api.routed.test:443", str(sidecar.ca_cert),
-                         server_hostname="unrouted.test") as tls:
-            tls.sendall(f"GET /{marker} HTTP/1.1\r\nHost: api.routed.test\r\n\r\n".encode())
+    with pytest.raises(ssl.SSLCertVerificationError), open_tunnel(
+        sidecar.proxy_port, "api.routed.test:443", str(sidecar.ca_cert),
+        server_hostname="unrouted.test",
+    ) as tls:
+        tls.sendall(f"GET /{marker} HTTP/1.1\r\nHost: api.routed.test\r\n\r\n".encode())
     assert upstream.find(marker) == []
 
 
@@ -320,7 +321,8 @@ def test_no_secret_value_reaches_the_audit_log_the_diagnostics_or_the_metrics(si
 
 def test_the_proxy_port_refuses_a_non_loopback_listen_address(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "sidecar", "--injections", "x", "--secrets-dir", "y", "--listen", "0.0.0.0:15080"],
+        [sys.executable, "-m", "sidecar", "--injections", "x", "--secrets-dir", "y",
+         "--listen", "0.0.0.0:15080"],
         capture_output=True, text=True)
     assert done.returncode == 2
     assert "loopback" in done.stderr
