@@ -149,8 +149,6 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
         accept = _accept_encoding(request.headers.get("Accept-Encoding"))
         if accept:
             headers["Accept-Encoding"] = accept
-    if "Content-Length" in request.headers and request.can_read_body:
-        headers["Content-Length"] = request.headers["Content-Length"]
     body = None
     if request.can_read_body:
         if request.headers.get("Expect", "").lower() == "100-continue":

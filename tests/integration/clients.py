@@ -19,6 +19,7 @@ class Reply:
     status: int
     headers: list[tuple[str, str]]
     body: str
+    protocol: str | None = None
 
     def json(self) -> dict:
         return json.loads(self.body)
@@ -70,3 +71,35 @@ def parse_raw_response(raw: bytes) -> Reply:
         break
     headers = [tuple(line.split(": ", 1)) for line in head.split("\r\n")[1:] if ": " in line]
     return Reply(status, headers, rest)
+
+
+def _run_json(command: list[str], env: dict[str, str], what: str, cwd=CLIENTS) -> Reply:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert done.returncode == 0, f"{what} failed:\n{done.stderr}"
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    reply = Reply(data["status"], [tuple(h) for h in data["headers"]], data["body"])
+    reply.protocol = data.get("proto") or data.get("version")
+    return reply
+
+
+def go_fetch(sidecar: Sidecar, binary: Path, method: str, url: str) -> Reply:
+    return _run_json([str(binary), method, url], sidecar.client_env(), "go client")
+
+
+def java_fetch(sidecar: Sidecar, method: str, url: str) -> Reply:
+    """Java with the options keyhole's webhook appends to JAVA_TOOL_OPTIONS."""
+    store = sidecar.workdir / "truststore.p12"
+    if not store.exists():
+        subprocess.run(["keytool", "-importcert", "-noprompt", "-alias", "keyhole", "-file",
+                        str(sidecar.ca_cert), "-keystore", str(store), "-storetype", "PKCS12",
+                        "-storepass", "changeit"], check=True, capture_output=True)
+    port = sidecar.proxy_port
+    options = (f"-Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort={port} "
+               f"-Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort={port} "
+               f"-Djavax.net.ssl.trustStore={store} -Djavax.net.ssl.trustStorePassword=changeit "
+               "-Djavax.net.ssl.trustStoreType=PKCS12")
+    return _run_json(["java", str(CLIENTS / "Fetch.java"), method, url],
+                     sidecar.client_env(JAVA_TOOL_OPTIONS=options), "java client")
+
+
+NODE24 = CLIENTS / "node_modules" / ".bin" / "node"

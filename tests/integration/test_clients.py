@@ -8,7 +8,16 @@ import subprocess
 
 import pytest
 
-from tests.integration.clients import PYTHON_LIBRARIES, curl, node_fetch, python_client
+from tests.integration.clients import (
+    CLIENTS,
+    NODE24,
+    PYTHON_LIBRARIES,
+    curl,
+    go_fetch,
+    java_fetch,
+    node_fetch,
+    python_client,
+)
 from tests.support.config import ALL_SECRETS, API_TOKEN
 
 
@@ -63,6 +72,50 @@ def test_curl_offering_http2_falls_back_to_http1_cleanly(sidecar, upstream, mark
 def test_node_fetch_gets_the_header_injected(sidecar, upstream, marker):
     reply = node_fetch(sidecar, "GET", f"https://api.routed.test/{marker}")
     assert reply.status == 200
+    assert_injected(upstream, marker)
+    assert_no_secret(reply.everything())
+
+
+def test_node24_fetch_reads_the_proxy_variables_natively(sidecar, upstream, marker):
+    """What the webhook relies on: NODE_USE_ENV_PROXY=1 and NODE_EXTRA_CA_CERTS, no undici."""
+    reply = node_fetch(sidecar, "GET", f"https://api.routed.test/{marker}", node=str(NODE24))
+    assert reply.status == 200
+    assert_injected(upstream, marker)
+    assert_no_secret(reply.everything())
+
+
+@pytest.fixture(scope="session")
+def go_client(tmp_path_factory):
+    """The Go client, built once per source version into the user's cache."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    source = CLIENTS / "fetch.go"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
+    binary = cache / f"fetch-go-{digest}"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["go", "build", "-o", str(binary), str(source)], check=True,
+                       capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod",
+                                                 "GO111MODULE": "off"}, timeout=600)
+    return binary
+
+
+def test_go_client_gets_the_header_injected_and_falls_back_from_h2(sidecar, upstream, marker,
+                                                                   go_client):
+    reply = go_fetch(sidecar, go_client, "GET", f"https://api.routed.test/{marker}")
+    assert reply.status == 200
+    assert reply.protocol == "HTTP/1.1"  # offered h2, got http/1.1 cleanly
+    assert_injected(upstream, marker)
+    assert_no_secret(reply.everything())
+
+
+def test_java_client_gets_the_header_injected_and_falls_back_from_h2(sidecar, upstream, marker):
+    reply = java_fetch(sidecar, "GET", f"https://api.routed.test/{marker}")
+    assert reply.status == 200
+    assert reply.protocol == "HTTP_1_1"  # HttpClient prefers HTTP_2 and fell back
     assert_injected(upstream, marker)
     assert_no_secret(reply.everything())
 
