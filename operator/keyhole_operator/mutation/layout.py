@@ -1,0 +1,47 @@
+"""Where things live inside an injected pod: mount paths, volume names, file names.
+
+The sidecar's command line and the agent containers' variables are both built from these,
+so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+ROOT = "/var/run/keyhole"
+SECRETS_DIR = f"{ROOT}/secrets"
+CA_DIR = f"{ROOT}/ca"
+SIGNING_DIR = f"{ROOT}/signing"
+SIGNING_KEY_FILE = "key"
+ROUTES_DIR = f"{ROOT}/routes"
+ROUTES_FILE = "injections.json"
+TRUST_DIR = f"{ROOT}/trust"
+
+# Keys of the keyhole-ca-bundle ConfigMap, mounted at TRUST_DIR in agent containers.
+CA_CERT = "ca.crt"
+CA_BUNDLE = "ca-bundle.crt"
+WGETRC = "wgetrc"
+TRUSTSTORE = "truststore.p12"
+
+VOLUME_PREFIX = "keyhole-"
+CA_VOLUME = "keyhole-ca"
+SIGNING_VOLUME = "keyhole-signing"
+ROUTES_VOLUME = "keyhole-routes"
+TRUST_VOLUME = "keyhole-trust"
+
+# Files in Secret, ConfigMap and downward-API volumes keyhole adds. Readable by the
+# non-root sidecar: the kubelet makes these files root-owned unless the pod sets fsGroup,
+# so 0400 would lock the sidecar out. These volumes are mounted into the sidecar only (the
+# trust bundle, which holds no secret, is the exception), so the mode guards nothing another
+# container could reach.
+FILE_MODE = 0o444
+
+
+def secret_volume_name(secret_name: str) -> str:
+    """A DNS-label volume name for a Secret, stable across reinvocations (names may hold dots
+    and run to 253 characters; volume names may not)."""
+    return f"keyhole-secret-{hashlib.sha256(secret_name.encode()).hexdigest()[:12]}"
+
+
+def secret_dir(secret_name: str) -> str:
+    return f"{SECRETS_DIR}/{secret_name}"

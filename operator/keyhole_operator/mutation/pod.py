@@ -1,0 +1,208 @@
+"""Injecting the sidecar into one pod: the stages are named, and each is pure.
+
+should refuse? → sidecar container → sidecar volumes → agent containers' env and trust mount
+→ annotations (signed routes, status) → warnings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+from keyhole_operator.annotations import INJECTIONS, SIDECAR_CONTAINER, STATUS
+from keyhole_operator.mutation import layout
+from keyhole_operator.mutation.env import PLACEHOLDER_VALUE, plan_env
+from keyhole_operator.mutation.sidecar_container import (
+    secret_keys,
+    sidecar_container,
+    sidecar_volumes,
+    trust_volume,
+)
+from keyhole_operator.routes import Injection, signed_routes
+from keyhole_operator.settings import Settings
+from sidecar.spec import normalise_hostname
+
+
+class Refused(Exception):
+    """The pod must not be admitted as it is; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Mutation:
+    pod: dict
+    warnings: tuple[str, ...] = ()
+
+
+def _refusal(pod: dict, injections: list[Injection], settings: Settings) -> str | None:
+    spec = pod.get("spec") or {}
+    names = ", ".join(i.name for i in injections)
+    fix = f"or remove the labels that select it for keyhole injection ({names})"
+    if spec.get("hostNetwork"):
+        return ("keyhole will not inject a pod with hostNetwork: true: the proxy port "
+                f"127.0.0.1:{settings.proxy_port} would be reachable by every process on the "
+                f"node. Remove hostNetwork, {fix}.")
+    if spec.get("shareProcessNamespace"):
+        return ("keyhole will not inject a pod with shareProcessNamespace: true: the agent could "
+                "read the sidecar's memory and its mounted secrets through /proc. Remove "
+                f"shareProcessNamespace, {fix}.")
+    ours = {settings.proxy_port, settings.admin_port}
+    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        if container.get("name") == SIDECAR_CONTAINER:
+            continue
+        for port in container.get("ports") or []:
+            if port.get("containerPort") in ours:
+                return (f"container {container.get('name')!r} uses port "
+                        f"{port.get('containerPort')}, which the keyhole sidecar needs (proxy "
+                        f"{settings.proxy_port}, admin {settings.admin_port}). Change the port, "
+                        f"{fix}.")
+    return None
+
+
+def _agent_env(injections: list[Injection], settings: Settings
+               ) -> tuple[list[tuple[str, str, str]], list[str]]:
+    entries: list[tuple[str, str, str]] = []
+    warnings: list[str] = []
+    seen: dict[str, str] = {}
+    for injection in injections:
+        for item in injection.spec.agent_env:
+            if item.placeholder:
+                value = PLACEHOLDER_VALUE
+            else:
+                value = f"http://127.0.0.1:{settings.proxy_port}/{injection.name}{item.base_url}"
+            if item.name in seen:
+                warnings.append(f"{item.name} is set by injections {seen[item.name]!r} and "
+                                f"{injection.name!r}; {seen[item.name]!r} wins (sorted by name)")
+                continue
+            seen[item.name] = injection.name
+            entries.append((item.name, value, injection.name))
+    return entries, warnings
+
+
+def _put_volumes(spec: dict, volumes: list[dict]) -> None:
+    existing = spec.setdefault("volumes", [])
+    by_name = {v.get("name"): i for i, v in enumerate(existing)}
+    for volume in volumes:
+        if volume["name"] in by_name:
+            existing[by_name[volume["name"]]] = volume
+        else:
+            existing.append(volume)
+
+
+def _volume_collisions(pod: dict, wanted: list[dict]) -> str | None:
+    """A volume with one of our names that we did not put there (i.e. not in our status)."""
+    previous = _previous_status(pod).get("volumes", [])
+    names = {v["name"] for v in wanted}
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        if volume.get("name") in names and volume.get("name") not in previous:
+            return (f"the pod already has a volume named {volume.get('name')!r}, a name keyhole "
+                    f"uses; rename that volume (names starting with {layout.VOLUME_PREFIX!r} are "
+                    "reserved) so the sidecar can be injected.")
+    return None
+
+
+def _previous_status(pod: dict) -> dict:
+    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(STATUS)
+    try:
+        status = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def _secret_mount_warnings(spec: dict, injections: list[Injection]) -> list[str]:
+    """A non-sidecar container that mounts or reads a Secret an injection uses holds the key."""
+    used = set(secret_keys(injections))
+    secret_volumes = {v.get("name"): v["secret"].get("secretName")
+                      for v in spec.get("volumes") or [] if "secret" in v}
+    for volume in spec.get("volumes") or []:
+        for source in (volume.get("projected") or {}).get("sources") or []:
+            if "secret" in source:
+                secret_volumes.setdefault(volume.get("name"), source["secret"].get("name"))
+    warnings = []
+    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        if container.get("name") == SIDECAR_CONTAINER:
+            continue
+        exposed = {secret_volumes.get(m.get("name")) for m in container.get("volumeMounts") or []}
+        exposed |= {(e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name")
+                    for e in container.get("env") or []}
+        exposed |= {(e.get("secretRef") or {}).get("name") for e in container.get("envFrom") or []}
+        for secret in sorted((exposed & used) - {None}):
+            warnings.append(f"container {container.get('name')!r} can read Secret {secret!r}, "
+                            "which keyhole injects: the agent holds the key anyway; remove that "
+                            "mount or variable")
+    return warnings
+
+
+def _no_proxy_warnings(injections: list[Injection]) -> list[str]:
+    warnings = []
+    for injection in injections:
+        for host in injection.spec.hosts:
+            name = normalise_hostname(host.name)
+            if name.endswith((".svc", ".cluster.local")):
+                warnings.append(f"injection {injection.name!r} routes {host}, but NO_PROXY always "
+                                "holds .svc and .cluster.local so clients go to it directly; use "
+                                f"base-URL mode (http://127.0.0.1:15080/{injection.name}/...)")
+    return warnings
+
+
+def mutate(pod: dict, injections: list[Injection], settings: Settings, key: bytes) -> Mutation:
+    """The pod with the keyhole sidecar and agent configuration for ``injections``.
+
+    ``injections`` are those whose podSelector matches the pod; ``key`` is the namespace's
+    routes signing key. Raises :class:`Refused` for pods that must not run with the sidecar.
+    Pure and idempotent: ``mutate(mutate(p).pod) == mutate(p)``.
+    """
+    if not injections:
+        return Mutation(pod)
+    injections = sorted(injections, key=lambda i: i.name)
+    problem = _refusal(pod, injections, settings)
+    volumes = [*sidecar_volumes(injections), trust_volume()]
+    problem = problem or _volume_collisions(pod, volumes)
+    if problem:
+        raise Refused(problem)
+
+    pod = copy.deepcopy(pod)
+    spec = pod.setdefault("spec", {})
+    warnings = _no_proxy_warnings(injections)
+
+    # The sidecar: first init container when native (so later init containers can use it).
+    sidecar = sidecar_container(injections, settings)
+    for field in ("initContainers", "containers"):
+        spec[field] = [c for c in spec.get(field) or [] if c.get("name") != SIDECAR_CONTAINER]
+    if settings.native_sidecar:
+        spec["initContainers"].insert(0, sidecar)
+    else:
+        spec["containers"].append(sidecar)
+    if not spec["initContainers"]:
+        del spec["initContainers"]
+    _put_volumes(spec, volumes)
+
+    # Every other container (init included, ephemeral left alone): env and the trust bundle.
+    agent_env, env_warnings = _agent_env(injections, settings)
+    warnings += env_warnings
+    trust_mount = {"name": layout.TRUST_VOLUME, "mountPath": layout.TRUST_DIR, "readOnly": True}
+    for field in ("initContainers", "containers"):
+        for container in spec.get(field) or []:
+            if container.get("name") == SIDECAR_CONTAINER:
+                continue
+            plan = plan_env(container, settings, agent_env)
+            container["env"] = plan.env
+            warnings += plan.warnings
+            mounts = container.setdefault("volumeMounts", [])
+            if not any(m.get("name") == layout.TRUST_VOLUME for m in mounts):
+                mounts.append(dict(trust_mount))
+    warnings += _secret_mount_warnings(spec, injections)  # after env: replaced keys are gone
+
+    namespace = (pod.get("metadata") or {}).get("namespace") or ""
+    annotations = pod.setdefault("metadata", {}).setdefault("annotations", {})
+    annotations[INJECTIONS] = signed_routes(injections, namespace, key)
+    annotations[STATUS] = json.dumps({
+        "version": 1,
+        "injections": [i.name for i in injections],
+        "secrets": sorted(secret_keys(injections)),
+        "volumes": sorted(v["name"] for v in volumes),
+        "sidecar": "native" if settings.native_sidecar else "container",
+        "image": settings.sidecar_image,
+    }, sort_keys=True, separators=(",", ":"))
+    return Mutation(pod, tuple(dict.fromkeys(warnings)))

@@ -1,0 +1,105 @@
+"""The ``keyhole-proxy`` container and the volumes only it mounts."""
+
+from __future__ import annotations
+
+from keyhole_operator.annotations import (
+    CA_SECRET,
+    INJECTIONS,
+    SIDECAR_CONTAINER,
+    SIGNING_KEY_SECRET,
+)
+from keyhole_operator.mutation import layout
+from keyhole_operator.routes import Injection
+from keyhole_operator.settings import Settings
+
+
+def secret_keys(injections: list[Injection]) -> dict[str, list[str]]:
+    """Secret name → the keys the injections read from it (only those get mounted)."""
+    keys: dict[str, set[str]] = {}
+    for injection in injections:
+        for ref in injection.spec.secret_refs():
+            keys.setdefault(ref.name, set()).add(ref.key)
+    return {name: sorted(found) for name, found in sorted(keys.items())}
+
+
+def sidecar_volumes(injections: list[Injection]) -> list[dict]:
+    mode = layout.FILE_MODE
+    volumes = [
+        {"name": layout.secret_volume_name(name),
+         "secret": {"secretName": name, "defaultMode": mode,
+                    "items": [{"key": key, "path": key} for key in keys]}}
+        for name, keys in secret_keys(injections).items()
+    ]
+    volumes += [
+        {"name": layout.CA_VOLUME,
+         "secret": {"secretName": CA_SECRET, "defaultMode": mode,
+                    "items": [{"key": "tls.crt", "path": "tls.crt"},
+                              {"key": "tls.key", "path": "tls.key"}]}},
+        {"name": layout.SIGNING_VOLUME,
+         "secret": {"secretName": SIGNING_KEY_SECRET, "defaultMode": mode,
+                    "items": [{"key": layout.SIGNING_KEY_FILE, "path": layout.SIGNING_KEY_FILE}]}},
+        {"name": layout.ROUTES_VOLUME,
+         "downwardAPI": {"defaultMode": mode, "items": [{
+             "path": layout.ROUTES_FILE,
+             "fieldRef": {"fieldPath": f"metadata.annotations['{INJECTIONS}']"}}]}},
+    ]
+    return volumes
+
+
+def trust_volume() -> dict:
+    """The namespace CA bundle for agent containers: public material only."""
+    from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
+
+    return {"name": layout.TRUST_VOLUME,
+            "configMap": {"name": CA_BUNDLE_CONFIGMAP, "defaultMode": layout.FILE_MODE,
+                          "items": [{"key": k, "path": k} for k in (
+                              layout.CA_CERT, layout.CA_BUNDLE, layout.WGETRC, layout.TRUSTSTORE)]}}
+
+
+def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
+    mounts = [
+        {"name": layout.secret_volume_name(name), "mountPath": layout.secret_dir(name),
+         "readOnly": True}
+        for name in secret_keys(injections)
+    ]
+    mounts += [
+        {"name": layout.CA_VOLUME, "mountPath": layout.CA_DIR, "readOnly": True},
+        {"name": layout.SIGNING_VOLUME, "mountPath": layout.SIGNING_DIR, "readOnly": True},
+        {"name": layout.ROUTES_VOLUME, "mountPath": layout.ROUTES_DIR, "readOnly": True},
+    ]
+    resources: dict = {"requests": {"cpu": settings.resources.cpu_request,
+                                    "memory": settings.resources.memory_request},
+                       "limits": {"memory": settings.resources.memory_limit}}
+    if settings.resources.cpu_limit:
+        resources["limits"]["cpu"] = settings.resources.cpu_limit
+    container = {
+        "name": SIDECAR_CONTAINER,
+        "image": settings.sidecar_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": [
+            "--injections", f"{layout.ROUTES_DIR}/{layout.ROUTES_FILE}",
+            "--secrets-dir", layout.SECRETS_DIR,
+            "--ca-dir", layout.CA_DIR,
+            "--signing-key", f"{layout.SIGNING_DIR}/{layout.SIGNING_KEY_FILE}",
+            "--listen", f"127.0.0.1:{settings.proxy_port}",
+            "--admin-listen", f"0.0.0.0:{settings.admin_port}",
+            "--unmatched", settings.unmatched,
+        ],
+        "ports": [{"name": "keyhole-admin", "containerPort": settings.admin_port,
+                   "protocol": "TCP"}],
+        "resources": resources,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_user, "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "startupProbe": {"httpGet": {"path": "/readyz", "port": settings.admin_port},
+                         "periodSeconds": 1, "failureThreshold": 60},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": settings.admin_port},
+                           "periodSeconds": 5},
+        "volumeMounts": mounts,
+    }
+    if settings.native_sidecar:
+        container["restartPolicy"] = "Always"
+    return container

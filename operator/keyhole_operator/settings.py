@@ -1,0 +1,47 @@
+"""How the operator is configured: one frozen dataclass, a docstring per field.
+
+Built once from the command line (see ``cli``); nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SidecarResources:
+    cpu_request: str = "50m"
+    """CPU the sidecar requests."""
+    memory_request: str = "64Mi"
+    """Memory the sidecar requests."""
+    cpu_limit: str | None = None
+    """CPU limit; none by default so bursts are not throttled into latency."""
+    memory_limit: str = "256Mi"
+    """Memory limit (the proxy streams; it does not need more)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    sidecar_image: str = "keyhole-sidecar:dev"
+    """Image of the ``keyhole-proxy`` container (the chart sets it from its values)."""
+    image_pull_policy: str = "IfNotPresent"
+    """Pull policy of the sidecar image."""
+    proxy_port: int = 15080
+    """The proxy port, on 127.0.0.1 inside the pod."""
+    admin_port: int = 15090
+    """Health and metrics port of the sidecar."""
+    unmatched: str = "passthrough"
+    """What sidecars do with hosts no injection routes: ``passthrough`` or ``deny``."""
+    native_sidecar: bool = True
+    """Inject an init container with ``restartPolicy: Always`` (Kubernetes >= 1.29); else a
+    regular container (then init containers run before the proxy and cannot use it)."""
+    resources: SidecarResources = field(default_factory=SidecarResources)
+    """Requests and limits of the sidecar."""
+    no_proxy: tuple[str, ...] = ()
+    """Extra NO_PROXY entries, e.g. the API server's address."""
+    operator_service_account: str = "system:serviceaccount:keyhole-system:keyhole-operator"
+    """The only user allowed to change ``keyhole.dev/`` annotations on pods."""
+    java_truststore_password: str = "changeit"  # noqa: S105 - guards public certs only
+    """Password of the PKCS12 trust store for Java (not a secret: it guards public certs)."""
+    run_as_user: int = 65532
+    """UID of the sidecar process (non-root)."""
