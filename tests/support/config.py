@@ -27,6 +27,7 @@ def ref(name: str, key: str) -> dict:
 
 
 def injection(name: str, **spec) -> dict:
+    spec.setdefault("podSelector", {"matchLabels": {f"keyhole.dev/{name}": "true"}})
     return {"apiVersion": "keyhole.dev/v1alpha1", "kind": "SecretInjection",
             "metadata": {"name": name}, "spec": spec}
 
