@@ -1,0 +1,138 @@
+"""Each namespace's CA and what agents need to trust it, as pure functions of what exists now.
+
+- Secret ``keyhole-ca`` (``kubernetes.io/tls``): the CA sidecars sign leaves with, plus
+  ``previous.crt`` holding CAs that were replaced but have not expired.
+- ConfigMap ``keyhole-ca-bundle``: ``ca.crt`` (current + previous CAs), ``ca-bundle.crt``
+  (public roots from certifi + those CAs), ``wgetrc``, and ``truststore.p12`` for Java.
+
+Rotation with overlap: a CA lives a year and is replaced 30 days before it expires. The new
+CA signs from then on, and the old one stays in every bundle until it expires, so running
+pods (which trust the bundle they mounted) keep working while sidecars pick up the new key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import warnings
+from dataclasses import dataclass
+
+import certifi
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.utils import CryptographyDeprecationWarning
+
+from keyhole_operator.mutation import layout
+from sidecar.certs import CertificateAuthority
+
+CA_VALIDITY = dt.timedelta(days=365)
+ROTATE_BEFORE = dt.timedelta(days=30)
+PREVIOUS_KEY = "previous.crt"
+
+
+@dataclass(frozen=True)
+class CAPlan:
+    data: dict[str, bytes]
+    """The ``keyhole-ca`` Secret's data (raw bytes, not base64)."""
+    changed: bool
+    reason: str
+    """Why it changed, for an Event: created, rotated, replaced-invalid, or unchanged."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _still_valid(pem: bytes, now: dt.datetime) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem) if pem.strip() else []
+    except ValueError:
+        return []
+    return [c for c in certs if c.not_valid_after_utc > now]
+
+
+def _pem(certs: list[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _fresh(namespace: str) -> CertificateAuthority:
+    return CertificateAuthority.generate(common_name=f"keyhole CA for namespace {namespace}",
+                                         validity=CA_VALIDITY)
+
+
+def _secret_data(ca: CertificateAuthority, previous: list[x509.Certificate]) -> dict[str, bytes]:
+    key = ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+    data = {"tls.crt": ca.cert_pem, "tls.key": key}
+    if previous:
+        data[PREVIOUS_KEY] = _pem(previous)
+    return data
+
+
+def plan_ca(namespace: str, existing: dict[str, bytes] | None, now: dt.datetime | None = None
+            ) -> CAPlan:
+    """What the namespace's ``keyhole-ca`` Secret should hold."""
+    now = now or _now()
+    if not existing:
+        return CAPlan(_secret_data(_fresh(namespace), []), True, "created")
+    try:
+        cert = x509.load_pem_x509_certificates(existing.get("tls.crt", b""))[0]
+        serialization.load_pem_private_key(existing.get("tls.key", b""), password=None)
+    except (ValueError, IndexError, TypeError):
+        return CAPlan(_secret_data(_fresh(namespace), []), True, "replaced-invalid")
+    previous = _still_valid(existing.get(PREVIOUS_KEY, b""), now)
+    if cert.not_valid_after_utc - now > ROTATE_BEFORE:
+        data = {k: v for k, v in existing.items() if k in ("tls.crt", "tls.key")}
+        if previous:
+            data[PREVIOUS_KEY] = _pem(previous)
+        return CAPlan(data, data != existing, "pruned" if data != existing else "unchanged")
+    keep = [cert, *previous] if cert.not_valid_after_utc > now else previous
+    return CAPlan(_secret_data(_fresh(namespace), keep), True, "rotated")
+
+
+def trusted_cas(secret_data: dict[str, bytes], now: dt.datetime | None = None
+                ) -> list[x509.Certificate]:
+    """The CAs agents must trust: the current one first, then those still overlapping."""
+    now = now or _now()
+    current = x509.load_pem_x509_certificates(secret_data["tls.crt"])[:1]
+    return current + _still_valid(secret_data.get(PREVIOUS_KEY, b""), now)
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", re.S)
+
+
+def public_roots() -> list[tuple[bytes, x509.Certificate | None]]:
+    """certifi's roots, each as (PEM, parsed or None). A few old roots have serial numbers that
+    ``cryptography`` warns about (and may one day refuse); they stay in the PEM bundle, which
+    OpenSSL reads, and are left out of the Java trust store only if they cannot be parsed."""
+    roots = []
+    for block in _PEM_BLOCK.findall(certifi.contents().encode()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            try:
+                roots.append((block, x509.load_pem_x509_certificate(block)))
+            except ValueError:
+                roots.append((block, None))
+    return roots
+
+
+def bundle_data(secret_data: dict[str, bytes], truststore_password: str
+                ) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The ``keyhole-ca-bundle`` ConfigMap: (data, binaryData)."""
+    cas = trusted_cas(secret_data)
+    roots = public_roots()
+    ca_pem = _pem(cas)
+    store = pkcs12.serialize_java_truststore(
+        [pkcs12.PKCS12Certificate(c, f"keyhole-{i}".encode()) for i, c in enumerate(cas)]
+        + [pkcs12.PKCS12Certificate(c, f"public-{i}".encode())
+           for i, (_, c) in enumerate(roots) if c is not None],
+        serialization.BestAvailableEncryption(truststore_password.encode()),
+    )
+    data = {
+        layout.CA_CERT: ca_pem.decode(),
+        layout.CA_BUNDLE: (b"".join(pem if pem.endswith(b"\n") else pem + b"\n"
+                                    for pem, _ in roots) + ca_pem).decode(),
+        layout.WGETRC: f"ca_certificate = {layout.TRUST_DIR}/{layout.CA_BUNDLE}\n",
+    }
+    return data, {layout.TRUSTSTORE: store}
