@@ -1,0 +1,117 @@
+"""``keyhole-operator``: run the operator and its webhooks against any kubeconfig."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import kopf
+
+from keyhole_operator.settings import Settings, SidecarResources
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a server address
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keyhole-operator", description=(
+        "Reconciles SecretInjections, keeps each namespace's CA and signing key, and serves "
+        "the webhooks that inject the keyhole sidecar into labelled pods."))
+    p.add_argument("--master-key-file", type=Path, required=True, metavar="FILE",
+                   help="secret from which each namespace's routes signing key is derived")
+    p.add_argument("--sidecar-image", default=Settings.sidecar_image, metavar="IMAGE")
+    p.add_argument("--image-pull-policy", default=Settings.image_pull_policy)
+    p.add_argument("--unmatched", choices=("passthrough", "deny"), default=Settings.unmatched,
+                   help="what sidecars do with hosts no injection routes")
+    p.add_argument("--no-native-sidecar", action="store_true",
+                   help="inject a regular container (for Kubernetes < 1.29)")
+    p.add_argument("--no-proxy", action="append", default=[], metavar="HOST",
+                   help="extra NO_PROXY entry for agents, e.g. the API server address (repeatable)")
+    p.add_argument("--operator-service-account", default=Settings.operator_service_account,
+                   metavar="USER", help="the user allowed to change keyhole.dev/ pod annotations")
+    p.add_argument("--sidecar-cpu-request", default=SidecarResources.cpu_request)
+    p.add_argument("--sidecar-memory-request", default=SidecarResources.memory_request)
+    p.add_argument("--sidecar-memory-limit", default=SidecarResources.memory_limit)
+    p.add_argument("--sidecar-cpu-limit", default=None)
+    p.add_argument("--webhook-listen", type=_address, default=("0.0.0.0", 9443),  # noqa: S104
+                   metavar="HOST:PORT", help="where the webhook server listens (default 0.0.0.0:9443)")
+    p.add_argument("--webhook-host", metavar="HOST",
+                   help="host name or IP the API server uses to reach the webhook (for managed "
+                        "configurations and the self-signed certificate)")
+    p.add_argument("--webhook-cert", type=Path, metavar="FILE", help="serving certificate (PEM)")
+    p.add_argument("--webhook-key", type=Path, metavar="FILE", help="its private key (PEM)")
+    p.add_argument("--webhook-ca", type=Path, metavar="FILE",
+                   help="CA bundle for the webhook configurations' caBundle")
+    p.add_argument("--manage-webhook-configurations", action="store_true",
+                   help="let the operator create its webhook configurations (development; the "
+                        "Helm chart creates them itself)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--standalone", action="store_true",
+                       help="no peering: for a single replica or development")
+    group.add_argument("--peering", default="keyhole", metavar="NAME",
+                       help="kopf peering name: one replica reconciles, all serve webhooks")
+    p.add_argument("--resync-seconds", type=float, default=30.0, metavar="SECONDS",
+                   help="how often each SecretInjection's status, pods and CA are re-checked")
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        master_key = args.master_key_file.read_bytes().strip()
+    except OSError as exc:
+        print(f"keyhole-operator: cannot read --master-key-file: {exc.strerror}", file=sys.stderr)
+        return 2
+    if len(master_key) < 32:
+        print("keyhole-operator: the master key must be at least 32 bytes", file=sys.stderr)
+        return 2
+    settings = Settings(
+        sidecar_image=args.sidecar_image, image_pull_policy=args.image_pull_policy,
+        unmatched=args.unmatched, native_sidecar=not args.no_native_sidecar,
+        no_proxy=tuple(args.no_proxy), operator_service_account=args.operator_service_account,
+        resources=SidecarResources(cpu_request=args.sidecar_cpu_request,
+                                   memory_request=args.sidecar_memory_request,
+                                   memory_limit=args.sidecar_memory_limit,
+                                   cpu_limit=args.sidecar_cpu_limit),
+    )
+    from keyhole_operator import handlers  # registers the handlers with kopf
+
+    handlers.register_refresh(args.resync_seconds)
+
+    addr, port = args.webhook_listen
+    host = args.webhook_host or addr
+    cert, key, ca = args.webhook_cert, args.webhook_key, args.webhook_ca
+    if (cert is None) != (key is None):
+        print("keyhole-operator: give both --webhook-cert and --webhook-key, or neither",
+              file=sys.stderr)
+        return 2
+    if cert is None:
+        from keyhole_operator.webhook_tls import self_signed
+
+        folder = Path(tempfile.mkdtemp(prefix="keyhole-webhook-"))
+        ca, cert, key = self_signed(folder, [host, addr] if addr != host else [host])
+        logging.getLogger("keyhole.operator").warning(
+            "no --webhook-cert: serving a self-signed certificate (development only)")
+    server = kopf.WebhookServer(addr=addr, port=port, host=host, certfile=str(cert),
+                                pkeyfile=str(key), cafile=str(ca) if ca else None)
+    runtime = handlers.Runtime(settings=settings, master_key=master_key, webhook_server=server,
+                               manage_webhook_configurations=args.manage_webhook_configurations)
+    kopf.run(clusterwide=True, standalone=args.standalone,
+             peering_name=None if args.standalone else args.peering,
+             liveness_endpoint=args.liveness, memo=kopf.Memo(runtime=runtime))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

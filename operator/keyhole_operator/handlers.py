@@ -1,0 +1,295 @@
+"""The kopf handlers: thin. Each one gathers what Kubernetes says, calls a pure decision, and
+writes the result back. Importing this module registers them with kopf.
+
+- index ``injection_index``: the SecretInjections of each namespace, in memory, so the
+  admission webhook decides without calling the API server.
+- mutating webhook ``keyhole-inject`` (pods, CREATE): inject the sidecar.
+- validating webhooks ``keyhole-validate-injection`` (SecretInjections) and
+  ``keyhole-protect-annotations`` (pods, UPDATE: only the operator changes keyhole.dev/).
+- ``reconcile`` (SecretInjection create/update/resume, and every ``--resync-seconds``): the namespace's CA,
+  bundle and signing key; live routes on its pods; the injection's status and Events.
+- ``follow_pod`` (pod events): a relabelled pod gains or loses routes within seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import kopf
+
+from keyhole_operator.annotations import (
+    CA_BUNDLE_CONFIGMAP,
+    CA_SECRET,
+    SIGNING_KEY_SECRET,
+    is_keyhole_key,
+)
+from keyhole_operator.kube import Cluster
+from keyhole_operator.live import injected, plan_pod
+from keyhole_operator.mutation import Refused, mutate
+from keyhole_operator.mutation.layout import SIGNING_KEY_FILE
+from keyhole_operator.privileges import BYPASSES, access_review, service_account_user
+from keyhole_operator.routes import Injection, namespace_key
+from keyhole_operator.selectors import matching_injections, opted_out
+from keyhole_operator.settings import Settings
+from keyhole_operator.status import injection_status
+from keyhole_operator.trust import bundle_data, plan_ca
+
+log = logging.getLogger("keyhole.operator")
+GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
+
+
+@dataclass
+class Runtime:
+    """What the handlers share, passed through kopf's memo."""
+
+    settings: Settings
+    master_key: bytes
+    webhook_server: object | None = None
+    manage_webhook_configurations: bool = False
+    cluster: Cluster | None = field(default=None)
+
+    def key(self, namespace: str) -> bytes:
+        return namespace_key(self.master_key, namespace)
+
+
+def _runtime(memo) -> Runtime:
+    return memo["runtime"]
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo, **_) -> None:
+    runtime = _runtime(memo)
+    settings.persistence.finalizer = "keyhole.dev/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.keyhole.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.keyhole.dev")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    if runtime.webhook_server is not None:
+        settings.admission.server = runtime.webhook_server
+        settings.admission.managed = "keyhole.dev" if runtime.manage_webhook_configurations else None
+    if runtime.cluster is None:
+        runtime.cluster = Cluster()
+
+
+# -- the index ------------------------------------------------------------------------------------
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def injection_index(namespace: str, name: str, body: kopf.Body, **_) -> dict | None:
+    try:
+        return {namespace: Injection.from_object(dict(body))}
+    except ValueError as exc:  # the validating webhook should have refused it
+        log.warning("ignoring invalid SecretInjection %s/%s: %s", namespace, name, exc)
+        return None
+
+
+def _injections(index: kopf.Index, namespace: str, *, without: str | None = None
+                ) -> list[Injection]:
+    return [i for i in index.get(namespace, []) if i.name != without]
+
+
+# -- webhooks ---------------------------------------------------------------------------------------
+
+@kopf.on.mutate("v1", "pods", operations=["CREATE"], id="keyhole-inject", side_effects=False)
+def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], injection_index: kopf.Index,
+           memo, **_) -> None:
+    runtime = _runtime(memo)
+    pod = _plain(body)
+    namespace = (pod.get("metadata") or {}).get("namespace") or ""
+    if opted_out(pod):
+        return
+    chosen = _selected(_injections(injection_index, namespace), pod)
+    if not chosen:
+        return
+    try:
+        result = mutate(pod, chosen, runtime.settings, runtime.key(namespace))
+    except Refused as refusal:
+        raise kopf.AdmissionError(str(refusal), code=403) from None
+    warnings.extend(result.warnings)
+    mutated = result.pod
+
+    def become_mutated(raw: dict) -> None:
+        raw.clear()
+        raw.update(mutated)
+
+    patch.fns.append(become_mutated)
+
+
+@kopf.on.validate(GROUP, VERSION, PLURAL, operations=["CREATE", "UPDATE"],
+                  id="keyhole-validate-injection", side_effects=False)
+def validate_injection(body: kopf.Body, **_) -> None:
+    try:
+        Injection.from_object(_plain(body))
+    except ValueError as exc:
+        raise kopf.AdmissionError(f"keyhole refuses this SecretInjection: {exc}", code=422) from None
+
+
+@kopf.on.validate("v1", "pods", operations=["UPDATE"], id="keyhole-protect-annotations",
+                  side_effects=False)
+def protect_annotations(old: kopf.Body, new: kopf.Body, userinfo: dict, memo, **_) -> None:
+    before = {k: v for k, v in ((old or {}).get("metadata", {}).get("annotations") or {}).items()
+              if is_keyhole_key(k)}
+    after = {k: v for k, v in ((new or {}).get("metadata", {}).get("annotations") or {}).items()
+             if is_keyhole_key(k)}
+    if before == after:
+        return
+    user = (userinfo or {}).get("username")
+    if user != _runtime(memo).settings.operator_service_account:
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        raise kopf.AdmissionError(
+            f"only the keyhole operator may change {', '.join(changed)} on a pod (you are "
+            f"{user}); to grant or revoke access, change the pod's labels instead", code=403)
+
+
+def _plain(body) -> dict:
+    import copy
+
+    return copy.deepcopy(dict(body))
+
+
+def _selected(injections: list[Injection], pod: dict) -> list[Injection]:
+    by_spec = {i.spec: i for i in injections}
+    labels = (pod.get("metadata") or {}).get("labels")
+    return [by_spec[s] for s in matching_injections(by_spec, labels)]
+
+
+# -- reconciliation -----------------------------------------------------------------------------
+
+def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list[str]:
+    """The CA, its bundle and the signing key of a namespace; returns what changed."""
+    changed = []
+    existing = cluster.read_secret(namespace, CA_SECRET)
+    plan = plan_ca(namespace, existing)
+    ca_data = plan.data
+    if plan.changed:
+        cluster.put_secret(namespace, CA_SECRET, ca_data, kind="kubernetes.io/tls",
+                           component="ca")
+        changed.append(f"CA {plan.reason}")
+    data, binary = bundle_data(ca_data, runtime.settings.java_truststore_password)
+    current = cluster.read_config_map(namespace, CA_BUNDLE_CONFIGMAP)
+    if plan.changed or current is None or current.get("data") != data:
+        cluster.put_config_map(namespace, CA_BUNDLE_CONFIGMAP, data, binary, component="ca-bundle")
+        changed.append("CA bundle written")
+    key = runtime.key(namespace)
+    if cluster.read_secret(namespace, SIGNING_KEY_SECRET) != {SIGNING_KEY_FILE: key}:
+        cluster.put_secret(namespace, SIGNING_KEY_SECRET, {SIGNING_KEY_FILE: key}, kind="Opaque",
+                           component="signing-key")
+        changed.append("signing key written")
+    return changed
+
+
+def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dict],
+              injections: list[Injection]) -> None:
+    """Bring every pod's routes in line with the injections selecting it now."""
+    for pod in pods:
+        plan = plan_pod(pod, injections, runtime.key(namespace))
+        if plan.annotations:
+            name = pod["metadata"]["name"]
+            cluster.annotate_pod(namespace, name, plan.annotations)
+            log.info("pod %s/%s: routes now %s%s", namespace, name, list(plan.granted) or "none",
+                     f"; restart needed for {', '.join(plan.restart_for)}" if plan.restart_for
+                     else "")
+
+
+def _secret_problems(cluster: Cluster, namespace: str, injection: Injection) -> list[str]:
+    problems = []
+    for ref in injection.spec.secret_refs():
+        keys = cluster.secret_keys(namespace, ref.name)
+        if keys is None:
+            problems.append(f"Secret {ref.name!r} not found")
+        elif ref.key not in keys:
+            problems.append(f"Secret {ref.name!r} has no key {ref.key!r}")
+    return problems
+
+
+def _over_privileged(cluster: Cluster, namespace: str, pods: list[dict]) -> dict[str, list[str]]:
+    verdicts: dict[str, list[str]] = {}
+    cache: dict[str | None, list[str]] = {}
+    for pod in pods:
+        account = (pod.get("spec") or {}).get("serviceAccountName")
+        if account not in cache:
+            user, groups = service_account_user(namespace, account)
+            cache[account] = [what for verb, resource, sub, what in BYPASSES
+                              if cluster.allowed(access_review(namespace, user, groups, verb,
+                                                               resource, sub))]
+        if cache[account]:
+            verdicts[pod["metadata"]["name"]] = cache[account]
+    return verdicts
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile")
+@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile")
+@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile")
+def reconcile(body: kopf.Body, namespace: str, name: str, meta, status, patch: kopf.Patch,
+              injection_index: kopf.Index, memo, **_) -> None:
+    runtime = _runtime(memo)
+    cluster = runtime.cluster
+    try:
+        injection = Injection.from_object(_plain(body))
+    except ValueError as exc:
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc)[:1000])
+        raise kopf.PermanentError(f"invalid spec: {exc}") from None
+    for change in ensure_namespace(cluster, runtime, namespace):
+        kopf.event(body, type="Normal", reason="NamespaceTrust", message=change)
+    others = [i for i in _injections(injection_index, namespace) if i.name != name]
+    injections = [*others, injection]
+    pods = cluster.list_pods(namespace)
+    sync_pods(cluster, runtime, namespace, pods, injections)
+
+    selected = [p for p in pods if not opted_out(p) and matching_injections([injection.spec],
+                                                                            p["metadata"].get("labels"))]
+    restart = [p for p in selected
+               if name in plan_pod(p, injections, runtime.key(namespace)).restart_for]
+    problems = _secret_problems(cluster, namespace, injection)
+    risky = _over_privileged(cluster, namespace, selected)
+    new_status = injection_status(
+        generation=meta.get("generation"), matched=len(selected), restart_required=len(restart),
+        secret_problems=problems, over_privileged=risky,
+        previous=(status or {}).get("conditions"))
+    _announce(body, status, new_status)
+    patch.status.update(new_status)
+
+
+def register_refresh(interval: float) -> None:
+    """Run ``reconcile`` on a timer too (status counts, CA rotation, privilege checks)."""
+    kopf.timer(GROUP, VERSION, PLURAL, interval=interval, initial_delay=min(interval, 5),
+               id="refresh")(reconcile)
+
+
+def _announce(body, old_status, new_status) -> None:
+    """An Event when a condition turns bad (not every minute while it stays bad)."""
+    before = {c["type"]: c["status"] for c in (old_status or {}).get("conditions") or []}
+    for cond in new_status["conditions"]:
+        bad = (cond["type"] == "AgentsOverPrivileged") == (cond["status"] == "True")
+        if bad and before.get(cond["type"]) != cond["status"]:
+            kopf.event(body, type="Warning", reason=cond["reason"], message=cond["message"][:1000])
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="revoke-on-delete")
+def revoke_on_delete(type: str, namespace: str, name: str, injection_index: kopf.Index, memo,
+                     **_) -> None:
+    if type != "DELETED":
+        return
+    runtime = _runtime(memo)
+    remaining = _injections(injection_index, namespace, without=name)
+    sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace), remaining)
+
+
+@kopf.on.event("v1", "pods", id="follow-pod")
+def follow_pod(type: str, body: kopf.Body, namespace: str, name: str,
+               injection_index: kopf.Index, memo, **_) -> None:
+    if type not in ("ADDED", "MODIFIED", None):
+        return
+    pod = _plain(body)
+    injections = _injections(injection_index, namespace)
+    if not injections and injected(pod) is None:
+        return
+    runtime = _runtime(memo)
+    plan = plan_pod(pod, injections, runtime.key(namespace))
+    if not plan.annotations:
+        return
+    runtime.cluster.annotate_pod(namespace, name, plan.annotations)
+    if plan.restart_for and plan.annotations.get("keyhole.dev/restart-required"):
+        kopf.event(body, type="Warning", reason="RestartRequired",
+                   message=f"restart this pod to use {', '.join(plan.restart_for)}: it does not "
+                           "mount every Secret these injections need")

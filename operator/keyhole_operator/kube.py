@@ -1,0 +1,98 @@
+"""All Kubernetes API calls the operator makes outside kopf's own machinery, in one place.
+
+Synchronous (the official client); kopf runs the handlers that use it in worker threads, and
+the admission path never calls it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from keyhole_operator.annotations import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
+
+log = logging.getLogger("keyhole.operator")
+
+
+class Cluster:
+    def __init__(self, api_client: kubernetes.client.ApiClient | None = None):
+        if api_client is None:
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+            api_client = kubernetes.client.ApiClient()
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.authz = kubernetes.client.AuthorizationV1Api(api_client)
+
+    # -- Secrets and ConfigMaps the operator owns ----------------------------------------------
+    def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A Secret's data, decoded; None when it does not exist."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def secret_keys(self, namespace: str, name: str) -> set[str] | None:
+        """The key names of a Secret (never its values); None when it does not exist."""
+        data = self.read_secret(namespace, name)
+        return None if data is None else set(data)
+
+    def put_secret(self, namespace: str, name: str, data: dict[str, bytes], *, kind: str,
+                   component: str) -> None:
+        body = {"apiVersion": "v1", "kind": "Secret", "type": kind,
+                "metadata": {"name": name, "namespace": namespace, "labels": _labels(component)},
+                "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
+        self._put(self.core.create_namespaced_secret, self.core.replace_namespaced_secret,
+                  namespace, name, body)
+
+    def put_config_map(self, namespace: str, name: str, data: dict[str, str],
+                       binary: dict[str, bytes], *, component: str) -> None:
+        body = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": namespace, "labels": _labels(component)},
+                "data": data,
+                "binaryData": {k: base64.b64encode(v).decode() for k, v in binary.items()}}
+        self._put(self.core.create_namespaced_config_map,
+                  self.core.replace_namespaced_config_map, namespace, name, body)
+
+    def read_config_map(self, namespace: str, name: str) -> dict | None:
+        try:
+            found = self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return json.loads(found.data)
+
+    @staticmethod
+    def _put(create, replace, namespace: str, name: str, body: dict) -> None:
+        try:
+            create(namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            replace(name, namespace, body)
+
+    # -- pods ------------------------------------------------------------------------------
+    def list_pods(self, namespace: str) -> list[dict]:
+        response = self.core.list_namespaced_pod(namespace, _preload_content=False)
+        return json.loads(response.data)["items"]
+
+    def annotate_pod(self, namespace: str, name: str, changes: dict[str, str | None]) -> None:
+        self.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": changes}})
+
+    # -- authorization -----------------------------------------------------------------------
+    def allowed(self, review: dict) -> bool:
+        result = self.authz.create_subject_access_review(review)
+        return bool(result.status and result.status.allowed)
+
+
+def _labels(component: str) -> dict[str, str]:
+    return {MANAGED_BY_LABEL: MANAGED_BY, COMPONENT_LABEL: component}

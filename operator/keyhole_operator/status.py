@@ -1,0 +1,48 @@
+"""A SecretInjection's status: conditions in the metav1.Condition shape, computed purely."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(kind: str, ok: bool, reason: str, message: str, generation: int | None,
+              previous: list[dict] | None) -> dict:
+    """A condition; ``lastTransitionTime`` moves only when the status does."""
+    status = "True" if ok else "False"
+    before = next((c for c in previous or [] if c.get("type") == kind), None)
+    since = before["lastTransitionTime"] if before and before.get("status") == status else _now()
+    return {"type": kind, "status": status, "reason": reason, "message": message[:32000],
+            "observedGeneration": generation, "lastTransitionTime": since}
+
+
+def injection_status(*, generation: int | None, matched: int, restart_required: int,
+                     secret_problems: list[str], over_privileged: dict[str, list[str]],
+                     previous: list[dict] | None) -> dict:
+    """The whole ``status`` of one SecretInjection."""
+    resolved = not secret_problems
+    conditions = [
+        condition("SecretResolved", resolved, "Found" if resolved else "Missing",
+                  "every referenced Secret key exists" if resolved else "; ".join(secret_problems),
+                  generation, previous),
+        condition("Ready", resolved, "Ready" if resolved else "SecretMissing",
+                  f"serving {matched} pod(s)" if resolved
+                  else "selected pods cannot use this injection until the Secret exists",
+                  generation, previous),
+    ]
+    if over_privileged:
+        detail = "; ".join(f"{pod}: {', '.join(verbs)}"
+                           for pod, verbs in sorted(over_privileged.items()))
+        conditions.append(condition(
+            "AgentsOverPrivileged", True, "CanBypassKeyhole",
+            f"these pods' ServiceAccounts can go around keyhole: {detail}. Remove those "
+            "permissions from the agents' ServiceAccounts.", generation, previous))
+    else:
+        conditions.append(condition("AgentsOverPrivileged", False, "LeastPrivilege",
+                                    "no selected pod can read Secrets, create, exec into or "
+                                    "patch pods in this namespace", generation, previous))
+    return {"observedGeneration": generation, "matchedPods": matched,
+            "restartRequired": restart_required, "conditions": conditions}

@@ -1,0 +1,284 @@
+"""A real Kubernetes control plane for tests: etcd and kube-apiserver on 127.0.0.1.
+
+Built from the Go module proxy (see go.mod here) into ``~/.cache/keyhole/k8s-<version>/``,
+keyed by version and the pins, and reused when present. Started with generated serving
+certs and service-account keys, RBAC, and the admission webhook plugins. There is no kubelet,
+scheduler or controller-manager: objects are stored and admitted, nothing runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+HERE = Path(__file__).resolve().parent
+KUBERNETES_VERSION = "1.34.4"
+BINARIES = {  # binary name -> Go package
+    "etcd": "go.etcd.io/etcd/server/v3",
+    "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
+    "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+}
+SERVICE_CIDR = "10.96.0.0/16"
+
+
+def cache_root() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "keyhole"
+
+
+def pins_digest() -> str:
+    return hashlib.sha256((HERE / "go.mod").read_bytes() + (HERE / "go.sum").read_bytes()
+                          ).hexdigest()[:10]
+
+
+def bin_dir() -> Path:
+    return cache_root() / f"k8s-{KUBERNETES_VERSION}-{pins_digest()}" / "bin"
+
+
+def _go() -> str:
+    found = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists()
+                                   else None)
+    if not found:
+        raise RuntimeError("Go is needed to build the test control plane: install golang-go")
+    return found
+
+
+def build(log=print) -> Path:
+    """Build etcd and kube-apiserver unless the cache has them. Returns the bin folder."""
+    target = bin_dir()
+    missing = [name for name in BINARIES if not (target / name).exists()]
+    if not missing:
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    major, minor, _ = KUBERNETES_VERSION.split(".")
+    stamp = " ".join([
+        f"-X k8s.io/component-base/version.gitVersion=v{KUBERNETES_VERSION}",
+        f"-X k8s.io/component-base/version.gitMajor={major}",
+        f"-X k8s.io/component-base/version.gitMinor={minor}",
+        "-X k8s.io/component-base/version.gitTreeState=clean",
+        f"-X k8s.io/client-go/pkg/version.gitVersion=v{KUBERNETES_VERSION}",
+    ])
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
+    for name in missing:
+        log(f"building {name} from {BINARIES[name]} (first run only; cached in {target})")
+        started = time.monotonic()
+        subprocess.run([_go(), "build", "-trimpath", "-ldflags", f"-s -w {stamp}", "-o",
+                        str(target / f"{name}.tmp"), BINARIES[name]], cwd=HERE, env=env,
+                       check=True)
+        (target / f"{name}.tmp").rename(target / name)
+        log(f"built {name} in {time.monotonic() - started:.0f}s")
+    return target
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass
+class _Issuer:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def create(cls, name: str) -> _Issuer:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.UTC)
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=7))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False,
+                                             False), critical=True)
+                .add_extension(ski, critical=False)
+                .sign(key, hashes.SHA256()))
+        return cls(cert, key)
+
+    def issue(self, common_name: str, *, organization: str | None = None,
+              dns: list[str] = (), ips: list[str] = (), server: bool = False
+              ) -> tuple[bytes, bytes]:
+        import ipaddress
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        if organization:
+            attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+        now = dt.datetime.now(dt.UTC)
+        builder = (x509.CertificateBuilder().subject_name(x509.Name(attrs))
+                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5))
+                   .not_valid_after(now + dt.timedelta(days=7))
+                   .add_extension(x509.ExtendedKeyUsage(
+                       [ExtendedKeyUsageOID.SERVER_AUTH if server
+                        else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       self.key.public_key()), critical=False))
+        if dns or ips:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(d) for d in dns]
+                + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]), critical=False)
+        return _pem_cert(builder.sign(self.key, hashes.SHA256())), _pem_key(key)
+
+
+@dataclass
+class ControlPlane:
+    """One running etcd + kube-apiserver pair, with its files under ``root``."""
+
+    root: Path
+    port: int = 0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def _write_pki(self) -> None:
+        pki = self.root / "pki"
+        pki.mkdir(parents=True, exist_ok=True)
+        ca = _Issuer.create("keyhole test cluster CA")
+        (pki / "ca.crt").write_bytes(_pem_cert(ca.cert))
+        cert, key = ca.issue("kube-apiserver", dns=["localhost", "kubernetes",
+                                                    "kubernetes.default.svc"],
+                             ips=["127.0.0.1"], server=True)
+        (pki / "apiserver.crt").write_bytes(cert)
+        (pki / "apiserver.key").write_bytes(key)
+        cert, key = ca.issue("keyhole-test-admin", organization="system:masters")
+        (pki / "admin.crt").write_bytes(cert)
+        (pki / "admin.key").write_bytes(key)
+        sa_key = ec.generate_private_key(ec.SECP256R1())
+        (pki / "sa.key").write_bytes(_pem_key(sa_key))
+        (pki / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def _write_kubeconfig(self) -> None:
+        pki = self.root / "pki"
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "keyhole-test",
+            "clusters": [{"name": "keyhole-test", "cluster": {
+                "server": self.url, "certificate-authority": str(pki / "ca.crt")}}],
+            "users": [{"name": "admin", "user": {
+                "client-certificate": str(pki / "admin.crt"),
+                "client-key": str(pki / "admin.key")}}],
+            "contexts": [{"name": "keyhole-test", "context": {
+                "cluster": "keyhole-test", "user": "admin"}}],
+        }
+        self.kubeconfig.write_text(json.dumps(config, indent=2))
+
+    def start(self, binaries: Path, timeout: float = 60) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write_pki()
+        pki = self.root / "pki"
+        etcd_client, etcd_peer = _free_port(), _free_port()
+        self.port = _free_port()
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        self._spawn("etcd", [
+            str(binaries / "etcd"), "--data-dir", str(self.root / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ])
+        self._spawn("kube-apiserver", [
+            str(binaries / "kube-apiserver"),
+            "--etcd-servers", f"http://127.0.0.1:{etcd_client}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(self.port),
+            "--tls-cert-file", str(pki / "apiserver.crt"),
+            "--tls-private-key-file", str(pki / "apiserver.key"),
+            "--client-ca-file", str(pki / "ca.crt"),
+            "--service-account-issuer", "https://kubernetes.default.svc",
+            "--service-account-key-file", str(pki / "sa.pub"),
+            "--service-account-signing-key-file", str(pki / "sa.key"),
+            "--service-cluster-ip-range", SERVICE_CIDR,
+            "--authorization-mode", "RBAC",
+            "--enable-admission-plugins", "MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+            "--endpoint-reconciler-type", "none",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--v=1",
+        ])
+        self._write_kubeconfig()
+        self._wait_ready(timeout)
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = open(self.root / "logs" / f"{name}.log", "w")  # noqa: SIM115 - owned by the child
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        log.close()
+
+    def _wait_ready(self, timeout: float) -> None:
+        pki = self.root / "pki"
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited at start; its log:\n"
+                                       + self.log_tail(name))
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", context=context,
+                                            timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise RuntimeError(f"kube-apiserver not ready after {timeout}s ({last}); its log:\n"
+                           + self.log_tail("kube-apiserver"))
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.root / "logs" / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) \
+            if path.exists() else "(no log)"
+
+    def stop(self) -> None:
+        for name in ("kube-apiserver", "etcd"):
+            process = self.processes.get(name)
+            if process and process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
