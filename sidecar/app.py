@@ -13,7 +13,7 @@ from aiohttp import web
 
 from sidecar.admin import admin_app
 from sidecar.audit import AuditLog
-from sidecar.certs import CAError, CertificateAuthority, LeafCache
+from sidecar.certs import CAError, CertificateAuthority, LeafCache, ca_fingerprint
 from sidecar.config import LiveConfig, Sources
 from sidecar.metrics import Metrics
 from sidecar.proxy.context import ProxyContext, ProxySettings
@@ -44,6 +44,28 @@ class Options:
     reload_interval: float = 1.0
     header_timeout: float = 15.0
     idle_timeout: float = 120.0
+
+
+async def watch_ca(ca_dir: Path, leaves: LeafCache, metrics: Metrics, interval: float) -> None:
+    """Follow a rotated CA (the operator replaces it before it expires) without a restart."""
+    seen = ca_fingerprint(ca_dir)
+    while True:
+        await asyncio.sleep(interval)
+        current = ca_fingerprint(ca_dir)
+        if current == seen:
+            continue
+        seen = current
+        try:
+            ca = CertificateAuthority.load(ca_dir)
+        except CAError as exc:
+            metrics.reloads.labels("error").inc()
+            log.error("the CA in %s changed but cannot be used (%s); still signing with the "
+                      "previous one", ca_dir, exc)
+            continue
+        leaves.replace_ca(ca)
+        metrics.reloads.labels("success").inc()
+        log.info("CA in %s changed: new leaf certificates are signed by %s", ca_dir,
+                 ca.cert.subject.rfc4514_string())
 
 
 class StartupError(RuntimeError):
@@ -104,7 +126,9 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         await admin_runner.cleanup()
         await session.close()
         raise StartupError(f"cannot listen: {exc.strerror} ({exc})") from None
-    watcher = asyncio.create_task(config.watch(options.reload_interval))
+    watchers = [asyncio.create_task(config.watch(options.reload_interval)),
+                asyncio.create_task(watch_ca(options.ca_dir, leaves, metrics,
+                                             options.reload_interval))]
     host, port = proxy_server.sockets[0].getsockname()[:2]
     admin_host, admin_port = admin_runner.addresses[0][:2]
     log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",
@@ -119,7 +143,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         await stop.wait()
     finally:
         log.info("shutting down")
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         proxy_server.close()
         await admin_runner.cleanup()
         await session.close()

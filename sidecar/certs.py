@@ -132,6 +132,14 @@ class CertificateAuthority:
             raise CAError(f"cannot create a CA in {ca_dir}: {exc.strerror}") from None
 
 
+def ca_fingerprint(ca_dir: Path) -> bytes:
+    """What the CA files hold now (Kubernetes swaps them through a ``..data`` symlink)."""
+    try:
+        return (ca_dir / CA_CERT_FILE).read_bytes() + b"\0" + (ca_dir / CA_KEY_FILE).read_bytes()
+    except OSError:
+        return b""
+
+
 def mint_leaf(ca: CertificateAuthority, host: str, key: ec.EllipticCurvePrivateKey,
               validity: dt.timedelta = LEAF_VALIDITY) -> x509.Certificate:
     """A serverAuth certificate for exactly ``host``, signed by ``ca``."""
@@ -220,6 +228,12 @@ class LeafCache:
             with contextlib.suppress(Exception):
                 self._on_mint()
         return context
+
+    def replace_ca(self, ca: CertificateAuthority) -> None:
+        """A rotated CA: sign new leaves with it and forget the old ones."""
+        with self._lock:
+            self.ca = ca
+            self._entries.clear()
 
     def check(self) -> None:
         """Prove the CA can still sign (used by ``/readyz``)."""

@@ -116,6 +116,7 @@ def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1):
                 pass
+            socket.create_connection(("127.0.0.1", webhook_port), timeout=1).close()
         except OSError:
             time.sleep(0.2)
             continue

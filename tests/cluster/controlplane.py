@@ -74,7 +74,9 @@ def build(log=print) -> Path:
         "-X k8s.io/component-base/version.gitTreeState=clean",
         f"-X k8s.io/client-go/pkg/version.gitVersion=v{KUBERNETES_VERSION}",
     ])
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
+    # GOTOOLCHAIN stays as the machine has it (auto): an older Go fetches the version go.mod
+    # names from the Go module proxy.
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
     for name in missing:
         log(f"building {name} from {BINARIES[name]} (first run only; cached in {target})")
         started = time.monotonic()

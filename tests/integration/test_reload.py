@@ -148,3 +148,30 @@ def test_secrets_dir_unused_keys_do_not_matter(make_sidecar, upstream, marker):
     secrets = {**SECRETS, "unused": {"k": "whatever-value-here"}}
     proc = make_sidecar(secrets=secrets)
     assert sent_authorization(proc, upstream, marker) == f"Bearer {API_TOKEN}"
+
+
+def test_a_rotated_ca_signs_new_leaves_without_a_restart(make_sidecar, tmp_path):
+    import ssl
+
+    import pytest
+
+    from sidecar.certs import CertificateAuthority
+    from tests.support.raw import open_tunnel
+
+    proc = make_sidecar()
+    old_ca = tmp_path / "old-ca.pem"
+    old_ca.write_bytes(proc.ca_cert.read_bytes())
+    with open_tunnel(proc.proxy_port, "api.routed.test:443", str(old_ca)):
+        pass  # before: signed by the first CA
+    rotated = CertificateAuthority.generate(common_name="rotated keyhole CA")
+    rotated.save(tmp_path / "new-ca")
+    for name in ("tls.key", "tls.crt"):
+        (proc.workdir / "ca" / name).write_bytes((tmp_path / "new-ca" / name).read_bytes())
+    proc.wait_for_log("new leaf certificates are signed by")
+
+    with open_tunnel(proc.proxy_port, "api.routed.test:443", str(tmp_path / "new-ca" / "tls.crt")):
+        pass  # after: verifies against the new CA alone
+    with pytest.raises(ssl.SSLCertVerificationError), open_tunnel(
+            proc.proxy_port, "api.routed.test:443", str(old_ca)):
+        pass
+    assert proc.process.poll() is None

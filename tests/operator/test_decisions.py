@@ -1,0 +1,123 @@
+"""The operator's pure decisions: selectors, live grant/revoke, status conditions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from keyhole_operator.live import plan_pod
+from keyhole_operator.mutation import mutate
+from keyhole_operator.routes import Injection, namespace_key
+from keyhole_operator.selectors import selector_matches
+from keyhole_operator.settings import Settings
+from keyhole_operator.status import injection_status
+from tests.operator.test_mutation_golden import TESTDATA
+
+KEY = b"decisions-test-key-0000000000000"
+
+
+@pytest.mark.parametrize(("selector", "labels", "expected"), [
+    ({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}, True),
+    ({"matchLabels": {"a": "1"}}, {"a": "2"}, False),
+    ({}, {}, True),
+    (None, {"a": "1"}, False),
+    ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]}, {"a": "2"}, True),
+    ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {}, False),
+    ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {}, True),
+    ({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {"a": ""}, True),
+    ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"a": ""}, False),
+    ({"matchExpressions": [{"key": "a", "operator": "Bogus"}]}, {"a": "1"}, False),
+    ({"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "Exists"}]},
+     {"a": "1"}, False),
+])
+def test_label_selectors_follow_kubernetes_semantics(selector, labels, expected):
+    assert selector_matches(selector, labels) is expected
+
+
+def test_different_namespaces_get_different_signing_keys():
+    assert namespace_key(b"m" * 32, "a") != namespace_key(b"m" * 32, "b")
+    assert namespace_key(b"m" * 32, "a") == namespace_key(b"m" * 32, "a")
+
+
+@pytest.fixture
+def injections() -> list[Injection]:
+    return [Injection.from_object(d)
+            for d in yaml.safe_load_all((TESTDATA / "_injections.yaml").read_text()) if d]
+
+
+def injected_pod(injections, labels) -> dict:
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "p", "namespace": "agents", "labels": labels},
+           "spec": {"containers": [{"name": "agent", "image": "x"}]}}
+    chosen = [i for i in injections if selector_matches(i.spec.pod_selector, labels)]
+    return mutate(pod, chosen, Settings(), KEY).pod
+
+
+def routes(plan) -> list[str]:
+    return [i["metadata"]["name"] for i in json.loads(plan.annotations["keyhole.dev/injections"])["items"]]
+
+
+def test_a_pod_as_injected_needs_no_change(injections):
+    pod = injected_pod(injections, {"keyhole.dev/github": "true", "keyhole.dev/stripe": "x"})
+    assert plan_pod(pod, injections, KEY).annotations == {}
+
+
+def test_removing_a_label_revokes_at_once(injections):
+    pod = injected_pod(injections, {"keyhole.dev/github": "true", "keyhole.dev/stripe": "x"})
+    del pod["metadata"]["labels"]["keyhole.dev/stripe"]
+    plan = plan_pod(pod, injections, KEY)
+    assert routes(plan) == ["github"]
+
+
+def test_a_grant_of_a_mounted_secret_applies_live(injections):
+    pod = injected_pod(injections, {"keyhole.dev/github": "true"})
+    pod["metadata"]["labels"]["keyhole.dev/stripe"] = "x"  # stripe shares github's Secret
+    assert routes(plan_pod(pod, injections, KEY)) == ["github", "stripe"]
+
+
+def test_a_grant_of_an_unmounted_secret_asks_for_a_restart(injections):
+    pod = injected_pod(injections, {"keyhole.dev/github": "true"})
+    pod["metadata"]["labels"]["keyhole.dev/openai"] = "true"
+    plan = plan_pod(pod, injections, KEY)
+    assert plan.restart_for == ("openai",)
+    assert plan.annotations["keyhole.dev/restart-required"] == "openai"
+    assert "keyhole.dev/injections" not in plan.annotations  # github stays as it was
+
+
+def test_a_pod_without_the_sidecar_that_gains_a_match_asks_for_a_restart(injections):
+    pod = {"metadata": {"name": "p", "namespace": "agents",
+                        "labels": {"keyhole.dev/openai": "true"}}, "spec": {}}
+    plan = plan_pod(pod, injections, KEY)
+    assert plan.annotations == {"keyhole.dev/restart-required": "openai"}
+
+
+def test_opting_out_revokes_everything(injections):
+    pod = injected_pod(injections, {"keyhole.dev/github": "true"})
+    pod["metadata"]["annotations"]["keyhole.dev/inject"] = "false"
+    assert routes(plan_pod(pod, injections, KEY)) == []
+
+
+def test_status_names_problems_and_keeps_transition_times():
+    first = injection_status(generation=3, matched=2, restart_required=0,
+                             secret_problems=["Secret 'x' not found"], over_privileged={},
+                             previous=None)
+    by_type = {c["type"]: c for c in first["conditions"]}
+    assert by_type["SecretResolved"]["status"] == "False"
+    assert by_type["SecretResolved"]["message"] == "Secret 'x' not found"
+    assert by_type["Ready"]["status"] == "False"
+    assert first["matchedPods"] == 2 and first["observedGeneration"] == 3
+    again = injection_status(generation=3, matched=2, restart_required=0,
+                             secret_problems=["Secret 'x' not found"], over_privileged={},
+                             previous=first["conditions"])
+    assert again["conditions"] == first["conditions"]
+
+
+def test_status_reports_over_privileged_pods_with_their_verbs():
+    status = injection_status(generation=1, matched=1, restart_required=0, secret_problems=[],
+                              over_privileged={"agent-1": ["read Secrets", "exec into pods"]},
+                              previous=None)
+    flagged = {c["type"]: c for c in status["conditions"]}["AgentsOverPrivileged"]
+    assert flagged["status"] == "True"
+    assert "agent-1: read Secrets, exec into pods" in flagged["message"]
