@@ -34,6 +34,7 @@ BINARIES = {  # binary name -> Go package
     "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
     "kubectl": "k8s.io/kubernetes/cmd/kubectl",
 }
+HELM_MODULE = HERE / "helm"  # its own go.mod: helm's dependencies never move the pins above
 SERVICE_CIDR = "10.96.0.0/16"
 
 
@@ -42,13 +43,17 @@ def cache_root() -> Path:
     return base / "keyhole"
 
 
-def pins_digest() -> str:
-    return hashlib.sha256((HERE / "go.mod").read_bytes() + (HERE / "go.sum").read_bytes()
+def pins_digest(module: Path = HERE) -> str:
+    return hashlib.sha256((module / "go.mod").read_bytes() + (module / "go.sum").read_bytes()
                           ).hexdigest()[:10]
 
 
 def bin_dir() -> Path:
     return cache_root() / f"k8s-{KUBERNETES_VERSION}-{pins_digest()}" / "bin"
+
+
+def helm_binary() -> Path:
+    return cache_root() / f"helm-{pins_digest(HELM_MODULE)}" / "bin" / "helm"
 
 
 def _go() -> str:
@@ -59,13 +64,28 @@ def _go() -> str:
     return found
 
 
+def _go_build(module: Path, package: str, output: Path, ldflags: str, log) -> None:
+    # GOTOOLCHAIN stays as the machine has it (auto): an older Go fetches the version go.mod
+    # names from the Go module proxy.
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    log(f"building {output.name} from {package} (first run only; cached in {output.parent})")
+    started = time.monotonic()
+    subprocess.run([_go(), "build", "-trimpath", "-ldflags", f"-s -w {ldflags}", "-o",
+                    str(output.with_suffix(".tmp")), package], cwd=module, env=env, check=True)
+    output.with_suffix(".tmp").rename(output)
+    log(f"built {output.name} in {time.monotonic() - started:.0f}s")
+
+
 def build(log=print) -> Path:
-    """Build etcd and kube-apiserver unless the cache has them. Returns the bin folder."""
+    """Build etcd, kube-apiserver, kubectl and helm unless the cache has them.
+    Returns the control plane's bin folder."""
+    if not helm_binary().exists():
+        _go_build(HELM_MODULE, "helm.sh/helm/v3/cmd/helm", helm_binary(), "", log)
     target = bin_dir()
     missing = [name for name in BINARIES if not (target / name).exists()]
     if not missing:
         return target
-    target.mkdir(parents=True, exist_ok=True)
     major, minor, _ = KUBERNETES_VERSION.split(".")
     stamp = " ".join([
         f"-X k8s.io/component-base/version.gitVersion=v{KUBERNETES_VERSION}",
@@ -74,17 +94,8 @@ def build(log=print) -> Path:
         "-X k8s.io/component-base/version.gitTreeState=clean",
         f"-X k8s.io/client-go/pkg/version.gitVersion=v{KUBERNETES_VERSION}",
     ])
-    # GOTOOLCHAIN stays as the machine has it (auto): an older Go fetches the version go.mod
-    # names from the Go module proxy.
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
     for name in missing:
-        log(f"building {name} from {BINARIES[name]} (first run only; cached in {target})")
-        started = time.monotonic()
-        subprocess.run([_go(), "build", "-trimpath", "-ldflags", f"-s -w {stamp}", "-o",
-                        str(target / f"{name}.tmp"), BINARIES[name]], cwd=HERE, env=env,
-                       check=True)
-        (target / f"{name}.tmp").rename(target / name)
-        log(f"built {name} in {time.monotonic() - started:.0f}s")
+        _go_build(HERE, BINARIES[name], target / name, stamp, log)
     return target
 
 

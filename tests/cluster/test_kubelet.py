@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 from keyhole_operator.mutation import layout
-
 from tests.cluster.kubelet import Kubelet, map_paths
 from tests.cluster.test_operator import (
     SECRET_VALUE,

@@ -15,11 +15,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
 from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.routes import Injection
 from keyhole_operator.selectors import matching_injections, opted_out
 from keyhole_operator.settings import Settings
-
 from sidecar.spec import verify
 
 TESTDATA = Path(__file__).parent / "testdata"

@@ -2,6 +2,7 @@ import datetime as dt
 import subprocess
 
 from cryptography import x509
+
 from keyhole_operator.mutation import layout
 from keyhole_operator.trust import PREVIOUS_KEY, bundle_data, plan_ca, trusted_cas
 
