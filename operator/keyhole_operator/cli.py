@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kopf peering name: one replica reconciles, all serve webhooks")
     p.add_argument("--resync-seconds", type=float, default=30.0, metavar="SECONDS",
                    help="how often each SecretInjection's status, pods and CA are re-checked")
+    p.add_argument("--metrics-listen", type=_address, default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (e.g. 0.0.0.0:8000); off by default")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
@@ -76,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(master_key) < 32:
         print("keyhole-operator: the master key must be at least 32 bytes", file=sys.stderr)
         return 2
+    no_proxy = list(args.no_proxy)
+    api_server = os.environ.get("KUBERNETES_SERVICE_HOST")  # in a pod: agents reach it directly
+    if api_server and api_server not in no_proxy:
+        no_proxy.append(api_server)
     settings = Settings(
         sidecar_image=args.sidecar_image, image_pull_policy=args.image_pull_policy,
         unmatched=args.unmatched, native_sidecar=not args.no_native_sidecar,
-        no_proxy=tuple(args.no_proxy), operator_service_account=args.operator_service_account,
+        no_proxy=tuple(no_proxy), operator_service_account=args.operator_service_account,
         resources=SidecarResources(cpu_request=args.sidecar_cpu_request,
                                    memory_request=args.sidecar_memory_request,
                                    memory_limit=args.sidecar_memory_limit,
@@ -88,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     from keyhole_operator import handlers  # registers the handlers with kopf
 
     handlers.register_refresh(args.resync_seconds)
+    if args.metrics_listen:
+        from keyhole_operator import metrics
+
+        metrics.serve(*args.metrics_listen)
 
     addr, port = args.webhook_listen
     host = args.webhook_host or addr

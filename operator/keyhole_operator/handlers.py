@@ -13,11 +13,13 @@ writes the result back. Importing this module registers them with kopf.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
 import kopf
 
+from keyhole_operator import metrics
 from keyhole_operator.annotations import (
     CA_BUNDLE_CONFIGMAP,
     CA_SECRET,
@@ -33,7 +35,7 @@ from keyhole_operator.routes import Injection, namespace_key
 from keyhole_operator.selectors import matching_injections, opted_out
 from keyhole_operator.settings import Settings
 from keyhole_operator.status import injection_status
-from keyhole_operator.trust import bundle_data, plan_ca
+from keyhole_operator.trust import PREVIOUS_KEY, bundle_data, plan_ca
 
 log = logging.getLogger("keyhole.operator")
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
@@ -48,6 +50,10 @@ class Runtime:
     webhook_server: object | None = None
     manage_webhook_configurations: bool = False
     cluster: Cluster | None = field(default=None)
+    bundles_written: dict[str, bytes] = field(default_factory=dict)
+    """Namespace → the CA certificate whose bundle was last written, to skip re-reading it."""
+    indexed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the injection index holds every valid SecretInjection the API server has."""
 
     def key(self, namespace: str) -> bytes:
         return namespace_key(self.master_key, namespace)
@@ -58,18 +64,72 @@ def _runtime(memo) -> Runtime:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo, **_) -> None:
+async def configure(settings: kopf.OperatorSettings, memo, injection_index: kopf.Index,
+                    logger, **_) -> None:
     runtime = _runtime(memo)
     settings.persistence.finalizer = "keyhole.dev/operator"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.keyhole.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.keyhole.dev")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # The CRD is installed before the operator; watching CRDs would need cluster-wide
+    # list/watch on them, which least privilege does not grant.
+    settings.scanning.disabled = True
     if runtime.webhook_server is not None:
         settings.admission.server = runtime.webhook_server
         settings.admission.managed = "keyhole.dev" if runtime.manage_webhook_configurations else None
     if runtime.cluster is None:
         runtime.cluster = Cluster()
+    runtime.indexed = asyncio.Event()
+    asyncio.get_running_loop().create_task(_watch_index_fill(runtime, injection_index, logger))
+
+
+async def _watch_index_fill(runtime: Runtime, index: kopf.Index, logger) -> None:
+    """kopf serves webhooks before its indices are filled; ours refuse to decide until then."""
+    while not runtime.indexed.is_set():
+        try:
+            listed = await asyncio.to_thread(runtime.cluster.list_injections)
+        except Exception as exc:  # the API server may not answer yet
+            logger.info("waiting to list SecretInjections: %s", exc)
+            await asyncio.sleep(1)
+            continue
+        wanted = set()
+        for obj in listed:
+            try:
+                Injection.from_object(obj)
+            except ValueError:
+                continue  # invalid ones never enter the index
+            wanted.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        have = {(ns, i.name) for ns in list(index) for i in index.get(ns, [])}
+        if wanted <= have:
+            runtime.indexed.set()
+            logger.info("injection index ready: %d SecretInjection(s)", len(wanted))
+            return
+        await asyncio.sleep(0.5)
+
+
+@kopf.on.probe(id="injections-indexed")
+def injections_indexed(memo, **_) -> bool:
+    """Fails /healthz until the webhook can decide (the chart's readiness probe uses it)."""
+    if not _runtime(memo).indexed.is_set():  # permanent: answer 500 now, no retries
+        raise kopf.PermanentError("the SecretInjection index is still filling")
+    return True
+
+
+async def _require_index(runtime: Runtime, pod: dict) -> None:
+    """Fail closed while starting: a tagged pod is refused (retryably) rather than admitted
+    from a half-filled index."""
+    if runtime.indexed.is_set():
+        return
+    try:
+        await asyncio.wait_for(runtime.indexed.wait(), timeout=3)
+    except TimeoutError:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if any(is_keyhole_key(k) for k in labels):
+            metrics.admissions.labels("keyhole-inject", "not-ready").inc()
+            raise kopf.AdmissionError("keyhole is starting and does not know every "
+                                      "SecretInjection yet; retry in a few seconds",
+                                      code=503) from None
 
 
 # -- the index ------------------------------------------------------------------------------------
@@ -90,21 +150,27 @@ def _injections(index: kopf.Index, namespace: str, *, without: str | None = None
 
 # -- webhooks ---------------------------------------------------------------------------------------
 
+# Admission handlers are async on purpose: kopf runs sync handlers in a shared thread pool,
+# where reconciliation's blocking API calls would make the API server wait for our answer.
+# These are pure and take milliseconds, so they run on the event loop directly.
+
 @kopf.on.mutate("v1", "pods", operations=["CREATE"], id="keyhole-inject", side_effects=False)
-def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], injection_index: kopf.Index,
+async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], injection_index: kopf.Index,
            memo, **_) -> None:
     runtime = _runtime(memo)
     pod = _plain(body)
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
-    if opted_out(pod):
-        return
-    chosen = _selected(_injections(injection_index, namespace), pod)
+    await _require_index(runtime, pod)
+    chosen = [] if opted_out(pod) else _selected(_injections(injection_index, namespace), pod)
     if not chosen:
+        metrics.admissions.labels("keyhole-inject", "skipped").inc()
         return
     try:
         result = mutate(pod, chosen, runtime.settings, runtime.key(namespace))
     except Refused as refusal:
+        metrics.admissions.labels("keyhole-inject", "refused").inc()
         raise kopf.AdmissionError(str(refusal), code=403) from None
+    metrics.admissions.labels("keyhole-inject", "injected").inc()
     warnings.extend(result.warnings)
     mutated = result.pod
 
@@ -117,16 +183,32 @@ def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], injection_in
 
 @kopf.on.validate(GROUP, VERSION, PLURAL, operations=["CREATE", "UPDATE"],
                   id="keyhole-validate-injection", side_effects=False)
-def validate_injection(body: kopf.Body, **_) -> None:
+async def validate_injection(body: kopf.Body, warnings: list[str], **_) -> None:
     try:
-        Injection.from_object(_plain(body))
+        injection = Injection.from_object(_plain(body))
     except ValueError as exc:
+        metrics.admissions.labels("keyhole-validate-injection", "denied").inc()
         raise kopf.AdmissionError(f"keyhole refuses this SecretInjection: {exc}", code=422) from None
+    metrics.admissions.labels("keyhole-validate-injection", "allowed").inc()
+    if not _selects_by_tag(injection.spec.pod_selector):
+        warnings.append(
+            "podSelector uses no keyhole.dev/ label: the webhook is only called for pods with a "
+            "keyhole.dev/ label (so an outage never blocks unrelated pods), so pods selected by "
+            "other labels alone get no sidecar and are marked restart-required. Tag agents with "
+            "a keyhole.dev/ label, e.g. keyhole.dev/openai: \"true\".")
+
+
+def _selects_by_tag(selector: dict | None) -> bool:
+    keys = list((selector or {}).get("matchLabels") or {}) + [
+        e.get("key", "") for e in (selector or {}).get("matchExpressions") or []
+        if e.get("operator") in ("In", "Exists")]
+    return any(is_keyhole_key(k) for k in keys)
 
 
 @kopf.on.validate("v1", "pods", operations=["UPDATE"], id="keyhole-protect-annotations",
                   side_effects=False)
-def protect_annotations(old: kopf.Body, new: kopf.Body, userinfo: dict, memo, **_) -> None:
+async def protect_annotations(old: kopf.Body, new: kopf.Body, userinfo: dict, memo,
+                              **_) -> None:
     before = {k: v for k, v in ((old or {}).get("metadata", {}).get("annotations") or {}).items()
               if is_keyhole_key(k)}
     after = {k: v for k, v in ((new or {}).get("metadata", {}).get("annotations") or {}).items()
@@ -135,6 +217,7 @@ def protect_annotations(old: kopf.Body, new: kopf.Body, userinfo: dict, memo, **
         return
     user = (userinfo or {}).get("username")
     if user != _runtime(memo).settings.operator_service_account:
+        metrics.admissions.labels("keyhole-protect-annotations", "denied").inc()
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         raise kopf.AdmissionError(
             f"only the keyhole operator may change {', '.join(changed)} on a pod (you are "
@@ -165,11 +248,15 @@ def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list
         cluster.put_secret(namespace, CA_SECRET, ca_data, kind="kubernetes.io/tls",
                            component="ca")
         changed.append(f"CA {plan.reason}")
-    data, binary = bundle_data(ca_data, runtime.settings.java_truststore_password)
-    current = cluster.read_config_map(namespace, CA_BUNDLE_CONFIGMAP)
-    if plan.changed or current is None or current.get("data") != data:
-        cluster.put_config_map(namespace, CA_BUNDLE_CONFIGMAP, data, binary, component="ca-bundle")
-        changed.append("CA bundle written")
+    trusted = ca_data["tls.crt"] + ca_data.get(PREVIOUS_KEY, b"")
+    if runtime.bundles_written.get(namespace) != trusted:
+        data, binary = bundle_data(ca_data, runtime.settings.java_truststore_password)
+        current = cluster.read_config_map(namespace, CA_BUNDLE_CONFIGMAP)
+        if plan.changed or current is None or current.get("data") != data:
+            cluster.put_config_map(namespace, CA_BUNDLE_CONFIGMAP, data, binary,
+                                   component="ca-bundle")
+            changed.append("CA bundle written")
+        runtime.bundles_written[namespace] = trusted
     key = runtime.key(namespace)
     if cluster.read_secret(namespace, SIGNING_KEY_SECRET) != {SIGNING_KEY_FILE: key}:
         cluster.put_secret(namespace, SIGNING_KEY_SECRET, {SIGNING_KEY_FILE: key}, kind="Opaque",
@@ -186,6 +273,7 @@ def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dic
         if plan.annotations:
             name = pod["metadata"]["name"]
             cluster.annotate_pod(namespace, name, plan.annotations)
+            metrics.route_updates.inc()
             log.info("pod %s/%s: routes now %s%s", namespace, name, list(plan.granted) or "none",
                      f"; restart needed for {', '.join(plan.restart_for)}" if plan.restart_for
                      else "")
@@ -222,7 +310,16 @@ def _over_privileged(cluster: Cluster, namespace: str, pods: list[dict]) -> dict
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile")
 def reconcile(body: kopf.Body, namespace: str, name: str, meta, status, patch: kopf.Patch,
               injection_index: kopf.Index, memo, **_) -> None:
-    runtime = _runtime(memo)
+    try:
+        _reconcile(body, namespace, name, meta, status, patch, injection_index, _runtime(memo))
+    except Exception:
+        metrics.reconciles.labels("error").inc()
+        raise
+    metrics.reconciles.labels("ok").inc()
+
+
+def _reconcile(body, namespace: str, name: str, meta, status, patch: kopf.Patch,
+               injection_index: kopf.Index, runtime: Runtime) -> None:
     cluster = runtime.cluster
     try:
         injection = Injection.from_object(_plain(body))
@@ -289,7 +386,9 @@ def follow_pod(type: str, body: kopf.Body, namespace: str, name: str,
     if not plan.annotations:
         return
     runtime.cluster.annotate_pod(namespace, name, plan.annotations)
+    metrics.route_updates.inc()
     if plan.restart_for and plan.annotations.get("keyhole.dev/restart-required"):
+        metrics.restarts_required.inc()
         kopf.event(body, type="Warning", reason="RestartRequired",
                    message=f"restart this pod to use {', '.join(plan.restart_for)}: it does not "
                            "mount every Secret these injections need")

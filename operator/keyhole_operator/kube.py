@@ -28,6 +28,7 @@ class Cluster:
             api_client = kubernetes.client.ApiClient()
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.authz = kubernetes.client.AuthorizationV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
 
     # -- Secrets and ConfigMaps the operator owns ----------------------------------------------
     def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
@@ -79,6 +80,13 @@ class Cluster:
             if exc.status != 409:
                 raise
             replace(name, namespace, body)
+
+    # -- SecretInjections -------------------------------------------------------------------
+    def list_injections(self) -> list[dict]:
+        response = self.custom.list_cluster_custom_object("keyhole.dev", "v1alpha1",
+                                                          "secretinjections",
+                                                          _preload_content=False)
+        return json.loads(response.data)["items"]
 
     # -- pods ------------------------------------------------------------------------------
     def list_pods(self, namespace: str) -> list[dict]:

@@ -82,6 +82,7 @@ class OperatorProcess:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
 
 
 def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
@@ -113,7 +114,7 @@ def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError("keyhole-operator exited:\n" + operator.logs())
-        try:
+        try:  # /healthz answers 200 once the injection index is filled (the readiness probe)
             with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1):
                 pass
             socket.create_connection(("127.0.0.1", webhook_port), timeout=1).close()
@@ -145,4 +146,7 @@ def namespace(kube: Kube) -> str:
     kube.kubectl("create", "namespace", name)
     kube.kubectl("create", "serviceaccount", "default", "-n", name)
     yield name
+    # Without a controller-manager a deleted namespace keeps its objects (it stays
+    # Terminating), so remove the injections first: nothing keeps reconciling them.
+    kube.kubectl("delete", "secretinjections", "--all", "-n", name, "--wait=false", check=False)
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -1,0 +1,22 @@
+"""The operator's Prometheus metrics, bounded labels only (no pod or namespace names)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+registry = CollectorRegistry(auto_describe=True)
+reconciles = Counter("keyhole_operator_reconciles", "SecretInjection reconciliations by result.",
+                     ["result"], registry=registry)
+admissions = Counter("keyhole_operator_admissions", "Admission decisions by webhook and result "
+                     "(injected, skipped, refused, allowed, denied).", ["webhook", "result"],
+                     registry=registry)
+route_updates = Counter("keyhole_operator_route_updates", "Routes annotations rewritten on "
+                        "running pods (live grant or revoke).", registry=registry)
+restarts_required = Counter("keyhole_operator_restart_required", "Pods marked as needing a "
+                            "restart to use an injection.", registry=registry)
+for _result in ("ok", "error"):
+    reconciles.labels(_result)
+
+
+def serve(host: str, port: int) -> None:
+    start_http_server(port, addr=host, registry=registry)
