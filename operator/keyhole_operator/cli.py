@@ -114,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         ca, cert, key = self_signed(folder, [host, addr] if addr != host else [host])
         logging.getLogger("keyhole.operator").warning(
             "no --webhook-cert: serving a self-signed certificate (development only)")
+    if not args.standalone:
+        from keyhole_operator.kube import Cluster
+
+        try:
+            Cluster().ensure_peering(args.peering)
+        except RuntimeError as exc:
+            print(f"keyhole-operator: {exc}", file=sys.stderr)
+            return 2
     server = kopf.WebhookServer(addr=addr, port=port, host=host, certfile=str(cert),
                                 pkeyfile=str(key), cafile=str(ca) if ca else None)
     runtime = handlers.Runtime(settings=settings, master_key=master_key, webhook_server=server,

@@ -88,6 +88,20 @@ class Cluster:
                                                           _preload_content=False)
         return json.loads(response.data)["items"]
 
+    def ensure_peering(self, name: str) -> None:
+        """The ClusterKopfPeering object kopf needs to elect one active replica."""
+        body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                "metadata": {"name": name}}
+        try:
+            self.custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return
+            if exc.status == 404:
+                raise RuntimeError("the clusterkopfpeerings.kopf.dev CRD is missing: install the "
+                                   "chart with crds.enabled=true, or run with --standalone") from None
+            raise
+
     # -- pods ------------------------------------------------------------------------------
     def list_pods(self, namespace: str) -> list[dict]:
         response = self.core.list_namespaced_pod(namespace, _preload_content=False)

@@ -131,7 +131,14 @@ def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
 
 @pytest.fixture(scope="session")
 def operator(kube: Kube, crd, tmp_path_factory) -> OperatorProcess:
-    kube.kubectl("apply", "-f", str(ROOT / "tests" / "cluster" / "manifests" / "operator-rbac.yaml"))
+    # The chart's own RBAC (one source), plus the development-only webhook management role.
+    from tests.chart.helm import CHART, helm
+
+    kube.kubectl("create", "namespace", "keyhole-system", check=False)
+    rbac = helm("template", "keyhole", str(CHART), "--namespace", "keyhole-system",
+                "--show-only", "templates/rbac.yaml").stdout
+    kube.apply(rbac)
+    kube.kubectl("apply", "-f", str(ROOT / "tests" / "cluster" / "manifests" / "manage-webhooks.yaml"))
     proc = start_operator(kube, tmp_path_factory.mktemp("operator"))
     yield proc
     proc.stop()

@@ -35,6 +35,15 @@ BINARIES = {  # binary name -> Go package
     "kubectl": "k8s.io/kubernetes/cmd/kubectl",
 }
 HELM_MODULE = HERE / "helm"  # its own go.mod: helm's dependencies never move the pins above
+HELM_VERSION = "3.19.5"
+HELM_LDFLAGS = " ".join([  # what helm's Makefile stamps: its version, and its default cluster
+    f"-X helm.sh/helm/v3/internal/version.version=v{HELM_VERSION}",
+    "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+    "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1",
+    f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={KUBERNETES_VERSION.split('.')[1]}",
+    "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1",
+    f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={KUBERNETES_VERSION.split('.')[1]}",
+])
 SERVICE_CIDR = "10.96.0.0/16"
 
 
@@ -53,7 +62,8 @@ def bin_dir() -> Path:
 
 
 def helm_binary() -> Path:
-    return cache_root() / f"helm-{pins_digest(HELM_MODULE)}" / "bin" / "helm"
+    stamp = hashlib.sha256(HELM_LDFLAGS.encode()).hexdigest()[:6]
+    return cache_root() / f"helm-{HELM_VERSION}-{pins_digest(HELM_MODULE)}{stamp}" / "bin" / "helm"
 
 
 def _go() -> str:
@@ -81,7 +91,7 @@ def build(log=print) -> Path:
     """Build etcd, kube-apiserver, kubectl and helm unless the cache has them.
     Returns the control plane's bin folder."""
     if not helm_binary().exists():
-        _go_build(HELM_MODULE, "helm.sh/helm/v3/cmd/helm", helm_binary(), "", log)
+        _go_build(HELM_MODULE, "helm.sh/helm/v3/cmd/helm", helm_binary(), HELM_LDFLAGS, log)
     target = bin_dir()
     missing = [name for name in BINARIES if not (target / name).exists()]
     if not missing:

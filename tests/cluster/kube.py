@@ -32,7 +32,7 @@ class Kube:
         args = ["apply", "-f", "-"] + (["-n", namespace] if namespace else [])
         return self.kubectl(*args, input=text, check=check, kubeconfig=kubeconfig)
 
-    def get(self, kind: str, name: str, namespace: str | None = None) -> dict:
+    def get(self, kind: str, name: str, namespace: str | None) -> dict:
         args = ["get", kind, name, "-o", "json"] + (["-n", namespace] if namespace else [])
         return json.loads(self.kubectl(*args).stdout)
 
