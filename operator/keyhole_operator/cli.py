@@ -64,7 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics here (e.g. 0.0.0.0:8000); off by default")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--reload", action="store_true",
+                   help="development: restart in place when the operator's source files change "
+                        "(skaffold dev syncs them into the container)")
     return p
+
+
+def _restart_on_change() -> None:
+    """Re-exec this process when a source file of the operator or sidecar spec changes."""
+    import threading
+    import time
+
+    import keyhole_operator
+    import sidecar
+
+    roots = [Path(keyhole_operator.__file__).parent, Path(sidecar.__file__).parent]
+
+    def stamp() -> list[tuple[str, int]]:
+        return sorted((str(p), p.stat().st_mtime_ns) for r in roots for p in r.rglob("*.py"))
+
+    def watch() -> None:
+        first = stamp()
+        while True:
+            time.sleep(1)
+            if stamp() != first:
+                logging.getLogger("keyhole.operator").warning("source changed: restarting")
+                os.execv(sys.executable,  # noqa: S606 - restarts this very program
+                         [sys.executable, "-m", "keyhole_operator.cli", *sys.argv[1:]])
+
+    threading.Thread(target=watch, daemon=True, name="reload").start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                                    memory_limit=args.sidecar_memory_limit,
                                    cpu_limit=args.sidecar_cpu_limit),
     )
+    if args.reload:
+        _restart_on_change()
     from keyhole_operator import handlers  # registers the handlers with kopf
 
     handlers.register_refresh(args.resync_seconds)

@@ -46,6 +46,7 @@ def test_the_next_steps_are_printed(installed):
     _, _, done = installed
     assert "kubectl get si" in done.stdout
     assert "keyhole.dev/openai=true" in done.stdout
+    assert "kubectl apply -f examples/openai.yaml" in done.stdout
 
 
 def test_the_webhooks_point_at_the_service(installed):

@@ -68,3 +68,24 @@ def test_the_schema_refuses_what_the_parser_refuses_where_a_schema_can():
                     "headers": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, as_json_schema(schema()))
+
+
+def test_the_example_agent_deployment_is_valid_and_tagged():
+    import kubernetes_validate
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "agent-deployment.yaml").read_text()) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.34.0", strict=True)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selectors = [d["spec"]["podSelector"]["matchLabels"] for _, d in fixtures()
+                 if d["metadata"]["name"] in ("openai", "github-api")]
+    assert all(labels.get(k) == v for selector in selectors for k, v in selector.items())
+
+
+def test_every_example_secret_holds_only_placeholders():
+    for path in ROOT.glob("examples/*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Secret":
+                for value in doc.get("stringData", {}).values():
+                    assert "REPLACE" in value or value == "x-access-token", (path, value)
