@@ -6,31 +6,14 @@ part of the kubelet keyhole depends on."""
 from __future__ import annotations
 
 import base64
-import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.cluster.kube import Kube
+from tests.support.kubelet_files import write_atomically
 
 _FIELD = re.compile(r"metadata\.annotations\['([^']+)'\]")
-
-
-def write_atomically(folder: Path, files: dict[str, bytes], mode: int = 0o444) -> None:
-    """The kubelet's AtomicWriter: new data in a fresh folder, then swap ``..data``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fresh = folder / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
-    fresh.mkdir()
-    for name, content in files.items():
-        (fresh / name).write_bytes(content)
-        (fresh / name).chmod(mode)
-    link = folder / "..data_tmp"
-    link.symlink_to(fresh.name)
-    os.replace(link, folder / "..data")
-    for name in files:
-        if not (folder / name).is_symlink():
-            (folder / name).symlink_to(f"..data/{name}")
 
 
 @dataclass

@@ -51,6 +51,11 @@ def secret(kube, namespace: str, name: str = "openai-credentials", **data) -> No
                  *[f"--from-literal={k}={v}" for k, v in data.items()])
 
 
+def events(kube, namespace: str) -> str:
+    """Every Event in the namespace, as JSON text to search."""
+    return kube.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+
+
 def conditions(kube, namespace: str, name: str) -> dict[str, dict]:
     status = kube.get("secretinjection", name, namespace).get("status") or {}
     return {c["type"]: c for c in status.get("conditions") or []}
@@ -193,8 +198,7 @@ def test_status_names_a_missing_secret_and_turns_ready_when_it_appears(kube, ope
                             what="SecretResolved")
     assert missing["status"] == "False"
     assert missing["message"] == "Secret 'openai-credentials' not found"
-    events = kube.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-    assert "Secret 'openai-credentials' not found" in events
+    assert "Secret 'openai-credentials' not found" in events(kube, namespace)
     secret(kube, namespace)
     kube.wait_for(lambda: conditions(kube, namespace, "openai")["Ready"]["status"] == "True",
                   what="Ready")
@@ -217,8 +221,7 @@ def test_an_agent_that_could_go_around_keyhole_is_reported(kube, operator, names
         what="AgentsOverPrivileged")
     message = flagged["AgentsOverPrivileged"]["message"]
     assert "risky: read Secrets, list Secrets" in message
-    events = kube.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-    assert "CanBypassKeyhole" in events
+    assert "CanBypassKeyhole" in events(kube, namespace)
 
 
 def test_no_secret_value_appears_in_any_object_the_operator_wrote(kube, operator, namespace):
@@ -271,8 +274,7 @@ def test_a_grant_needing_an_unmounted_secret_asks_for_a_restart(kube, operator, 
     assert routes_of(kube, namespace, "agent") == ["openai"]
     kube.wait_for(lambda: (kube.get("si", "github", namespace).get("status") or {}
                            ).get("restartRequired") == 1, what="restartRequired == 1")
-    events = kube.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-    assert "RestartRequired" in events
+    assert "RestartRequired" in events(kube, namespace)
 
 
 def test_editing_and_deleting_the_injection_follow_into_running_pods(kube, operator, namespace):

@@ -3,12 +3,12 @@ a broken edit is refused with a log line naming the problem, and the last good c
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from tests.integration.clients import curl
 from tests.support.config import API_TOKEN, INJECTIONS, SECRETS, injection, ref
+from tests.support.kubelet_files import write_atomically
 from tests.support.sidecar import write_injections
 
 
@@ -36,23 +36,9 @@ def test_a_changed_secret_is_used_by_the_next_requests(make_sidecar, upstream, m
                == "Bearer sk-rotated-NEWVALUE-000111")
 
 
-def kubernetes_secret_volume(root: Path, name: str, values: dict[str, str], version: int) -> None:
-    """Write a Secret the way the kubelet does: files in a timestamped folder, ``..data``
-    pointing at it, and each key a symlink through ``..data``; updates swap ``..data``."""
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    data_dir = folder / f"..2026_11_28_00_00_0{version}"
-    data_dir.mkdir()
-    for key, value in values.items():
-        (data_dir / key).write_text(value)
-    tmp_link = folder / "..data_tmp"
-    tmp_link.symlink_to(data_dir.name)
-    os.replace(tmp_link, folder / "..data")
-    for key in values:
-        if not (folder / key).is_symlink():
-            if (folder / key).exists():
-                (folder / key).unlink()
-            (folder / key).symlink_to(f"..data/{key}")
+def kubernetes_secret_volume(root: Path, name: str, values: dict[str, str]) -> None:
+    """Write a Secret the way the kubelet does (see tests/support/kubelet_files.py)."""
+    write_atomically(root / name, {key: value.encode() for key, value in values.items()})
 
 
 def test_a_kubernetes_style_secret_swap_is_followed(make_sidecar, upstream, marker):
@@ -60,9 +46,9 @@ def test_a_kubernetes_style_secret_swap_is_followed(make_sidecar, upstream, mark
     secret_dir = proc.secrets_dir / "api-credentials"
     (secret_dir / "token").unlink()
     secret_dir.rmdir()
-    kubernetes_secret_volume(proc.secrets_dir, "api-credentials", {"token": "sk-first-AAAA-1111"}, 1)
+    kubernetes_secret_volume(proc.secrets_dir, "api-credentials", {"token": "sk-first-AAAA-1111"})
     wait_until(lambda: sent_authorization(proc, upstream, marker) == "Bearer sk-first-AAAA-1111")
-    kubernetes_secret_volume(proc.secrets_dir, "api-credentials", {"token": "sk-second-BBBB-2222"}, 2)
+    kubernetes_secret_volume(proc.secrets_dir, "api-credentials", {"token": "sk-second-BBBB-2222"})
     wait_until(lambda: sent_authorization(proc, upstream, marker) == "Bearer sk-second-BBBB-2222")
 
 
