@@ -61,6 +61,30 @@ def bin_dir() -> Path:
     return cache_root() / f"k8s-{KUBERNETES_VERSION}-{pins_digest()}" / "bin"
 
 
+SKAFFOLD_MODULE = "github.com/GoogleContainerTools/skaffold/v2"
+SKAFFOLD_VERSION = "2.16.1"  # v2.17 is not served by the module proxy here
+
+
+def skaffold_binary() -> Path:
+    return cache_root() / f"skaffold-{SKAFFOLD_VERSION}" / "bin" / "skaffold"
+
+
+def build_skaffold(log=print) -> Path:
+    """skaffold from its own module, inside its own go.mod: its replace directives apply only
+    there (as a dependency of another module they would be ignored and the build breaks)."""
+    if skaffold_binary().exists():
+        return skaffold_binary()
+    env = {**os.environ, "GOFLAGS": "-mod=mod"}
+    listing = subprocess.run([_go(), "mod", "download", "-json",
+                              f"{SKAFFOLD_MODULE}@v{SKAFFOLD_VERSION}"], capture_output=True,
+                             text=True, check=True, env=env, cwd=cache_root().parent)
+    source = Path(json.loads(listing.stdout)["Dir"])
+    stamp = f"-X {SKAFFOLD_MODULE}/pkg/skaffold/version.version=v{SKAFFOLD_VERSION}"
+    _go_build(source, "./cmd/skaffold", skaffold_binary(), stamp, log,
+              env={**os.environ, "GOFLAGS": "-mod=readonly", "CGO_ENABLED": "0"})
+    return skaffold_binary()
+
+
 def helm_binary() -> Path:
     stamp = hashlib.sha256(HELM_LDFLAGS.encode()).hexdigest()[:6]
     return cache_root() / f"helm-{HELM_VERSION}-{pins_digest(HELM_MODULE)}{stamp}" / "bin" / "helm"
@@ -74,10 +98,11 @@ def _go() -> str:
     return found
 
 
-def _go_build(module: Path, package: str, output: Path, ldflags: str, log) -> None:
+def _go_build(module: Path, package: str, output: Path, ldflags: str, log,
+              env: dict | None = None) -> None:
     # GOTOOLCHAIN stays as the machine has it (auto): an older Go fetches the version go.mod
     # names from the Go module proxy.
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
+    env = env or {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
     output.parent.mkdir(parents=True, exist_ok=True)
     log(f"building {output.name} from {package} (first run only; cached in {output.parent})")
     started = time.monotonic()
