@@ -15,6 +15,7 @@ from sidecar.admin import admin_app
 from sidecar.audit import AuditLog
 from sidecar.certs import CAError, CertificateAuthority, LeafCache, ca_fingerprint
 from sidecar.config import LiveConfig, Sources
+from sidecar.egress import Egress, EgressPolicy
 from sidecar.metrics import Metrics
 from sidecar.proxy.context import ProxyContext, ProxySettings
 from sidecar.proxy.frontdoor import FrontDoor
@@ -44,6 +45,8 @@ class Options:
     reload_interval: float = 1.0
     header_timeout: float = 15.0
     idle_timeout: float = 120.0
+    egress: Egress = Egress.PRIVATE
+    upstream_timeout: float = 300.0
 
 
 async def watch_ca(ca_dir: Path, leaves: LeafCache, metrics: Metrics, interval: float) -> None:
@@ -72,8 +75,21 @@ class StartupError(RuntimeError):
     """Cannot start; the message says what to fix."""
 
 
+def raise_file_limit() -> None:
+    """Every client connection and tunnel is a file descriptor: use all the hard limit allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def run(options: Options, *, ready: asyncio.Event | None = None,
               stop: asyncio.Event | None = None) -> None:
+    raise_file_limit()
     metrics = Metrics()
     config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key),
                         metrics)
@@ -89,11 +105,12 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         upstream_tls = upstream_tls_context(options.upstream_ca)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    resolver = OverridingResolver(options.resolve)
+    resolver = OverridingResolver(options.resolve, EgressPolicy(options.egress))
     session = make_session(resolver, upstream_tls)
     settings = ProxySettings(unmatched=options.unmatched,  # type: ignore[arg-type]
                              header_timeout=options.header_timeout,
-                             idle_timeout=options.idle_timeout)
+                             idle_timeout=options.idle_timeout,
+                             upstream_timeout=options.upstream_timeout)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, session=session, metrics=metrics, audit=AuditLog())
     server_kwargs = dict(

@@ -13,6 +13,7 @@ from sidecar import __version__
 from sidecar.app import Options, StartupError, run
 from sidecar.certs import CAError, CertificateAuthority
 from sidecar.config import Sources, load_route_table
+from sidecar.egress import Egress
 from sidecar.spec import SpecError
 from sidecar.upstream import ResolveOverride, upstream_tls_context
 
@@ -81,6 +82,11 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
         parser.add_argument("--unmatched", choices=("passthrough", "deny"),
                             default="passthrough", help="unrouted hosts: tunnel/forward them "
                                                         "untouched (default) or answer 403")
+        parser.add_argument("--egress", choices=[e.value for e in Egress], default="private",
+                            help="addresses the proxy may connect to: public only; public and "
+                                 "private ranges (default); or any. Loopback, link-local "
+                                 "(cloud metadata), multicast and reserved addresses are refused "
+                                 "unless 'any'; --resolve targets are always allowed")
         parser.add_argument("--resolve", type=_resolve, action="append", default=[],
                             metavar="HOST:PORT:ADDR", help="connect to ADDR for HOST:PORT "
                                                            "(repeatable, like curl)")
@@ -89,6 +95,9 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                                  "time (default 15)")
         parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
                             help="close keep-alive connections idle this long (default 120)")
+        parser.add_argument("--upstream-timeout", type=float, default=300.0, metavar="SECONDS",
+                            help="wait this long for an upstream's response headers, then 504 "
+                                 "(default 300; bodies may stream for longer)")
         parser.add_argument("--log-level", default="info",
                             choices=("debug", "info", "warning", "error"))
         parser.add_argument("--version", action="version", version=f"keyhole {__version__}")
@@ -140,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         listen=args.listen, admin_listen=args.admin_listen, unmatched=args.unmatched,
         resolve=args.resolve, upstream_ca=args.upstream_ca, signing_key=args.signing_key,
         header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+        egress=Egress(args.egress), upstream_timeout=args.upstream_timeout,
     )
     try:
         asyncio.run(run(options))

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
+from sidecar.egress import EgressPolicy
 from sidecar.spec import normalise_hostname, split_authority
 
 
@@ -39,23 +40,35 @@ class ResolveOverride:
 
 
 class OverridingResolver(AbstractResolver):
-    """The system resolver, except for names pinned with ``--resolve``."""
+    """The system resolver, except for names pinned with ``--resolve``; every address it hands
+    out has passed the egress policy, so callers connect only to what was checked."""
 
-    def __init__(self, overrides: list[ResolveOverride]):
+    def __init__(self, overrides: list[ResolveOverride], egress: EgressPolicy | None = None):
         self._overrides = {(o.host, o.port): o.address for o in overrides}
         self._system = ThreadedResolver()
+        self.egress = egress or EgressPolicy()
 
     def lookup_override(self, host: str, port: int) -> str | None:
         return self._overrides.get((normalise_hostname(host), port))
 
+    def check_literal(self, host: str, port: int) -> None:
+        """aiohttp connects to IP-literal hosts without asking the resolver: check them here."""
+        from sidecar.spec import is_ip_literal
+
+        if is_ip_literal(host) and self.lookup_override(host, port) is None:
+            self.egress.check(host, host.strip("[]"))
+
     async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+                      family: socket.AddressFamily = socket.AF_UNSPEC) -> list[ResolveResult]:
         address = self.lookup_override(host, port)
-        if address is None:
-            return await self._system.resolve(host, port, family)
-        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
-        return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0,
-                              flags=socket.AI_NUMERICHOST)]
+        if address is not None:  # the operator's explicit choice: not subject to the policy
+            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+            return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0,
+                                  flags=socket.AI_NUMERICHOST)]
+        results = await self._system.resolve(host.strip("[]"), port, family)
+        for result in results:
+            self.egress.check(host, result["host"])  # every answer, before any connect
+        return results
 
     async def close(self) -> None:
         await self._system.close()

@@ -27,6 +27,8 @@ class ProxySettings:
     """Seconds a new connection has to send a complete first request head."""
     idle_timeout: float = 120.0
     """Seconds a keep-alive connection may sit idle between requests."""
+    upstream_timeout: float = 300.0
+    """Seconds to wait for an upstream's response headers (bodies may stream for longer)."""
     tunnel_idle_timeout: float = 600.0
     """Seconds a blind tunnel may carry no bytes in either direction before it is closed."""
     max_line_size: int = 8190

@@ -19,9 +19,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.audit import AuditRecord
+from sidecar.egress import TargetRefused
 from sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
 from sidecar.proxy.context import ProxyContext
-from sidecar.proxy.errors import ProxyError, UpstreamFailed
+from sidecar.proxy.errors import Denied, ProxyError, UpstreamFailed
 from sidecar.redact import Redactor
 from sidecar.routes import Route
 
@@ -83,13 +84,21 @@ async def _client_body(request: web.BaseRequest, record: AuditRecord) -> AsyncIt
         yield chunk
 
 
-def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+def _cause(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in the chain (aiohttp wraps resolver errors)."""
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, kind):
-            return True
+            return exc
+        wrapped = getattr(exc, "os_error", None)
+        if isinstance(wrapped, kind):
+            return wrapped
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    return None
+
+
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    return _cause(exc, kind) is not None
 
 
 def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
@@ -99,6 +108,9 @@ def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
 
 def _upstream_failure(exc: BaseException, target: Target) -> ProxyError:
     where = f"{target.host}:{target.port}"
+    refused = _cause(exc, TargetRefused)
+    if refused is not None:
+        return Denied(refused.reason, str(refused))
     if _caused_by(exc, ContentEncodingError):
         return _refused_encoding(target, "unsupported")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -115,6 +127,9 @@ def _upstream_failure(exc: BaseException, target: Target) -> ProxyError:
         return UpstreamFailed("timeout", f"{where} did not answer in time", status=504)
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
         return UpstreamFailed("upstream_reset", f"{where} closed the connection before answering")
+    if isinstance(exc, aiohttp.InvalidURL):
+        return UpstreamFailed("bad_request", f"{target.host} is not a host name or address the "
+                              "proxy can connect to", status=400)
     if isinstance(exc, aiohttp.ClientResponseError):
         return UpstreamFailed("bad_response", f"{where} sent a malformed response")
     return UpstreamFailed("upstream_error", f"talking to {where} failed ({type(exc).__name__})")
@@ -141,6 +156,10 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
                   record: AuditRecord) -> web.StreamResponse:
     """Send ``request`` to ``target`` and stream the answer; raise ProxyError before any byte
     of the answer was written, abort the connection after."""
+    try:
+        ctx.resolver.check_literal(target.host, target.port)
+    except TargetRefused as refused:
+        raise Denied(refused.reason, str(refused)) from None
     if target.routed and _is_websocket(request):
         return await _forward_websocket(ctx, request, target, record)
     headers = forwarded_headers(request.headers, target.routes)
@@ -162,10 +181,12 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
             request.method, target.url(), headers=headers, data=body, allow_redirects=False,
             auto_decompress=target.routed, compress=None, chunked=None,
         )
-        upstream = await upstream_cm.__aenter__()
+        upstream = await asyncio.wait_for(upstream_cm.__aenter__(),
+                                          ctx.settings.upstream_timeout)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         failure = _upstream_failure(exc, target)
-        ctx.metrics.upstream_errors.labels(failure.reason).inc()
+        if not isinstance(failure, Denied):
+            ctx.metrics.upstream_errors.labels(failure.reason).inc()
         raise failure from None
     try:
         ctx.metrics.upstream_duration.labels(label).observe(time.monotonic() - started)

@@ -10,6 +10,7 @@ Every routed decision passes through :func:`routed_target`, which applies the ru
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from urllib.parse import unquote_plus
@@ -20,12 +21,13 @@ from sidecar.audit import AuditRecord
 from sidecar.metrics import method_label
 from sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
 from sidecar.proxy.context import ProxyContext
-from sidecar.proxy.errors import BadRequest, Denied, ProxyError, error_response
+from sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed, error_response
 from sidecar.proxy.forward import Target, forward
 from sidecar.routes import Route
 from sidecar.spec import normalise_hostname, split_authority
 
 MAX_AUDIT_QUERY_KEYS = 20
+log = logging.getLogger("keyhole.proxy")
 
 
 def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_port: int,
@@ -65,6 +67,9 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
     label = "-"
     started = time.monotonic()
     try:
+        if (request.version.major, request.version.minor) not in ((1, 0), (1, 1)):
+            raise BadRequest("bad_request", f"HTTP/{request.version.major}.{request.version.minor}"
+                                            " is not supported; speak HTTP/1.1")
         target = decide()
         label = target.label
         record.injection = label if target.routed else None
@@ -77,6 +82,12 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
     except asyncio.CancelledError:
         record.reason = "client closed the connection"
         raise
+    except Exception as exc:  # a bug: answer cleanly, log the type only (a message may hold a URL)
+        log.error("unexpected %s while handling %s %s for %s", type(exc).__name__,
+                  request.method, record.mode, record.host or "-")
+        record.decision, record.reason, record.status = "error", "internal_error", 502
+        return error_response(UpstreamFailed("internal_error", "the proxy failed on this "
+                                             "request; see the sidecar log"))
     finally:
         m = ctx.metrics
         m.requests.labels(label, method_label(request.method), f"{record.status // 100}xx").inc()

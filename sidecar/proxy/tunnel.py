@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from sidecar.audit import AuditRecord
+from sidecar.egress import TargetRefused
 
 if TYPE_CHECKING:
     from sidecar.proxy.frontdoor import FrontDoor
@@ -135,14 +136,18 @@ async def open_blind_tunnel(door: FrontDoor, host: str, port: int) -> BlindTunne
     ctx = door.ctx
     record = AuditRecord(mode="tunnel", method="CONNECT", host=f"{host}:{port}",
                          decision="passthrough", reason="unrouted")
-    address = ctx.resolver.lookup_override(host, port) or host.strip("[]")
     loop = asyncio.get_running_loop()
     tunnel = BlindTunnel(door, record)
     try:
+        # Resolve once through the egress policy, then connect to exactly what was checked.
+        addresses = await asyncio.wait_for(ctx.resolver.resolve(host, port), CONNECT_TIMEOUT)
         transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: _UpstreamSide(tunnel), address, port),
+            loop.create_connection(lambda: _UpstreamSide(tunnel), addresses[0]["host"], port),
             CONNECT_TIMEOUT,
         )
+    except TargetRefused as refused:
+        door.refuse(403, "Forbidden", str(refused), refused.reason, f"{host}:{port}")
+        return None
     except (TimeoutError, OSError) as exc:
         reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
         ctx.metrics.upstream_errors.labels(reason).inc()
