@@ -27,12 +27,16 @@ from sidecar.routes import Route
 from sidecar.spec import normalise_hostname, split_authority
 
 MAX_AUDIT_QUERY_KEYS = 20
+ECHO_METHODS = frozenset({"TRACE", "TRACK"})
 log = logging.getLogger("keyhole.proxy")
 
 
 def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_port: int,
                   raw_path: str, raw_query: str) -> Target:
     """The target for a routed request, after every applicable injection's rules agreed."""
+    if method in ECHO_METHODS:
+        raise Denied("echo_method", f"{method} echoes the request back, credentials included; "
+                                    "keyhole never sends it to a routed host", status=405)
     try:
         path = normalise_path(raw_path or "/")
     except PathRejected as exc:

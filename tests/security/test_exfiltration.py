@@ -274,3 +274,119 @@ def test_the_proxy_port_refuses_a_non_loopback_listen_address(tmp_path):
         capture_output=True, text=True)
     assert done.returncode == 2
     assert "loopback" in done.stderr
+
+
+# -- more tricks ------------------------------------------------------------------------------
+
+def test_a_secret_split_across_two_sse_events_is_redacted(sidecar, upstream, marker):
+    """The upstream sends the first half of the value in one event, the rest in the next."""
+    reply = curl(sidecar, "-N", f"https://api.routed.test/reflect?split=14&m={marker}")
+    assert "[REDACTED]" in reply.body and API_TOKEN not in reply.body
+
+
+@pytest.mark.parametrize("location", ["http://api.routed.test/x", "https://api.routed.test:8443/x",
+                                      "https://unrouted.test/x", "//unrouted.test/x"])
+def test_redirects_to_other_schemes_ports_and_hosts_are_not_followed(sidecar, upstream, marker,
+                                                                     location):
+    reply = curl(sidecar, f"https://api.routed.test/redirect?to={location}&m={marker}")
+    assert reply.status == 302
+    assert dict(reply.headers)["Location"] == location
+    assert len(upstream.find(marker)) == 1
+
+
+def test_a_redirect_the_client_follows_is_judged_on_its_own(sidecar, upstream, marker):
+    curl(sidecar, "-L", f"https://api.routed.test/redirect?to=https://unrouted.test/{marker}-next"
+                        f"&m={marker}")
+    followed = [r for r in upstream.received if r.path.startswith(f"/{marker}-next")]
+    assert len(followed) == 1
+    assert followed[0].header("Authorization") == []
+
+
+def test_userinfo_naming_a_routed_host_does_not_route(sidecar, plain_upstream, marker):
+    """http://api.routed.test@plain.unrouted.test/ goes to plain.unrouted.test, untouched."""
+    answer = exchange(sidecar.proxy_port, (
+        f"GET http://api.routed.test@plain.unrouted.test:{plain_upstream.port}/{marker} HTTP/1.1\r\n"
+        "Host: x\r\nConnection: close\r\n\r\n").encode())
+    assert status_of(answer) == 400  # credentials in a request URL are refused outright
+    assert plain_upstream.find(marker) == []
+
+
+def test_userinfo_on_a_routed_host_is_refused(sidecar, upstream, marker):
+    answer = exchange(sidecar.proxy_port, (f"GET http://agent@api.routed.test/{marker} HTTP/1.1\r\n"
+                                           "Host: x\r\nConnection: close\r\n\r\n").encode())
+    assert status_of(answer) == 400
+    assert upstream.find(marker) == []
+
+
+@pytest.mark.parametrize("host", ["аpi.routed.test", "xn--pi-routed-7ld.test",
+                                  "api.routed.test.evil.test", "api-routed.test"])
+def test_look_alike_hosts_are_not_routed(sidecar, upstream, host):
+    """A Cyrillic 'а', its punycode, a suffix and a near miss: none gets the key (they are not
+    routed, and with nothing to resolve them the tunnel fails)."""
+    answer = exchange(sidecar.proxy_port, f"CONNECT {host}:443 HTTP/1.1\r\nHost: x\r\n\r\n"
+                      .encode())
+    assert status_of(answer) in (400, 502)
+
+
+def test_explicit_default_ports_are_the_same_route(sidecar, upstream, marker):
+    curl(sidecar, f"https://api.routed.test:443/{marker}-a")
+    assert upstream.one(f"{marker}-a").header("Authorization") == [f"Bearer {API_TOKEN}"]
+    exchange(sidecar.proxy_port, (f"GET http://api.routed.test:80/{marker}-b HTTP/1.1\r\nHost: x"
+                                  "\r\nConnection: close\r\n\r\n").encode())
+    assert upstream.one(f"{marker}-b").header("Authorization") == [f"Bearer {API_TOKEN}"]
+
+
+@pytest.mark.parametrize("path", ["//api/x", "/%2Fapi/x", "/./../api%2f..%2f..%2fnosuch/x"])
+def test_base_url_paths_that_hide_the_name_find_no_injection(sidecar, upstream, marker, path):
+    reply = curl(sidecar, "--path-as-is", f"{sidecar.url}{path}?m={marker}")
+    assert reply.status == 404
+    assert upstream.find(marker) == []
+
+
+@pytest.mark.parametrize("method", ["TRACE", "TRACK"])
+def test_trace_to_a_routed_host_is_refused(sidecar, upstream, marker, method):
+    reply = curl(sidecar, "-X", method, f"https://api.routed.test/{marker}")
+    assert reply.status in (400, 405)  # TRACK is not even a method llhttp accepts
+    assert upstream.find(marker) == []
+
+
+def test_expect_continue_is_answered_only_after_the_rules_allow(sidecar, upstream, marker):
+    denied = curl(sidecar, "-H", "Expect: 100-continue", "--data-binary", "x" * 2000,
+                  f"https://rules.routed.test/v1/admin/{marker}-denied")
+    assert denied.status in (403, 405)
+    assert upstream.find(f"{marker}-denied") == []
+    allowed = curl(sidecar, "-H", "Expect: 100-continue", "--data-binary", "x" * 2000,
+                   f"https://api.routed.test/upload?m={marker}-allowed")
+    assert allowed.status == 200
+    assert upstream.one(f"{marker}-allowed").body_size == 2000
+
+
+def test_http_1_0_inside_a_tunnel_is_injected_and_closed(sidecar, upstream, marker):
+    answer = _tunnel_request(sidecar, "api.routed.test:443",
+                             f"GET /{marker} HTTP/1.0\r\nHost: api.routed.test\r\n\r\n".encode())
+    assert status_of(answer) == 200
+    assert upstream.one(marker).header("Authorization") == [f"Bearer {API_TOKEN}"]
+    assert API_TOKEN.encode() not in answer
+
+
+def test_pipelined_requests_in_a_tunnel_each_get_their_own_answer(sidecar, upstream, marker):
+    requests = b"".join(f"GET /{marker}-{i} HTTP/1.1\r\nHost: api.routed.test\r\n"
+                        f"Authorization: mine-{i}\r\n\r\n".encode() for i in range(3))
+    answer = _tunnel_request(sidecar, "api.routed.test:443",
+                             requests + b"GET /last HTTP/1.1\r\nHost: api.routed.test\r\n"
+                                        b"Connection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200") == 4
+    for i in range(3):
+        assert upstream.one(f"{marker}-{i}").header("Authorization") == [f"Bearer {API_TOKEN}"]
+    assert API_TOKEN.encode() not in answer
+
+
+def test_connection_close_mid_stream_leaves_the_proxy_serving(sidecar, upstream, marker):
+    import socket as sock_module
+
+    with open_tunnel(sidecar.proxy_port, "api.routed.test:443", str(sidecar.ca_cert)) as tls:
+        tls.sendall(f"GET /sse?n=20&delay=0.05&m={marker} HTTP/1.1\r\nHost: api.routed.test\r\n\r\n"
+                    .encode())
+        tls.recv(100)
+        tls.shutdown(sock_module.SHUT_RDWR)
+    assert curl(sidecar, f"https://api.routed.test/{marker}-after").status == 200
