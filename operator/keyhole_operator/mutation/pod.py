@@ -10,7 +10,13 @@ import copy
 import json
 from dataclasses import dataclass
 
-from keyhole_operator.annotations import INJECTIONS, SIDECAR_CONTAINER, STATUS
+from keyhole_operator.annotations import (
+    CA_SECRET,
+    INJECTIONS,
+    SIDECAR_CONTAINER,
+    SIGNING_KEY_SECRET,
+    STATUS,
+)
 from keyhole_operator.mutation import layout
 from keyhole_operator.mutation.env import PLACEHOLDER_VALUE, plan_env
 from keyhole_operator.mutation.sidecar_container import (
@@ -46,6 +52,17 @@ def _refusal(pod: dict, injections: list[Injection], settings: Settings) -> str 
         return ("keyhole will not inject a pod with shareProcessNamespace: true: the agent could "
                 "read the sidecar's memory and its mounted secrets through /proc. Remove "
                 f"shareProcessNamespace, {fix}.")
+    guarded = _volumes_reading(spec, {CA_SECRET, SIGNING_KEY_SECRET})
+    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or []),
+                      *(spec.get("ephemeralContainers") or [])]:
+        if container.get("name") == SIDECAR_CONTAINER:
+            continue
+        for mount in container.get("volumeMounts") or []:
+            if mount.get("name") in guarded:
+                return (f"container {container.get('name')!r} mounts keyhole's own Secret "
+                        f"{guarded[mount['name']]!r}: with it an agent could sign its own routes "
+                        "or impersonate any host. Remove that volume; only the keyhole sidecar "
+                        "mounts it.")
     ours = {settings.proxy_port, settings.admin_port}
     for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
         if container.get("name") == SIDECAR_CONTAINER:
@@ -57,6 +74,20 @@ def _refusal(pod: dict, injections: list[Injection], settings: Settings) -> str 
                         f"{settings.proxy_port}, admin {settings.admin_port}). Change the port, "
                         f"{fix}.")
     return None
+
+
+def _volumes_reading(spec: dict, secrets: set[str]) -> dict[str, str]:
+    """Volume name → the Secret it exposes, for volumes that expose one of ``secrets``.
+    Volumes keyhole added itself (``keyhole-…`` names it owns) are the sidecar's."""
+    found: dict[str, str] = {}
+    for volume in spec.get("volumes") or []:
+        sources = [volume.get("secret", {}).get("secretName")]
+        sources += [s.get("secret", {}).get("name")
+                    for s in (volume.get("projected") or {}).get("sources") or []]
+        for secret in sources:
+            if secret in secrets:
+                found[volume.get("name")] = secret
+    return found
 
 
 def _agent_env(injections: list[Injection], settings: Settings
