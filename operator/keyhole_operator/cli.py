@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"keyhole-operator: {exc}", file=sys.stderr)
             return 2
-    server = kopf.WebhookServer(addr=addr, port=port, host=host, certfile=str(cert),
+    from keyhole_operator.webhook_server import ReviewCheckingWebhookServer
+
+    server = ReviewCheckingWebhookServer(addr=addr, port=port, host=host, certfile=str(cert),
                                 pkeyfile=str(key), cafile=str(ca) if ca else None)
     runtime = handlers.Runtime(settings=settings, master_key=master_key, webhook_server=server,
                                manage_webhook_configurations=args.manage_webhook_configurations)

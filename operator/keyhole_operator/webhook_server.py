@@ -1,0 +1,47 @@
+"""kopf's webhook server, with the AdmissionReview's shape checked first.
+
+kopf answers a malformed review with a 500 from deep inside its resource lookup; this server
+answers 400 naming what is missing, before kopf sees the body.
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp.web
+import kopf
+
+REQUIRED = ("uid", "operation", "resource", "userInfo")
+
+
+def review_problem(body: object) -> str | None:
+    """What is wrong with an AdmissionReview body, or None when kopf can take it."""
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    request = body.get("request")
+    if not isinstance(request, dict):
+        return "no 'request' object"
+    missing = [k for k in REQUIRED if k not in request]
+    if missing:
+        return f"'request' lacks {', '.join(missing)}"
+    resource = request["resource"]
+    if not isinstance(resource, dict) or not {"group", "version", "resource"} <= resource.keys():
+        return "'request.resource' needs group, version and resource"
+    objects = [request.get("object"), request.get("oldObject")]
+    if not any(isinstance(o, dict) for o in objects):
+        return "'request.object' or 'request.oldObject' must be an object"
+    return None
+
+
+class ReviewCheckingWebhookServer(kopf.WebhookServer):
+    @staticmethod
+    async def _serve(fn, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            body = None
+        problem = review_problem(body)
+        if problem:
+            return aiohttp.web.json_response(
+                {"error": f"not an AdmissionReview: {problem}"}, status=400)
+        return await kopf.WebhookServer._serve(fn, request)
