@@ -52,21 +52,15 @@ def _refusal(pod: dict, injections: list[Injection], settings: Settings) -> str 
         return ("keyhole will not inject a pod with shareProcessNamespace: true: the agent could "
                 "read the sidecar's memory and its mounted secrets through /proc. Remove "
                 f"shareProcessNamespace, {fix}.")
-    guarded = _volumes_reading(spec, {CA_SECRET, SIGNING_KEY_SECRET})
-    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or []),
-                      *(spec.get("ephemeralContainers") or [])]:
-        if container.get("name") == SIDECAR_CONTAINER:
-            continue
+    guarded = _secret_volumes(spec, {CA_SECRET, SIGNING_KEY_SECRET})
+    ours = {settings.proxy_port, settings.admin_port}
+    for container in _agent_containers(spec, ephemeral=True):
         for mount in container.get("volumeMounts") or []:
             if mount.get("name") in guarded:
                 return (f"container {container.get('name')!r} mounts keyhole's own Secret "
                         f"{guarded[mount['name']]!r}: with it an agent could sign its own routes "
                         "or impersonate any host. Remove that volume; only the keyhole sidecar "
                         "mounts it.")
-    ours = {settings.proxy_port, settings.admin_port}
-    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
-        if container.get("name") == SIDECAR_CONTAINER:
-            continue
         for port in container.get("ports") or []:
             if port.get("containerPort") in ours:
                 return (f"container {container.get('name')!r} uses port "
@@ -76,17 +70,24 @@ def _refusal(pod: dict, injections: list[Injection], settings: Settings) -> str 
     return None
 
 
-def _volumes_reading(spec: dict, secrets: set[str]) -> dict[str, str]:
-    """Volume name → the Secret it exposes, for volumes that expose one of ``secrets``.
-    Volumes keyhole added itself (``keyhole-…`` names it owns) are the sidecar's."""
+def _agent_containers(spec: dict, *, ephemeral: bool = False) -> list[dict]:
+    """Every container but the keyhole sidecar: init and regular ones (and ephemeral ones
+    when asked; injection leaves those alone, refusals look at them too)."""
+    fields = ("initContainers", "containers") + (("ephemeralContainers",) if ephemeral else ())
+    return [c for field in fields for c in spec.get(field) or []
+            if c.get("name") != SIDECAR_CONTAINER]
+
+
+def _secret_volumes(spec: dict, secrets: set[str] | None = None) -> dict[str, str]:
+    """Volume name → the Secret it exposes (plain or projected), limited to ``secrets``."""
     found: dict[str, str] = {}
     for volume in spec.get("volumes") or []:
         sources = [volume.get("secret", {}).get("secretName")]
         sources += [s.get("secret", {}).get("name")
                     for s in (volume.get("projected") or {}).get("sources") or []]
         for secret in sources:
-            if secret in secrets:
-                found[volume.get("name")] = secret
+            if secret is not None and (secrets is None or secret in secrets):
+                found.setdefault(volume.get("name"), secret)
     return found
 
 
@@ -144,16 +145,9 @@ def _previous_status(pod: dict) -> dict:
 def _secret_mount_warnings(spec: dict, injections: list[Injection]) -> list[str]:
     """A non-sidecar container that mounts or reads a Secret an injection uses holds the key."""
     used = set(secret_keys(injections))
-    secret_volumes = {v.get("name"): v["secret"].get("secretName")
-                      for v in spec.get("volumes") or [] if "secret" in v}
-    for volume in spec.get("volumes") or []:
-        for source in (volume.get("projected") or {}).get("sources") or []:
-            if "secret" in source:
-                secret_volumes.setdefault(volume.get("name"), source["secret"].get("name"))
+    secret_volumes = _secret_volumes(spec)
     warnings = []
-    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
-        if container.get("name") == SIDECAR_CONTAINER:
-            continue
+    for container in _agent_containers(spec):
         exposed = {secret_volumes.get(m.get("name")) for m in container.get("volumeMounts") or []}
         exposed |= {(e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name")
                     for e in container.get("env") or []}
@@ -213,16 +207,13 @@ def mutate(pod: dict, injections: list[Injection], settings: Settings, key: byte
     agent_env, env_warnings = _agent_env(injections, settings)
     warnings += env_warnings
     trust_mount = {"name": layout.TRUST_VOLUME, "mountPath": layout.TRUST_DIR, "readOnly": True}
-    for field in ("initContainers", "containers"):
-        for container in spec.get(field) or []:
-            if container.get("name") == SIDECAR_CONTAINER:
-                continue
-            plan = plan_env(container, settings, agent_env)
-            container["env"] = plan.env
-            warnings += plan.warnings
-            mounts = container.setdefault("volumeMounts", [])
-            if not any(m.get("name") == layout.TRUST_VOLUME for m in mounts):
-                mounts.append(dict(trust_mount))
+    for container in _agent_containers(spec):
+        plan = plan_env(container, settings, agent_env)
+        container["env"] = plan.env
+        warnings += plan.warnings
+        mounts = container.setdefault("volumeMounts", [])
+        if not any(m.get("name") == layout.TRUST_VOLUME for m in mounts):
+            mounts.append(dict(trust_mount))
     warnings += _secret_mount_warnings(spec, injections)  # after env: replaced keys are gone
 
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
