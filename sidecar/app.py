@@ -16,6 +16,7 @@ from sidecar.audit import AuditLog
 from sidecar.certs import CAError, CertificateAuthority, LeafCache, ca_fingerprint
 from sidecar.config import LiveConfig, Sources
 from sidecar.egress import Egress, EgressPolicy
+from sidecar.httplog import protocol_logger
 from sidecar.metrics import Metrics
 from sidecar.proxy.context import ProxyContext, ProxySettings
 from sidecar.proxy.frontdoor import FrontDoor
@@ -114,6 +115,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, session=session, metrics=metrics, audit=AuditLog())
     server_kwargs = dict(
+        logger=protocol_logger(metrics.decisions.labels("denied", "malformed").inc),
         keepalive_timeout=settings.idle_timeout, max_line_size=settings.max_line_size,
         max_field_size=settings.max_field_size, max_headers=settings.max_headers,
         access_log=None, auto_decompress=False, lingering_time=2.0,

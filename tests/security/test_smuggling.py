@@ -81,3 +81,16 @@ def test_the_proxy_keeps_serving_after_every_attack(sidecar, upstream, marker):
 
     assert curl(sidecar, f"https://api.routed.test/{marker}").status == 200
     assert sidecar.process.poll() is None
+
+
+def test_attacks_cannot_flood_the_log(sidecar):
+    """Each malformed request is one line at most, without a traceback, rate-limited."""
+    before = len(sidecar.stderr().splitlines())
+    for _ in range(200):
+        exchange(sidecar.proxy_port, b"GET http://api.routed.test/ HTTP/1.1\r\nX: a\0b\r\n\r\n",
+                 timeout=2)
+    log = sidecar.stderr()
+    assert "Traceback" not in log
+    assert len(log.splitlines()) - before < 40
+    assert "refused a malformed or broken request" in log
+    assert sidecar.metric("keyhole_decisions_total", decision="denied", reason="malformed") >= 200
