@@ -1,0 +1,210 @@
+"""The processes a benchmark round runs: an nginx HTTPS upstream, and the proxies compared.
+
+Every server binds 127.0.0.1. The proxy under test is pinned to CPU 1 (`taskset -c 1`), the
+upstream and the load generator to CPU 0, so the proxy's cost is what is measured.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trustme
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "bench.routed.test"
+TOKEN = "sk-bench-0123456789abcdefABCDEF"  # noqa: S105 - a made-up benchmark value
+BODY_1K = "k" * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pinned(cpu: int, command: list[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *command] if shutil.which("taskset") else command
+
+
+def wait_for_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    extra: dict = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        """The process and its children (nginx and squid fork workers)."""
+        found = [self.popen.pid]
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text().split()
+                except OSError:
+                    continue
+                if int(stat[3]) in found:
+                    found.append(int(pid))
+        return found
+
+    def rss_mib(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            total += int(next(line.split()[1] for line in status.splitlines()
+                              if line.startswith("VmRSS")))
+        return total / 1024
+
+    def peak_rss_mib(self) -> float:
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("VmHWM"))) / 1024
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+def spawn(name: str, command: list[str], log: Path, *, quiet_stdout: bool = False) -> Process:
+    """Start ``command`` in its own session; its diagnostics go to ``log``."""
+    with open(log, "w") as out:
+        popen = subprocess.Popen(command, stdout=subprocess.DEVNULL if quiet_stdout else out,
+                                 stderr=out, start_new_session=True)
+    return Process(name, popen)
+
+
+@dataclass
+class Workspace:
+    root: Path
+    ca: trustme.CA = field(default_factory=trustme.CA)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root.parent, self.root):  # nginx workers run as an unprivileged user
+            folder.chmod(0o755)
+        self.ca.cert_pem.write_to_path(str(self.root / "upstream-ca.pem"))
+        cert = self.ca.issue_cert(HOST, "127.0.0.1")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.root / "upstream.pem"))
+        (self.root / "www").mkdir(exist_ok=True)
+        (self.root / "www" / "1k").write_text(BODY_1K)
+        with open(self.root / "www" / "big", "wb") as fh:
+            fh.truncate(1024 * 1024 * 1024)  # 1 GiB, sparse: the disk is not the bottleneck
+
+
+def nginx_upstream(ws: Workspace) -> Process:
+    """HTTPS on 127.0.0.1: /1k (1 KiB), /big (1 GiB), /upload (reads and discards a body)."""
+    port = free_port()
+    conf = ws.root / "nginx-upstream.conf"
+    conf.write_text(f"""
+daemon off; worker_processes 1; pid {ws.root}/nginx-upstream.pid; error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; sendfile on; keepalive_requests 1000000;
+  client_body_temp_path {ws.root}/nginx-body; proxy_temp_path {ws.root}/nginx-proxy;
+  fastcgi_temp_path {ws.root}/nginx-fcgi; uwsgi_temp_path {ws.root}/nginx-uwsgi;
+  scgi_temp_path {ws.root}/nginx-scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl; ssl_certificate {ws.root}/upstream.pem;
+    ssl_certificate_key {ws.root}/upstream.pem; root {ws.root}/www;
+    location = /1k {{ default_type text/plain; add_header X-Seen-Authorization $http_authorization; }}
+    location = /big {{ default_type application/octet-stream; }}
+    location = /upload {{ client_max_body_size 0; return 200 "ok"; }}  # reads and discards
+  }}
+}}
+""")
+    process = spawn("upstream", pinned(0, ["nginx", "-c", str(conf)]), ws.root / "nginx-upstream.log")
+    wait_for_port(port)
+    process.extra["port"] = port
+    return process
+
+
+def keyhole(ws: Workspace, upstream_port: int) -> Process:
+    """The real keyhole-sidecar, every security feature on."""
+    (ws.root / "secrets" / "bench").mkdir(parents=True, exist_ok=True)
+    (ws.root / "secrets" / "bench" / "token").write_text(TOKEN + "\n")
+    (ws.root / "injections.yaml").write_text(f"""
+apiVersion: keyhole.dev/v1alpha1
+kind: SecretInjection
+metadata: {{name: bench}}
+spec:
+  hosts: ["{HOST}:{upstream_port}"]
+  headers:
+    - name: Authorization
+      valueFrom: {{secretKeyRef: {{name: bench, key: token}}}}
+      format: "Bearer {{value}}"
+""")
+    port, admin = free_port(), free_port()
+    started = time.monotonic()
+    process = spawn("keyhole", pinned(1, [
+        sys.executable, "-m", "sidecar", "--injections", str(ws.root / "injections.yaml"),
+        "--secrets-dir", str(ws.root / "secrets"), "--ca-dir", str(ws.root / "keyhole-ca"),
+        "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+        "--resolve", f"{HOST}:{upstream_port}:127.0.0.1",
+        "--upstream-ca", str(ws.root / "upstream-ca.pem"), "--log-level", "warning",
+    ]), ws.root / "keyhole.log", quiet_stdout=True)  # the audit log: one line per request
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError((ws.root / "keyhole.log").read_text()) from None
+            time.sleep(0.01)
+    process.extra.update(port=port, admin=admin, ready_s=time.monotonic() - started)
+    return process
+
+
+def nginx_reverse(ws: Workspace, upstream_port: int) -> Process:
+    """nginx as a reverse proxy adding the header: the peer of keyhole's base-URL mode."""
+    port = free_port()
+    conf = ws.root / "nginx-reverse.conf"
+    conf.write_text(f"""
+daemon off; worker_processes 1; pid {ws.root}/nginx-reverse.pid; error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; client_body_temp_path {ws.root}/nr-body; proxy_temp_path {ws.root}/nr-proxy;
+  fastcgi_temp_path {ws.root}/nr-fcgi; uwsgi_temp_path {ws.root}/nr-uwsgi;
+  scgi_temp_path {ws.root}/nr-scgi;
+  upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location /bench/ {{
+      proxy_pass https://up/; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Host {HOST}; proxy_set_header Authorization "Bearer {TOKEN}";
+      proxy_ssl_verify on; proxy_ssl_trusted_certificate {ws.root}/upstream-ca.pem;
+      proxy_ssl_name {HOST}; proxy_ssl_server_name on; proxy_ssl_session_reuse on;
+      proxy_buffering off; proxy_request_buffering off; client_max_body_size 0;
+    }}
+  }}
+}}
+""")
+    process = spawn("nginx-reverse", pinned(1, ["nginx", "-c", str(conf)]), ws.root / "nr.log")
+    wait_for_port(port)
+    process.extra["port"] = port
+    return process

@@ -1,0 +1,221 @@
+"""keyhole's benchmark: one command, a results file, a table.
+
+    .venv/bin/python -m bench.run                  # every figure, 3 rounds
+    .venv/bin/python -m bench.run --figure a --rounds 1 --seconds 3   # one figure, quickly
+
+Peers (all on 127.0.0.1; proxies pinned to CPU 1, upstream and load generator to CPU 0):
+direct (the limit), keyhole (CONNECT + interception + injection), keyhole-base-url, and
+nginx-reverse (nginx adding the header; the peer of base-URL mode). Each figure is the median
+of the rounds, with the ratio to direct computed per round. Results: bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench import peers
+from bench.peers import HOST, TOKEN, Workspace
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def hey(url: str, *, seconds: float | None = None, requests: int | None = None,
+        connections: int = 16, proxy: int | None = None, keepalive: bool = True,
+        host: str | None = None) -> dict:
+    command = peers.pinned(0, ["hey", "-c", str(connections)])
+    command += ["-z", f"{seconds}s"] if seconds else ["-n", str(requests)]
+    if proxy:
+        command += ["-x", f"http://127.0.0.1:{proxy}"]  # a URL, whatever hey's help says
+    if not keepalive:
+        command.append("-disable-keepalive")
+    if host:
+        command += ["-host", host]
+    done = subprocess.run([*command, url], capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr[-400:]
+    statuses = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
+    if not statuses or any(code != "200" for code, _ in statuses):
+        raise RuntimeError(f"hey saw non-200 answers for {url}:\n{out[-800:]}")
+    pct = dict(re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out))
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": float(pct["50"]) * 1000, "p99_ms": float(pct["99"]) * 1000}
+
+
+class Peer:
+    def __init__(self, name: str, url: str, proxy: int | None = None, host: str | None = None,
+                 process: peers.Process | None = None):
+        self.name, self.url, self.proxy, self.host, self.process = name, url, proxy, host, process
+
+    def hey(self, path: str, **kwargs) -> dict:
+        return hey(self.url + path, proxy=self.proxy, host=self.host, **kwargs)
+
+    def curl(self, path: str, *extra: str) -> list[str]:
+        command = ["curl", "-sS", "-k", "-o", "/dev/null", *extra]
+        if self.proxy:
+            command += ["-x", f"http://127.0.0.1:{self.proxy}"]
+        if self.host:
+            command += ["--resolve", f"{HOST}:{self.url.split(':')[-1]}:127.0.0.1"]
+        return subprocess.run(peers.pinned(0, [*command, self.url + path]), capture_output=True,
+                              text=True, timeout=600, check=True).stdout.split()
+
+    def check_injects(self) -> None:
+        """A peer that does not really add the header is not measured."""
+        command = ["curl", "-sS", "-k", "-D", "-", "-o", "/dev/null"]
+        if self.proxy:
+            command += ["-x", f"http://127.0.0.1:{self.proxy}"]
+        if self.host:
+            command += ["-H", f"Host: {self.host}"]
+        headers = subprocess.run([*command, self.url + "/1k"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        seen = re.search(r"(?im)^x-seen-authorization: (.*?)\s*$", headers)
+        value = seen.group(1) if seen else ""
+        injected = value in (f"Bearer {TOKEN}", "[REDACTED]")
+        if self.name == "direct":
+            return
+        if not injected:
+            raise RuntimeError(f"{self.name} did not inject the header (upstream saw {value!r});"
+                               f" the answer was:\n{headers}")
+
+
+def start(ws: Workspace) -> tuple[peers.Process, dict[str, Peer]]:
+    upstream = peers.nginx_upstream(ws)
+    up = upstream.extra["port"]
+    keyhole = peers.keyhole(ws, up)
+    reverse = peers.nginx_reverse(ws, up)
+    table = {
+        "direct": Peer("direct", f"https://127.0.0.1:{up}", host=HOST),
+        "keyhole": Peer("keyhole", f"https://{HOST}:{up}", proxy=keyhole.extra["port"],
+                        process=keyhole),
+        "keyhole-base-url": Peer("keyhole-base-url", f"http://127.0.0.1:{keyhole.extra['port']}/bench",
+                                 process=keyhole),
+        "nginx-reverse": Peer("nginx-reverse", f"http://127.0.0.1:{reverse.extra['port']}/bench",
+                              process=reverse),
+    }
+    return upstream, table
+
+
+def sampled_peak_rss(process: peers.Process, work) -> tuple[object, float]:
+    """Run ``work()`` while sampling the process tree's RSS; return (result, peak MiB)."""
+    peak, done = [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.rss_mib())
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        thread.join()
+    return result, peak[0]
+
+
+def figures(table: dict[str, Peer], wanted: set[str], seconds: float, ws: Workspace) -> dict:
+    out: dict[str, dict] = {}
+    for name, peer in table.items():
+        row: dict[str, float] = {}
+        if "a" in wanted:
+            result, peak = (sampled_peak_rss(peer.process, lambda p=peer: p.hey("/1k", seconds=seconds))
+                            if peer.process else (peer.hey("/1k", seconds=seconds), None))
+            row["a_rps_keepalive"] = result["rps"]
+            if peak is not None:
+                row["d_rss_under_load_mib"] = round(peak, 1)
+        if "b" in wanted:
+            result = peer.hey("/1k", requests=2000, connections=1)
+            row["b_p50_ms"], row["b_p99_ms"] = result["p50_ms"], result["p99_ms"]
+        if "c" in wanted:
+            row["c_rps_new_connection"] = peer.hey("/1k", seconds=seconds, keepalive=False)["rps"]
+        if "e" in wanted and name in ("direct", "keyhole"):
+            speed, ttfb = peer.curl("/big", "-w", "%{speed_download} %{time_starttransfer}")
+            row["e_download_mb_s"] = round(float(speed) / 1e6, 1)
+            row["e_ttfb_ms"] = round(float(ttfb) * 1000, 2)
+            (speed,) = peer.curl("/upload", "-T", str(ws.root / "www" / "big"), "-X", "POST",
+                                 "-w", "%{speed_upload}")
+            row["e_upload_mb_s"] = round(float(speed) / 1e6, 1)
+            if peer.process:
+                row["e_peak_rss_mib"] = round(peer.process.peak_rss_mib(), 1)
+        out[name] = row
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
+    parser.add_argument("--figure", action="append", choices=list("abcde"),
+                        help="only these figures (repeatable); default all")
+    args = parser.parse_args()
+    wanted = set(args.figure or "abcde")
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="keyhole-bench-") as folder:
+        for number in range(args.rounds):
+            ws = Workspace(Path(folder) / f"round-{number}")
+            upstream, table = start(ws)
+            try:
+                for peer in table.values():
+                    peer.check_injects()
+                keyhole = table["keyhole"].process
+                idle = {"d_idle_rss_mib": round(keyhole.rss_mib(), 1),
+                        "d_ready_s": round(keyhole.extra["ready_s"], 3)}
+                measured = figures(table, wanted, args.seconds, ws)
+                measured["keyhole"].update(idle)
+                rounds.append(measured)
+            finally:
+                for process in {id(p.process): p.process for p in table.values() if p.process}.values():
+                    process.stop()
+                upstream.stop()
+            print(f"round {number + 1}/{args.rounds} done", flush=True)
+    summary = summarise(rounds)
+    RESULTS.mkdir(exist_ok=True)
+    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "platform": platform.platform()},
+              "rounds": rounds, "median": summary, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                          time.gmtime())}
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table_text(summary))
+
+
+RATIO_KEYS = ("a_rps_keepalive", "c_rps_new_connection", "e_download_mb_s", "e_upload_mb_s")
+
+
+def summarise(rounds: list[dict]) -> dict:
+    summary: dict[str, dict] = {}
+    for peer in rounds[0]:
+        keys = {k for r in rounds for k in r.get(peer, {})}
+        row = {k: statistics.median(r[peer][k] for r in rounds if k in r[peer]) for k in keys}
+        for key in RATIO_KEYS:
+            if key in row and all(key in r["direct"] for r in rounds):
+                row[f"{key}_x_direct"] = round(
+                    statistics.median(r[peer][key] / r["direct"][key] for r in rounds), 3)
+        if "b_p50_ms" in row and all("b_p50_ms" in r["direct"] for r in rounds):
+            row["b_added_p50_ms"] = round(statistics.median(
+                r[peer]["b_p50_ms"] - r["direct"]["b_p50_ms"] for r in rounds), 3)
+        summary[peer] = row
+    return summary
+
+
+def table_text(summary: dict) -> str:
+    columns = sorted({k for row in summary.values() for k in row})
+    lines = ["| peer | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for peer, row in summary.items():
+        lines.append(f"| {peer} | " + " | ".join(
+            f"{row[c]:.3g}" if c in row else "" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
