@@ -136,6 +136,15 @@ def check(argv: list[str]) -> int:
     return 0
 
 
+def _event_loop_runner():
+    """uvloop when installed (a faster event loop, same semantics), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check"]:
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         egress=Egress(args.egress), upstream_timeout=args.upstream_timeout,
     )
     try:
-        asyncio.run(run(options))
+        _event_loop_runner()(run(options))
     except StartupError as exc:
         print(f"keyhole-sidecar: {exc}", file=sys.stderr)
         return 2
