@@ -116,28 +116,35 @@ class Workspace:
             fh.truncate(1024 * 1024 * 1024)  # 1 GiB, sparse: the disk is not the bottleneck
 
 
-def nginx_upstream(ws: Workspace) -> Process:
-    """HTTPS on 127.0.0.1: /1k (1 KiB), /big (1 GiB), /upload (reads and discards a body)."""
-    port = free_port()
-    conf = ws.root / "nginx-upstream.conf"
+def nginx(ws: Workspace, name: str, servers: str, cpu: int) -> Process:
+    """One nginx (a single worker, files under the workspace) running ``servers``."""
+    state = ws.root / name
+    state.mkdir(exist_ok=True)
+    conf = ws.root / f"{name}.conf"
     conf.write_text(f"""
-daemon off; worker_processes 1; pid {ws.root}/nginx-upstream.pid; error_log stderr warn;
+daemon off; worker_processes 1; pid {state}/pid; error_log stderr warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off; sendfile on; keepalive_requests 1000000;
-  client_body_temp_path {ws.root}/nginx-body; proxy_temp_path {ws.root}/nginx-proxy;
-  fastcgi_temp_path {ws.root}/nginx-fcgi; uwsgi_temp_path {ws.root}/nginx-uwsgi;
-  scgi_temp_path {ws.root}/nginx-scgi;
+  client_body_temp_path {state}/body; proxy_temp_path {state}/proxy;
+  fastcgi_temp_path {state}/fcgi; uwsgi_temp_path {state}/uwsgi; scgi_temp_path {state}/scgi;
+{servers}
+}}
+""")
+    return spawn(name, pinned(cpu, ["nginx", "-c", str(conf)]), ws.root / f"{name}.log")
+
+
+def nginx_upstream(ws: Workspace) -> Process:
+    """HTTPS on 127.0.0.1: /1k (1 KiB), /big (1 GiB), /upload (reads and discards a body)."""
+    port = free_port()
+    process = nginx(ws, "nginx-upstream", f"""
   server {{
     listen 127.0.0.1:{port} ssl; ssl_certificate {ws.root}/upstream.pem;
     ssl_certificate_key {ws.root}/upstream.pem; root {ws.root}/www;
     location = /1k {{ default_type text/plain; add_header X-Seen-Authorization $http_authorization; }}
     location = /big {{ default_type application/octet-stream; }}
     location = /upload {{ client_max_body_size 0; return 200 "ok"; }}  # reads and discards
-  }}
-}}
-""")
-    process = spawn("upstream", pinned(0, ["nginx", "-c", str(conf)]), ws.root / "nginx-upstream.log")
+  }}""", cpu=0)
     wait_for_port(port)
     process.extra["port"] = port
     return process
@@ -183,14 +190,7 @@ spec:
 def nginx_reverse(ws: Workspace, upstream_port: int) -> Process:
     """nginx as a reverse proxy adding the header: the peer of keyhole's base-URL mode."""
     port = free_port()
-    conf = ws.root / "nginx-reverse.conf"
-    conf.write_text(f"""
-daemon off; worker_processes 1; pid {ws.root}/nginx-reverse.pid; error_log stderr warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off; client_body_temp_path {ws.root}/nr-body; proxy_temp_path {ws.root}/nr-proxy;
-  fastcgi_temp_path {ws.root}/nr-fcgi; uwsgi_temp_path {ws.root}/nr-uwsgi;
-  scgi_temp_path {ws.root}/nr-scgi;
+    process = nginx(ws, "nginx-reverse", f"""
   upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{port};
@@ -201,10 +201,7 @@ http {{
       proxy_ssl_name {HOST}; proxy_ssl_server_name on; proxy_ssl_session_reuse on;
       proxy_buffering off; proxy_request_buffering off; client_max_body_size 0;
     }}
-  }}
-}}
-""")
-    process = spawn("nginx-reverse", pinned(1, ["nginx", "-c", str(conf)]), ws.root / "nr.log")
+  }}""", cpu=1)
     wait_for_port(port)
     process.extra["port"] = port
     return process
