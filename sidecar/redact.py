@@ -12,6 +12,7 @@ they are sent, so the redactor holds back only a tail that could still begin a s
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
@@ -59,12 +60,17 @@ class Redactor:
         self.forms: tuple[bytes, ...] = tuple(sorted(set(forms), key=len, reverse=True))
         self.longest = len(self.forms[0]) if self.forms else 0
         self._first_bytes = frozenset(f[0] for f in self.forms)
+        # One C-level pass answers "is any form here?" (almost always no); only a match pays
+        # for the exact longest-first replacement below.
+        self._any = re.compile(b"|".join(re.escape(f) for f in self.forms)) if self.forms else None
 
     def __bool__(self) -> bool:
         return bool(self.forms)
 
     def redact(self, data: bytes) -> bytes:
         """Mask every complete occurrence (for headers and other whole values)."""
+        if self._any is None or not self._any.search(data):
+            return data
         for form in self.forms:
             if form in data:
                 data = data.replace(form, MASK)
