@@ -205,3 +205,100 @@ def nginx_reverse(ws: Workspace, upstream_port: int) -> Process:
     wait_for_port(port)
     process.extra["port"] = port
     return process
+
+
+def squid(ws: Workspace, upstream_port: int) -> Process:
+    """squid-openssl bumping every CONNECT and adding the header: what an ops team picks today."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    state = ws.root / "squid"
+    state.mkdir(exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "squid bench CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (state / "ca.pem").write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()))
+    (state / "hosts").write_text(f"127.0.0.1 {HOST}\n")
+    subprocess.run(["/usr/lib/squid/security_file_certgen", "-c", "-s", str(state / "ssl_db"),
+                    "-M", "4MB"], check=True, capture_output=True)
+    subprocess.run(["chown", "-R", "proxy:proxy", str(state)], check=True)
+    port = free_port()
+    conf = state / "squid.conf"
+    listen = (f"127.0.0.1:{port} ssl-bump generate-host-certificates=on "
+              f"dynamic_cert_mem_cache_size=4MB tls-cert={state}/ca.pem")
+    conf.write_text(f"""
+http_port {listen}
+sslcrtd_program /usr/lib/squid/security_file_certgen -s {state}/ssl_db -M 4MB
+sslcrtd_children 2
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump bump all
+tls_outgoing_options cafile={ws.root}/upstream-ca.pem
+request_header_add Authorization "Bearer {TOKEN}" all
+hosts_file {state}/hosts
+# Never send a packet off this machine: no DNS server but loopback, no ICMP pinger.
+dns_nameservers 127.0.0.1
+pinger_enable off
+http_access allow all
+cache deny all
+access_log stdio:{state}/access.log
+cache_log {state}/cache.log
+pid_filename {state}/squid.pid
+coredump_dir {state}
+shutdown_lifetime 1 seconds
+workers 1
+""")
+    process = spawn("squid", pinned(1, ["squid", "-N", "-f", str(conf)]), state / "stdout.log")
+    wait_for_port(port, timeout=30)
+    process.extra["port"] = port
+    return process
+
+
+MITM_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole" / "mitmproxy-venv"
+MITM_VERSION = "11.0.2"  # the newest that runs on Python 3.11
+
+
+def ensure_mitmproxy() -> None:
+    if (MITM_VENV / "bin" / "mitmdump").exists():
+        return
+    subprocess.run([sys.executable, "-m", "venv", str(MITM_VENV)], check=True)
+    subprocess.run([str(MITM_VENV / "bin" / "pip"), "install", "-q", f"mitmproxy=={MITM_VERSION}"],
+                   check=True)
+
+
+def mitmproxy(ws: Workspace, upstream_port: int) -> Process:
+    """mitmproxy (in a venv of its own: it pins older cryptography) with a header addon."""
+    ensure_mitmproxy()
+    addon = ws.root / "mitm_addon.py"
+    addon.write_text(f'''
+class AddHeader:
+    def request(self, flow):
+        if flow.request.pretty_host == "{HOST}":
+            flow.request.headers["Authorization"] = "Bearer {TOKEN}"
+            flow.request.host = "127.0.0.1"  # bench.routed.test has no DNS; the Host header stays
+
+
+addons = [AddHeader()]
+''')
+    port = free_port()
+    process = spawn("mitmproxy", pinned(1, [
+        str(MITM_VENV / "bin" / "mitmdump"), "--listen-host", "127.0.0.1", "-p", str(port),
+        "-q", "-s", str(addon), "--set", f"confdir={ws.root}/mitm",
+        "--set", "connection_strategy=lazy",
+        "--set", f"ssl_verify_upstream_trusted_ca={ws.root}/upstream-ca.pem",
+    ]), ws.root / "mitmproxy.log")
+    wait_for_port(port, timeout=30)
+    process.extra["port"] = port
+    return process

@@ -86,7 +86,7 @@ class Peer:
                                f" the answer was:\n{headers}")
 
 
-def start(ws: Workspace) -> tuple[peers.Process, dict[str, Peer]]:
+def start(ws: Workspace, others: list[str]) -> tuple[peers.Process, dict[str, Peer]]:
     upstream = peers.nginx_upstream(ws)
     up = upstream.extra["port"]
     keyhole = peers.keyhole(ws, up)
@@ -100,6 +100,10 @@ def start(ws: Workspace) -> tuple[peers.Process, dict[str, Peer]]:
         "nginx-reverse": Peer("nginx-reverse", f"http://127.0.0.1:{reverse.extra['port']}/bench",
                               process=reverse),
     }
+    for name in others:  # CONNECT proxies that bump TLS and add the header, like keyhole
+        process = {"squid": peers.squid, "mitmproxy": peers.mitmproxy}[name](ws, up)
+        table[name] = Peer(name, f"https://{HOST}:{up}", proxy=process.extra["port"],
+                           process=process)
     return upstream, table
 
 
@@ -137,7 +141,7 @@ def figures(table: dict[str, Peer], wanted: set[str], seconds: float, ws: Worksp
             row["b_p50_ms"], row["b_p99_ms"] = result["p50_ms"], result["p99_ms"]
         if "c" in wanted:
             row["c_rps_new_connection"] = peer.hey("/1k", seconds=seconds, keepalive=False)["rps"]
-        if "e" in wanted and name in ("direct", "keyhole"):
+        if "e" in wanted and name in ("direct", "keyhole", "squid", "mitmproxy"):
             speed, ttfb = peer.curl("/big", "-w", "%{speed_download} %{time_starttransfer}")
             row["e_download_mb_s"] = round(float(speed) / 1e6, 1)
             row["e_ttfb_ms"] = round(float(ttfb) * 1000, 2)
@@ -157,13 +161,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
     parser.add_argument("--figure", action="append", choices=list("abcde"),
                         help="only these figures (repeatable); default all")
+    parser.add_argument("--peer", action="append", choices=["squid", "mitmproxy"],
+                        help="also measure these (repeatable); default: mitmproxy (squid still "
+                             "answers hey's Go client with 503s; see docs/performance.md)")
     args = parser.parse_args()
     wanted = set(args.figure or "abcde")
     rounds = []
     with tempfile.TemporaryDirectory(prefix="keyhole-bench-") as folder:
         for number in range(args.rounds):
             ws = Workspace(Path(folder) / f"round-{number}")
-            upstream, table = start(ws)
+            upstream, table = start(ws, args.peer or ["mitmproxy"])
             try:
                 for peer in table.values():
                     peer.check_injects()
