@@ -32,7 +32,7 @@ from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.mutation.layout import SIGNING_KEY_FILE
 from keyhole_operator.privileges import BYPASSES, access_review, service_account_user
 from keyhole_operator.routes import Injection, namespace_key
-from keyhole_operator.selectors import matching_injections, opted_out
+from keyhole_operator.selectors import injections_for_pod
 from keyhole_operator.settings import Settings
 from keyhole_operator.status import injection_status
 from keyhole_operator.trust import PREVIOUS_KEY, bundle_data, plan_ca
@@ -161,7 +161,7 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], inject
     pod = _plain(body)
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
     await _require_index(runtime, pod)
-    chosen = [] if opted_out(pod) else _selected(_injections(injection_index, namespace), pod)
+    chosen = injections_for_pod(_injections(injection_index, namespace), pod)
     if not chosen:
         metrics.admissions.labels("keyhole-inject", "skipped").inc()
         return
@@ -229,11 +229,6 @@ def _plain(body) -> dict:
 
     return copy.deepcopy(dict(body))
 
-
-def _selected(injections: list[Injection], pod: dict) -> list[Injection]:
-    by_spec = {i.spec: i for i in injections}
-    labels = (pod.get("metadata") or {}).get("labels")
-    return [by_spec[s] for s in matching_injections(by_spec, labels)]
 
 
 # -- reconciliation -----------------------------------------------------------------------------
@@ -333,8 +328,7 @@ def _reconcile(body, namespace: str, name: str, meta, status, patch: kopf.Patch,
     pods = cluster.list_pods(namespace)
     sync_pods(cluster, runtime, namespace, pods, injections)
 
-    selected = [p for p in pods if not opted_out(p) and matching_injections([injection.spec],
-                                                                            p["metadata"].get("labels"))]
+    selected = [p for p in pods if injections_for_pod([injection], p)]
     restart = [p for p in selected
                if name in plan_pod(p, injections, runtime.key(namespace)).restart_for]
     problems = _secret_problems(cluster, namespace, injection)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from keyhole_operator.annotations import INJECTIONS, RESTART_REQUIRED, STATUS
 from keyhole_operator.routes import Injection, signed_routes
-from keyhole_operator.selectors import matching_injections, opted_out
+from keyhole_operator.selectors import injections_for_pod
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def injected(pod: dict) -> dict | None:
 def plan_pod(pod: dict, injections: list[Injection], key: bytes) -> PodPlan:
     meta = pod.get("metadata") or {}
     annotations = meta.get("annotations") or {}
-    chosen = [] if opted_out(pod) else _matching(injections, meta.get("labels"))
+    chosen = injections_for_pod(injections, pod)
     status = injected(pod)
     mounted = set((status or {}).get("secrets") or [])
     granted = [i for i in chosen
@@ -53,7 +53,3 @@ def plan_pod(pod: dict, injections: list[Injection], key: bytes) -> PodPlan:
         changes[RESTART_REQUIRED] = wanted_restart
     return PodPlan(changes, tuple(i.name for i in granted), restart_for)
 
-
-def _matching(injections: list[Injection], labels) -> list[Injection]:
-    by_spec = {i.spec: i for i in injections}
-    return [by_spec[s] for s in matching_injections(by_spec, labels)]

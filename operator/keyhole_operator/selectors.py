@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from keyhole_operator.annotations import INJECT
-from sidecar.spec import SecretInjection
+from keyhole_operator.routes import Injection
 
 
 def selector_matches(selector: Mapping | None, labels: Mapping[str, str] | None) -> bool:
@@ -40,10 +40,13 @@ def selector_matches(selector: Mapping | None, labels: Mapping[str, str] | None)
     return True
 
 
-def matching_injections(injections: Iterable[SecretInjection],
-                        labels: Mapping[str, str] | None) -> list[SecretInjection]:
-    """The injections whose podSelector selects a pod with ``labels``, by name."""
-    return sorted((i for i in injections if selector_matches(i.pod_selector, labels)),
+def injections_for_pod(injections: Iterable[Injection], pod: Mapping) -> list[Injection]:
+    """The injections that apply to ``pod``: those whose podSelector selects its labels, none
+    when it opted out; sorted by name."""
+    if opted_out(pod):
+        return []
+    labels = (pod.get("metadata") or {}).get("labels")
+    return sorted((i for i in injections if selector_matches(i.spec.pod_selector, labels)),
                   key=lambda i: i.name)
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.routes import Injection
-from keyhole_operator.selectors import matching_injections, opted_out
+from keyhole_operator.selectors import injections_for_pod
 from keyhole_operator.settings import Settings
 from sidecar.spec import verify
 
@@ -49,20 +49,12 @@ def namespace_injections() -> list[Injection]:
 
 def admit(pod: dict, settings: Settings) -> dict:
     """What the webhook does, minus the AdmissionReview envelope."""
-    if opted_out(pod):
-        return {"pod": pod, "warnings": []}
-    chosen = matching_injections_for(pod)
+    chosen = injections_for_pod(namespace_injections(), pod)
     try:
         result = mutate(pod, chosen, settings, KEY)
     except Refused as refusal:
         return {"refused": str(refusal)}
     return {"pod": result.pod, "warnings": list(result.warnings)}
-
-
-def matching_injections_for(pod: dict) -> list[Injection]:
-    by_spec = {i.spec: i for i in namespace_injections()}
-    labels = (pod.get("metadata") or {}).get("labels")
-    return [by_spec[s] for s in matching_injections(by_spec, labels)]
 
 
 def golden_path(case: Path) -> Path:
