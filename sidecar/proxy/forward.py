@@ -211,9 +211,9 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
                 if tail:
                     record.bytes_out += len(tail)
                     await response.write(tail)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError):
             ctx.metrics.upstream_errors.labels("mid_body").inc()
-            record.reason = f"upstream broke off mid-body ({type(exc).__name__})"
+            record.reason = "upstream_mid_body"
             request.transport and request.transport.close()
             return response
         await response.write_eof()

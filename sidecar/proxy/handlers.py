@@ -84,7 +84,7 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
         record.decision, record.reason, record.status = error.decision, error.reason, error.status
         return error_response(error)
     except asyncio.CancelledError:
-        record.reason = "client closed the connection"
+        record.reason = "client_closed"
         raise
     except Exception as exc:  # a bug: answer cleanly, log the type only (a message may hold a URL)
         log.error("unexpected %s while handling %s %s for %s", type(exc).__name__,
@@ -95,8 +95,7 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
     finally:
         m = ctx.metrics
         m.requests.labels(label, method_label(request.method), f"{record.status // 100}xx").inc()
-        m.decisions.labels(record.decision, record.reason if record.decision != "injected"
-                           else "routed").inc()
+        m.decisions.labels(record.decision, record.reason).inc()  # reasons are short codes
         m.duration.labels(label).observe(time.monotonic() - started)
         m.bytes.labels(label, "upstream").inc(record.bytes_in)
         m.bytes.labels(label, "downstream").inc(record.bytes_out)

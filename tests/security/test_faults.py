@@ -108,6 +108,8 @@ def test_an_upstream_reset_mid_body_ends_the_response_and_nothing_else(faulty_si
                           env=faulty_sidecar.client_env(), capture_output=True, text=True)
     assert done.returncode != 0  # the client sees a truncated body, as it would without a proxy
     assert faulty_sidecar.metric("keyhole_upstream_errors_total", kind="mid_body") == 1
+    record = faulty_sidecar.wait_audit(lambda r: r["path"] == "/reset-mid-body")
+    assert record["reason"] == "upstream_mid_body"  # a short code, as metrics and docs promise
     assert curl(faulty_sidecar, url(faulty, "/ok")).status == 204
 
 
