@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
 from sidecar.egress import EgressPolicy
-from sidecar.spec import normalise_hostname, split_authority
+from sidecar.spec import is_ip_literal, normalise_hostname, split_authority
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +53,6 @@ class OverridingResolver(AbstractResolver):
 
     def check_literal(self, host: str, port: int) -> None:
         """aiohttp connects to IP-literal hosts without asking the resolver: check them here."""
-        from sidecar.spec import is_ip_literal
-
         if is_ip_literal(host) and self.lookup_override(host, port) is None:
             self.egress.check(host, host.strip("[]"))
 

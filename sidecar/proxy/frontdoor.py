@@ -105,6 +105,7 @@ class FrontDoor(asyncio.Protocol):
         self._relay: Relay | None = None
         self._tunnel = None
         self._closed = False
+        self._intercepted = False  # a TLS tunnel is up (counted in open_tunnels)
         self.request_seen = False
         self.transport: asyncio.Transport | None = None
 
@@ -288,7 +289,7 @@ class FrontDoor(asyncio.Protocol):
                                 decision="error", reason=reason))
 
     def _tls_closed(self, host: str, port: int) -> None:
-        if getattr(self, "_intercepted", False):
+        if self._intercepted:
             self.ctx.metrics.open_tunnels.labels("intercepted").dec()
             self._intercepted = False
             if not self.request_seen:
