@@ -134,8 +134,19 @@ http {{
     return spawn(name, pinned(cpu, ["nginx", "-c", str(conf)]), ws.root / f"{name}.log")
 
 
-def nginx_upstream(ws: Workspace) -> Process:
-    """HTTPS on 127.0.0.1: /1k (1 KiB), /big (1 GiB), /upload (reads and discards a body)."""
+def sse_source(ws: Workspace) -> Process:
+    """The timed event stream nginx serves at /events (see bench/sse.py)."""
+    port = free_port()
+    process = spawn("sse-source", pinned(0, [sys.executable, "-m", "bench.sse", "serve", str(port)]),
+                    ws.root / "sse-source.log")
+    wait_for_port(port)
+    process.extra["port"] = port
+    return process
+
+
+def nginx_upstream(ws: Workspace, sse_port: int) -> Process:
+    """HTTPS on 127.0.0.1: /1k (1 KiB), /big (1 GiB), /upload (reads and discards a body), and
+    /events (Server-Sent Events from ``sse_port``, unbuffered)."""
     port = free_port()
     process = nginx(ws, "nginx-upstream", f"""
   server {{
@@ -144,6 +155,7 @@ def nginx_upstream(ws: Workspace) -> Process:
     location = /1k {{ default_type text/plain; add_header X-Seen-Authorization $http_authorization; }}
     location = /big {{ default_type application/octet-stream; }}
     location = /upload {{ client_max_body_size 0; return 200 "ok"; }}  # reads and discards
+    location = /events {{ proxy_pass http://127.0.0.1:{sse_port}; proxy_buffering off; }}
   }}""", cpu=0)
     wait_for_port(port)
     process.extra["port"] = port
@@ -242,8 +254,8 @@ def squid(ws: Workspace, upstream_port: int) -> Process:
 http_port {listen}
 sslcrtd_program /usr/lib/squid/security_file_certgen -s {state}/ssl_db -M 4MB
 sslcrtd_children 2
-acl step1 at_step SslBump1
-ssl_bump peek step1
+# Bump at the CONNECT (client-first), not after peeking at the SNI: hey's Go client sends the
+# Host header, port and all, as its SNI, which squid then takes as the origin's name (a 503).
 ssl_bump bump all
 tls_outgoing_options cafile={ws.root}/upstream-ca.pem
 request_header_add Authorization "Bearer {TOKEN}" all

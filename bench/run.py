@@ -18,6 +18,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -67,6 +68,18 @@ class Peer:
         return subprocess.run(peers.pinned(0, [*command, self.url + path]), capture_output=True,
                               text=True, timeout=600, check=True).stdout.split()
 
+    def sse(self) -> dict:
+        command = [sys.executable, "-m", "bench.sse", "measure", self.url + "/events"]
+        if self.proxy:
+            command += ["--proxy", f"http://127.0.0.1:{self.proxy}"]
+        if self.host:
+            command += ["--host", self.host]
+        done = subprocess.run(peers.pinned(0, command), capture_output=True, text=True, timeout=120,
+                              cwd=peers.ROOT)
+        if done.returncode:
+            raise RuntimeError(f"{self.name}: the SSE client failed:\n{done.stderr[-800:]}")
+        return json.loads(done.stdout)
+
     def check_injects(self) -> None:
         """A peer that does not really add the header is not measured."""
         command = ["curl", "-sS", "-k", "-D", "-", "-o", "/dev/null"]
@@ -86,8 +99,9 @@ class Peer:
                                f" the answer was:\n{headers}")
 
 
-def start(ws: Workspace, others: list[str]) -> tuple[peers.Process, dict[str, Peer]]:
-    upstream = peers.nginx_upstream(ws)
+def start(ws: Workspace, others: list[str]) -> tuple[list[peers.Process], dict[str, Peer]]:
+    source = peers.sse_source(ws)
+    upstream = peers.nginx_upstream(ws, source.extra["port"])
     up = upstream.extra["port"]
     keyhole = peers.keyhole(ws, up)
     reverse = peers.nginx_reverse(ws, up)
@@ -104,7 +118,7 @@ def start(ws: Workspace, others: list[str]) -> tuple[peers.Process, dict[str, Pe
         process = {"squid": peers.squid, "mitmproxy": peers.mitmproxy}[name](ws, up)
         table[name] = Peer(name, f"https://{HOST}:{up}", proxy=process.extra["port"],
                            process=process)
-    return upstream, table
+    return [upstream, source], table
 
 
 def sampled_peak_rss(process: peers.Process, work) -> tuple[object, float]:
@@ -150,6 +164,10 @@ def figures(table: dict[str, Peer], wanted: set[str], seconds: float, ws: Worksp
             row["e_upload_mb_s"] = round(float(speed) / 1e6, 1)
             if peer.process:
                 row["e_peak_rss_mib"] = round(peer.process.peak_rss_mib(), 1)
+        if "f" in wanted:
+            result = peer.sse()
+            row["f_event_delay_ms"] = round(result["median_ms"], 3)
+            row["f_event_delay_p99_ms"] = round(result["p99_ms"], 3)
         out[name] = row
     return out
 
@@ -159,18 +177,17 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
-    parser.add_argument("--figure", action="append", choices=list("abcde"),
+    parser.add_argument("--figure", action="append", choices=list("abcdef"),
                         help="only these figures (repeatable); default all")
     parser.add_argument("--peer", action="append", choices=["squid", "mitmproxy"],
-                        help="also measure these (repeatable); default: mitmproxy (squid still "
-                             "answers hey's Go client with 503s; see docs/performance.md)")
+                        help="the CONNECT peers besides keyhole (repeatable); default both")
     args = parser.parse_args()
-    wanted = set(args.figure or "abcde")
+    wanted = set(args.figure or "abcdef")
     rounds = []
     with tempfile.TemporaryDirectory(prefix="keyhole-bench-") as folder:
         for number in range(args.rounds):
             ws = Workspace(Path(folder) / f"round-{number}")
-            upstream, table = start(ws, args.peer or ["mitmproxy"])
+            upstreams, table = start(ws, args.peer or ["mitmproxy", "squid"])
             try:
                 for peer in table.values():
                     peer.check_injects()
@@ -183,7 +200,8 @@ def main() -> None:
             finally:
                 for process in {id(p.process): p.process for p in table.values() if p.process}.values():
                     process.stop()
-                upstream.stop()
+                for process in upstreams:
+                    process.stop()
             print(f"round {number + 1}/{args.rounds} done", flush=True)
     summary = summarise(rounds)
     RESULTS.mkdir(exist_ok=True)
@@ -196,6 +214,7 @@ def main() -> None:
 
 
 RATIO_KEYS = ("a_rps_keepalive", "c_rps_new_connection", "e_download_mb_s", "e_upload_mb_s")
+ADDED_KEYS = ("b_p50_ms", "b_p99_ms", "f_event_delay_ms")
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -207,9 +226,10 @@ def summarise(rounds: list[dict]) -> dict:
             if key in row and all(key in r["direct"] for r in rounds):
                 row[f"{key}_x_direct"] = round(
                     statistics.median(r[peer][key] / r["direct"][key] for r in rounds), 3)
-        if "b_p50_ms" in row and all("b_p50_ms" in r["direct"] for r in rounds):
-            row["b_added_p50_ms"] = round(statistics.median(
-                r[peer]["b_p50_ms"] - r["direct"]["b_p50_ms"] for r in rounds), 3)
+        for key in ADDED_KEYS:
+            if key in row and all(key in r["direct"] for r in rounds):
+                row[f"{key}_added"] = round(statistics.median(
+                    r[peer][key] - r["direct"][key] for r in rounds), 3)
         summary[peer] = row
     return summary
 
