@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TextIO
 
 
@@ -34,10 +34,16 @@ class AuditLog:
         self._stream = stream or sys.stdout
 
     def write(self, record: AuditRecord) -> None:
-        line = asdict(record)
-        started = line.pop("started")
-        line["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) +
-                f".{int(time.time() * 1000) % 1000:03d}Z", **line}
+        now = time.time()
+        line = {  # built by hand: dataclasses.asdict deep-copies, on every request
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
+            "mode": record.mode, "method": record.method, "host": record.host,
+            "path": record.path, "query_keys": record.query_keys,
+            "injection": record.injection, "decision": record.decision,
+            "reason": record.reason, "status": record.status, "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "duration_ms": round((time.monotonic() - record.started) * 1000, 3),
+        }
         self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
         self._stream.flush()

@@ -55,3 +55,26 @@ class Metrics:
             self.reloads.labels(result)
         for kind in ("intercepted", "blind"):
             self.open_tunnels.labels(kind)
+        self._per_injection: dict[str, tuple] = {}
+        self._per_outcome: dict[tuple[str, ...], tuple] = {}
+
+    def request_done(self, injection: str, method: str, status: int, decision: str, reason: str,
+                     seconds: float, bytes_in: int, bytes_out: int) -> None:
+        """Account for one answered request. Label lookups are memoised (the label sets are
+        bounded, see the module docstring): prometheus-client's ``labels()`` locks and
+        validates on every call, which showed in the request path's profile."""
+        children = self._per_injection.get(injection)
+        if children is None:
+            children = self._per_injection[injection] = (
+                self.duration.labels(injection), self.bytes.labels(injection, "upstream"),
+                self.bytes.labels(injection, "downstream"))
+        outcome = (injection, method_label(method), f"{status // 100}xx", decision, reason)
+        counters = self._per_outcome.get(outcome)
+        if counters is None:
+            counters = self._per_outcome[outcome] = (
+                self.requests.labels(*outcome[:3]), self.decisions.labels(decision, reason))
+        counters[0].inc()
+        counters[1].inc()
+        children[0].observe(seconds)
+        children[1].inc(bytes_in)
+        children[2].inc(bytes_out)

@@ -63,6 +63,10 @@ class Redactor:
         # One C-level pass answers "is any form here?" (almost always no); only a match pays
         # for the exact longest-first replacement below.
         self._any = re.compile(b"|".join(re.escape(f) for f in self.forms)) if self.forms else None
+        # The same question for header values, asked of the text without encoding it first.
+        self._any_text = re.compile("|".join(
+            re.escape(f.decode("utf-8", "surrogateescape")) for f in self.forms
+        )) if self.forms else None
 
     def __bool__(self) -> bool:
         return bool(self.forms)
@@ -77,6 +81,8 @@ class Redactor:
         return data
 
     def redact_text(self, text: str) -> str:
+        if self._any_text is None or not self._any_text.search(text):
+            return text
         return self.redact(text.encode("utf-8", "surrogateescape")).decode(
             "utf-8", "surrogateescape"
         )

@@ -82,12 +82,16 @@ def _require_length(value: str, ref: SecretKeyRef) -> None:
                          "too short to be a credential or to redact reliably")
 
 
+MATCH_CACHE_SIZE = 4096
+
+
 class RouteTable:
     """All routes of one configuration, looked up by host or by injection name."""
 
     def __init__(self, routes: Iterable[Route]):
         self.routes: tuple[Route, ...] = tuple(routes)
         self._by_name = {r.name: r for r in self.routes}
+        self._matches: dict[tuple[str, int, bool], tuple[Route, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.routes)
@@ -97,10 +101,17 @@ class RouteTable:
 
     def match(self, host: str, port: int, *, plain_http: bool = False) -> tuple[Route, ...]:
         """Every route one of whose host entries covers ``host:port``."""
-        return tuple(
-            r for r in self.routes
-            if any(h.matches(host, port, plain_http=plain_http) for h in r.injection.hosts)
-        )
+        key = (host, port, plain_http)
+        found = self._matches.get(key)
+        if found is None:
+            found = tuple(
+                r for r in self.routes
+                if any(h.matches(host, port, plain_http=plain_http) for h in r.injection.hosts)
+            )
+            if len(self._matches) >= MATCH_CACHE_SIZE:  # agents choose the names: stay bounded
+                self._matches.clear()
+            self._matches[key] = found
+        return found
 
     def upstream_for(self, routes: tuple[Route, ...], host: str, port: int,
                      plain_http: bool = False) -> HostPattern:

@@ -28,6 +28,11 @@ from sidecar.routes import Route
 
 # Encodings the proxy can decode to redact; anything else from a routed host is refused.
 DECODABLE = ("gzip", "deflate", "br")
+# A body announced at most this long is read whole and answered with one write (with its
+# Content-Length) instead of being streamed in chunks: most API answers are this small, and
+# each write through TLS costs more than the bytes in it.
+WHOLE_BODY_LIMIT = 64 * 1024
+_NO_BODY_STATUSES = frozenset({204, 304})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version",
                            "sec-websocket-protocol", "sec-websocket-extensions"})
@@ -195,8 +200,11 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
             ctx.metrics.upstream_errors.labels("encoding").inc()
             raise _refused_encoding(target, encoding)
         redactor = target.redactor() if target.routed else None
+        headers = _response_headers(upstream, target, redactor)
+        if _small_identity_body(request, upstream, encoding):
+            return await _answer_whole(ctx, upstream, target, headers, redactor, record)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=_response_headers(upstream, target, redactor))
+                                      headers=headers)
         record.status = upstream.status
         await response.prepare(request)
         stream = redactor.stream() if redactor else None
@@ -220,6 +228,32 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
         return response
     finally:
         await upstream_cm.__aexit__(None, None, None)
+
+
+def _small_identity_body(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+                         encoding: str) -> bool:
+    length = upstream.content_length
+    return (length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity", "")
+            and request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES)
+
+
+async def _answer_whole(ctx: ProxyContext, upstream: aiohttp.ClientResponse, target: Target,
+                        headers: CIMultiDict[str], redactor: Redactor | None,
+                        record: AuditRecord) -> web.Response:
+    """Read a small body whole, redact it, answer in one write. Nothing has been sent to the
+    client yet, so an upstream failing mid-body becomes a clean 502 here."""
+    try:
+        body = await upstream.read()
+    except (TimeoutError, aiohttp.ClientError):
+        ctx.metrics.upstream_errors.labels("mid_body").inc()
+        raise UpstreamFailed("upstream_mid_body", f"{target.host}:{target.port} closed the "
+                             "connection before sending the whole response") from None
+    if redactor:
+        body = redactor.redact(body)
+    headers.popall("Content-Length", None)  # aiohttp writes the (redacted) body's own length
+    record.status, record.bytes_out = upstream.status, len(body)
+    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers,
+                        body=body)
 
 
 async def _forward_websocket(ctx: ProxyContext, request: web.BaseRequest, target: Target,

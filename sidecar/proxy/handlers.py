@@ -18,7 +18,6 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 
 from sidecar.audit import AuditRecord
-from sidecar.metrics import method_label
 from sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
 from sidecar.proxy.context import ProxyContext
 from sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed, error_response
@@ -93,12 +92,9 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
         return error_response(UpstreamFailed("internal_error", "the proxy failed on this "
                                              "request; see the sidecar log"))
     finally:
-        m = ctx.metrics
-        m.requests.labels(label, method_label(request.method), f"{record.status // 100}xx").inc()
-        m.decisions.labels(record.decision, record.reason).inc()  # reasons are short codes
-        m.duration.labels(label).observe(time.monotonic() - started)
-        m.bytes.labels(label, "upstream").inc(record.bytes_in)
-        m.bytes.labels(label, "downstream").inc(record.bytes_out)
+        ctx.metrics.request_done(label, request.method, record.status, record.decision,
+                                 record.reason, time.monotonic() - started, record.bytes_in,
+                                 record.bytes_out)  # reasons are short codes: bounded labels
         ctx.audit.write(record)
 
 

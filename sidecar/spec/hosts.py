@@ -25,6 +25,8 @@ def normalise_hostname(host: str) -> str:
 def is_ip_literal(host: str) -> bool:
     """True for IPv4/IPv6 literals (bracketed or not); these never match a name."""
     candidate = host.strip("[]")
+    if ":" not in candidate and not candidate.replace(".", "").isdigit():
+        return False  # a name: skip ipaddress's parser, which costs microseconds per request
     try:
         ipaddress.ip_address(candidate)
     except ValueError:

@@ -37,8 +37,12 @@ class FaultyUpstream:
         self.writers.append(writer)
         head = await reader.readuntil(b"\r\n\r\n")
         path = head.split(b" ", 2)[1]
-        if path.startswith(b"/reset-mid-body"):
+        if path.startswith(b"/reset-mid-body"):  # longer than the proxy reads whole: streamed
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+            await writer.drain()
+            writer.transport.abort()
+        elif path.startswith(b"/reset-small-body"):  # short enough to be read whole first
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b"x" * 1000)
             await writer.drain()
             writer.transport.abort()
         elif path.startswith(b"/stall"):
@@ -111,6 +115,16 @@ def test_an_upstream_reset_mid_body_ends_the_response_and_nothing_else(faulty_si
     record = faulty_sidecar.wait_audit(lambda r: r["path"] == "/reset-mid-body")
     assert record["reason"] == "upstream_mid_body"  # a short code, as metrics and docs promise
     assert curl(faulty_sidecar, url(faulty, "/ok")).status == 204
+
+
+def test_an_upstream_reset_inside_a_small_body_is_a_clean_502(faulty_sidecar, faulty):
+    """Small bodies are read whole before the answer starts, so the client gets a 502 naming
+    the failure rather than a truncated 200."""
+    reply = curl(faulty_sidecar, url(faulty, "/reset-small-body"))
+    assert reply.status == 502
+    assert "before sending the whole response" in reply.body
+    record = faulty_sidecar.wait_audit(lambda r: r["path"] == "/reset-small-body")
+    assert (record["reason"], record["status"]) == ("upstream_mid_body", 502)
 
 
 def test_an_upstream_that_never_answers_is_a_504(faulty_sidecar, faulty):

@@ -62,3 +62,11 @@ def test_the_url_encoded_form_of_a_secret_with_reserved_characters_is_masked():
     redactor = Redactor(secret_forms([secret]))
     for encoded in (quote(secret, safe=""), quote_plus(secret, safe="")):
         assert redactor.redact(f"?next={encoded}&x".encode()) == b"?next=" + MASK + b"&x"
+
+
+@pytest.mark.parametrize("around", ["", "x-", "caf\u00e9 ", "\udcff\udcfe"])  # last: undecodable bytes
+def test_header_text_is_masked_like_bytes_including_non_ascii_secrets(around):
+    redactor = Redactor(secret_forms(["p\u00e4ssw\u00f6rd-1234"]))
+    text = f"{around}p\u00e4ssw\u00f6rd-1234{around}"
+    assert redactor.redact_text(text) == f"{around}[REDACTED]{around}"
+    assert redactor.redact_text(around + "unrelated") == around + "unrelated"
