@@ -134,19 +134,19 @@ http {{
     return spawn(name, pinned(cpu, ["nginx", "-c", str(conf)]), ws.root / f"{name}.log")
 
 
-def sse_source(ws: Workspace) -> Process:
-    """The timed event stream nginx serves at /events (see bench/sse.py)."""
+def dynamic_source(ws: Workspace) -> Process:
+    """What nginx proxies to for /events and /upload (see bench/source.py)."""
     port = free_port()
-    process = spawn("sse-source", pinned(0, [sys.executable, "-m", "bench.sse", "serve", str(port)]),
-                    ws.root / "sse-source.log")
+    process = spawn("source", pinned(0, [sys.executable, "-m", "bench.source", "serve", str(port)]),
+                    ws.root / "source.log")
     wait_for_port(port)
     process.extra["port"] = port
     return process
 
 
-def nginx_upstream(ws: Workspace, sse_port: int) -> Process:
-    """HTTPS on 127.0.0.1: /1k (1 KiB), /big (1 GiB), /upload (reads and discards a body), and
-    /events (Server-Sent Events from ``sse_port``, unbuffered)."""
+def nginx_upstream(ws: Workspace, source_port: int) -> Process:
+    """HTTPS on 127.0.0.1: /1k (1 KiB), /big (1 GiB), and from ``source_port``, unbuffered:
+    /upload (reads a body whole, then answers) and /events (Server-Sent Events)."""
     port = free_port()
     process = nginx(ws, "nginx-upstream", f"""
   server {{
@@ -154,8 +154,10 @@ def nginx_upstream(ws: Workspace, sse_port: int) -> Process:
     ssl_certificate_key {ws.root}/upstream.pem; root {ws.root}/www;
     location = /1k {{ default_type text/plain; add_header X-Seen-Authorization $http_authorization; }}
     location = /big {{ default_type application/octet-stream; }}
-    location = /upload {{ client_max_body_size 0; return 200 "ok"; }}  # reads and discards
-    location = /events {{ proxy_pass http://127.0.0.1:{sse_port}; proxy_buffering off; }}
+    location ~ ^/(upload|events)$ {{
+      proxy_pass http://127.0.0.1:{source_port}; proxy_buffering off;
+      proxy_request_buffering off; client_max_body_size 0;
+    }}
   }}""", cpu=0)
     wait_for_port(port)
     process.extra["port"] = port

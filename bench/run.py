@@ -51,6 +51,10 @@ def hey(url: str, *, seconds: float | None = None, requests: int | None = None,
             "p50_ms": float(pct["50"]) * 1000, "p99_ms": float(pct["99"]) * 1000}
 
 
+class PeerFailed(RuntimeError):
+    """A peer broke a transfer that direct completes."""
+
+
 class Peer:
     def __init__(self, name: str, url: str, proxy: int | None = None, host: str | None = None,
                  process: peers.Process | None = None):
@@ -65,11 +69,14 @@ class Peer:
             command += ["-x", f"http://127.0.0.1:{self.proxy}"]
         if self.host:
             command += ["--resolve", f"{HOST}:{self.url.split(':')[-1]}:127.0.0.1"]
-        return subprocess.run(peers.pinned(0, [*command, self.url + path]), capture_output=True,
-                              text=True, timeout=600, check=True).stdout.split()
+        done = subprocess.run(peers.pinned(0, [*command, self.url + path]), capture_output=True,
+                              text=True, timeout=600)
+        if done.returncode:
+            raise PeerFailed(f"curl exit {done.returncode}: {done.stderr.strip()}")
+        return done.stdout.split()
 
     def sse(self) -> dict:
-        command = [sys.executable, "-m", "bench.sse", "measure", self.url + "/events"]
+        command = [sys.executable, "-m", "bench.source", "measure", self.url + "/events"]
         if self.proxy:
             command += ["--proxy", f"http://127.0.0.1:{self.proxy}"]
         if self.host:
@@ -100,7 +107,7 @@ class Peer:
 
 
 def start(ws: Workspace, others: list[str]) -> tuple[list[peers.Process], dict[str, Peer]]:
-    source = peers.sse_source(ws)
+    source = peers.dynamic_source(ws)
     upstream = peers.nginx_upstream(ws, source.extra["port"])
     up = upstream.extra["port"]
     keyhole = peers.keyhole(ws, up)
@@ -140,7 +147,10 @@ def sampled_peak_rss(process: peers.Process, work) -> tuple[object, float]:
     return result, peak[0]
 
 
-def figures(table: dict[str, Peer], wanted: set[str], seconds: float, ws: Workspace) -> dict:
+def figures(table: dict[str, Peer], wanted: set[str], seconds: float, ws: Workspace,
+            failed: list[str]) -> dict:
+    """One round of every wanted figure for every peer; a transfer a peer breaks is recorded
+    in ``failed`` (and reported) rather than ending the run."""
     out: dict[str, dict] = {}
     for name, peer in table.items():
         row: dict[str, float] = {}
@@ -156,12 +166,18 @@ def figures(table: dict[str, Peer], wanted: set[str], seconds: float, ws: Worksp
         if "c" in wanted:
             row["c_rps_new_connection"] = peer.hey("/1k", seconds=seconds, keepalive=False)["rps"]
         if "e" in wanted and name in ("direct", "keyhole", "squid", "mitmproxy"):
-            speed, ttfb = peer.curl("/big", "-w", "%{speed_download} %{time_starttransfer}")
-            row["e_download_mb_s"] = round(float(speed) / 1e6, 1)
-            row["e_ttfb_ms"] = round(float(ttfb) * 1000, 2)
-            (speed,) = peer.curl("/upload", "-T", str(ws.root / "www" / "big"), "-X", "POST",
-                                 "-w", "%{speed_upload}")
-            row["e_upload_mb_s"] = round(float(speed) / 1e6, 1)
+            try:
+                speed, ttfb = peer.curl("/big", "-w", "%{speed_download} %{time_starttransfer}")
+                row["e_download_mb_s"] = round(float(speed) / 1e6, 1)
+                row["e_ttfb_ms"] = round(float(ttfb) * 1000, 2)
+            except PeerFailed as exc:
+                failed.append(f"{name} (e) download: {exc}")
+            try:
+                (speed,) = peer.curl("/upload", "-T", str(ws.root / "www" / "big"), "-X", "POST",
+                                     "-w", "%{speed_upload}")
+                row["e_upload_mb_s"] = round(float(speed) / 1e6, 1)
+            except PeerFailed as exc:
+                failed.append(f"{name} (e) upload: {exc}")
             if peer.process:
                 row["e_peak_rss_mib"] = round(peer.process.peak_rss_mib(), 1)
         if "f" in wanted:
@@ -183,7 +199,7 @@ def main() -> None:
                         help="the CONNECT peers besides keyhole (repeatable); default both")
     args = parser.parse_args()
     wanted = set(args.figure or "abcdef")
-    rounds = []
+    rounds, failures = [], []
     with tempfile.TemporaryDirectory(prefix="keyhole-bench-") as folder:
         for number in range(args.rounds):
             ws = Workspace(Path(folder) / f"round-{number}")
@@ -194,7 +210,7 @@ def main() -> None:
                 keyhole = table["keyhole"].process
                 idle = {"d_idle_rss_mib": round(keyhole.rss_mib(), 1),
                         "d_ready_s": round(keyhole.extra["ready_s"], 3)}
-                measured = figures(table, wanted, args.seconds, ws)
+                measured = figures(table, wanted, args.seconds, ws, failures)
                 measured["keyhole"].update(idle)
                 rounds.append(measured)
             finally:
@@ -207,10 +223,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "platform": platform.platform()},
-              "rounds": rounds, "median": summary, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                          time.gmtime())}
+              "rounds": rounds, "median": summary, "failures": failures,
+              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table_text(summary))
+    for failure in failures:
+        print(f"failed: {failure}")
 
 
 RATIO_KEYS = ("a_rps_keepalive", "c_rps_new_connection", "e_download_mb_s", "e_upload_mb_s")

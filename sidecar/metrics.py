@@ -58,16 +58,24 @@ class Metrics:
         self._per_injection: dict[str, tuple] = {}
         self._per_outcome: dict[tuple[str, ...], tuple] = {}
 
+    def _injection_children(self, injection: str) -> tuple:
+        children = self._per_injection.get(injection)
+        if children is None:
+            children = self._per_injection[injection] = (
+                self.duration.labels(injection), self.bytes.labels(injection, "upstream"),
+                self.bytes.labels(injection, "downstream"),
+                self.upstream_duration.labels(injection))
+        return children
+
+    def upstream_answered(self, injection: str, seconds: float) -> None:
+        self._injection_children(injection)[3].observe(seconds)
+
     def request_done(self, injection: str, method: str, status: int, decision: str, reason: str,
                      seconds: float, bytes_in: int, bytes_out: int) -> None:
         """Account for one answered request. Label lookups are memoised (the label sets are
         bounded, see the module docstring): prometheus-client's ``labels()`` locks and
         validates on every call, which showed in the request path's profile."""
-        children = self._per_injection.get(injection)
-        if children is None:
-            children = self._per_injection[injection] = (
-                self.duration.labels(injection), self.bytes.labels(injection, "upstream"),
-                self.bytes.labels(injection, "downstream"))
+        children = self._injection_children(injection)
         outcome = (injection, method_label(method), f"{status // 100}xx", decision, reason)
         counters = self._per_outcome.get(outcome)
         if counters is None:

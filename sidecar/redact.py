@@ -18,6 +18,10 @@ from urllib.parse import quote, quote_plus
 
 MASK = b"[REDACTED]"
 MIN_FORM_LENGTH = 4  # shorter forms would shred ordinary text and protect nothing
+# Up to this size one regex pass is the fastest "is any form here?"; above it, a few substring
+# searches are (CPython's fast search skips ahead; the regex tries every alternative at every
+# byte: ~100 MB/s against ~700 MB/s for a body chunk, measured on 64 KiB).
+REGEX_PRECHECK_MAX = 2048
 
 
 def _base64_cores(value: bytes) -> set[bytes]:
@@ -63,6 +67,9 @@ class Redactor:
         # One C-level pass answers "is any form here?" (almost always no); only a match pays
         # for the exact longest-first replacement below.
         self._any = re.compile(b"|".join(re.escape(f) for f in self.forms)) if self.forms else None
+        # Every form contains one of these (a form holding another form, like "Bearer <v>" and
+        # "<v>", is found through the shorter one), so they answer the same question.
+        self._cores = tuple(f for f in self.forms if not any(o != f and o in f for o in self.forms))
         # The same question for header values, asked of the text without encoding it first.
         self._any_text = re.compile("|".join(
             re.escape(f.decode("utf-8", "surrogateescape")) for f in self.forms
@@ -73,7 +80,12 @@ class Redactor:
 
     def redact(self, data: bytes) -> bytes:
         """Mask every complete occurrence (for headers and other whole values)."""
-        if self._any is None or not self._any.search(data):
+        if self._any is None:
+            return data
+        if len(data) <= REGEX_PRECHECK_MAX:
+            if not self._any.search(data):
+                return data
+        elif not any(core in data for core in self._cores):
             return data
         for form in self.forms:
             if form in data:

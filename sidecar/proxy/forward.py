@@ -186,15 +186,15 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
             request.method, target.url(), headers=headers, data=body, allow_redirects=False,
             auto_decompress=target.routed, compress=None, chunked=None,
         )
-        upstream = await asyncio.wait_for(upstream_cm.__aenter__(),
-                                          ctx.settings.upstream_timeout)
+        async with asyncio.timeout(ctx.settings.upstream_timeout):  # no task, unlike wait_for
+            upstream = await upstream_cm.__aenter__()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         failure = _upstream_failure(exc, target)
         if not isinstance(failure, Denied):
             ctx.metrics.upstream_errors.labels(failure.reason).inc()
         raise failure from None
     try:
-        ctx.metrics.upstream_duration.labels(label).observe(time.monotonic() - started)
+        ctx.metrics.upstream_answered(label, time.monotonic() - started)
         encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
         if target.routed and encoding not in ("identity", "", *DECODABLE):
             ctx.metrics.upstream_errors.labels("encoding").inc()

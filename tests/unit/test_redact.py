@@ -3,7 +3,7 @@ import gzip
 
 import pytest
 
-from sidecar.redact import MASK, Redactor, secret_forms
+from sidecar.redact import MASK, REGEX_PRECHECK_MAX, Redactor, secret_forms
 
 SECRET = "sk-live-0123456789abcdefXYZ"
 
@@ -70,3 +70,13 @@ def test_header_text_is_masked_like_bytes_including_non_ascii_secrets(around):
     text = f"{around}p\u00e4ssw\u00f6rd-1234{around}"
     assert redactor.redact_text(text) == f"{around}[REDACTED]{around}"
     assert redactor.redact_text(around + "unrelated") == around + "unrelated"
+
+
+def test_large_chunks_are_checked_as_thoroughly_as_small_ones(redactor):
+    """Above REGEX_PRECHECK_MAX the pre-check searches a reduced set of forms: every form must
+    still be found, wherever it sits in the chunk."""
+    filler = b"x" * (REGEX_PRECHECK_MAX * 3)
+    for form in redactor.forms:
+        for at in (0, REGEX_PRECHECK_MAX, len(filler)):
+            chunk = filler[:at] + form + filler[at:]
+            assert form not in redactor.redact(chunk), form
