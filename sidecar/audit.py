@@ -21,6 +21,7 @@ class AuditRecord:
     path: str = ""
     query_keys: list[str] = field(default_factory=list)
     injection: str | None = None
+    source: str | None = None  # what served the credential: static, github_app, oauth2, aws_sigv4
     decision: str = "denied"  # injected | passthrough | denied | error
     reason: str = ""
     status: int = 0
@@ -40,7 +41,8 @@ class AuditLog:
             + f".{int(now * 1000) % 1000:03d}Z",
             "mode": record.mode, "method": record.method, "host": record.host,
             "path": record.path, "query_keys": record.query_keys,
-            "injection": record.injection, "decision": record.decision,
+            "injection": record.injection, "source": record.source,
+            "decision": record.decision,
             "reason": record.reason, "status": record.status, "bytes_in": record.bytes_in,
             "bytes_out": record.bytes_out,
             "duration_ms": round((time.monotonic() - record.started) * 1000, 3),

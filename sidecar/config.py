@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.credentials import CredentialRegistry
 from sidecar.metrics import Metrics
 from sidecar.routes import RouteTable, build_route_table
 from sidecar.secrets import SecretsDir
@@ -71,7 +72,8 @@ def load_injections(sources: Sources) -> list[SecretInjection]:
 def load_route_table(sources: Sources) -> RouteTable:
     """Everything a proxy needs from disk, or :class:`SpecError` naming every problem."""
     injections = load_injections(sources)
-    return build_route_table(injections, SecretsDir(sources.secrets_dir).read)
+    return build_route_table(injections, SecretsDir(sources.secrets_dir).read,
+                             CredentialRegistry().source)
 
 
 def _fingerprint(sources: Sources, injections: list[SecretInjection]) -> str:
@@ -106,6 +108,8 @@ class LiveConfig:
         self.last_error: str | None = None
         self._injections: list[SecretInjection] = []
         self._fingerprint: str | None = None
+        self.credentials = CredentialRegistry(on_minted=metrics.credential_minted,
+                                              on_failed=metrics.credential_failed)
 
     def current(self) -> RouteTable:
         assert self.table is not None, "load() first"
@@ -121,10 +125,13 @@ class LiveConfig:
         self._injections = injections
         fingerprint = _fingerprint(self.sources, injections)
         try:
-            table = build_route_table(injections, SecretsDir(self.sources.secrets_dir).read)
+            table = build_route_table(injections, SecretsDir(self.sources.secrets_dir).read,
+                                      self.credentials.source)
         except SpecError as exc:
             self._fingerprint = fingerprint
             return self._rejected(exc)
+        self.credentials.keep_only_used()  # tokens of unchanged sources are kept
+        self.metrics.follow_credentials(self.credentials.sources())
         self._fingerprint = fingerprint
         first = self.table is None
         self.table = table

@@ -32,7 +32,7 @@ def forwarded_headers(client: CIMultiDictProxy[str] | CIMultiDict[str],
         for token in value.split(",") if token.strip()
     }
     routes = tuple(routes)
-    injected = {name.lower() for r in routes for name, _ in r.headers}
+    injected = frozenset().union(*(r.header_names for r in routes))  # credential sources' too
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
         lower = name.lower()

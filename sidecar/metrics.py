@@ -4,12 +4,24 @@ config, every unrouted host shares the label ``-``, methods outside the standard
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 UNROUTED = "-"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT"})
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                     10, 30, 60, 120)
+
+
+class _ExpiringSource(Protocol):
+    injection: str
+    kind: str
+    mints_tokens: bool
+
+    def expires_in(self, now: float) -> float | None: ...
 
 
 def method_label(method: str) -> str:
@@ -49,6 +61,15 @@ class Metrics:
         self.config_timestamp = Gauge("keyhole_config_last_reload_success_timestamp_seconds",
                                       "When the configuration being served was loaded.",
                                       registry=r)
+        self.credential_mints = Counter("keyhole_credential_mints", "Tokens minted by credential "
+                                        "sources (githubApp, oauth2), by injection, source and "
+                                        "result: minted, or why minting failed.",
+                                        ["injection", "source", "result"], registry=r)
+        self.credential_expiry = Gauge("keyhole_credential_expiry_seconds", "Seconds until the "
+                                       "token a credential source serves expires (negative: "
+                                       "expired; 0 before the first mint).",
+                                       ["injection", "source"], registry=r)
+        self._expiry_labels: set[tuple[str, str]] = set()
         for decision in ("injected", "passthrough", "denied"):
             self.decisions.labels(decision, "-")
         for result in ("success", "error"):
@@ -69,6 +90,26 @@ class Metrics:
 
     def upstream_answered(self, injection: str, seconds: float) -> None:
         self._injection_children(injection)[3].observe(seconds)
+
+    def credential_minted(self, injection: str, source: str, _token: object) -> None:
+        self.credential_mints.labels(injection, source, "minted").inc()
+
+    def credential_failed(self, injection: str, source: str, error) -> None:
+        self.credential_mints.labels(injection, source, error.reason).inc()
+
+    def follow_credentials(self, sources: Iterable[_ExpiringSource]) -> None:
+        """Expose each live source's time to expiry; forget sources no longer configured."""
+        labels = set()
+        for source in sources:
+            if not source.mints_tokens:
+                continue  # AWS signs with long-lived keys: nothing expires
+            key = (source.injection, source.kind)
+            labels.add(key)
+            self.credential_expiry.labels(*key).set_function(
+                lambda s=source: s.expires_in(time.time()) or 0.0)
+        for stale in self._expiry_labels - labels:
+            self.credential_expiry.remove(*stale)
+        self._expiry_labels = labels
 
     def request_done(self, injection: str, method: str, status: int, decision: str, reason: str,
                      seconds: float, bytes_in: int, bytes_out: int) -> None:

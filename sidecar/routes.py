@@ -9,12 +9,26 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sidecar.redact import Redactor, secret_forms
 from sidecar.spec import HostPattern, Problem, SecretInjection, SecretKeyRef, SpecError
-from sidecar.spec.model import VALUE_PLACEHOLDER
+from sidecar.spec.model import VALUE_PLACEHOLDER, credential_refs
 
 MIN_SECRET_LENGTH = 8
+
+
+class LiveCredential(Protocol):
+    """What a route needs of a credential source (sidecar.credentials builds them)."""
+
+    kind: str
+    header_names: frozenset[str]
+
+    def redactor(self) -> Redactor: ...
+
+
+CredentialFactory = Callable[[SecretInjection, Callable[..., str]], LiveCredential]
+"""Builds (or finds again) the live source of an injection's credential."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,23 +39,48 @@ class Route:
     headers: tuple[tuple[str, str], ...] = field(repr=False)
     query: tuple[tuple[str, str], ...] = field(repr=False)
     redactor: Redactor = field(repr=False)
+    credential: LiveCredential | None = field(default=None, repr=False)
+    _combined: list = field(default_factory=lambda: [None, None], repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return self.injection.name
 
     @property
+    def source(self) -> str:
+        """What serves this route's credential, for the audit log."""
+        return self.credential.kind if self.credential else "static"
+
+    @property
     def header_names(self) -> frozenset[str]:
-        return frozenset(name.lower() for name, _ in self.headers)
+        names = frozenset(name.lower() for name, _ in self.headers)
+        return names | self.credential.header_names if self.credential else names
+
+    def live_redactor(self) -> Redactor:
+        """The static values' redactor, joined by the credential source's live tokens."""
+        if self.credential is None:
+            return self.redactor
+        minted = self.credential.redactor()
+        if self._combined[0] is not minted:  # rebuilt only when a token changed
+            self._combined[:] = [minted, Redactor((*self.redactor.forms, *minted.forms))]
+        return self._combined[1]
 
     @property
     def query_names(self) -> frozenset[str]:
         return frozenset(name for name, _ in self.query)
 
 
-def resolve_route(injection: SecretInjection, read: Callable[[SecretKeyRef], str]) -> Route:
+def resolve_route(injection: SecretInjection, read: Callable[..., str],
+                  credentials: CredentialFactory | None = None) -> Route:
     """Read the injection's secrets and build its route; raise ValueError naming what failed."""
-    values: dict[SecretKeyRef, str] = {ref: read(ref) for ref in injection.secret_refs()}
+    credential = None
+    if injection.credential is not None:
+        if credentials is None:
+            raise ValueError("this injection has a credential source, which needs the proxy")
+        credential = credentials(injection, read)
+    static_refs = [r for r in injection.secret_refs() if r not in credential_refs(
+        injection.credential)]
+    values: dict[SecretKeyRef, str] = {ref: read(ref) for ref in static_refs}
     secrets: list[str] = []
     headers: list[tuple[str, str]] = []
     for h in injection.headers:
@@ -73,7 +112,7 @@ def resolve_route(injection: SecretInjection, read: Callable[[SecretKeyRef], str
                              "need")
         secrets.append(value)
     return Route(injection=injection, headers=tuple(headers), query=tuple(query),
-                 redactor=Redactor(secret_forms(secrets)))
+                 redactor=Redactor(secret_forms(secrets)), credential=credential)
 
 
 def _require_length(value: str, ref: SecretKeyRef) -> None:
@@ -123,13 +162,13 @@ class RouteTable:
         raise LookupError(host)
 
 
-def build_route_table(injections: Iterable[SecretInjection],
-                      read: Callable[[SecretKeyRef], str]) -> RouteTable:
+def build_route_table(injections: Iterable[SecretInjection], read: Callable[..., str],
+                      credentials: CredentialFactory | None = None) -> RouteTable:
     """Resolve every injection; raise :class:`SpecError` naming each one that failed."""
     routes, problems = [], []
     for injection in injections:
         try:
-            routes.append(resolve_route(injection, read))
+            routes.append(resolve_route(injection, read, credentials))
         except ValueError as exc:  # SecretUnavailable is a ValueError
             problems.append(Problem(injection.name, "secrets", str(exc)))
     if problems:

@@ -15,14 +15,20 @@ class SecretUnavailable(ValueError):
     """A referenced Secret key cannot be used. The message names the file, never a value."""
 
 
-def clean_value(raw: bytes, where: str) -> str:
-    """Strip trailing CR/LF, require UTF-8 and no other control characters."""
+_MULTILINE_ALLOWED = frozenset("\n\r\t")
+
+
+def clean_value(raw: bytes, where: str, *, multiline: bool = False) -> str:
+    """Strip trailing CR/LF, require UTF-8 and no other control characters. ``multiline``
+    values (a PEM private key, which the proxy uses but never sends) may hold line breaks."""
     value = raw.rstrip(b"\r\n")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SecretUnavailable(f"{where}: not UTF-8 text (byte {exc.start})") from None
     for index, char in enumerate(text):
+        if multiline and char in _MULTILINE_ALLOWED:
+            continue
         if ord(char) < 0x20 or ord(char) == 0x7F:
             raise SecretUnavailable(
                 f"{where}: control character {ord(char):#04x} at position {index}; a secret used "
@@ -40,7 +46,7 @@ class SecretsDir:
     def path(self, ref: SecretKeyRef) -> Path:
         return self.root / ref.name / ref.key
 
-    def read(self, ref: SecretKeyRef) -> str:
+    def read(self, ref: SecretKeyRef, *, multiline: bool = False) -> str:
         """Return the cleaned value of ``ref`` or raise :class:`SecretUnavailable`."""
         path = self.path(ref)
         try:
@@ -59,4 +65,4 @@ class SecretsDir:
             raise SecretUnavailable(f"{path} is not readable by this process") from None
         except OSError as exc:
             raise SecretUnavailable(f"{path}: cannot read ({exc.strerror})") from None
-        return clean_value(raw, str(path))
+        return clean_value(raw, str(path), multiline=multiline)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.audit import AuditRecord
+from sidecar.credentials import CredentialError, CredentialSource, Outgoing
 from sidecar.egress import TargetRefused
 from sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
 from sidecar.proxy.context import ProxyContext
-from sidecar.proxy.errors import Denied, ProxyError, UpstreamFailed
+from sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed
 from sidecar.redact import Redactor
 from sidecar.routes import Route
 
@@ -32,6 +34,8 @@ DECODABLE = ("gzip", "deflate", "br")
 # Content-Length) instead of being streamed in chunks: most API answers are this small, and
 # each write through TLS costs more than the bytes in it.
 WHOLE_BODY_LIMIT = 64 * 1024
+# A body whose hash goes into a signature (SigV4, payload: signed) is read whole first.
+SIGNED_BODY_LIMIT = 16 * 1024 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version",
@@ -58,15 +62,19 @@ class Target:
         """Bounded metric label: the injection names, or '-' when unrouted."""
         return "+".join(sorted(r.name for r in self.routes)) or "-"
 
-    def url(self, scheme: str | None = None) -> URL:
+    def url(self, scheme: str | None = None, query: str | None = None) -> URL:
         return URL.build(scheme=scheme or self.scheme, host=self.host, port=self.port,
-                         path=self.path, query_string=forwarded_query(self.query, self.routes),
-                         encoded=True)
+                         path=self.path, encoded=True, query_string=(
+                             forwarded_query(self.query, self.routes) if query is None else query))
 
     def redactor(self) -> Redactor:
         if len(self.routes) == 1:
-            return self.routes[0].redactor
-        return Redactor(form for r in self.routes for form in r.redactor.forms)
+            return self.routes[0].live_redactor()
+        return Redactor(form for r in self.routes for form in r.live_redactor().forms)
+
+    @property
+    def credentials(self) -> list[CredentialSource]:
+        return [r.credential for r in self.routes if r.credential is not None]
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
@@ -178,12 +186,15 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = _client_body(request, record)
+    query = None
+    if target.credentials:
+        body, query = await _authorize(ctx, request, target, headers, body)
 
     label = target.label
     started = time.monotonic()
     try:
         upstream_cm = ctx.session.request(
-            request.method, target.url(), headers=headers, data=body, allow_redirects=False,
+            request.method, target.url(query=query), headers=headers, data=body, allow_redirects=False,
             auto_decompress=target.routed, compress=None, chunked=None,
         )
         async with asyncio.timeout(ctx.settings.upstream_timeout):  # no task, unlike wait_for
@@ -230,6 +241,39 @@ async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
         await upstream_cm.__aexit__(None, None, None)
 
 
+async def _authorize(ctx: ProxyContext, request: web.BaseRequest, target: Target,
+                     headers: CIMultiDict[str], body: AsyncIterator[bytes] | None,
+                     ) -> tuple[AsyncIterator[bytes] | bytes | None, str]:
+    """Let each credential source set its credential (minting, or signing the request).
+    Returns the body to send (read whole when a signature covers it) and the final query."""
+    out = Outgoing(request.method, target.host, target.port, target.path,
+                   forwarded_query(target.query, target.routes), headers, request.headers)
+    sources = target.credentials
+    if any(source.hashes_payload for source in sources):
+        whole = b""
+        if body is not None:
+            parts, size = [], 0
+            async for chunk in body:
+                size += len(chunk)
+                if size > SIGNED_BODY_LIMIT:
+                    raise BadRequest("body_too_large", f"a body over {SIGNED_BODY_LIMIT >> 20} "
+                                     "MiB cannot be hashed for its signature; for services that "
+                                     "accept it (S3), set spec.awsSigV4.payload: unsigned",
+                                     status=413)
+                parts.append(chunk)
+            whole = b"".join(parts)
+        out.payload_hash, body = hashlib.sha256(whole).hexdigest(), whole
+    try:
+        for source in sources:
+            await source.authorize(out, ctx.session)
+    except CredentialError as error:
+        message = f"injection {target.label!r}: {error.message}"
+        if error.reason == "unsupported":  # the client's request, not the credential
+            raise BadRequest("credential_unsupported", message) from None
+        raise UpstreamFailed("credential", message) from None
+    return body, out.query
+
+
 def _small_identity_body(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
                          encoding: str) -> bool:
     length = upstream.content_length
@@ -262,11 +306,14 @@ async def _forward_websocket(ctx: ProxyContext, request: web.BaseRequest, target
     headers = forwarded_headers(request.headers, target.routes, keep_upgrade=True)
     for name in _WS_HANDSHAKE:
         headers.popall(name, None)
+    query = None
+    if target.credentials:
+        _, query = await _authorize(ctx, request, target, headers, None)
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                  if p.strip()]
     try:
         upstream = await ctx.session.ws_connect(
-            target.url("wss"), headers=headers, protocols=protocols, autoclose=False,
+            target.url("wss", query), headers=headers, protocols=protocols, autoclose=False,
             autoping=False, compress=0, max_msg_size=0,
         )
     except aiohttp.WSServerHandshakeError as exc:

@@ -76,6 +76,7 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
         target = decide()
         label = target.label
         record.injection = label if target.routed else None
+        record.source = "+".join(sorted({r.source for r in target.routes})) or None
         record.decision = "injected" if target.routed else "passthrough"
         record.reason = "routed" if target.routed else "unrouted"
         return await forward(ctx, request, target, record)

@@ -54,6 +54,76 @@ class QueryParamInjection:
 
 
 @dataclass(frozen=True, slots=True)
+class GitHubApp:
+    """Installation tokens minted from a GitHub App's private key (``spec.githubApp``).
+
+    The installation is ``installation_id``, or looked up from ``repository`` ("owner/name").
+    Tokens may be narrowed to ``repositories`` and ``permissions``.
+    """
+
+    app_id: str
+    private_key: SecretKeyRef
+    installation_id: str | None = None
+    repository: str | None = None
+    repositories: tuple[str, ...] = ()
+    permissions: tuple[tuple[str, str], ...] = ()
+    api_url: str = "https://api.github.com"
+
+    @property
+    def api_host(self) -> str:
+        """The API's host[:port]: requests to it get ``token``, other hosts basic auth."""
+        return self.api_url.split("://", 1)[1].split("/", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2ClientCredentials:
+    """Access tokens from an OAuth 2.0 token endpoint, client credentials grant (RFC 6749 §4.4)."""
+
+    token_url: str
+    client_id: SecretKeyRef
+    client_secret: SecretKeyRef
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    auth_method: str = "client_secret_basic"  # or client_secret_post
+
+
+@dataclass(frozen=True, slots=True)
+class AwsSigV4:
+    """Every request signed with AWS Signature Version 4 for ``service`` in ``region``."""
+
+    region: str
+    service: str
+    access_key_id: SecretKeyRef
+    secret_access_key: SecretKeyRef
+    session_token: SecretKeyRef | None = None
+    payload: str = "signed"  # or "unsigned": UNSIGNED-PAYLOAD, the body streams
+
+    @property
+    def refs(self) -> tuple[SecretKeyRef, ...]:
+        return (self.access_key_id, self.secret_access_key,
+                *((self.session_token,) if self.session_token else ()))
+
+
+Credential = GitHubApp | OAuth2ClientCredentials | AwsSigV4
+"""A credential source: the proxy makes the value itself instead of reading it verbatim."""
+CREDENTIAL_FIELDS = {"githubApp": GitHubApp, "oauth2": OAuth2ClientCredentials,
+                     "awsSigV4": AwsSigV4}
+# Headers a SigV4 signature owns; a client's own values are dropped like any injected header.
+SIGV4_HEADERS = frozenset({"authorization", "x-amz-date", "x-amz-security-token",
+                           "x-amz-content-sha256"})
+
+
+def credential_refs(credential: Credential | None) -> tuple[SecretKeyRef, ...]:
+    if isinstance(credential, GitHubApp):
+        return (credential.private_key,)
+    if isinstance(credential, OAuth2ClientCredentials):
+        return (credential.client_id, credential.client_secret)
+    if isinstance(credential, AwsSigV4):
+        return credential.refs
+    return ()
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One allowlist entry: a request passes when its method and path both match.
 
@@ -86,6 +156,7 @@ class SecretInjection:
     rules: tuple[Rule, ...] | None = None
     agent_env: tuple[AgentEnv, ...] = ()
     pod_selector: dict | None = field(default=None, compare=False, hash=False)
+    credential: Credential | None = None
 
     def secret_refs(self) -> tuple[SecretKeyRef, ...]:
         """Every Secret key this injection reads, in spec order, without repeats."""
@@ -95,13 +166,16 @@ class SecretInjection:
             if self.basic_auth.password:
                 refs.append(self.basic_auth.password)
         refs.extend(q.secret for q in self.query_params)
+        refs.extend(credential_refs(self.credential))
         return tuple(dict.fromkeys(refs))
 
     def injected_header_names(self) -> frozenset[str]:
         """Lower-case names of the headers this injection sets (basic auth sets Authorization)."""
         names = {h.name.lower() for h in self.headers}
-        if self.basic_auth:
+        if self.basic_auth or self.credential:
             names.add("authorization")
+        if isinstance(self.credential, AwsSigV4):
+            names |= SIGV4_HEADERS
         return frozenset(names)
 
     @property

@@ -12,18 +12,25 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from sidecar.spec.hosts import HostPattern
 from sidecar.spec.model import (
     API_VERSION,
+    CREDENTIAL_FIELDS,
     KIND,
     LIST_KIND,
+    SIGV4_HEADERS,
     VALUE_PLACEHOLDER,
     AgentEnv,
+    AwsSigV4,
     BasicAuth,
+    Credential,
+    GitHubApp,
     HeaderInjection,
+    OAuth2ClientCredentials,
     QueryParamInjection,
     Rule,
     SecretInjection,
@@ -41,8 +48,17 @@ _RESERVED_HEADERS = frozenset(
      "keep-alive", "expect"}
 )
 _SPEC_FIELDS = frozenset(
-    {"podSelector", "hosts", "headers", "basicAuth", "queryParams", "rules", "agentEnv"}
+    {"podSelector", "hosts", "headers", "basicAuth", "queryParams", "rules", "agentEnv",
+     *CREDENTIAL_FIELDS}
 )
+_INJECTING_FIELDS = ("headers", "basicAuth", "queryParams", *CREDENTIAL_FIELDS)
+_GITHUB_ID = re.compile(r"^[0-9]+$")
+_GITHUB_APP_ID = re.compile(r"^[A-Za-z0-9.]+$")  # the numeric App ID, or its client ID
+_GITHUB_REPOSITORY = re.compile(r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
+_GITHUB_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_GITHUB_ACCESS = ("read", "write", "admin")
+_AWS_NAME = re.compile(r"^[a-z0-9-]+$")
+_SCOPE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")  # RFC 6749 §3.3 scope-token
 _DOC_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
 SUPPORTED_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -277,6 +293,177 @@ def _agent_env(c: _Collector, value: Any) -> tuple[AgentEnv, ...]:
     return tuple(result)
 
 
+def _https_url(c: _Collector, value: Any, path: str, example: str) -> str | None:
+    url = c.string(value, path)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        c.add(path, f"{url!r} has a malformed port")
+        return None
+    if parts.scheme != "https" or not parts.hostname:
+        c.add(path, f"{url!r} must be an https:// URL such as {example!r}: credentials are "
+                    "only ever sent over TLS")
+    elif parts.username is not None or parts.fragment or any(ord(ch) <= 0x20 for ch in url):
+        c.add(path, f"{url!r} must have no user, fragment or spaces")
+    else:
+        return url
+    return None
+
+
+def _required_ref(c: _Collector, entry: dict, field_name: str, path: str,
+                  what: str) -> SecretKeyRef | None:
+    if field_name not in entry:
+        c.add(f"{path}.{field_name}", f"is required: {what}")
+        return None
+    return _secret_ref(c, entry[field_name], f"{path}.{field_name}")
+
+
+def _github_app(c: _Collector, value: Any) -> GitHubApp | None:
+    path = "spec.githubApp"
+    entry = c.mapping(value, path, {"appID", "installationID", "repository", "privateKeyFrom",
+                                    "repositories", "permissions", "apiURL"})
+    if entry is None:
+        return None
+    app_id = entry.get("appID")
+    app_id = c.string(str(app_id) if isinstance(app_id, int) else app_id, f"{path}.appID",
+                      _GITHUB_APP_ID, "the App's ID (a number) or its client ID")
+    key = _required_ref(c, entry, "privateKeyFrom", path, "the App's private key (PEM), "
+                        "as downloaded from the App's settings")
+    installation = repository = None
+    if ("installationID" in entry) == ("repository" in entry):
+        c.add(path, "give exactly one of installationID or repository (owner/name) to find "
+                    "the App's installation")
+    elif "installationID" in entry:
+        raw = entry["installationID"]
+        installation = c.string(str(raw) if isinstance(raw, int) else raw,
+                                f"{path}.installationID", _GITHUB_ID, "a number")
+    else:
+        repository = c.string(entry["repository"], f"{path}.repository", _GITHUB_REPOSITORY,
+                              "owner/name, e.g. acme/widgets")
+    repositories: list[str] = []
+    if "repositories" in entry:
+        listed = c.sequence(entry["repositories"], f"{path}.repositories", non_empty=True) or []
+        repositories = [r for j, r in enumerate(listed) if c.string(
+            r, f"{path}.repositories[{j}]", _GITHUB_NAME, "a repository name without its owner")]
+    permissions: list[tuple[str, str]] = []
+    if "permissions" in entry:
+        granted = entry["permissions"]
+        if not isinstance(granted, dict) or not granted:
+            c.add(f"{path}.permissions", "must be a mapping such as {contents: read}")
+        else:
+            for name, access in sorted(granted.items()):
+                if not isinstance(name, str) or not _GITHUB_NAME.match(name):
+                    c.add(f"{path}.permissions", f"{name!r} is not a permission name")
+                elif access not in _GITHUB_ACCESS:
+                    c.add(f"{path}.permissions.{name}", f"must be one of {', '.join(_GITHUB_ACCESS)}")
+                else:
+                    permissions.append((name, access))
+    api_url = "https://api.github.com"
+    if "apiURL" in entry:
+        api_url = _https_url(c, entry["apiURL"], f"{path}.apiURL",
+                             "https://github.example.com/api/v3")
+    if not (app_id and key and (installation or repository) and api_url):
+        return None
+    return GitHubApp(app_id=app_id, private_key=key, installation_id=installation,
+                     repository=repository, repositories=tuple(repositories),
+                     permissions=tuple(permissions), api_url=api_url.rstrip("/"))
+
+
+def _oauth2(c: _Collector, value: Any) -> OAuth2ClientCredentials | None:
+    path = "spec.oauth2"
+    entry = c.mapping(value, path, {"tokenURL", "clientIDFrom", "clientSecretFrom", "scopes",
+                                    "audience", "authMethod"})
+    if entry is None:
+        return None
+    if "tokenURL" not in entry:
+        c.add(f"{path}.tokenURL", "is required: the token endpoint, e.g. "
+                                  "https://auth.example.com/oauth2/token")
+        token_url = None
+    else:
+        token_url = _https_url(c, entry["tokenURL"], f"{path}.tokenURL",
+                               "https://auth.example.com/oauth2/token")
+    client_id = _required_ref(c, entry, "clientIDFrom", path, "the client ID's Secret key")
+    secret = _required_ref(c, entry, "clientSecretFrom", path, "the client secret's Secret key")
+    scopes: list[str] = []
+    if "scopes" in entry:
+        listed = c.sequence(entry["scopes"], f"{path}.scopes", non_empty=True) or []
+        scopes = [s for j, s in enumerate(listed) if c.string(
+            s, f"{path}.scopes[{j}]", _SCOPE, "a scope has no spaces, quotes or backslashes")]
+    audience = None
+    if "audience" in entry:
+        audience = c.string(entry["audience"], f"{path}.audience")
+    method = entry.get("authMethod", "client_secret_basic")
+    if method not in ("client_secret_basic", "client_secret_post"):
+        c.add(f"{path}.authMethod", "must be client_secret_basic (the default) or "
+                                    "client_secret_post")
+        return None
+    if not (token_url and client_id and secret) or ("audience" in entry and not audience):
+        return None
+    return OAuth2ClientCredentials(token_url=token_url, client_id=client_id, client_secret=secret,
+                                   scopes=tuple(scopes), audience=audience, auth_method=method)
+
+
+def _aws_sigv4(c: _Collector, value: Any) -> AwsSigV4 | None:
+    path = "spec.awsSigV4"
+    entry = c.mapping(value, path, {"region", "service", "accessKeyIDFrom",
+                                    "secretAccessKeyFrom", "sessionTokenFrom", "payload"})
+    if entry is None:
+        return None
+    region = c.string(entry.get("region"), f"{path}.region", _AWS_NAME, "e.g. us-east-1")
+    service = c.string(entry.get("service"), f"{path}.service", _AWS_NAME,
+                       "the signing name, e.g. s3, sqs, bedrock")
+    key_id = _required_ref(c, entry, "accessKeyIDFrom", path, "the access key ID's Secret key")
+    secret = _required_ref(c, entry, "secretAccessKeyFrom", path,
+                           "the secret access key's Secret key")
+    token = None
+    if "sessionTokenFrom" in entry:
+        token = _secret_ref(c, entry["sessionTokenFrom"], f"{path}.sessionTokenFrom")
+        if token is None:
+            return None
+    payload = entry.get("payload", "signed")
+    if payload not in ("signed", "unsigned"):
+        c.add(f"{path}.payload", "must be signed (the default: the body is hashed) or unsigned "
+                                 "(UNSIGNED-PAYLOAD, for services such as S3 that accept it)")
+        return None
+    if not (region and service and key_id and secret):
+        return None
+    return AwsSigV4(region=region, service=service, access_key_id=key_id,
+                    secret_access_key=secret, session_token=token, payload=payload)
+
+
+_CREDENTIAL_PARSERS = {"githubApp": _github_app, "oauth2": _oauth2, "awsSigV4": _aws_sigv4}
+
+
+def _credential(c: _Collector, spec: dict, headers: tuple[HeaderInjection, ...],
+                basic_auth: BasicAuth | None, hosts: list[HostPattern]) -> Credential | None:
+    given = [name for name in CREDENTIAL_FIELDS if name in spec]
+    if not given:
+        return None
+    if len(given) > 1:
+        c.add("spec", f"{' and '.join(given)} are both credential sources; an injection has "
+                      "at most one")
+        return None
+    name = given[0]
+    credential = _CREDENTIAL_PARSERS[name](c, spec[name])
+    owned = SIGV4_HEADERS if name == "awsSigV4" else frozenset({"authorization"})
+    clashing = sorted(h.name for h in headers if h.name.lower() in owned)
+    if clashing:
+        c.add(f"spec.{name}", f"{name} sets {', '.join(clashing)}, which spec.headers also sets")
+    if basic_auth:
+        c.add(f"spec.{name}", f"{name} and basicAuth both set Authorization; keep one")
+    if isinstance(credential, OAuth2ClientCredentials):
+        token_host = urlsplit(credential.token_url)
+        port = token_host.port or 443
+        if any(h.matches(token_host.hostname or "", port) for h in hosts):
+            c.add("spec.oauth2.tokenURL", "the token endpoint's host is one of spec.hosts: "
+                                          "agents must not reach the endpoint that mints "
+                                          "their tokens through the proxy")
+    return credential
+
+
 def _pod_selector(c: _Collector, value: Any) -> dict | None:
     selector = c.mapping(value, "spec.podSelector", {"matchLabels", "matchExpressions"})
     if selector is None:
@@ -325,9 +512,10 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     rules = _rules(c, spec["rules"]) if "rules" in spec else None
     agent_env = _agent_env(c, spec["agentEnv"]) if "agentEnv" in spec else ()
     selector = _pod_selector(c, spec["podSelector"]) if "podSelector" in spec else None
+    credential = _credential(c, spec, headers, basic_auth, hosts)
 
-    if not {"headers", "basicAuth", "queryParams"} & spec.keys():
-        c.add("spec", "nothing to inject: give at least one of headers, basicAuth or queryParams")
+    if not set(_INJECTING_FIELDS) & spec.keys():
+        c.add("spec", f"nothing to inject: give at least one of {', '.join(_INJECTING_FIELDS)}")
     if basic_auth and any(h.name.lower() == "authorization" for h in headers):
         c.add("spec.basicAuth", "basicAuth sets Authorization, which spec.headers also sets")
     if hosts and agent_env and any(e.base_url for e in agent_env) and not any(
@@ -339,7 +527,7 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     return SecretInjection(
         name=name, namespace=namespace, hosts=tuple(hosts), headers=headers,
         basic_auth=basic_auth, query_params=query, rules=rules, agent_env=agent_env,
-        pod_selector=selector,
+        pod_selector=selector, credential=credential,
     ), []
 
 

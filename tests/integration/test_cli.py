@@ -68,7 +68,8 @@ def test_start_with_a_broken_configuration_exits_with_the_problems(tmp_path):
     done = start_sidecar(tmp_path, [injection("x", hosts=["a.test"])], SECRETS,
                          expect_failure=True)
     assert done.returncode == 2
-    assert "nothing to inject: give at least one of headers, basicAuth or queryParams" in done.stderr
+    assert ("nothing to inject: give at least one of headers, basicAuth, queryParams, githubApp,"
+            " oauth2, awsSigV4") in done.stderr
 
 
 def test_start_with_a_missing_injections_file_says_so(tmp_path):

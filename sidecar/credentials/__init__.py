@@ -1,0 +1,83 @@
+"""Credentials the proxy makes itself: GitHub App tokens, OAuth 2.0 client credentials and
+AWS Signature Version 4, beside the static values of ``headers``/``basicAuth``/``queryParams``.
+
+:func:`build_source` turns a spec and its secret material into a :class:`CredentialSource`;
+a :class:`CredentialRegistry` hands back the same source (and so the same cached token) for as
+long as neither changes, so a configuration reload does not mint again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sidecar.credentials.aws import AwsSigV4Source
+from sidecar.credentials.github_app import GitHubAppSource
+from sidecar.credentials.oauth2 import OAuth2Source
+from sidecar.credentials.sigv4 import AwsKeys
+from sidecar.credentials.source import CredentialSource, Outgoing, material_digest
+from sidecar.credentials.tokens import CredentialError, Token
+from sidecar.spec.model import (
+    AwsSigV4,
+    Credential,
+    GitHubApp,
+    OAuth2ClientCredentials,
+    SecretInjection,
+    credential_refs,
+)
+
+__all__ = ["CredentialError", "CredentialRegistry", "CredentialSource", "Outgoing", "build_source"]
+
+Reader = Callable[..., str]  # SecretsDir.read: (ref, *, multiline=False) -> value
+
+
+def _ignore(*_args) -> None:
+    return None
+
+
+def build_source(injection: str, spec: Credential, read: Reader, *,
+                 on_minted: Callable[[str, str, Token], None] = _ignore,
+                 on_failed: Callable[[str, str, CredentialError], None] = _ignore,
+                 ) -> CredentialSource:
+    """Read the secret material and build the source; ValueError names what is wrong."""
+    hooks = {"on_minted": on_minted, "on_failed": on_failed}
+    if isinstance(spec, GitHubApp):
+        return GitHubAppSource(injection, spec, read(spec.private_key, multiline=True), **hooks)
+    if isinstance(spec, OAuth2ClientCredentials):
+        return OAuth2Source(injection, spec, read(spec.client_id), read(spec.client_secret),
+                            **hooks)
+    if isinstance(spec, AwsSigV4):
+        token = read(spec.session_token) if spec.session_token else None
+        return AwsSigV4Source(injection, spec, AwsKeys(read(spec.access_key_id),
+                                                       read(spec.secret_access_key), token))
+    raise TypeError(f"unknown credential source {type(spec).__name__}")
+
+
+class CredentialRegistry:
+    """The live sources, by injection, spec and a digest of their secret material."""
+
+    def __init__(self, on_minted: Callable[[str, str, Token], None] = _ignore,
+                 on_failed: Callable[[str, str, CredentialError], None] = _ignore):
+        self._hooks = {"on_minted": on_minted, "on_failed": on_failed}
+        self._live: dict[tuple, CredentialSource] = {}
+        self._used: set[tuple] = set()
+
+    def source(self, injection: SecretInjection, read: Reader) -> CredentialSource:
+        """The live source for ``injection`` (a routes.CredentialFactory)."""
+        spec = injection.credential
+        assert spec is not None
+        material = [read(ref, multiline=isinstance(spec, GitHubApp))
+                    for ref in credential_refs(spec)]
+        key = (injection.name, spec, material_digest(material))
+        self._used.add(key)
+        found = self._live.get(key)
+        if found is None:
+            found = self._live[key] = build_source(injection.name, spec, read, **self._hooks)
+        return found
+
+    def keep_only_used(self) -> None:
+        """After a table is built: forget sources no longer in it (and their tokens)."""
+        self._live = {k: v for k, v in self._live.items() if k in self._used}
+        self._used = set()
+
+    def sources(self) -> list[CredentialSource]:
+        return list(self._live.values())

@@ -1,0 +1,108 @@
+"""Short-lived tokens, minted on demand and refreshed ahead of expiry, one mint at a time.
+
+A request never waits for a refresh while the token it would use is still good: inside the
+refresh window the current token is served and one background mint replaces it. Only a cold
+start or an expired token makes requests wait, and then every waiting request shares the one
+mint. A failed mint is remembered for a moment, so an agent retrying in a loop cannot turn
+into a flood against the token endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("keyhole.credentials")
+
+REFRESH_AHEAD_MAX = 300.0  # seconds before expiry to start a refresh (at most)
+REFRESH_AHEAD_FRACTION = 0.25  # ... or this share of the token's lifetime, if that is shorter
+STALE_MARGIN = 5.0  # a token this close to expiry is not handed out: it may die in flight
+FAILURE_HOLD = 2.0  # after a failed mint, the same error is answered for this long
+DEFAULT_LIFETIME = 300.0  # when the endpoint does not say (expires_in is only RECOMMENDED)
+
+
+class CredentialError(Exception):
+    """Minting failed. ``reason`` is a short code for metrics; the message says what to check
+    and never holds a secret (it may hold the endpoint's own error text, redacted)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: str
+    expires_at: float  # wall-clock seconds
+    minted_at: float
+
+    @property
+    def refresh_at(self) -> float:
+        lifetime = max(self.expires_at - self.minted_at, 0.0)
+        return self.expires_at - min(REFRESH_AHEAD_MAX, lifetime * REFRESH_AHEAD_FRACTION)
+
+    def usable(self, now: float) -> bool:
+        lifetime = self.expires_at - self.minted_at
+        return now < self.expires_at - min(STALE_MARGIN, lifetime * 0.1)
+
+
+class TokenCache:
+    """Holds one token for one credential source; ``mint`` makes a new one."""
+
+    def __init__(self, mint: Callable[[], Awaitable[Token]], *,
+                 on_minted: Callable[[Token], None] = lambda token: None,
+                 on_failed: Callable[[CredentialError], None] = lambda error: None,
+                 clock: Callable[[], float] = time.time):
+        self._mint = mint
+        self._on_minted, self._on_failed = on_minted, on_failed
+        self._clock = clock
+        self.token: Token | None = None
+        self.previous: Token | None = None  # still redacted: responses may be in flight
+        self._inflight: asyncio.Future[Token] | None = None
+        self._failure: tuple[float, CredentialError] | None = None
+
+    async def get(self) -> Token:
+        now = self._clock()
+        token = self.token
+        if token is not None and token.usable(now):
+            if now >= token.refresh_at and self._inflight is None and not self._holding(now):
+                self._start_mint().add_done_callback(_consume)  # in the background
+            return token
+        if self._inflight is None:
+            if self._holding(now):
+                raise self._failure[1]
+            self._start_mint()
+        return await asyncio.shield(self._inflight)
+
+    def _holding(self, now: float) -> bool:
+        return self._failure is not None and now < self._failure[0] + FAILURE_HOLD
+
+    def _start_mint(self) -> asyncio.Future[Token]:
+        self._inflight = asyncio.ensure_future(self._mint_once())
+        return self._inflight
+
+    async def _mint_once(self) -> Token:
+        try:
+            token = await self._mint()
+        except CredentialError as error:
+            self._failure = (self._clock(), error)
+            self._on_failed(error)
+            log.warning("minting a token failed: %s", error.message)
+            raise
+        finally:
+            self._inflight = None
+        self._failure = None
+        self.previous, self.token = self.token, token
+        self._on_minted(token)
+        return token
+
+
+def _consume(future: asyncio.Future) -> None:
+    """A background refresh's failure is logged and counted in ``_mint_once``; retrieve it
+    here so asyncio does not report it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
