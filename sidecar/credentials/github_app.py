@@ -118,9 +118,7 @@ class GitHubAppSource(TokenSource):
                                f"for a token{said}")
 
     def present(self, token: str, out: Outgoing) -> None:
-        if out.authority == self.spec.api_host or (
-            out.port == 443 and out.host == self.spec.api_host.removesuffix(":443")
-        ):
+        if self.spec.is_api_request(out.authority, out.path):
             out.headers["Authorization"] = f"token {token}"
         else:
             basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()

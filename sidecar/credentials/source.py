@@ -48,7 +48,7 @@ class CredentialSource(ABC):
     def __init__(self, injection: str, static_secrets: Iterable[str]):
         self.injection = injection
         self._static = tuple(static_secrets)
-        self._redactor_for: tuple[object, ...] | None = None
+        self._redactor_for: tuple[str, ...] = ()  # the live values the redactor was built for
         self._redactor = Redactor(secret_forms(self._static))
 
     @abstractmethod

@@ -70,7 +70,7 @@ class TokenCache:
         token = self.token
         if token is not None and token.usable(now):
             if now >= token.refresh_at and self._inflight is None and not self._holding(now):
-                self._start_mint().add_done_callback(_consume)  # in the background
+                self._start_mint()  # in the background
             return token
         if self._inflight is None:
             if self._holding(now):
@@ -83,6 +83,7 @@ class TokenCache:
 
     def _start_mint(self) -> asyncio.Future[Token]:
         self._inflight = asyncio.ensure_future(self._mint_once())
+        self._inflight.add_done_callback(_consume)
         return self._inflight
 
     async def _mint_once(self) -> Token:
@@ -102,7 +103,8 @@ class TokenCache:
 
 
 def _consume(future: asyncio.Future) -> None:
-    """A background refresh's failure is logged and counted in ``_mint_once``; retrieve it
-    here so asyncio does not report it as never retrieved."""
+    """A mint's failure is logged and counted in ``_mint_once``; retrieve it here so asyncio
+    does not report it as never retrieved when nobody awaited it (a background refresh, or
+    every waiting client hung up)."""
     if not future.cancelled():
         future.exception()

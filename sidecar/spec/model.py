@@ -71,8 +71,17 @@ class GitHubApp:
 
     @property
     def api_host(self) -> str:
-        """The API's host[:port]: requests to it get ``token``, other hosts basic auth."""
-        return self.api_url.split("://", 1)[1].split("/", 1)[0]
+        """The API's host[:port], in lower case."""
+        return self.api_url.split("://", 1)[1].split("/", 1)[0].lower()
+
+    def is_api_request(self, authority: str, path: str) -> bool:
+        """Does a request go to the REST/GraphQL API (``token``) rather than git (basic auth)?
+        On github.com they are different hosts; GitHub Enterprise Server serves both from one
+        host, its API under ``/api/``."""
+        api = self.api_host.removesuffix(":443")
+        if authority.lower().removesuffix(":443") != api:
+            return False
+        return "/" not in self.api_url.split("://", 1)[1] or path.startswith("/api/")
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,8 @@ def test_every_example_applies(kube, operator, namespace):
         done = kube.kubectl("apply", "-n", namespace, "-f", str(path))
         assert "Warning" not in done.stderr, done.stderr
     names = {si["metadata"]["name"] for si in kube.get_all("secretinjections", namespace)}
-    assert {"openai", "anthropic", "github-api", "github-git", "stripe"} <= names
+    assert {"openai", "anthropic", "github-api", "github-git", "stripe", "github-app",
+            "billing-api", "aws-s3"} <= names
 
 
 def test_the_crd_refuses_mistakes_at_apply_time_with_cel(kube, crd, namespace):
@@ -81,6 +82,19 @@ def test_the_crd_refuses_mistakes_at_apply_time_with_cel(kube, crd, namespace):
     assert done.returncode != 0
     assert "format must not contain CR or LF" in done.stderr
     assert "give exactly one of placeholder or baseURL" in done.stderr
+
+
+def test_the_crd_refuses_two_credential_sources_and_a_malformed_app_id(kube, crd, namespace):
+    ref = {"secretKeyRef": {"name": "s", "key": "k"}}
+    bad = openai_injection()
+    del bad["spec"]["headers"]
+    bad["spec"]["oauth2"] = {"tokenURL": "https://auth.example.com/t", "clientIDFrom": ref,
+                             "clientSecretFrom": ref}
+    bad["spec"]["githubApp"] = {"appID": "12 34", "installationID": 5, "privateKeyFrom": ref}
+    done = kube.apply([bad], namespace, check=False)
+    assert done.returncode != 0
+    assert "githubApp, oauth2 and awsSigV4 are credential sources" in done.stderr
+    assert "the App's ID (a number) or its client ID" in done.stderr
 
 
 def test_what_the_parser_refuses_the_validating_webhook_refuses_with_its_message(kube, operator,

@@ -204,3 +204,16 @@ def test_the_github_token_request_narrows_only_when_asked():
                          repositories=("a",), permissions=(("issues", "write"),))
     assert json.dumps(github_request(narrowed)) == ('{"repositories": ["a"], '
                                                     '"permissions": {"issues": "write"}}')
+
+
+@pytest.mark.parametrize(("api_url", "authority", "path", "api"), [
+    ("https://api.github.com", "api.github.com", "/repos/a/b", True),
+    ("https://api.github.com", "github.com", "/a/b.git/info/refs", False),
+    ("https://API.GitHub.com:443", "api.github.com", "/user", True),
+    ("https://ghe.example.com/api/v3", "ghe.example.com", "/api/v3/repos/a/b", True),
+    ("https://ghe.example.com/api/v3", "ghe.example.com", "/api/graphql", True),
+    ("https://ghe.example.com/api/v3", "ghe.example.com", "/a/b.git/git-upload-pack", False),
+])
+def test_the_api_gets_the_token_scheme_and_git_gets_basic_auth(api_url, authority, path, api):
+    spec = GitHubApp("1", SecretKeyRef("g", "k"), installation_id="2", api_url=api_url)
+    assert spec.is_api_request(authority, path) is api
