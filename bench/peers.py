@@ -76,11 +76,6 @@ class Process:
                               if line.startswith("VmRSS")))
         return total / 1024
 
-    def peak_rss_mib(self) -> float:
-        status = Path(f"/proc/{self.popen.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines()
-                        if line.startswith("VmHWM"))) / 1024
-
     def stop(self) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
@@ -216,6 +211,17 @@ def nginx_reverse(ws: Workspace, upstream_port: int) -> Process:
       proxy_buffering off; proxy_request_buffering off; client_max_body_size 0;
     }}
   }}""", cpu=1)
+    wait_for_port(port)
+    process.extra["port"] = port
+    return process
+
+
+def aiohttp_floor(ws: Workspace, upstream_port: int) -> Process:
+    """aiohttp forwarding and adding the header, nothing else (see bench/floor.py)."""
+    port = free_port()
+    process = spawn("aiohttp-floor", pinned(1, [
+        sys.executable, "-m", "bench.floor", str(port), str(upstream_port),
+        str(ws.root / "upstream-ca.pem")]), ws.root / "aiohttp-floor.log")
     wait_for_port(port)
     process.extra["port"] = port
     return process

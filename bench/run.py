@@ -121,7 +121,13 @@ def start(ws: Workspace, others: list[str]) -> tuple[list[peers.Process], dict[s
         "nginx-reverse": Peer("nginx-reverse", f"http://127.0.0.1:{reverse.extra['port']}/bench",
                               process=reverse),
     }
-    for name in others:  # CONNECT proxies that bump TLS and add the header, like keyhole
+    for name in others:
+        if name == "aiohttp-floor":  # the base-URL mode's floor: see bench/floor.py
+            process = peers.aiohttp_floor(ws, up)
+            table[name] = Peer(name, f"http://127.0.0.1:{process.extra['port']}/bench",
+                               process=process)
+            continue
+        # CONNECT proxies that bump TLS and add the header, like keyhole
         process = {"squid": peers.squid, "mitmproxy": peers.mitmproxy}[name](ws, up)
         table[name] = Peer(name, f"https://{HOST}:{up}", proxy=process.extra["port"],
                            process=process)
@@ -147,6 +153,15 @@ def sampled_peak_rss(process: peers.Process, work) -> tuple[object, float]:
     return result, peak[0]
 
 
+def _sampled(peer: Peer, work):
+    return sampled_peak_rss(peer.process, work) if peer.process else (work(), None)
+
+
+def _peak(row: dict, key: str, peak: float | None) -> None:
+    if peak is not None:
+        row[key] = round(peak, 1)
+
+
 def figures(table: dict[str, Peer], wanted: set[str], seconds: float, ws: Workspace,
             failed: list[str]) -> dict:
     """One round of every wanted figure for every peer; a transfer a peer breaks is recorded
@@ -166,21 +181,28 @@ def figures(table: dict[str, Peer], wanted: set[str], seconds: float, ws: Worksp
         if "c" in wanted:
             row["c_rps_new_connection"] = peer.hey("/1k", seconds=seconds, keepalive=False)["rps"]
         if "e" in wanted and name in ("direct", "keyhole", "squid", "mitmproxy"):
+            # RSS is sampled during each transfer (the process tree, like (d)), so the earlier
+            # figures' load does not count against the streaming figure.
+            before = peer.process.rss_mib() if peer.process else None
             try:
-                speed, ttfb = peer.curl("/big", "-w", "%{speed_download} %{time_starttransfer}")
+                (speed, ttfb), peak = _sampled(peer, lambda p=peer: p.curl(
+                    "/big", "-w", "%{speed_download} %{time_starttransfer}"))
                 row["e_download_mb_s"] = round(float(speed) / 1e6, 1)
                 row["e_ttfb_ms"] = round(float(ttfb) * 1000, 2)
+                _peak(row, "e_download_peak_rss_mib", peak)
             except PeerFailed as exc:
                 failed.append(f"{name} (e) download: {exc}")
             try:
-                (speed,) = peer.curl("/upload", "-T", str(ws.root / "www" / "big"), "-X", "POST",
-                                     "-w", "%{speed_upload}")
+                (speed,), peak = _sampled(peer, lambda p=peer: p.curl(
+                    "/upload", "-T", str(ws.root / "www" / "big"), "-X", "POST",
+                    "-w", "%{speed_upload}"))
                 row["e_upload_mb_s"] = round(float(speed) / 1e6, 1)
+                _peak(row, "e_upload_peak_rss_mib", peak)
             except PeerFailed as exc:
                 failed.append(f"{name} (e) upload: {exc}")
-            if peer.process:
-                row["e_peak_rss_mib"] = round(peer.process.peak_rss_mib(), 1)
-        if "f" in wanted:
+            if before is not None:
+                row["e_rss_before_mib"] = round(before, 1)
+        if "f" in wanted and name != "aiohttp-floor":  # it reads bodies whole
             result = peer.sse()
             row["f_event_delay_ms"] = round(result["median_ms"], 3)
             row["f_event_delay_p99_ms"] = round(result["p99_ms"], 3)
@@ -195,8 +217,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
     parser.add_argument("--figure", action="append", choices=list("abcdef"),
                         help="only these figures (repeatable); default all")
-    parser.add_argument("--peer", action="append", choices=["squid", "mitmproxy"],
-                        help="the CONNECT peers besides keyhole (repeatable); default both")
+    parser.add_argument("--peer", action="append", choices=["squid", "mitmproxy", "aiohttp-floor"],
+                        help="peers besides direct, keyhole and nginx (repeatable); default: "
+                             "squid and mitmproxy. aiohttp-floor is aiohttp alone, forwarding "
+                             "and adding the header: the floor under keyhole's base-URL mode")
     args = parser.parse_args()
     wanted = set(args.figure or "abcdef")
     rounds, failures = [], []

@@ -165,6 +165,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         for watcher in watchers:
             watcher.cancel()
         proxy_server.close()
+        ctx.audit.flush()
         await admin_runner.cleanup()
         await session.close()
         await resolver.close()

@@ -6,6 +6,7 @@ parameters, and what the proxy decided and why.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -31,14 +32,25 @@ class AuditRecord:
 
 
 class AuditLog:
+    """Lines are flushed once per turn of the event loop, not once per line: every request
+    that finished in the same turn shares one write, and no line waits longer than that."""
+
     def __init__(self, stream: TextIO | None = None):
         self._stream = stream or sys.stdout
+        self._flush_pending = False
+        self._second, self._second_text = -1, ""
+
+    def _timestamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:  # strftime once a second, not once a request
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int(now * 1000) % 1000:03d}Z"
 
     def write(self, record: AuditRecord) -> None:
         now = time.time()
         line = {  # built by hand: dataclasses.asdict deep-copies, on every request
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-            + f".{int(now * 1000) % 1000:03d}Z",
+            "time": self._timestamp(now),
             "mode": record.mode, "method": record.method, "host": record.host,
             "path": record.path, "query_keys": record.query_keys,
             "injection": record.injection, "source": record.source,
@@ -48,4 +60,16 @@ class AuditLog:
             "duration_ms": round((time.monotonic() - record.started) * 1000, 3),
         }
         self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+        if self._flush_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a tool, a test): write through
+            self._stream.flush()
+            return
+        self._flush_pending = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_pending = False
         self._stream.flush()

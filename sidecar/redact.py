@@ -20,8 +20,8 @@ MASK = b"[REDACTED]"
 MIN_FORM_LENGTH = 4  # shorter forms would shred ordinary text and protect nothing
 # Up to this size one regex pass is the fastest "is any form here?"; above it, a few substring
 # searches are (CPython's fast search skips ahead; the regex tries every alternative at every
-# byte: ~100 MB/s against ~700 MB/s for a body chunk, measured on 64 KiB).
-REGEX_PRECHECK_MAX = 2048
+# byte). Measured: 1 KiB 11 µs against 3 µs; 64 KiB ~100 MB/s against ~1.3 GB/s.
+REGEX_PRECHECK_MAX = 256
 
 
 def _base64_cores(value: bytes) -> set[bytes]:
@@ -91,6 +91,11 @@ class Redactor:
             if form in data:
                 data = data.replace(form, MASK)
         return data
+
+    def found_in_text(self, text: str) -> bool:
+        """Does ``text`` hold a form? Values joined with line breaks can be asked at once:
+        no form holds a line break, so joining neither hides one nor makes one up."""
+        return self._any_text is not None and self._any_text.search(text) is not None
 
     def redact_text(self, text: str) -> str:
         if self._any_text is None or not self._any_text.search(text):

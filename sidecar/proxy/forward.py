@@ -60,6 +60,8 @@ class Target:
     @property
     def label(self) -> str:
         """Bounded metric label: the injection names, or '-' when unrouted."""
+        if len(self.routes) == 1:  # the common case, asked several times per request
+            return self.routes[0].injection.name
         return "+".join(sorted(r.name for r in self.routes)) or "-"
 
     def url(self, scheme: str | None = None, query: str | None = None) -> URL:
@@ -153,6 +155,9 @@ def _response_headers(upstream: aiohttp.ClientResponse, target: Target,
     named_in_connection = {t.strip().lower() for v in upstream.headers.getall("Connection", ())
                            for t in v.split(",")}
     headers: CIMultiDict[str] = CIMultiDict()
+    # One search over every value answers "does any header hold a secret?" (almost never).
+    if redactor is not None and not redactor.found_in_text("\n".join(upstream.headers.values())):
+        redactor = None
     for name, value in upstream.headers.items():
         lower = name.lower()
         if lower in _RESPONSE_DROP or lower.startswith("proxy-") or lower in named_in_connection:
