@@ -105,6 +105,9 @@ class Workspace:
         self.ca.cert_pem.write_to_path(str(self.root / "upstream-ca.pem"))
         cert = self.ca.issue_cert(HOST, "127.0.0.1")
         cert.private_key_and_cert_chain_pem.write_to_path(str(self.root / "upstream.pem"))
+        # The same name, signed by a CA no peer trusts: each peer must refuse it.
+        impostor = trustme.CA().issue_cert(HOST, "127.0.0.1")
+        impostor.private_key_and_cert_chain_pem.write_to_path(str(self.root / "impostor.pem"))
         (self.root / "www").mkdir(exist_ok=True)
         (self.root / "www" / "1k").write_text(BODY_1K)
         with open(self.root / "www" / "big", "wb") as fh:
@@ -141,8 +144,9 @@ def dynamic_source(ws: Workspace) -> Process:
 
 def nginx_upstream(ws: Workspace, source_port: int) -> Process:
     """HTTPS on 127.0.0.1: /1k (1 KiB), /big (1 GiB), and from ``source_port``, unbuffered:
-    /upload (reads a body whole, then answers) and /events (Server-Sent Events)."""
-    port = free_port()
+    /upload (reads a body whole, then answers) and /events (Server-Sent Events). On a second
+    port (``extra["impostor_port"]``), /1k behind a certificate from an untrusted CA."""
+    port, impostor = free_port(), free_port()
     process = nginx(ws, "nginx-upstream", f"""
   server {{
     listen 127.0.0.1:{port} ssl; ssl_certificate {ws.root}/upstream.pem;
@@ -153,14 +157,20 @@ def nginx_upstream(ws: Workspace, source_port: int) -> Process:
       proxy_pass http://127.0.0.1:{source_port}; proxy_buffering off;
       proxy_request_buffering off; client_max_body_size 0;
     }}
+  }}
+  server {{
+    listen 127.0.0.1:{impostor} ssl; ssl_certificate {ws.root}/impostor.pem;
+    ssl_certificate_key {ws.root}/impostor.pem; root {ws.root}/www;
+    location = /1k {{ default_type text/plain; }}
   }}""", cpu=0)
     wait_for_port(port)
-    process.extra["port"] = port
+    process.extra.update(port=port, impostor_port=impostor)
     return process
 
 
-def keyhole(ws: Workspace, upstream_port: int) -> Process:
-    """The real keyhole-sidecar, every security feature on."""
+def keyhole(ws: Workspace, upstream_port: int, impostor_port: int) -> Process:
+    """The real keyhole-sidecar, every security feature on; the impostor is routed too, so
+    keyhole itself is what must refuse its certificate."""
     (ws.root / "secrets" / "bench").mkdir(parents=True, exist_ok=True)
     (ws.root / "secrets" / "bench" / "token").write_text(TOKEN + "\n")
     (ws.root / "injections.yaml").write_text(f"""
@@ -168,7 +178,7 @@ apiVersion: keyhole.dev/v1alpha1
 kind: SecretInjection
 metadata: {{name: bench}}
 spec:
-  hosts: ["{HOST}:{upstream_port}"]
+  hosts: ["{HOST}:{upstream_port}", "{HOST}:{impostor_port}"]
   headers:
     - name: Authorization
       valueFrom: {{secretKeyRef: {{name: bench, key: token}}}}
@@ -181,6 +191,7 @@ spec:
         "--secrets-dir", str(ws.root / "secrets"), "--ca-dir", str(ws.root / "keyhole-ca"),
         "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
         "--resolve", f"{HOST}:{upstream_port}:127.0.0.1",
+        "--resolve", f"{HOST}:{impostor_port}:127.0.0.1",
         "--upstream-ca", str(ws.root / "upstream-ca.pem"), "--log-level", "warning",
     ]), ws.root / "keyhole.log", quiet_stdout=True)  # the audit log: one line per request
     deadline = time.monotonic() + 20
@@ -196,8 +207,9 @@ spec:
     return process
 
 
-def nginx_reverse(ws: Workspace, upstream_port: int) -> Process:
-    """nginx as a reverse proxy adding the header: the peer of keyhole's base-URL mode."""
+def nginx_reverse(ws: Workspace, upstream_port: int, impostor_port: int) -> Process:
+    """nginx as a reverse proxy adding the header: the peer of keyhole's base-URL mode.
+    ``/impostor/`` is the same, to the impostor."""
     port = free_port()
     process = nginx(ws, "nginx-reverse", f"""
   upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
@@ -209,6 +221,11 @@ def nginx_reverse(ws: Workspace, upstream_port: int) -> Process:
       proxy_ssl_verify on; proxy_ssl_trusted_certificate {ws.root}/upstream-ca.pem;
       proxy_ssl_name {HOST}; proxy_ssl_server_name on; proxy_ssl_session_reuse on;
       proxy_buffering off; proxy_request_buffering off; client_max_body_size 0;
+    }}
+    location /impostor/ {{
+      proxy_pass https://127.0.0.1:{impostor_port}/; proxy_set_header Host {HOST};
+      proxy_ssl_verify on; proxy_ssl_trusted_certificate {ws.root}/upstream-ca.pem;
+      proxy_ssl_name {HOST}; proxy_ssl_server_name on;
     }}
   }}""", cpu=1)
     wait_for_port(port)

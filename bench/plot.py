@@ -16,7 +16,8 @@ from pathlib import Path
 from bench.run import RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("direct", "keyhole", "squid", "mitmproxy", "keyhole-base-url", "nginx-reverse")
+ORDER = ("direct", "keyhole", "squid", "mitmproxy", "keyhole-base-url", "nginx-reverse",
+         "aiohttp-floor")
 KEYHOLE_COLOUR, PEER_COLOUR, DIRECT_COLOUR = "#1f6feb", "#8b949e", "#2da44e"
 
 

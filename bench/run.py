@@ -57,8 +57,24 @@ class PeerFailed(RuntimeError):
 
 class Peer:
     def __init__(self, name: str, url: str, proxy: int | None = None, host: str | None = None,
-                 process: peers.Process | None = None):
+                 process: peers.Process | None = None, impostor: str | None = None):
         self.name, self.url, self.proxy, self.host, self.process = name, url, proxy, host, process
+        self.impostor = impostor  # a URL behind an untrusted certificate, through this peer
+
+    def check_verifies(self) -> None:
+        """A peer that would talk to an upstream with an untrusted certificate is not measured.
+        (direct is curl itself; keyhole-base-url is the keyhole process checked through CONNECT;
+        aiohttp-floor reaches only the real upstream.)"""
+        if self.impostor is None:
+            return
+        command = ["curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}"]
+        if self.proxy:
+            command += ["-x", f"http://127.0.0.1:{self.proxy}"]
+        done = subprocess.run([*command, self.impostor], capture_output=True, text=True,
+                              timeout=30)
+        if done.stdout.strip() == "200":
+            raise RuntimeError(f"{self.name} fetched {self.impostor} from an upstream whose "
+                               "certificate it must not trust")
 
     def hey(self, path: str, **kwargs) -> dict:
         return hey(self.url + path, proxy=self.proxy, host=self.host, **kwargs)
@@ -109,17 +125,18 @@ class Peer:
 def start(ws: Workspace, others: list[str]) -> tuple[list[peers.Process], dict[str, Peer]]:
     source = peers.dynamic_source(ws)
     upstream = peers.nginx_upstream(ws, source.extra["port"])
-    up = upstream.extra["port"]
-    keyhole = peers.keyhole(ws, up)
-    reverse = peers.nginx_reverse(ws, up)
+    up, impostor = upstream.extra["port"], upstream.extra["impostor_port"]
+    keyhole = peers.keyhole(ws, up, impostor)
+    reverse = peers.nginx_reverse(ws, up, impostor)
     table = {
         "direct": Peer("direct", f"https://127.0.0.1:{up}", host=HOST),
         "keyhole": Peer("keyhole", f"https://{HOST}:{up}", proxy=keyhole.extra["port"],
-                        process=keyhole),
+                        process=keyhole, impostor=f"https://{HOST}:{impostor}/1k"),
         "keyhole-base-url": Peer("keyhole-base-url", f"http://127.0.0.1:{keyhole.extra['port']}/bench",
                                  process=keyhole),
         "nginx-reverse": Peer("nginx-reverse", f"http://127.0.0.1:{reverse.extra['port']}/bench",
-                              process=reverse),
+                              process=reverse,
+                              impostor=f"http://127.0.0.1:{reverse.extra['port']}/impostor/1k"),
     }
     for name in others:
         if name == "aiohttp-floor":  # the base-URL mode's floor: see bench/floor.py
@@ -130,7 +147,7 @@ def start(ws: Workspace, others: list[str]) -> tuple[list[peers.Process], dict[s
         # CONNECT proxies that bump TLS and add the header, like keyhole
         process = {"squid": peers.squid, "mitmproxy": peers.mitmproxy}[name](ws, up)
         table[name] = Peer(name, f"https://{HOST}:{up}", proxy=process.extra["port"],
-                           process=process)
+                           process=process, impostor=f"https://{HOST}:{impostor}/1k")
     return [upstream, source], table
 
 
@@ -231,6 +248,7 @@ def main() -> None:
             try:
                 for peer in table.values():
                     peer.check_injects()
+                    peer.check_verifies()
                 keyhole = table["keyhole"].process
                 idle = {"d_idle_rss_mib": round(keyhole.rss_mib(), 1),
                         "d_ready_s": round(keyhole.extra["ready_s"], 3)}
