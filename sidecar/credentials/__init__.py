@@ -22,6 +22,7 @@ from sidecar.spec.model import (
     GitHubApp,
     OAuth2ClientCredentials,
     SecretInjection,
+    SecretKeyRef,
     credential_refs,
 )
 
@@ -34,21 +35,26 @@ def _ignore(*_args) -> None:
     return None
 
 
-def build_source(injection: str, spec: Credential, read: Reader, *,
+def read_material(spec: Credential, read: Reader) -> dict[SecretKeyRef, str]:
+    """Every secret value ``spec`` uses (the App's PEM key may span lines)."""
+    return {ref: read(ref, multiline=isinstance(spec, GitHubApp)) for ref in credential_refs(spec)}
+
+
+def build_source(injection: str, spec: Credential, material: dict[SecretKeyRef, str], *,
                  on_minted: Callable[[str, str, Token], None] = _ignore,
                  on_failed: Callable[[str, str, CredentialError], None] = _ignore,
                  ) -> CredentialSource:
-    """Read the secret material and build the source; ValueError names what is wrong."""
+    """Build the source from its secret material; ValueError names what is wrong."""
     hooks = {"on_minted": on_minted, "on_failed": on_failed}
     if isinstance(spec, GitHubApp):
-        return GitHubAppSource(injection, spec, read(spec.private_key, multiline=True), **hooks)
+        return GitHubAppSource(injection, spec, material[spec.private_key], **hooks)
     if isinstance(spec, OAuth2ClientCredentials):
-        return OAuth2Source(injection, spec, read(spec.client_id), read(spec.client_secret),
-                            **hooks)
+        return OAuth2Source(injection, spec, material[spec.client_id],
+                            material[spec.client_secret], **hooks)
     if isinstance(spec, AwsSigV4):
-        token = read(spec.session_token) if spec.session_token else None
-        return AwsSigV4Source(injection, spec, AwsKeys(read(spec.access_key_id),
-                                                       read(spec.secret_access_key), token))
+        token = material[spec.session_token] if spec.session_token else None
+        return AwsSigV4Source(injection, spec, AwsKeys(material[spec.access_key_id],
+                                                       material[spec.secret_access_key], token))
     raise TypeError(f"unknown credential source {type(spec).__name__}")
 
 
@@ -65,13 +71,12 @@ class CredentialRegistry:
         """The live source for ``injection`` (a routes.CredentialFactory)."""
         spec = injection.credential
         assert spec is not None
-        material = [read(ref, multiline=isinstance(spec, GitHubApp))
-                    for ref in credential_refs(spec)]
-        key = (injection.name, spec, material_digest(material))
+        material = read_material(spec, read)
+        key = (injection.name, spec, material_digest(material.values()))
         self._used.add(key)
         found = self._live.get(key)
         if found is None:
-            found = self._live[key] = build_source(injection.name, spec, read, **self._hooks)
+            found = self._live[key] = build_source(injection.name, spec, material, **self._hooks)
         return found
 
     def keep_only_used(self) -> None:

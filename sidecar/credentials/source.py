@@ -81,6 +81,8 @@ class TokenSource(CredentialSource):
                  on_minted: Callable[[str, str, Token], None],
                  on_failed: Callable[[str, str, CredentialError], None]):
         super().__init__(injection, static_secrets)
+        # The proxy's client session, handed over by authorize(): sources are built with the
+        # configuration, before the session exists.
         self.session: aiohttp.ClientSession | None = None
         self.cache = TokenCache(self._mint_with_session,
                                 on_minted=lambda token: on_minted(injection, self.kind, token),

@@ -19,8 +19,6 @@ import base64
 import hashlib
 import os
 import secrets
-import ssl
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +31,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from requests_aws4auth import AWS4Auth
+
+from tests.support.serving import ThreadedApp
 
 HOSTS = ("github-api.test", "github.test", "auth.test", "api.oauth.test", "aws.test")
 APP_ID = "424242"
@@ -275,27 +275,11 @@ class IdentityServer:
     def __init__(self, ca: trustme.CA, git_root: str):
         key, pem = rsa_key_pem()
         self.state = IdentityState(app_key=key, app_key_pem=pem, git_root=git_root)
-        self._cert = ca.issue_cert(*HOSTS)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
+        self._server = ThreadedApp(lambda: build_app(self.state), ca.issue_cert(*HOSTS))
 
     def start(self) -> IdentityState:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        self.state.port = self._server.start()
         return self.state
 
-    async def _start(self) -> None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._cert.configure_cert(context)
-        self._runner = web.AppRunner(build_app(self.state), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context).start()
-        self.state.port = self._runner.addresses[0][1]
-
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        self._server.stop()

@@ -13,8 +13,6 @@ import base64
 import gzip
 import hashlib
 import json
-import ssl
-import threading
 import zlib
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -22,6 +20,8 @@ from urllib.parse import quote
 import brotli
 import trustme
 from aiohttp import WSMsgType, web
+
+from tests.support.serving import ThreadedApp
 
 TEST_HOSTS = ("api.routed.test", "other.routed.test", "basic.routed.test", "query.routed.test",
               "rules.routed.test", "a.wild.test", "b.wild.test", "unrouted.test",
@@ -244,34 +244,13 @@ class UpstreamServer:
     def __init__(self, ca: trustme.CA, ca_file: str, port: int = 443,
                  hosts: tuple[str, ...] = TEST_HOSTS, cert: trustme.LeafCert | None = None,
                  tls: bool = True):
-        self._tls = tls
         self.state = Upstream(ca=ca, ca_file=ca_file, port=port)
-        self._cert = cert or ca.issue_cert(*hosts)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
+        cert = cert or ca.issue_cert(*hosts)
+        self._server = ThreadedApp(lambda: build_app(self.state), cert if tls else None, port)
 
     def start(self) -> Upstream:
-        self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        fut.result(timeout=10)
+        self.state.port = self._server.start()
         return self.state
 
-    async def _start(self) -> None:
-        context = None
-        if self._tls:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._cert.configure_cert(context)
-        self._runner = web.AppRunner(build_app(self.state), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.state.port, ssl_context=context,
-                           reuse_address=True)
-        await site.start()
-        self.state.port = self._runner.addresses[0][1]
-
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        self._server.stop()

@@ -1,0 +1,45 @@
+"""Running a test server (an aiohttp application) in a thread of its own, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable
+
+import trustme
+from aiohttp import web
+
+
+class ThreadedApp:
+    """Serves ``make_app()`` on 127.0.0.1:``port`` (0: a free one), over TLS with ``cert``."""
+
+    def __init__(self, make_app: Callable[[], web.Application], cert: trustme.LeafCert | None,
+                 port: int = 0):
+        self._make_app, self._cert, self._port = make_app, cert, port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def start(self) -> int:
+        """Start serving; return the port."""
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+
+    async def _start(self) -> int:
+        context = None
+        if self._cert is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._cert.configure_cert(context)
+        self._runner = web.AppRunner(self._make_app(), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self._port, ssl_context=context,
+                          reuse_address=True).start()
+        return self._runner.addresses[0][1]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
