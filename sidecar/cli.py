@@ -131,6 +131,8 @@ def check(argv: list[str]) -> int:
     for route in table.routes:
         hosts = ", ".join(str(h) for h in route.injection.hosts)
         sets = [name for name, _ in route.headers] + [f"?{name}" for name, _ in route.query]
+        if route.credential is not None:  # minted or signed by the proxy
+            sets.append(f"Authorization ({route.source})")
         print(f"ok  {route.name}: {hosts} ← {', '.join(sets)}")
     print(f"{len(table)} injection(s) ok")
     return 0

@@ -10,17 +10,13 @@ import sys
 from sidecar.spec import sign
 from tests.integration.clients import curl
 from tests.support.config import API_TOKEN, INJECTIONS, SECRETS, injection, ref
-from tests.support.sidecar import start_sidecar, write_injections, write_secrets
+from tests.support.sidecar import check_config, start_sidecar, write_injections
 
 SIDECAR = [sys.executable, "-m", "sidecar"]
 
 
 def run_check(tmp_path, injections, secrets=SECRETS, *extra):
-    write_secrets(tmp_path / "secrets", secrets)
-    write_injections(tmp_path / "inj.yaml", injections)
-    return subprocess.run([*SIDECAR, "check", "--injections", str(tmp_path / "inj.yaml"),
-                           "--secrets-dir", str(tmp_path / "secrets"), *extra],
-                          capture_output=True, text=True, timeout=30)
+    return check_config(tmp_path, injections, secrets, *extra)
 
 
 def test_check_accepts_a_good_configuration_and_lists_it(tmp_path):

@@ -16,7 +16,7 @@ from tests.integration.clients import curl
 from tests.support import identity
 from tests.support.config import injection, ref
 from tests.support.identity import IdentityServer
-from tests.support.sidecar import write_injections
+from tests.support.sidecar import check_config, write_injections
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +213,20 @@ def test_a_reload_that_changes_nothing_keeps_the_token(start, idp):
     assert curl(sidecar, url).status == 200
     assert sidecar.metric("keyhole_credential_mints_total", injection="github",
                           result="minted") == 1
+
+
+def test_check_reads_each_sources_material_and_names_a_bad_key(idp, tmp_path):
+    """`keyhole-sidecar check` builds the sources: a key that is not PEM is named, not shown."""
+    good = check_config(tmp_path / "good", [_github(idp), _oauth(idp), _aws(idp)], _secrets(idp))
+    assert good.returncode == 0, good.stderr
+    assert "ok  github: " in good.stdout and "← Authorization (github_app)" in good.stdout
+    assert "← Authorization (aws_sigv4)" in good.stdout
+    bad = check_config(tmp_path / "bad", [_github(idp)],
+                    _secrets(idp, key_pem="-----BEGIN RSA PRIVATE KEY-----\nbm90IGEga2V5\n"
+                                          "-----END RSA PRIVATE KEY-----"))
+    assert bad.returncode == 1
+    assert "github: secrets: Secret github-app/private-key.pem: not a PEM private key" in bad.stderr
+    assert "bm90IGEga2V5" not in bad.stdout + bad.stderr
 
 
 # -- OAuth 2.0 client credentials -----------------------------------------------------------

@@ -145,6 +145,16 @@ class Sidecar:
         return int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
 
 
+def check_config(workdir: Path, injections: list[dict] | str,
+                 secrets: dict[str, dict[str, str]], *extra: str) -> subprocess.CompletedProcess:
+    """``keyhole-sidecar check`` on this configuration, laid out under ``workdir``."""
+    write_secrets(workdir / "secrets", secrets)
+    write_injections(workdir / "inj.yaml", injections)
+    return subprocess.run([sys.executable, "-m", "sidecar", "check", "--injections",
+                           str(workdir / "inj.yaml"), "--secrets-dir", str(workdir / "secrets"),
+                           *extra], capture_output=True, text=True, timeout=30)
+
+
 def start_sidecar(workdir: Path, injections: list[dict] | str,
                   secrets: dict[str, dict[str, str]], *, resolve: list[str] = (),
                   upstream_ca: str | None = None, args: list[str] = (),
