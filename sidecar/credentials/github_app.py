@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from sidecar.credentials.endpoint import call, detail
 from sidecar.credentials.source import Outgoing, TokenSource
 from sidecar.credentials.tokens import CredentialError, Token
+from sidecar.redact import Redactor, secret_forms
 from sidecar.spec.model import GitHubApp
 
 JWT_LIFETIME = 540  # GitHub allows ten minutes; leave room for clock skew
@@ -73,13 +74,14 @@ class GitHubAppSource(TokenSource):
 
     async def mint(self, session: aiohttp.ClientSession) -> Token:
         now = time.time()
-        auth = {**API_HEADERS, "Authorization": f"Bearer {app_jwt(self.spec.app_id, self._key, now)}"}
+        jwt = app_jwt(self.spec.app_id, self._key, now)  # itself a credential for 9 minutes
+        auth = {**API_HEADERS, "Authorization": f"Bearer {jwt}"}
         installation = self._installation or await self._look_up_installation(session, auth)
         url = f"{self.spec.api_url}/app/installations/{installation}/access_tokens"
         answer = await call(session, "POST", url, what="GitHub", headers=auth,
                             json_body=token_request(self.spec))
         if answer.status != 201:
-            raise self._refused(answer, f"installation {installation}")
+            raise self._refused(answer, f"installation {installation}", jwt)
         token, expires = answer.body.get("token"), answer.body.get("expires_at")
         if not isinstance(token, str) or not token or not isinstance(expires, str):
             raise CredentialError("endpoint_answer", "GitHub's answer had no token or expires_at")
@@ -92,16 +94,18 @@ class GitHubAppSource(TokenSource):
 
     async def _look_up_installation(self, session: aiohttp.ClientSession,
                                     auth: dict[str, str]) -> str:
+        jwt = auth["Authorization"].removeprefix("Bearer ")
         url = f"{self.spec.api_url}/repos/{self.spec.repository}/installation"
         answer = await call(session, "GET", url, what="GitHub", headers=auth)
         if answer.status != 200 or not isinstance(answer.body.get("id"), int):
-            raise self._refused(answer, f"installation on {self.spec.repository}")
+            raise self._refused(answer, f"installation on {self.spec.repository}", jwt)
         self._installation = str(answer.body["id"])  # installations do not move: keep it
         return self._installation
 
-    def _refused(self, answer, looking_for: str) -> CredentialError:
+    def _refused(self, answer, looking_for: str, jwt: str) -> CredentialError:
         app = f"GitHub App {self.spec.app_id}"
-        said = detail(answer, self.redactor(), "message")
+        # GitHub's own words go into the error; the JWT it was sent must not come back in them.
+        said = detail(answer, Redactor((*self.redactor().forms, *secret_forms([jwt]))), "message")
         if answer.status == 401:
             return CredentialError("refused", f"GitHub refused the JWT of {app} (401{said}): "
                                    "check appID and that privateKeyFrom holds this App's "

@@ -39,7 +39,8 @@ class OAuth2Source(TokenSource):
 
     def __init__(self, injection: str, spec: OAuth2ClientCredentials, client_id: str,
                  client_secret: str, **hooks):
-        super().__init__(injection, (client_secret,), **hooks)
+        # The secret as sent in client_secret_basic is form-encoded first: mask that form too.
+        super().__init__(injection, (client_secret, quote_plus(client_secret)), **hooks)
         self.spec = spec
         self._client_id, self._client_secret = client_id, client_secret
 

@@ -4,6 +4,7 @@ GitHub, an OAuth 2.0 server and AWS would (tests/support/identity.py)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import shutil
 import subprocess
@@ -176,6 +177,8 @@ def test_a_key_that_is_not_the_apps_is_named_as_the_problem(start, idp):
     assert reply.status == 502
     assert "GitHub refused the JWT of GitHub App 424242 (401" in reply.body
     assert "check appID and that privateKeyFrom holds this App's current private key" in reply.body
+    assert "A JSON web token could not be decoded" in reply.body  # GitHub's words, but
+    assert "eyJ" not in reply.everything()  # not the JWT it echoed (every JWT starts so)
     assert sidecar.metric("keyhole_credential_mints_total", injection="github",
                           result="refused") == 1
     for line in other_pem.splitlines()[1:-1]:
@@ -251,7 +254,11 @@ def test_a_wrong_client_secret_is_a_502_naming_the_endpoints_answer(start, idp):
     reply = curl(sidecar, f"https://{_at(idp, 'api.oauth.test')}/v1/things")
     assert reply.status == 502
     assert (f"the token endpoint https://{_at(idp, 'auth.test')}/oauth2/token answered 401: "
-            "invalid_client client authentication failed: check clientIDFrom") in reply.body
+            "invalid_client client authentication failed for Basic ") in reply.body
+    # the endpoint echoed the basic credential: the secret's part of it is masked
+    sent = base64.b64encode(b"keyhole-agent+client:not-the-secret-1").decode()
+    assert "[REDACTED]" in reply.body and sent not in reply.body
+    assert "check clientIDFrom, clientSecretFrom and authMethod" in reply.body
     assert "not-the-secret-1" not in reply.everything() + sidecar.stderr()
     # a retrying agent does not become a flood: failures are held for a moment
     for _ in range(5):

@@ -102,9 +102,9 @@ def build_app(state: IdentityState) -> web.Application:
         try:
             claims = jwt.decode(auth[7:], state.app_key.public_key(), algorithms=["RS256"],
                                 options={"require": ["iat", "exp", "iss"]}, leeway=5)
-        except jwt.PyJWTError as exc:
-            return web.json_response({"message": f"A JSON web token could not be decoded ({exc})"},
-                                     status=401)
+        except jwt.PyJWTError as exc:  # echoing what it got, as careless servers do
+            return web.json_response({"message": f"A JSON web token could not be decoded ({exc}):"
+                                                 f" {auth[7:]}"}, status=401)
         if str(claims["iss"]) != APP_ID or claims["exp"] - claims["iat"] > 660:
             return web.json_response({"message": "'Issuer' or 'Expiration time' claim is wrong"},
                                      status=401)
@@ -165,9 +165,10 @@ def build_app(state: IdentityState) -> web.Application:
             client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
         if form.get("grant_type") != "client_credentials":
             return web.json_response({"error": "unsupported_grant_type"}, status=400)
-        if client_id != CLIENT_ID or secret != CLIENT_SECRET:
+        if client_id != CLIENT_ID or secret != CLIENT_SECRET:  # echoing what it got, carelessly
             return web.json_response({"error": "invalid_client", "error_description":
-                                      "client authentication failed"}, status=401)
+                                      f"client authentication failed for {auth or form}"},
+                                     status=401)
         token = state.issue("at-", form)
         return web.json_response({"access_token": token.value, "token_type": "Bearer",
                                   "expires_in": int(state.token_lifetime)})
