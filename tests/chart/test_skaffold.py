@@ -37,8 +37,9 @@ def test_the_dev_profile_renders_the_chart_with_both_images_and_live_reload():
     documents = [d for d in yaml.safe_load_all(rendered) if d]
     deployment = next(d for d in documents if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"].startswith("ghcr.io/keyhole-dev/keyhole-operator:")
+    # "git-" + the commit: a tag of digits only would reach helm as a number
+    assert container["image"].startswith("ghcr.io/keyhole-dev/keyhole-operator:git-")
     assert "--reload" in container["args"]
-    assert any(a.startswith("--sidecar-image=ghcr.io/keyhole-dev/keyhole-sidecar:")
+    assert any(a.startswith("--sidecar-image=ghcr.io/keyhole-dev/keyhole-sidecar:git-")
                for a in container["args"])
     assert deployment["spec"]["replicas"] == 1
