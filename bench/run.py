@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.run                  # every figure, 3 rounds
     .venv/bin/python -m bench.run --figure a --rounds 1 --seconds 3   # one figure, quickly
+    .venv/bin/python -m bench.run --only keyhole --figure b --rounds 1 # one peer (and direct)
 
 Peers (all on 127.0.0.1; proxies pinned to CPU 1, upstream and load generator to CPU 0):
 direct (the limit), keyhole (CONNECT + interception + injection), keyhole-base-url, and
@@ -28,6 +29,8 @@ from bench import peers
 from bench.peers import HOST, TOKEN, Workspace
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CORE_PEERS = ("direct", "keyhole", "keyhole-base-url", "nginx-reverse")  # always started
+EXTRA_PEERS = ("squid", "mitmproxy", "aiohttp-floor")  # started when asked for
 
 
 def hey(url: str, *, seconds: float | None = None, requests: int | None = None,
@@ -234,26 +237,37 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
     parser.add_argument("--figure", action="append", choices=list("abcdef"),
                         help="only these figures (repeatable); default all")
-    parser.add_argument("--peer", action="append", choices=["squid", "mitmproxy", "aiohttp-floor"],
+    parser.add_argument("--peer", action="append", choices=EXTRA_PEERS,
                         help="peers besides direct, keyhole and nginx (repeatable); default: "
                              "squid and mitmproxy. aiohttp-floor is aiohttp alone, forwarding "
                              "and adding the header: the floor under keyhole's base-URL mode")
+    parser.add_argument("--only", action="append", choices=[*CORE_PEERS[1:], *EXTRA_PEERS],
+                        help="measure only these peers (repeatable), and direct, which every "
+                             "ratio needs: the quick loop while iterating")
     args = parser.parse_args()
     wanted = set(args.figure or "abcdef")
+    others = args.peer or ["mitmproxy", "squid"]
+    if args.only:
+        others = [name for name in args.only if name in EXTRA_PEERS]
     rounds, failures = [], []
     with tempfile.TemporaryDirectory(prefix="keyhole-bench-") as folder:
         for number in range(args.rounds):
             ws = Workspace(Path(folder) / f"round-{number}")
-            upstreams, table = start(ws, args.peer or ["mitmproxy", "squid"])
+            upstreams, table = start(ws, others)
+            if args.only:
+                table = {name: peer for name, peer in table.items()
+                         if name == "direct" or name in args.only}
             try:
                 for peer in table.values():
                     peer.check_injects()
                     peer.check_verifies()
-                keyhole = table["keyhole"].process
-                idle = {"d_idle_rss_mib": round(keyhole.rss_mib(), 1),
-                        "d_ready_s": round(keyhole.extra["ready_s"], 3)}
+                idle = {}
+                if "keyhole" in table:  # before any load: (d) idle
+                    keyhole = table["keyhole"].process
+                    idle = {"d_idle_rss_mib": round(keyhole.rss_mib(), 1),
+                            "d_ready_s": round(keyhole.extra["ready_s"], 3)}
                 measured = figures(table, wanted, args.seconds, ws, failures)
-                measured["keyhole"].update(idle)
+                measured.get("keyhole", {}).update(idle)
                 rounds.append(measured)
             finally:
                 for process in {id(p.process): p.process for p in table.values() if p.process}.values():
