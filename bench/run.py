@@ -5,9 +5,12 @@
     .venv/bin/python -m bench.run --only keyhole --figure b --rounds 1 # one peer (and direct)
 
 Peers (all on 127.0.0.1; proxies pinned to CPU 1, upstream and load generator to CPU 0):
-direct (the limit), keyhole (CONNECT + interception + injection), keyhole-base-url, and
-nginx-reverse (nginx adding the header; the peer of base-URL mode). Each figure is the median
-of the rounds, with the ratio to direct computed per round. Results: bench/results/latest.json.
+direct (the limit), keyhole (CONNECT + interception + injection), keyhole-base-url,
+nginx-reverse (nginx adding the header; the peer of base-URL mode), squid and mitmproxy
+(CONNECT peers that bump TLS), aiohttp-floor (aiohttp alone: see bench/floor.py). Each is
+checked to inject and to refuse an untrusted upstream before it is measured. Each figure is
+the median of the rounds, with the ratio to direct computed per round. Results:
+bench/results/latest.json; ``python -m bench.plot`` draws docs/performance.png from them.
 """
 
 from __future__ import annotations
