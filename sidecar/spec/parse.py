@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from sidecar.spec.hosts import HostPattern
+from sidecar.spec.hosts import HostPattern, is_ip_literal
 from sidecar.spec.model import (
     API_VERSION,
     CREDENTIAL_FIELDS,
@@ -308,6 +308,8 @@ def _https_url(c: _Collector, value: Any, path: str, example: str) -> str | None
                     "only ever sent over TLS")
     elif parts.username is not None or parts.fragment or any(ord(ch) <= 0x20 for ch in url):
         c.add(path, f"{url!r} must have no user, fragment or spaces")
+    elif is_ip_literal(parts.hostname):  # as for hosts: names only, resolved under --egress
+        c.add(path, f"{url!r} names an IP address; use the endpoint's DNS name")
     else:
         return url
     return None

@@ -57,6 +57,8 @@ def test_each_source_parses_and_names_the_secrets_it_reads():
      "spec.githubApp.permissions.contents: must be one of read, write, admin"),
     ({"oauth2": {**OAUTH, "authMethod": "private_key_jwt"}}, "must be client_secret_basic"),
     ({"oauth2": {**OAUTH, "tokenURL": "https://user:pw@auth.example.com/t"}}, "must have no user"),
+    ({"oauth2": {**OAUTH, "tokenURL": "https://169.254.169.254/token"}}, "names an IP address"),
+    ({"githubApp": {**GITHUB, "apiURL": "https://[::1]:8443/api/v3"}}, "names an IP address"),
     ({"oauth2": {**OAUTH, "scopes": ["a b"]}}, "a scope has no spaces"),
     ({"oauth2": {**OAUTH, "tokenURL": "https://a.test/token"}},
      "the token endpoint's host is one of spec.hosts"),
