@@ -20,8 +20,10 @@ from sidecar.credentials.sigv4 import (
 SUITE = (Path(__file__).resolve().parents[1] / "clients" / "node_modules" / "@saibotsivad"
          / "aws-sig-v4-test-suite" / "index.json")
 # In these two published vectors the string to sign does not hash the published canonical
-# request, so no implementation can match all three files; their canonical request is checked.
-KNOWN_ERRATA = {"post-x-www-form-urlencoded", "post-x-www-form-urlencoded-parameters"}
+# request, so no implementation can match all three files; their canonical request is checked,
+# and where the authorization can be reproduced by signing the headers it names, it is.
+KNOWN_ERRATA = {"post-x-www-form-urlencoded": "signs content-type;host;x-amz-date",
+                "post-x-www-form-urlencoded-parameters": "matches no signing of this request"}
 
 
 def _suite() -> dict:
@@ -52,11 +54,21 @@ def test_aws_published_vector(vector):
     )
     assert signed.canonical_request == vector["creq"]
     consistent = hashlib.sha256(vector["creq"].encode()).hexdigest() == vector["sts"].split("\n")[-1]
-    if not consistent:
-        assert vector["name"] in KNOWN_ERRATA, "a published vector contradicts itself"
+    if consistent:
+        assert signed.string_to_sign == vector["sts"]
+        assert signed.authorization == vector["authz"]
         return
-    assert signed.string_to_sign == vector["sts"]
-    assert signed.authorization == vector["authz"]
+    assert vector["name"] in KNOWN_ERRATA, "a published vector contradicts itself"
+    if KNOWN_ERRATA[vector["name"]].startswith("signs "):
+        named = vector["authz"].split("SignedHeaders=")[1].split(",")[0].split(";")
+        resigned = sign(
+            method=request["method"], raw_path=request["path"], raw_query=request["query"],
+            headers=headers, signed_headers=named,
+            payload_hash=hashlib.sha256(request["body"].encode()).hexdigest(),
+            keys=AwsKeys(config["accessKeyId"], config["secretAccessKey"]),
+            region=config["region"], service=config["service"], amz_date=amz_date,
+        )
+        assert (resigned.string_to_sign, resigned.authorization) == (vector["sts"], vector["authz"])
 
 
 def test_the_whole_suite_is_there():
