@@ -73,22 +73,26 @@ class Peer:
         aiohttp-floor reaches only the real upstream.)"""
         if self.impostor is None:
             return
-        command = ["curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}"]
-        if self.proxy:
-            command += ["-x", f"http://127.0.0.1:{self.proxy}"]
+        command = self._curl("-o", "/dev/null", "-w", "%{http_code}")
         done = subprocess.run([*command, self.impostor], capture_output=True, text=True,
                               timeout=30)
         if done.stdout.strip() == "200":
             raise RuntimeError(f"{self.name} fetched {self.impostor} from an upstream whose "
                                "certificate it must not trust")
 
+    @property
+    def proxy_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.proxy}" if self.proxy else None
+
+    def _curl(self, *flags: str) -> list[str]:
+        """curl, through this peer's proxy if it is one (-k: the peers' CAs are not the point)."""
+        return ["curl", "-sS", "-k", *flags, *(["-x", self.proxy_url] if self.proxy else [])]
+
     def hey(self, path: str, **kwargs) -> dict:
         return hey(self.url + path, proxy=self.proxy, host=self.host, **kwargs)
 
     def curl(self, path: str, *extra: str) -> list[str]:
-        command = ["curl", "-sS", "-k", "-o", "/dev/null", *extra]
-        if self.proxy:
-            command += ["-x", f"http://127.0.0.1:{self.proxy}"]
+        command = self._curl("-o", "/dev/null", *extra)
         if self.host:
             command += ["--resolve", f"{HOST}:{self.url.split(':')[-1]}:127.0.0.1"]
         done = subprocess.run(peers.pinned(0, [*command, self.url + path]), capture_output=True,
@@ -100,7 +104,7 @@ class Peer:
     def sse(self) -> dict:
         command = [sys.executable, "-m", "bench.source", "measure", self.url + "/events"]
         if self.proxy:
-            command += ["--proxy", f"http://127.0.0.1:{self.proxy}"]
+            command += ["--proxy", self.proxy_url]
         if self.host:
             command += ["--host", self.host]
         done = subprocess.run(peers.pinned(0, command), capture_output=True, text=True, timeout=120,
@@ -111,9 +115,7 @@ class Peer:
 
     def check_injects(self) -> None:
         """A peer that does not really add the header is not measured."""
-        command = ["curl", "-sS", "-k", "-D", "-", "-o", "/dev/null"]
-        if self.proxy:
-            command += ["-x", f"http://127.0.0.1:{self.proxy}"]
+        command = self._curl("-D", "-", "-o", "/dev/null")
         if self.host:
             command += ["-H", f"Host: {self.host}"]
         headers = subprocess.run([*command, self.url + "/1k"], capture_output=True, text=True,
