@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what sidecars do with hosts no injection routes")
     p.add_argument("--no-native-sidecar", action="store_true",
                    help="inject a regular container (for Kubernetes < 1.29)")
+    p.add_argument("--sidecar-upstream-ca", type=Path, metavar="FILE",
+                   help="PEM certificates every sidecar trusts for upstream TLS besides the "
+                        "public roots (an internal CA for private APIs)")
     p.add_argument("--no-proxy", action="append", default=[], metavar="HOST",
                    help="extra NO_PROXY entry for agents, e.g. the API server address (repeatable)")
     p.add_argument("--operator-service-account", default=Settings.operator_service_account,
@@ -107,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(master_key) < 32:
         print("keyhole-operator: the master key must be at least 32 bytes", file=sys.stderr)
         return 2
+    upstream_ca = ""
+    if args.sidecar_upstream_ca:
+        from keyhole_operator.trust import read_upstream_ca
+
+        try:
+            upstream_ca = read_upstream_ca(args.sidecar_upstream_ca)
+        except ValueError as exc:
+            print(f"keyhole-operator: {exc}", file=sys.stderr)
+            return 2
     no_proxy = list(args.no_proxy)
     api_server = os.environ.get("KUBERNETES_SERVICE_HOST")  # in a pod: agents reach it directly
     if api_server and api_server not in no_proxy:
@@ -119,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                    memory_request=args.sidecar_memory_request,
                                    memory_limit=args.sidecar_memory_limit,
                                    cpu_limit=args.sidecar_cpu_limit),
+        upstream_ca=upstream_ca,
     )
     if args.reload:
         _restart_on_change()
@@ -158,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                                 pkeyfile=str(key), cafile=str(ca) if ca else None)
     runtime = handlers.Runtime(settings=settings, master_key=master_key, webhook_server=server,
                                manage_webhook_configurations=args.manage_webhook_configurations)
-    kopf.run(clusterwide=True, standalone=args.standalone,
+    # kopf pauses every replica when peers share a priority: each draws its own, and the
+    # highest reconciles (all of them serve the webhooks).
+    priority = 0 if args.standalone else secrets.SystemRandom().randint(1, 2**31 - 1)
+    kopf.run(clusterwide=True, standalone=args.standalone, priority=priority,
              peering_name=None if args.standalone else args.peering,
              liveness_endpoint=args.liveness, memo=kopf.Memo(runtime=runtime))
     return 0

@@ -1,9 +1,12 @@
 """The kopf handlers: thin. Each one gathers what Kubernetes says, calls a pure decision, and
 writes the result back. Importing this module registers them with kopf.
 
-- index ``injection_index``: the SecretInjections of each namespace, in memory, so the
-  admission webhook decides without calling the API server.
-- mutating webhook ``keyhole-inject`` (pods, CREATE): inject the sidecar.
+- index ``injection_index``: the SecretInjections of each namespace, in memory, for the
+  reconciling handlers of the active replica.
+- mutating webhook ``keyhole-inject`` (pods, CREATE): inject the sidecar. It lists the pod's
+  namespace's SecretInjections from the API server for each review instead of reading the
+  index: every replica serves the webhook, but only the active one watches (kopf pauses the
+  watch streams of the others), so their indexes would be stale.
 - validating webhooks ``keyhole-validate-injection`` (SecretInjections) and
   ``keyhole-protect-annotations`` (pods, UPDATE: only the operator changes keyhole.dev/).
 - ``reconcile`` (SecretInjection create/update/resume, and every ``--resync-seconds``): the namespace's CA,
@@ -52,8 +55,6 @@ class Runtime:
     cluster: Cluster | None = field(default=None)
     bundles_written: dict[str, bytes] = field(default_factory=dict)
     """Namespace → the CA certificate whose bundle was last written, to skip re-reading it."""
-    indexed: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once the injection index holds every valid SecretInjection the API server has."""
 
     def key(self, namespace: str) -> bytes:
         return namespace_key(self.master_key, namespace)
@@ -64,8 +65,7 @@ def _runtime(memo) -> Runtime:
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo, injection_index: kopf.Index,
-                    logger, **_) -> None:
+async def configure(settings: kopf.OperatorSettings, memo, **_) -> None:
     runtime = _runtime(memo)
     settings.persistence.finalizer = "keyhole.dev/operator"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.keyhole.dev")
@@ -80,56 +80,34 @@ async def configure(settings: kopf.OperatorSettings, memo, injection_index: kopf
         settings.admission.managed = "keyhole.dev" if runtime.manage_webhook_configurations else None
     if runtime.cluster is None:
         runtime.cluster = Cluster()
-    runtime.indexed = asyncio.Event()
-    asyncio.get_running_loop().create_task(_watch_index_fill(runtime, injection_index, logger))
 
 
-async def _watch_index_fill(runtime: Runtime, index: kopf.Index, logger) -> None:
-    """kopf serves webhooks before its indices are filled; ours refuse to decide until then."""
-    while not runtime.indexed.is_set():
-        try:
-            listed = await asyncio.to_thread(runtime.cluster.list_injections)
-        except Exception as exc:  # the API server may not answer yet
-            logger.info("waiting to list SecretInjections: %s", exc)
-            await asyncio.sleep(1)
-            continue
-        wanted = set()
-        for obj in listed:
-            try:
-                Injection.from_object(obj)
-            except ValueError:
-                continue  # invalid ones never enter the index
-            wanted.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
-        have = {(ns, i.name) for ns in list(index) for i in index.get(ns, [])}
-        if wanted <= have:
-            runtime.indexed.set()
-            logger.info("injection index ready: %d SecretInjection(s)", len(wanted))
-            return
-        await asyncio.sleep(0.5)
-
-
-@kopf.on.probe(id="injections-indexed")
-def injections_indexed(memo, **_) -> bool:
-    """Fails /healthz until the webhook can decide (the chart's readiness probe uses it)."""
-    if not _runtime(memo).indexed.is_set():  # permanent: answer 500 now, no retries
-        raise kopf.PermanentError("the SecretInjection index is still filling")
+@kopf.on.probe(id="api-reachable")
+async def api_reachable(memo, **_) -> bool:
+    """Fails /healthz (the chart's readiness probe) while this replica cannot read
+    SecretInjections: the webhook could not decide, so the Service sends reviews elsewhere."""
+    try:
+        await asyncio.to_thread(_runtime(memo).cluster.can_list_injections)
+    except Exception as exc:  # permanent: answer 500 now, no retries
+        raise kopf.PermanentError(f"cannot list SecretInjections: {_reason(exc)}") from None
     return True
 
 
-async def _require_index(runtime: Runtime, pod: dict) -> None:
-    """Fail closed while starting: a tagged pod is refused (retryably) rather than admitted
-    from a half-filled index."""
-    if runtime.indexed.is_set():
-        return
-    try:
-        await asyncio.wait_for(runtime.indexed.wait(), timeout=3)
-    except TimeoutError:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        if any(is_keyhole_key(k) for k in labels):
-            metrics.admissions.labels("keyhole-inject", "not-ready").inc()
-            raise kopf.AdmissionError("keyhole is starting and does not know every "
-                                      "SecretInjection yet; retry in a few seconds",
-                                      code=503) from None
+def _reason(exc: Exception) -> str:
+    """A short cause for an API failure (never the response body)."""
+    status = getattr(exc, "status", None)
+    return f"HTTP {status}" if status else type(exc).__name__
+
+
+def valid_injections(objects: list[dict]) -> list[Injection]:
+    """The SecretInjections the parser accepts (the validating webhook refuses the others)."""
+    found = []
+    for obj in objects:
+        try:
+            found.append(Injection.from_object(obj))
+        except ValueError:
+            continue
+    return found
 
 
 # -- the index ------------------------------------------------------------------------------------
@@ -155,13 +133,18 @@ def _injections(index: kopf.Index, namespace: str, *, without: str | None = None
 # These are pure and take milliseconds, so they run on the event loop directly.
 
 @kopf.on.mutate("v1", "pods", operations=["CREATE"], id="keyhole-inject", side_effects=False)
-async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], injection_index: kopf.Index,
-           memo, **_) -> None:
+async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, **_) -> None:
     runtime = _runtime(memo)
     pod = _plain(body)
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
-    await _require_index(runtime, pod)
-    chosen = injections_for_pod(_injections(injection_index, namespace), pod)
+    try:  # fail closed: without the namespace's injections, refuse (retryably) to decide
+        listed = await asyncio.to_thread(runtime.cluster.list_namespace_injections, namespace)
+    except Exception as exc:
+        metrics.admissions.labels("keyhole-inject", "unavailable").inc()
+        raise kopf.AdmissionError(
+            f"keyhole cannot read the SecretInjections of namespace {namespace} "
+            f"({_reason(exc)}); retry in a few seconds", code=503) from None
+    chosen = injections_for_pod(valid_injections(listed), pod)
     if not chosen:
         metrics.admissions.labels("keyhole-inject", "skipped").inc()
         return
@@ -245,7 +228,8 @@ def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list
         changed.append(f"CA {plan.reason}")
     trusted = ca_data["tls.crt"] + ca_data.get(PREVIOUS_KEY, b"")
     if runtime.bundles_written.get(namespace) != trusted:
-        data, binary = bundle_data(ca_data, runtime.settings.java_truststore_password)
+        data, binary = bundle_data(ca_data, runtime.settings.java_truststore_password,
+                                   runtime.settings.upstream_ca)
         current = cluster.read_config_map(namespace, CA_BUNDLE_CONFIGMAP)
         if plan.changed or current is None or current.get("data") != data:
             cluster.put_config_map(namespace, CA_BUNDLE_CONFIGMAP, data, binary,

@@ -88,6 +88,18 @@ class Cluster:
                                                           _preload_content=False)
         return json.loads(response.data)["items"]
 
+    def list_namespace_injections(self, namespace: str) -> list[dict]:
+        response = self.custom.list_namespaced_custom_object(
+            "keyhole.dev", "v1alpha1", namespace, "secretinjections", _preload_content=False,
+            _request_timeout=3)
+        return json.loads(response.data)["items"]
+
+    def can_list_injections(self) -> None:
+        """Raises unless SecretInjections can be listed (one item asked for, none read)."""
+        self.custom.list_cluster_custom_object("keyhole.dev", "v1alpha1", "secretinjections",
+                                               limit=1, _preload_content=False,
+                                               _request_timeout=2).release_conn()
+
     def ensure_peering(self, name: str) -> None:
         """The ClusterKopfPeering object kopf needs to elect one active replica."""
         body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
