@@ -45,3 +45,6 @@ class Settings:
     """Password of the PKCS12 trust store for Java (not a secret: it guards public certs)."""
     run_as_user: int = 65532
     """UID of the sidecar process (non-root)."""
+    upstream_ca: str = ""
+    """PEM certificates sidecars trust for upstream TLS besides the public roots (an internal
+    CA for private APIs). Public material: it travels in each namespace's trust ConfigMap."""

@@ -117,9 +117,10 @@ def public_roots() -> list[tuple[bytes, x509.Certificate | None]]:
     return roots
 
 
-def bundle_data(secret_data: dict[str, bytes], truststore_password: str
+def bundle_data(secret_data: dict[str, bytes], truststore_password: str, upstream_ca: str = ""
                 ) -> tuple[dict[str, str], dict[str, bytes]]:
-    """The ``keyhole-ca-bundle`` ConfigMap: (data, binaryData)."""
+    """The ``keyhole-ca-bundle`` ConfigMap: (data, binaryData). ``upstream_ca`` (the
+    operator's ``--sidecar-upstream-ca``) rides along for the sidecars to mount."""
     cas = trusted_cas(secret_data)
     roots = public_roots()
     ca_pem = _pem(cas)
@@ -135,4 +136,20 @@ def bundle_data(secret_data: dict[str, bytes], truststore_password: str
                                     for pem, _ in roots) + ca_pem).decode(),
         layout.WGETRC: f"ca_certificate = {layout.TRUST_DIR}/{layout.CA_BUNDLE}\n",
     }
+    if upstream_ca:
+        data[layout.UPSTREAM_CA] = upstream_ca
     return data, {layout.TRUSTSTORE: store}
+
+
+def read_upstream_ca(path) -> str:
+    """The PEM certificates of ``--sidecar-upstream-ca``, checked; ValueError names the file."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--sidecar-upstream-ca {path}: cannot read it ({exc.strerror})") from None
+    try:
+        certs = x509.load_pem_x509_certificates(text)
+    except ValueError:
+        raise ValueError(f"--sidecar-upstream-ca {path}: not a PEM bundle of certificates "
+                         "(-----BEGIN CERTIFICATE----- blocks)") from None
+    return _pem(certs).decode()

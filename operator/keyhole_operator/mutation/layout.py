@@ -16,18 +16,21 @@ SIGNING_KEY_FILE = "key"
 ROUTES_DIR = f"{ROOT}/routes"
 ROUTES_FILE = "injections.json"
 TRUST_DIR = f"{ROOT}/trust"
+UPSTREAM_CA_DIR = f"{ROOT}/upstream-ca"
 
 # Keys of the keyhole-ca-bundle ConfigMap, mounted at TRUST_DIR in agent containers.
 CA_CERT = "ca.crt"
 CA_BUNDLE = "ca-bundle.crt"
 WGETRC = "wgetrc"
 TRUSTSTORE = "truststore.p12"
+UPSTREAM_CA = "upstream-ca.crt"  # only with Settings.upstream_ca; mounted into the sidecar
 
 VOLUME_PREFIX = "keyhole-"
 CA_VOLUME = "keyhole-ca"
 SIGNING_VOLUME = "keyhole-signing"
 ROUTES_VOLUME = "keyhole-routes"
 TRUST_VOLUME = "keyhole-trust"
+UPSTREAM_CA_VOLUME = "keyhole-upstream-ca"
 
 # Files in Secret, ConfigMap and downward-API volumes keyhole adds. Readable by the
 # non-root sidecar: the kubelet makes these files root-owned unless the pod sets fsGroup,

@@ -182,7 +182,7 @@ def mutate(pod: dict, injections: list[Injection], settings: Settings, key: byte
         return Mutation(pod)
     injections = sorted(injections, key=lambda i: i.name)
     problem = _refusal(pod, injections, settings)
-    volumes = [*sidecar_volumes(injections), trust_volume()]
+    volumes = [*sidecar_volumes(injections, settings), trust_volume()]
     problem = problem or _volume_collisions(pod, volumes)
     if problem:
         raise Refused(problem)

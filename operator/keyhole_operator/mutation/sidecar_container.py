@@ -22,7 +22,7 @@ def secret_keys(injections: list[Injection]) -> dict[str, list[str]]:
     return {name: sorted(found) for name, found in sorted(keys.items())}
 
 
-def sidecar_volumes(injections: list[Injection]) -> list[dict]:
+def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dict]:
     mode = layout.FILE_MODE
     volumes = [
         {"name": layout.secret_volume_name(name),
@@ -43,6 +43,12 @@ def sidecar_volumes(injections: list[Injection]) -> list[dict]:
              "path": layout.ROUTES_FILE,
              "fieldRef": {"fieldPath": f"metadata.annotations['{INJECTIONS}']"}}]}},
     ]
+    if settings.upstream_ca:
+        from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
+
+        volumes.append({"name": layout.UPSTREAM_CA_VOLUME, "configMap": {
+            "name": CA_BUNDLE_CONFIGMAP, "defaultMode": mode,
+            "items": [{"key": layout.UPSTREAM_CA, "path": layout.UPSTREAM_CA}]}})
     return volumes
 
 
@@ -67,6 +73,11 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
         {"name": layout.SIGNING_VOLUME, "mountPath": layout.SIGNING_DIR, "readOnly": True},
         {"name": layout.ROUTES_VOLUME, "mountPath": layout.ROUTES_DIR, "readOnly": True},
     ]
+    upstream_ca: list[str] = []
+    if settings.upstream_ca:
+        mounts.append({"name": layout.UPSTREAM_CA_VOLUME, "mountPath": layout.UPSTREAM_CA_DIR,
+                       "readOnly": True})
+        upstream_ca = ["--upstream-ca", f"{layout.UPSTREAM_CA_DIR}/{layout.UPSTREAM_CA}"]
     resources: dict = {"requests": {"cpu": settings.resources.cpu_request,
                                     "memory": settings.resources.memory_request},
                        "limits": {"memory": settings.resources.memory_limit}}
@@ -84,6 +95,7 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
             "--listen", f"127.0.0.1:{settings.proxy_port}",
             "--admin-listen", f"0.0.0.0:{settings.admin_port}",
             "--unmatched", settings.unmatched,
+            *upstream_ca,
         ],
         "ports": [{"name": "keyhole-admin", "containerPort": settings.admin_port,
                    "protocol": "TCP"}],
