@@ -2,8 +2,9 @@
 
 Built from the Go module proxy (see go.mod here) into ``~/.cache/keyhole/k8s-<version>/``,
 keyed by version and the pins, and reused when present. Started with generated serving
-certs and service-account keys, RBAC, and the admission webhook plugins. There is no kubelet,
-scheduler or controller-manager: objects are stored and admitted, nothing runs.
+certs and service-account keys, RBAC, and the admission webhook plugins. On its own there is
+no kubelet, scheduler or controller-manager: objects are stored and admitted, nothing runs.
+``tests/cluster/node.py`` starts one inside a network namespace of its own, with a real node.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ BINARIES = {  # binary name -> Go package
     "etcd": "go.etcd.io/etcd/server/v3",
     "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
     "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+    # the node (tests/cluster/node.py): what runs pods, from the same pinned module
+    "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+    "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+    "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+    "kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy",
 }
 HELM_MODULE = HERE / "helm"  # its own go.mod: helm's dependencies never move the pins above
 HELM_VERSION = "3.19.5"
@@ -45,6 +51,7 @@ HELM_LDFLAGS = " ".join([  # what helm's Makefile stamps: its version, and its d
     f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={KUBERNETES_VERSION.split('.')[1]}",
 ])
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR_FIRST = "10.96.0.1"  # the `kubernetes` Service, which pods reach the API server by
 
 
 def cache_root() -> Path:
@@ -207,6 +214,13 @@ class ControlPlane:
     root: Path
     port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    address: str = "127.0.0.1"  # where kube-apiserver listens and what it advertises
+    wrap: list[str] = field(default_factory=list)  # command prefix, e.g. to enter a netns
+    extra_args: list[str] = field(default_factory=list)
+    authorization: str = "RBAC"
+    admission_plugins: str = "MutatingAdmissionWebhook,ValidatingAdmissionWebhook"
+    endpoint_reconciler: str = "none"  # no kubelet reaches it: the `kubernetes` Service is unused
+    ca: _Issuer | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -214,21 +228,26 @@ class ControlPlane:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.address}:{self.port}"
 
     def _write_pki(self) -> None:
         pki = self.root / "pki"
         pki.mkdir(parents=True, exist_ok=True)
-        ca = _Issuer.create("keyhole test cluster CA")
+        ca = self.ca = _Issuer.create("keyhole test cluster CA")
         (pki / "ca.crt").write_bytes(_pem_cert(ca.cert))
+        (pki / "ca.key").write_bytes(_pem_key(ca.key))
         cert, key = ca.issue("kube-apiserver", dns=["localhost", "kubernetes",
+                                                    "kubernetes.default",
                                                     "kubernetes.default.svc"],
-                             ips=["127.0.0.1"], server=True)
+                             ips=sorted({"127.0.0.1", self.address, SERVICE_CIDR_FIRST}),
+                             server=True)
         (pki / "apiserver.crt").write_bytes(cert)
         (pki / "apiserver.key").write_bytes(key)
-        cert, key = ca.issue("keyhole-test-admin", organization="system:masters")
-        (pki / "admin.crt").write_bytes(cert)
-        (pki / "admin.key").write_bytes(key)
+        for name, common_name in (("admin", "keyhole-test-admin"),
+                                  ("apiserver-kubelet-client", "kube-apiserver-kubelet-client")):
+            cert, key = ca.issue(common_name, organization="system:masters")
+            (pki / f"{name}.crt").write_bytes(cert)
+            (pki / f"{name}.key").write_bytes(key)
         sa_key = ec.generate_private_key(ec.SECP256R1())
         (pki / "sa.key").write_bytes(_pem_key(sa_key))
         (pki / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
@@ -236,27 +255,42 @@ class ControlPlane:
 
     def _write_kubeconfig(self) -> None:
         pki = self.root / "pki"
+        self.write_kubeconfig(self.kubeconfig, pki / "admin.crt", pki / "admin.key")
+
+    def write_kubeconfig(self, path: Path, cert: Path, key: Path) -> Path:
+        """A kubeconfig for this API server that authenticates with a client certificate."""
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "keyhole-test",
             "clusters": [{"name": "keyhole-test", "cluster": {
-                "server": self.url, "certificate-authority": str(pki / "ca.crt")}}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate": str(pki / "admin.crt"),
-                "client-key": str(pki / "admin.key")}}],
+                "server": self.url, "certificate-authority": str(self.root / "pki" / "ca.crt")}}],
+            "users": [{"name": "user", "user": {
+                "client-certificate": str(cert), "client-key": str(key)}}],
             "contexts": [{"name": "keyhole-test", "context": {
-                "cluster": "keyhole-test", "user": "admin"}}],
+                "cluster": "keyhole-test", "user": "user"}}],
         }
-        self.kubeconfig.write_text(json.dumps(config, indent=2))
+        path.write_text(json.dumps(config, indent=2))
+        return path
+
+    def client_credentials(self, name: str, common_name: str, organization: str | None = None
+                           ) -> Path:
+        """A client certificate from the cluster CA and a kubeconfig using it; returns the
+        kubeconfig (components of the node authenticate as themselves with these)."""
+        pki = self.root / "pki"
+        cert, key = self.ca.issue(common_name, organization=organization)
+        (pki / f"{name}.crt").write_bytes(cert)
+        (pki / f"{name}.key").write_bytes(key)
+        return self.write_kubeconfig(self.root / f"{name}.kubeconfig", pki / f"{name}.crt",
+                                     pki / f"{name}.key")
 
     def start(self, binaries: Path, timeout: float = 60) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_pki()
         pki = self.root / "pki"
         etcd_client, etcd_peer = _free_port(), _free_port()
-        self.port = _free_port()
+        self.port = self.port or _free_port()
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
-        self._spawn("etcd", [
+        self.spawn("etcd", [
             str(binaries / "etcd"), "--data-dir", str(self.root / "etcd"),
             "--listen-client-urls", f"http://127.0.0.1:{etcd_client}",
             "--advertise-client-urls", f"http://127.0.0.1:{etcd_client}",
@@ -265,10 +299,10 @@ class ControlPlane:
             "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
             "--unsafe-no-fsync", "--log-level", "warn",
         ])
-        self._spawn("kube-apiserver", [
+        self.spawn("kube-apiserver", [
             str(binaries / "kube-apiserver"),
             "--etcd-servers", f"http://127.0.0.1:{etcd_client}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", self.address, "--advertise-address", self.address,
             "--secure-port", str(self.port),
             "--tls-cert-file", str(pki / "apiserver.crt"),
             "--tls-private-key-file", str(pki / "apiserver.key"),
@@ -277,21 +311,24 @@ class ControlPlane:
             "--service-account-key-file", str(pki / "sa.pub"),
             "--service-account-signing-key-file", str(pki / "sa.key"),
             "--service-cluster-ip-range", SERVICE_CIDR,
-            "--authorization-mode", "RBAC",
-            "--enable-admission-plugins", "MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
-            "--endpoint-reconciler-type", "none",
+            "--authorization-mode", self.authorization,
+            "--enable-admission-plugins", self.admission_plugins,
+            "--endpoint-reconciler-type", self.endpoint_reconciler,
             "--allow-privileged=true",
             "--profiling=false",
             "--v=1",
+            *self.extra_args,
         ])
         self._write_kubeconfig()
         self._wait_ready(timeout)
 
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        """Start a component beside this plane (same wrap), its log in ``logs/<name>.log``."""
         log = open(self.root / "logs" / f"{name}.log", "w")  # noqa: SIM115 - owned by the child
-        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+        self.processes[name] = subprocess.Popen([*self.wrap, *command], stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        return self.processes[name]
 
     def _wait_ready(self, timeout: float) -> None:
         pki = self.root / "pki"
@@ -321,7 +358,8 @@ class ControlPlane:
             if path.exists() else "(no log)"
 
     def stop(self) -> None:
-        for name in ("kube-apiserver", "etcd"):
+        """Stop every component, the last started first (etcd goes last)."""
+        for name in reversed(list(self.processes)):
             process = self.processes.get(name)
             if process and process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)

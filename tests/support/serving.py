@@ -1,8 +1,10 @@
-"""Running a test server (an aiohttp application) in a thread of its own, on 127.0.0.1."""
+"""Running a test server (an aiohttp application) in a thread of its own, on 127.0.0.1 (or on
+a listening socket the caller made, e.g. inside the test node's network namespace)."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -15,8 +17,8 @@ class ThreadedApp:
     """Serves ``make_app()`` on 127.0.0.1:``port`` (0: a free one), over TLS with ``cert``."""
 
     def __init__(self, make_app: Callable[[], web.Application], cert: trustme.LeafCert | None,
-                 port: int = 0):
-        self._make_app, self._cert, self._port = make_app, cert, port
+                 port: int = 0, sock: socket.socket | None = None):
+        self._make_app, self._cert, self._port, self._sock = make_app, cert, port, sock
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -33,8 +35,11 @@ class ThreadedApp:
             self._cert.configure_cert(context)
         self._runner = web.AppRunner(self._make_app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self._port, ssl_context=context,
-                          reuse_address=True).start()
+        if self._sock is not None:
+            await web.SockSite(self._runner, self._sock, ssl_context=context).start()
+        else:
+            await web.TCPSite(self._runner, "127.0.0.1", self._port, ssl_context=context,
+                              reuse_address=True).start()
         return self._runner.addresses[0][1]
 
     def stop(self) -> None:

@@ -13,6 +13,7 @@ import base64
 import gzip
 import hashlib
 import json
+import socket
 import zlib
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -90,11 +91,14 @@ def build_app(upstream: Upstream) -> web.Application:
 
     async def echo(request: web.Request) -> web.StreamResponse:
         body = await record(request)
-        return web.json_response({
+        answer = {
             "method": request.method, "path": request.raw_path,
             "headers": [[k, v] for k, v in request.headers.items()],
             "body_size": len(body),
-        })
+        }
+        if request.path == "/v1/models":  # also shaped as OpenAI's list, for real SDKs
+            answer.update({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+        return web.json_response(answer)
 
     async def reflect(request: web.Request) -> web.StreamResponse:
         """Reflect the received credential: ?where=body|header|cookie|location|www-auth|error
@@ -243,10 +247,11 @@ class UpstreamServer:
 
     def __init__(self, ca: trustme.CA, ca_file: str, port: int = 443,
                  hosts: tuple[str, ...] = TEST_HOSTS, cert: trustme.LeafCert | None = None,
-                 tls: bool = True):
+                 tls: bool = True, sock: socket.socket | None = None):
         self.state = Upstream(ca=ca, ca_file=ca_file, port=port)
         cert = cert or ca.issue_cert(*hosts)
-        self._server = ThreadedApp(lambda: build_app(self.state), cert if tls else None, port)
+        self._server = ThreadedApp(lambda: build_app(self.state), cert if tls else None, port,
+                                   sock)
 
     def start(self) -> Upstream:
         self.state.port = self._server.start()
