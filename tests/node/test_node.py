@@ -1,0 +1,396 @@
+"""End to end on a real node: the chart installed from the images built here, a tagged agent
+Deployment admitted, mutated and started by the kubelet, and what a user would check from
+``kubectl``: the start order, the key reaching the upstream and nowhere else, live revocation,
+Secret and CA rotation, a killed sidecar, lost operator replicas, and memory.
+
+The agent's clients use only what the webhook injected (proxy variables, CA bundle, base URL);
+the upstream on the node (10.254.0.2:443, ``api.routed.test`` through the pods' hostAliases)
+has a test CA that only the sidecars trust, through the chart's ``sidecar.upstreamCA``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.cluster.node import NODE_NAME
+from tests.node.conftest import RELEASE_NAMESPACE, SECRET_VALUE, openai_injection, statuses
+
+BEARER = f"Bearer {SECRET_VALUE}"
+
+
+def _marker() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def curl(agents, pod, marker: str, *flags: str) -> str:
+    """curl in the agent, with the injected environment only; prints the status code."""
+    return agents.exec(pod, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", *flags,
+                       f"https://api.routed.test/v1/models?m={marker}", check=False).stdout
+
+
+def restarts(pod: dict) -> dict[str, int]:
+    return {name: s.get("restartCount", 0) for name, s in statuses(pod).items()}
+
+
+# -- install ------------------------------------------------------------------------------------
+
+def test_the_operator_runs_as_real_pods_and_kubectl_shows_the_truth(release, agents, kube):
+    deployment = kube.get("deployment", "keyhole-operator", RELEASE_NAMESPACE)
+    assert deployment["status"].get("readyReplicas") == 2
+    pods = release.operator_pods()
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["spec"]["nodeName"] == NODE_NAME
+        assert pod["status"]["phase"] == "Running"
+        assert statuses(pod)["operator"]["ready"] is True
+    listed = kube.kubectl("get", "si", "-n", agents.namespace).stdout.splitlines()
+    header, row = listed[0].split(), listed[1].split()
+    assert header[:4] == ["NAME", "HOSTS", "PODS", "READY"]
+    assert row[0] == "openai" and row[2] == "1" and row[3] == "True", listed
+    # The validating webhook answers through the chart's Service, from a real pod.
+    bad = openai_injection()
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["hosts"] = ["10.0.0.1"]  # the CRD's schema allows it; keyhole's parser does not
+    refused = kube.apply([bad], agents.namespace, check=False)
+    assert refused.returncode != 0
+    assert 'admission webhook "secretinjections.keyhole.dev" denied' in refused.stderr
+    assert "is an IP address; keyhole routes by DNS name only" in refused.stderr
+
+
+# -- a tagged agent -----------------------------------------------------------------------------
+
+def test_the_sidecar_starts_and_is_ready_before_the_agent(agents):
+    pod = agents.pod("agent")
+    sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == "keyhole-proxy")
+    assert sidecar["restartPolicy"] == "Always"
+    assert "startupProbe" in sidecar
+    found = statuses(pod)
+    assert found["keyhole-proxy"]["started"] is True and found["keyhole-proxy"]["ready"] is True
+    assert found["agent"]["ready"] is True
+    sidecar_start = found["keyhole-proxy"]["state"]["running"]["startedAt"]
+    agent_start = found["agent"]["state"]["running"]["startedAt"]
+    assert sidecar_start <= agent_start
+    # What the agent saw the moment it started: the sidecar already answered ready.
+    assert agents.exec(pod, "cat", "/tmp/sidecar-ready-at-start").stdout == "200"
+
+
+def test_real_clients_reach_the_upstream_with_the_key_using_only_the_injected_environment(
+        agents, node_upstream):
+    pod = agents.pod("agent")
+    markers = {name: _marker() for name in ("curl", "requests", "node")}
+    assert curl(agents, pod, markers["curl"]) == "200"
+    answer = agents.exec(pod, "python3", "-c", (
+        "import requests, sys; r = requests.get(sys.argv[1]); print(r.status_code); "
+        "print(r.text)"), f"https://api.routed.test/v1/models?m={markers['requests']}").stdout
+    assert answer.splitlines()[0] == "200"
+    assert SECRET_VALUE not in answer and "[REDACTED]" in answer  # the upstream echoes headers
+    # Node 18's fetch reads no proxy variable: it uses the injected base URL instead.
+    status = agents.exec(pod, "node", "-e", (
+        "fetch(process.env.OPENAI_BASE_URL + '/models?m=' + process.argv[1])"
+        ".then(r => console.log(r.status))"), markers["node"]).stdout.strip()
+    assert status == "200"
+    for client, marker in markers.items():
+        received = node_upstream.one(marker)
+        assert received.header("authorization") == [BEARER], client
+
+
+def test_the_agent_container_holds_no_key(agents):
+    pod = agents.pod("agent")
+    environment = agents.exec(pod, "env").stdout
+    assert "HTTPS_PROXY=http://127.0.0.1:15080" in environment
+    assert SECRET_VALUE not in environment
+    # Every file the agent can read, mounted volumes included (not /proc, /sys, /dev).
+    search = agents.exec(pod, "grep", "-rlsF", "--exclude-dir=proc", "--exclude-dir=sys",
+                         "--exclude-dir=dev", SECRET_VALUE, "/", check=False)
+    assert search.returncode == 1 and search.stdout == "", search.stdout
+    # Mount points as the kernel names them (Debian's /var/run is a link to /run).
+    mounts = [line.split()[1] for line in
+              agents.exec(pod, "cat", "/proc/self/mounts").stdout.splitlines()]
+    assert any(m.endswith("/keyhole/trust") for m in mounts), mounts
+    for private in ("secrets", "ca", "signing", "routes"):
+        assert not [m for m in mounts if f"/keyhole/{private}" in m], mounts
+    spec = next(c for c in pod["spec"]["containers"] if c["name"] == "agent")
+    assert {m["name"] for m in spec.get("volumeMounts", [])} <= {
+        "keyhole-trust", *[m["name"] for m in spec.get("volumeMounts", [])
+                           if m["mountPath"].startswith("/var/run/secrets/kubernetes.io")]}
+
+
+_SIDECAR_SELF_CHECK = """
+import errno, hashlib, json, os
+try:
+    open("/written-by-the-sidecar", "w")
+    write = "allowed"
+except OSError as exc:
+    write = errno.errorcode[exc.errno]
+path = "/var/run/keyhole/secrets/openai-credentials/api-key"
+print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+                  "write": write, "file_gid": os.stat(path).st_gid,
+                  "secret_sha256": hashlib.sha256(open(path, "rb").read().strip()).hexdigest()}))
+"""
+
+
+@pytest.mark.parametrize("fs_group", [None, 2000])
+def test_the_sidecar_runs_unprivileged_on_a_read_only_root_and_reads_its_secret(agents, fs_group):
+    if fs_group is None:
+        pod = agents.pod("agent")
+    else:
+        pod = agents.deploy("agent-fsgroup", {"keyhole.dev/openai": "true"},
+                            {"fsGroup": fs_group})
+    seen = agents.python(pod, _SIDECAR_SELF_CHECK, container="keyhole-proxy")
+    assert seen["uid"] == 65532 and seen["gid"] == 65532
+    assert seen["write"] == "EROFS"
+    assert seen["secret_sha256"] == hashlib.sha256(SECRET_VALUE.encode()).hexdigest()
+    if fs_group is not None:
+        assert fs_group in seen["groups"] and seen["file_gid"] == fs_group
+        agents.kube.kubectl("delete", "deployment", "agent-fsgroup", "-n", agents.namespace)
+
+
+# -- live changes ----------------------------------------------------------------------------------
+
+def _wait_for_request(agents, pod, node_upstream, *flags: str, want_key: bool,
+                      timeout: float = 30) -> None:
+    """Send requests until the upstream sees one with (or without) the key."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        marker = _marker()
+        curl(agents, pod, marker, *flags)
+        found = node_upstream.find(marker)
+        if found:
+            last = found[0].header("authorization")
+            if (last == [BEARER]) == want_key:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"no request {'with' if want_key else 'without'} the key reached the "
+                         f"upstream in {timeout}s (last Authorization: {last})")
+
+
+def test_removing_the_tag_revokes_at_once_and_putting_it_back_grants_without_restarts(
+        agents, node_upstream):
+    pod = agents.pod("agent")
+    before = restarts(pod)
+    name = pod["metadata"]["name"]
+    agents.kube.kubectl("label", "pod", name, "-n", agents.namespace, "keyhole.dev/openai-")
+    # Unrouted now: the tunnel is blind, so the agent sees the upstream's own certificate
+    # (-k accepts it) and the upstream sees the request exactly as the agent sent it.
+    _wait_for_request(agents, pod, node_upstream, "-k", want_key=False)
+    marker = _marker()
+    assert curl(agents, pod, marker) != "200"  # the namespace CA no longer vouches for it
+    assert node_upstream.find(marker) == []
+    agents.kube.kubectl("label", "pod", name, "-n", agents.namespace, "keyhole.dev/openai=true")
+    _wait_for_request(agents, pod, node_upstream, want_key=True)
+    assert restarts(agents.pod("agent")) == before
+
+
+def test_an_updated_secret_reaches_the_running_sidecar_without_a_restart(agents, node_upstream):
+    pod = agents.pod("agent")
+    before = restarts(pod)
+    rotated = SECRET_VALUE + "-rotated"
+
+    def put(value: str) -> None:
+        manifest = agents.kube.kubectl(
+            "create", "secret", "generic", "openai-credentials", "-n", agents.namespace,
+            f"--from-literal=api-key={value}", "--dry-run=client", "-o", "json").stdout
+        agents.kube.kubectl("apply", "-f", "-", input=manifest)
+
+    started = time.monotonic()
+    put(rotated)
+    try:
+        deadline = time.monotonic() + 90  # the kubelet's sync period is 5 s here
+        while time.monotonic() < deadline:
+            marker = _marker()
+            assert curl(agents, pod, marker) == "200"
+            if node_upstream.one(marker).header("authorization") == [f"Bearer {rotated}"]:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the rotated key never reached the upstream")
+        print(f"\n[node] the kubelet delivered the new Secret in {time.monotonic() - started:.1f}s")
+    finally:
+        put(SECRET_VALUE)
+    _wait_for_request(agents, pod, node_upstream, want_key=True, timeout=90)
+    assert restarts(agents.pod("agent")) == before
+
+
+def _near_expiry_ca(days: int) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keyhole test CA near expiry")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+                           critical=True)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def test_agents_keep_working_while_the_namespace_ca_rotates(agents, node_upstream):
+    """The CA is replaced by one 10 days from expiry (inside the 30-day window), so the
+    operator rotates it: through both changes every request must keep succeeding."""
+    import base64
+
+    pod = agents.pod("agent")
+    before = restarts(pod)
+    current = agents.kube.get("secret", "keyhole-ca", agents.namespace)["data"]
+    old_cert, old_key = _near_expiry_ca(days=10)
+    agents.kube.kubectl("patch", "secret", "keyhole-ca", "-n", agents.namespace, "--type=merge",
+                        "-p", json.dumps({"data": {
+                            "tls.crt": base64.b64encode(old_cert).decode(),
+                            "tls.key": base64.b64encode(old_key).decode(),
+                            "previous.crt": current["tls.crt"]}}))
+    rotated = None
+    failures, sent = [], 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        marker = _marker()
+        status = curl(agents, pod, marker)
+        sent += 1
+        if status != "200":
+            failures.append(status)
+        data = agents.kube.get("secret", "keyhole-ca", agents.namespace)["data"]
+        if rotated is None and base64.b64decode(data["tls.crt"]) not in (
+                old_cert, base64.b64decode(current["tls.crt"])):
+            rotated = time.monotonic()
+        if rotated and time.monotonic() - rotated > 20:  # past the kubelet's next syncs
+            break
+        time.sleep(0.3)
+    assert rotated, "the operator did not rotate a CA 10 days from expiry"
+    assert failures == [], f"{len(failures)} of {sent} requests failed during the rotation"
+    assert restarts(agents.pod("agent")) == before
+
+
+def test_a_killed_sidecar_is_restarted_and_the_agent_is_not(agents, node, node_upstream):
+    pod = agents.pod("agent")
+    before = restarts(pod)
+    container = statuses(pod)["keyhole-proxy"]["containerID"]
+    os.kill(node.container_pid(container), signal.SIGKILL)
+
+    def restarted() -> bool:
+        found = statuses(agents.pod("agent"))
+        return (found["keyhole-proxy"].get("restartCount", 0) == before["keyhole-proxy"] + 1
+                and found["keyhole-proxy"].get("ready") is True)
+
+    agents.kube.wait_for(restarted, 60, "the sidecar restarted and ready")
+    _wait_for_request(agents, pod, node_upstream, want_key=True)
+    assert restarts(agents.pod("agent"))["agent"] == before["agent"]
+
+
+# -- operator replicas ------------------------------------------------------------------------------
+
+def _evict(kube, pod: dict):
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": pod["metadata"]["name"], "namespace": RELEASE_NAMESPACE}}
+    return kube.kubectl("create", "--raw",
+                        f"/api/v1/namespaces/{RELEASE_NAMESPACE}/pods/"
+                        f"{pod['metadata']['name']}/eviction", "-f", "-",
+                        input=json.dumps(eviction), check=False)
+
+
+def _bare_pod(agents, name: str, labels: dict[str, str]) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "agent", "image": agents.images["agent"].name,
+                                     "imagePullPolicy": "Never", "command": ["sleep", "600"]}],
+                     "terminationGracePeriodSeconds": 1}}
+
+
+def test_admission_keeps_working_while_one_operator_replica_lives(release, agents, kube):
+    first, second = release.operator_pods()
+    assert _evict(kube, first).returncode == 0
+    refused = _evict(kube, second)  # the PodDisruptionBudget keeps one
+    assert refused.returncode != 0 and "disruption budget" in refused.stderr, refused.stderr
+    kube.apply([_bare_pod(agents, "tagged-during-eviction", {"keyhole.dev/openai": "true"})],
+               agents.namespace)
+    admitted = kube.get("pod", "tagged-during-eviction", agents.namespace)
+    assert "keyhole-proxy" in [c["name"] for c in admitted["spec"].get("initContainers", [])]
+    kube.kubectl("delete", "pod", "tagged-during-eviction", "-n", agents.namespace, "--wait=false")
+    kube.kubectl("rollout", "status", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE,
+                 "--timeout=120s")
+
+
+def test_with_every_operator_replica_down_only_tagged_pods_are_refused(release, agents, kube):
+    kube.kubectl("scale", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE, "--replicas=0")
+    try:
+        kube.wait_for(lambda: release.operator_pods() == [], 60, "no operator pod")
+        untagged = kube.apply([_bare_pod(agents, "untagged", {"app": "other"})], agents.namespace,
+                              check=False)
+        assert untagged.returncode == 0, untagged.stderr
+        tagged = kube.apply([_bare_pod(agents, "tagged", {"keyhole.dev/openai": "true"})],
+                            agents.namespace, check=False)
+        assert tagged.returncode != 0
+        assert "inject.keyhole.dev" in tagged.stderr, tagged.stderr
+        kube.kubectl("delete", "pod", "untagged", "-n", agents.namespace, "--wait=false")
+    finally:
+        kube.kubectl("scale", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE,
+                     "--replicas=2")
+        kube.kubectl("rollout", "status", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE,
+                     "--timeout=120s")
+
+
+# -- resources -------------------------------------------------------------------------------------
+
+_THOUSAND_REQUESTS = """
+import json, requests, sys
+session, codes = requests.Session(), {}
+for i in range(1000):
+    code = session.get(f"https://api.routed.test/v1/models?m={sys.argv[1]}-{i}").status_code
+    codes[code] = codes.get(code, 0) + 1
+print(json.dumps(codes))
+"""
+
+
+def test_memory_of_each_container_as_the_node_accounts_it(agents, node, node_upstream):
+    """Reports each container's working set from the node's memory cgroup, after start and
+    after 1,000 requests through the sidecar (figures, not limits: see docs/testing.md)."""
+    pod = agents.pod("agent")
+    uid = pod["metadata"]["uid"]
+    ids = {name: s["containerID"] for name, s in statuses(pod).items()}
+
+    def sample() -> dict[str, float]:
+        return {name: node.cgroup_memory(uid, cid) / 2**20 for name, cid in ids.items()}
+
+    idle = sample()
+    marker = _marker()
+    codes = json.loads(agents.exec(pod, "python3", "-c", _THOUSAND_REQUESTS, marker).stdout)
+    assert codes == {"200": 1000}
+    assert len(node_upstream.find(marker)) == 1000
+    assert all(r.header("authorization") == [BEARER] for r in node_upstream.find(marker))
+    loaded = sample()
+    operator = release_memory(agents, node)
+    report = {"sidecar after start MiB": round(idle["keyhole-proxy"], 1),
+              "sidecar after 1000 requests MiB": round(loaded["keyhole-proxy"], 1),
+              "sidecar process RSS after 1000 requests MiB": round(
+                  _rss(node.container_pid(ids["keyhole-proxy"])) / 2**20, 1),
+              "agent after start MiB": round(idle["agent"], 1),
+              **{f"operator {i} MiB": round(m, 1) for i, m in enumerate(operator)}}
+    print("\n[node] memory (cgroup working set): " + json.dumps(report))
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def release_memory(agents, node) -> list[float]:
+    pods = [p for p in agents.kube.get_all("pods", RELEASE_NAMESPACE)
+            if p["metadata"].get("labels", {}).get("keyhole.dev/component") == "operator"]
+    return [node.cgroup_memory(p["metadata"]["uid"], statuses(p)["operator"]["containerID"]) / 2**20
+            for p in pods]

@@ -1,0 +1,64 @@
+"""The README's Kubernetes quick start, step by step, on the real node: ``helm install`` (the
+``release`` fixture), ``kubectl apply -f examples/openai.yaml -f examples/agent-deployment.yaml``,
+then the three checks the README lists.
+
+Two changes to the example files, both forced by a machine without a registry or the
+internet, and nothing else: the agent's image is the local one (``python:3.12-slim`` cannot
+be pulled), and its pod gets a hostAlias so ``api.openai.com`` is the HTTPS upstream on the
+node, whose CA the sidecars trust through the chart's ``sidecar.upstreamCA``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tests.cluster.node import NODE_IP
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "sk-proj-quickstart-7e3d9c1f"
+NAMESPACE = "quickstart"
+
+
+def _examples(agent_image: str) -> list[dict]:
+    documents = []
+    for name in ("openai.yaml", "agent-deployment.yaml"):
+        documents += [d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d]
+    for doc in documents:
+        if doc["kind"] == "Secret":
+            assert doc["stringData"]["api-key"].startswith("sk-proj-REPLACE")  # the placeholder
+            doc["stringData"]["api-key"] = KEY  # "put your key in examples/openai.yaml"
+        if doc["kind"] == "Deployment":
+            spec = doc["spec"]["template"]["spec"]
+            spec["containers"][0].update(image=agent_image, imagePullPolicy="Never")
+            spec["hostAliases"] = [{"ip": NODE_IP, "hostnames": ["api.openai.com"]}]
+    return documents
+
+
+def test_the_readme_quick_start_works_on_a_real_node(release, kube, node, node_upstream):
+    kube.kubectl("create", "namespace", NAMESPACE)
+    kube.apply(_examples(node.images["agent"].name), NAMESPACE)
+    kube.kubectl("rollout", "status", "deployment/agent", "-n", NAMESPACE, "--timeout=120s")
+
+    def first_request_logged() -> str:
+        logs = kube.kubectl("logs", "deploy/agent", "-n", NAMESPACE, check=False).stdout
+        return logs if "models" in logs else ""
+
+    agent_logs = kube.wait_for(first_request_logged, 60, "the agent's first answer")
+    assert agent_logs.splitlines()[0] == "200 1 models"  # kubectl logs deploy/agent
+
+    listed = kube.kubectl("get", "si", "-n", NAMESPACE).stdout.splitlines()  # kubectl get si
+    row = listed[1].split()
+    assert row[0] == "openai" and row[2] == "1" and row[3] == "True", listed
+
+    audit = [json.loads(line) for line in kube.kubectl(  # kubectl logs … -c keyhole-proxy
+        "logs", "deploy/agent", "-c", "keyhole-proxy", "-n", NAMESPACE).stdout.splitlines()
+        if line.startswith("{")]
+    assert any(a.get("host") == "api.openai.com" and a.get("status") == 200 for a in audit), audit
+    assert KEY not in json.dumps(audit)
+
+    seen = [r for r in node_upstream.received if r.path.startswith("/v1/models")
+            and r.header("host") == ["api.openai.com"]]
+    assert seen and all(r.header("authorization") == [f"Bearer {KEY}"] for r in seen)
