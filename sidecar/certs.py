@@ -145,7 +145,11 @@ def mint_leaf(ca: CertificateAuthority, host: str, key: ec.EllipticCurvePrivateK
     """A serverAuth certificate for exactly ``host``, signed by ``ca``."""
     now = _now()
     not_after = min(now + validity, ca.cert.not_valid_after_utc)
-    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    try:
+        authority = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value)
+    except x509.ExtensionNotFound:  # a CA made without one (RFC 5280 asks, openssl may not)
+        authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key())
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host[:64])]))
@@ -162,7 +166,7 @@ def mint_leaf(ca: CertificateAuthority, host: str, key: ec.EllipticCurvePrivateK
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                        critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+        .add_extension(authority,
                        critical=False)
         .sign(ca.key, hashes.SHA256())
     )

@@ -29,6 +29,31 @@ def test_leaf_certificates_have_what_strict_verifiers_require():
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= dt.timedelta(hours=25)
 
 
+def test_a_ca_without_a_subject_key_identifier_still_signs_leaves_clients_accept():
+    """Found on the real node: a CA made elsewhere (openssl may omit the extension) was loaded,
+    then every interception failed with a 502."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no SKI")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=9))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256()))
+    ca = CertificateAuthority(cert, key)
+    leaf = mint_leaf(ca, "api.openai.com", ec.generate_private_key(ec.SECP256R1()))
+    leaf.verify_directly_issued_by(cert)
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    public = cert.public_key().public_bytes(serialization.Encoding.X962,
+                                            serialization.PublicFormat.UncompressedPoint)
+    assert aki.key_identifier == hashlib.sha1(public).digest()  # RFC 5280, 4.2.1.2 (1)
+
+
 def test_a_strict_python_client_accepts_a_minted_leaf(tmp_path):
     """VERIFY_X509_STRICT is Python 3.13's default; it rejects leaves without key identifiers."""
     ca = CertificateAuthority.generate()
