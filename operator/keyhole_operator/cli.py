@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no peering: for a single replica or development")
     group.add_argument("--peering", default="keyhole", metavar="NAME",
                        help="kopf peering name: one replica reconciles, all serve webhooks")
+    p.add_argument("--ca-promote-after", type=float, default=Settings.ca_promote_after,
+                   metavar="SECONDS",
+                   help="how long a namespace's next CA is trusted by agents before sidecars "
+                        "sign with it (default 600; longer than the kubelets' sync period)")
     p.add_argument("--resync-seconds", type=float, default=30.0, metavar="SECONDS",
                    help="how often each SecretInjection's status, pods and CA are re-checked")
     p.add_argument("--metrics-listen", type=_address, default=None, metavar="HOST:PORT",
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                    memory_request=args.sidecar_memory_request,
                                    memory_limit=args.sidecar_memory_limit,
                                    cpu_limit=args.sidecar_cpu_limit),
-        upstream_ca=upstream_ca,
+        upstream_ca=upstream_ca, ca_promote_after=args.ca_promote_after,
     )
     if args.reload:
         _restart_on_change()

@@ -17,6 +17,7 @@ writes the result back. Importing this module registers them with kopf.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ from keyhole_operator.routes import Injection, namespace_key
 from keyhole_operator.selectors import injections_for_pod
 from keyhole_operator.settings import Settings
 from keyhole_operator.status import injection_status
-from keyhole_operator.trust import PREVIOUS_KEY, bundle_data, plan_ca
+from keyhole_operator.trust import NEXT_CERT, PREVIOUS_KEY, bundle_data, plan_ca
 
 log = logging.getLogger("keyhole.operator")
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
@@ -220,13 +221,14 @@ def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list
     """The CA, its bundle and the signing key of a namespace; returns what changed."""
     changed = []
     existing = cluster.read_secret(namespace, CA_SECRET)
-    plan = plan_ca(namespace, existing)
+    plan = plan_ca(namespace, existing,
+                   promote_after=dt.timedelta(seconds=runtime.settings.ca_promote_after))
     ca_data = plan.data
     if plan.changed:
         cluster.put_secret(namespace, CA_SECRET, ca_data, kind="kubernetes.io/tls",
                            component="ca")
         changed.append(f"CA {plan.reason}")
-    trusted = ca_data["tls.crt"] + ca_data.get(PREVIOUS_KEY, b"")
+    trusted = b"".join(ca_data.get(k, b"") for k in ("tls.crt", NEXT_CERT, PREVIOUS_KEY))
     if runtime.bundles_written.get(namespace) != trusted:
         data, binary = bundle_data(ca_data, runtime.settings.java_truststore_password,
                                    runtime.settings.upstream_ca)

@@ -45,6 +45,9 @@ class Settings:
     """Password of the PKCS12 trust store for Java (not a secret: it guards public certs)."""
     run_as_user: int = 65532
     """UID of the sidecar process (non-root)."""
+    ca_promote_after: float = 600.0
+    """Seconds a namespace's next CA is in agents' bundles before sidecars sign with it: longer
+    than the kubelets take to deliver a ConfigMap update (their sync period, 1 min by default)."""
     upstream_ca: str = ""
     """PEM certificates sidecars trust for upstream TLS besides the public roots (an internal
     CA for private APIs). Public material: it travels in each namespace's trust ConfigMap."""

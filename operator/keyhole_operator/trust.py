@@ -5,9 +5,16 @@
 - ConfigMap ``keyhole-ca-bundle``: ``ca.crt`` (current + previous CAs), ``ca-bundle.crt``
   (public roots from certifi + those CAs), ``wgetrc``, and ``truststore.p12`` for Java.
 
-Rotation with overlap: a CA lives a year and is replaced 30 days before it expires. The new
-CA signs from then on, and the old one stays in every bundle until it expires, so running
-pods (which trust the bundle they mounted) keep working while sidecars pick up the new key.
+Rotation with overlap, in two steps, because the kubelet delivers the Secret (to sidecars) and
+the ConfigMap (to agents) independently, each on its own sync:
+
+1. 30 days before the CA expires, the next CA is made and *published*: ``next.crt`` joins every
+   bundle while the current CA keeps signing.
+2. ``promote_after`` later (longer than any kubelet takes to deliver the bundle), the next CA
+   becomes the current one and signs; the old one stays in every bundle until it expires.
+
+So an agent always trusts the CA its sidecar signs with. Found on the real node: promoting at
+once left agents failing TLS until the kubelet's next sync delivered the new bundle.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from sidecar.certs import CertificateAuthority
 
 CA_VALIDITY = dt.timedelta(days=365)
 ROTATE_BEFORE = dt.timedelta(days=30)
+PROMOTE_AFTER = dt.timedelta(minutes=10)
 PREVIOUS_KEY = "previous.crt"
+NEXT_CERT, NEXT_KEY, NEXT_PUBLISHED = "next.crt", "next.key", "next.published"
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,8 @@ class CAPlan:
     """The ``keyhole-ca`` Secret's data (raw bytes, not base64)."""
     changed: bool
     reason: str
-    """Why it changed, for an Event: created, rotated, replaced-invalid, or unchanged."""
+    """Why it changed, for an Event: created, next-published, rotated, replaced-invalid,
+    replaced-expired, pruned or unchanged."""
 
 
 def _now() -> dt.datetime:
@@ -61,17 +71,32 @@ def _fresh(namespace: str) -> CertificateAuthority:
                                          validity=CA_VALIDITY)
 
 
+def _key_pem(ca: CertificateAuthority) -> bytes:
+    return ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+
+
 def _secret_data(ca: CertificateAuthority, previous: list[x509.Certificate]) -> dict[str, bytes]:
-    key = ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())
-    data = {"tls.crt": ca.cert_pem, "tls.key": key}
+    data = {"tls.crt": ca.cert_pem, "tls.key": _key_pem(ca)}
     if previous:
         data[PREVIOUS_KEY] = _pem(previous)
     return data
 
 
-def plan_ca(namespace: str, existing: dict[str, bytes] | None, now: dt.datetime | None = None
-            ) -> CAPlan:
+def _next_ca(existing: dict[str, bytes], now: dt.datetime
+             ) -> tuple[x509.Certificate, dt.datetime] | None:
+    """The published next CA and when it was published, if there is a usable one."""
+    try:
+        cert = x509.load_pem_x509_certificates(existing[NEXT_CERT])[0]
+        serialization.load_pem_private_key(existing[NEXT_KEY], password=None)
+        published = dt.datetime.fromisoformat(existing[NEXT_PUBLISHED].decode())
+    except (KeyError, ValueError, IndexError, TypeError):
+        return None
+    return (cert, published) if cert.not_valid_after_utc > now else None
+
+
+def plan_ca(namespace: str, existing: dict[str, bytes] | None, now: dt.datetime | None = None,
+            promote_after: dt.timedelta = PROMOTE_AFTER) -> CAPlan:
     """What the namespace's ``keyhole-ca`` Secret should hold."""
     now = now or _now()
     if not existing:
@@ -82,21 +107,44 @@ def plan_ca(namespace: str, existing: dict[str, bytes] | None, now: dt.datetime 
     except (ValueError, IndexError, TypeError):
         return CAPlan(_secret_data(_fresh(namespace), []), True, "replaced-invalid")
     previous = _still_valid(existing.get(PREVIOUS_KEY, b""), now)
+    upcoming = _next_ca(existing, now)
+    data = {k: v for k, v in existing.items() if k in ("tls.crt", "tls.key")}
+    if previous:
+        data[PREVIOUS_KEY] = _pem(previous)
+    if upcoming:
+        data.update({k: existing[k] for k in (NEXT_CERT, NEXT_KEY, NEXT_PUBLISHED)})
+    if cert.not_valid_after_utc <= now:  # expired: nothing left to overlap with
+        if upcoming:
+            return CAPlan(_promoted(existing, previous), True, "replaced-expired")
+        return CAPlan(_secret_data(_fresh(namespace), previous), True, "replaced-expired")
     if cert.not_valid_after_utc - now > ROTATE_BEFORE:
-        data = {k: v for k, v in existing.items() if k in ("tls.crt", "tls.key")}
-        if previous:
-            data[PREVIOUS_KEY] = _pem(previous)
         return CAPlan(data, data != existing, "pruned" if data != existing else "unchanged")
-    keep = [cert, *previous] if cert.not_valid_after_utc > now else previous
-    return CAPlan(_secret_data(_fresh(namespace), keep), True, "rotated")
+    if upcoming is None:
+        following = _fresh(namespace)
+        data.update({NEXT_CERT: following.cert_pem, NEXT_KEY: _key_pem(following),
+                     NEXT_PUBLISHED: now.isoformat().encode()})
+        return CAPlan(data, True, "next-published")
+    if now - upcoming[1] < promote_after:
+        return CAPlan(data, data != existing, "pruned" if data != existing else "unchanged")
+    return CAPlan(_promoted(existing, [cert, *previous]), True, "rotated")
+
+
+def _promoted(existing: dict[str, bytes], previous: list[x509.Certificate]) -> dict[str, bytes]:
+    """The published next CA signs from now on."""
+    data = {"tls.crt": existing[NEXT_CERT], "tls.key": existing[NEXT_KEY]}
+    if previous:
+        data[PREVIOUS_KEY] = _pem(previous)
+    return data
 
 
 def trusted_cas(secret_data: dict[str, bytes], now: dt.datetime | None = None
                 ) -> list[x509.Certificate]:
-    """The CAs agents must trust: the current one first, then those still overlapping."""
+    """The CAs agents must trust: the current one first, then the published next one, then
+    those still overlapping."""
     now = now or _now()
     current = x509.load_pem_x509_certificates(secret_data["tls.crt"])[:1]
-    return current + _still_valid(secret_data.get(PREVIOUS_KEY, b""), now)
+    upcoming = _still_valid(secret_data.get(NEXT_CERT, b""), now)[:1]
+    return current + upcoming + _still_valid(secret_data.get(PREVIOUS_KEY, b""), now)
 
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", re.S)
