@@ -95,11 +95,11 @@ class Release:
     kube: Kube
     images: dict
 
-    def operator_pods(self) -> list[dict]:
-        """The operator's pods that are not being deleted."""
+    def operator_pods(self, terminating: bool = False) -> list[dict]:
+        """The operator's pods (those being deleted too, if asked)."""
         return [p for p in self.kube.get_all("pods", RELEASE_NAMESPACE)
                 if p["metadata"].get("labels", {}).get("keyhole.dev/component") == "operator"
-                and not p["metadata"].get("deletionTimestamp")]
+                and (terminating or not p["metadata"].get("deletionTimestamp"))]
 
 
 def helm(kube: Kube, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -128,7 +128,9 @@ def release(node: Node, kube: Kube, node_upstream: Upstream) -> Release:
     helm(kube, "install", "keyhole", str(CHART), "--namespace", RELEASE_NAMESPACE,
          "--create-namespace", *image_values(node.images),
          "--set-file", f"sidecar.upstreamCA={node_upstream.ca_file}",
-         "--set", "operator.resyncSeconds=3", "--wait", "--timeout", "4m")
+         "--set", "operator.resyncSeconds=3",
+         "--set", "operator.extraArgs={--ca-promote-after=15}",  # (default 600)
+         "--wait", "--timeout", "4m")
     _log(f"helm install --wait: {time.monotonic() - started:.1f}s")
     yield Release(kube, node.images)
     helm(kube, "uninstall", "keyhole", "--namespace", RELEASE_NAMESPACE, "--wait")

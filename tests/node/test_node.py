@@ -10,6 +10,7 @@ has a test CA that only the sidecars trust, through the chart's ``sidecar.upstre
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -45,6 +46,17 @@ def restarts(pod: dict) -> dict[str, int]:
     return {name: s.get("restartCount", 0) for name, s in statuses(pod).items()}
 
 
+_UID_AND_WRITE = """
+import errno, json, os
+try:
+    open("/written", "w")
+    write = "allowed"
+except OSError as exc:
+    write = errno.errorcode[exc.errno]
+print(json.dumps({"uid": os.getuid(), "write": write}))
+"""
+
+
 # -- install ------------------------------------------------------------------------------------
 
 def test_the_operator_runs_as_real_pods_and_kubectl_shows_the_truth(release, agents, kube):
@@ -56,6 +68,10 @@ def test_the_operator_runs_as_real_pods_and_kubectl_shows_the_truth(release, age
         assert pod["spec"]["nodeName"] == NODE_NAME
         assert pod["status"]["phase"] == "Running"
         assert statuses(pod)["operator"]["ready"] is True
+    # The operator image runs as the chart says: UID 65532 on a read-only root filesystem.
+    seen = json.loads(kube.kubectl("exec", "-n", RELEASE_NAMESPACE, pods[0]["metadata"]["name"],
+                                   "--", "python3", "-c", _UID_AND_WRITE).stdout)
+    assert seen == {"uid": 65532, "write": "EROFS"}
     listed = kube.kubectl("get", "si", "-n", agents.namespace).stdout.splitlines()
     header, row = listed[0].split(), listed[1].split()
     assert header[:4] == ["NAME", "HOSTS", "PODS", "READY"]
@@ -241,39 +257,79 @@ def _near_expiry_ca(days: int) -> tuple[bytes, bytes]:
                               serialization.NoEncryption()))
 
 
-def test_agents_keep_working_while_the_namespace_ca_rotates(agents, node_upstream):
-    """The CA is replaced by one 10 days from expiry (inside the 30-day window), so the
-    operator rotates it: through both changes every request must keep succeeding."""
-    import base64
+_LEAF_THROUGH_THE_PROXY = """
+import base64, os, socket, ssl
+sock = socket.create_connection(("127.0.0.1", 15080))
+sock.sendall(b"CONNECT api.routed.test:443 HTTP/1.1\\r\\nHost: api.routed.test:443\\r\\n\\r\\n")
+answer = sock.recv(4096)
+assert answer.startswith(b"HTTP/1.1 200"), answer
+tls = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"]).wrap_socket(
+    sock, server_hostname="api.routed.test")
+print(base64.b64encode(tls.getpeercert(binary_form=True)).decode())
+"""
 
+
+def _leaf_issuer(agents, pod) -> x509.Name:
+    """Who signed the certificate the sidecar presents to the agent right now."""
+    der = base64.b64decode(agents.exec(pod, "python3", "-c", _LEAF_THROUGH_THE_PROXY).stdout)
+    return x509.load_der_x509_certificate(der).issuer
+
+
+def test_agents_keep_working_while_the_namespace_ca_rotates(agents, node_upstream):
+    """The operator rotates a CA 30 days before it expires: the next CA is published to the
+    agents' bundles first and signs only ``--ca-promote-after`` later (15 s here). To get there
+    without waiting a year, the test brings in a CA 10 days from expiry the same safe way (first
+    trusted, then signing); from then on it is the operator's rotation. A request every
+    moment, through all of it, must succeed."""
     pod = agents.pod("agent")
     before = restarts(pod)
-    current = agents.kube.get("secret", "keyhole-ca", agents.namespace)["data"]
+    ns = agents.namespace
+    current = agents.kube.get("secret", "keyhole-ca", ns)["data"]
     old_cert, old_key = _near_expiry_ca(days=10)
-    agents.kube.kubectl("patch", "secret", "keyhole-ca", "-n", agents.namespace, "--type=merge",
-                        "-p", json.dumps({"data": {
-                            "tls.crt": base64.b64encode(old_cert).decode(),
-                            "tls.key": base64.b64encode(old_key).decode(),
-                            "previous.crt": current["tls.crt"]}}))
-    rotated = None
-    failures, sent = [], 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        marker = _marker()
-        status = curl(agents, pod, marker)
-        sent += 1
-        if status != "200":
-            failures.append(status)
-        data = agents.kube.get("secret", "keyhole-ca", agents.namespace)["data"]
-        if rotated is None and base64.b64decode(data["tls.crt"]) not in (
-                old_cert, base64.b64decode(current["tls.crt"])):
-            rotated = time.monotonic()
-        if rotated and time.monotonic() - rotated > 20:  # past the kubelet's next syncs
-            break
-        time.sleep(0.3)
-    assert rotated, "the operator did not rotate a CA 10 days from expiry"
-    assert failures == [], f"{len(failures)} of {sent} requests failed during the rotation"
+    old_subject = x509.load_pem_x509_certificate(old_cert).subject
+    failures: list[str] = []
+    sent = 0
+
+    def keep_requesting_until(done, seconds: float, what: str) -> None:
+        nonlocal sent
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            status = curl(agents, pod, _marker())
+            sent += 1
+            if status != "200":
+                failures.append(f"{status} while waiting for {what}")
+            if done():
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"{what}: not reached in {seconds}s")
+
+    def patch(data: dict[str, bytes]) -> None:
+        agents.kube.kubectl("patch", "secret", "keyhole-ca", "-n", ns, "--type=merge", "-p",
+                            json.dumps({"data": {k: base64.b64encode(v).decode()
+                                                 for k, v in data.items()}}))
+
+    current_pem = base64.b64decode(current["tls.crt"])
+    patch({"previous.crt": base64.b64decode(current.get("previous.crt", "")) + old_cert})
+    keep_requesting_until(lambda: old_cert.decode().strip() in agents.exec(
+        pod, "cat", "/var/run/keyhole/trust/ca.crt").stdout, 60, "the agent trusting the old CA")
+    patch({"tls.crt": old_cert, "tls.key": old_key, "previous.crt": current_pem})
+    keep_requesting_until(lambda: _leaf_issuer(agents, pod) == old_subject or
+                          _rotated(agents, ns, old_cert, current_pem), 60,
+                          "the sidecar signing with the old CA")
+
+    def signed_by_the_rotated_ca() -> bool:
+        rotated = _rotated(agents, ns, old_cert, current_pem)
+        return bool(rotated) and _leaf_issuer(agents, pod) == rotated.subject
+
+    keep_requesting_until(signed_by_the_rotated_ca, 120, "the sidecar signing with the rotated CA")
+    assert failures == [], f"{len(failures)} of {sent} requests failed: {failures[:5]}"
     assert restarts(agents.pod("agent")) == before
+
+
+def _rotated(agents, ns: str, *replaced: bytes) -> x509.Certificate | None:
+    """The namespace's signing CA if the operator has replaced the given ones."""
+    pem = base64.b64decode(agents.kube.get("secret", "keyhole-ca", ns)["data"]["tls.crt"])
+    return None if pem in replaced else x509.load_pem_x509_certificate(pem)
 
 
 def test_a_killed_sidecar_is_restarted_and_the_agent_is_not(agents, node, node_upstream):
@@ -327,7 +383,9 @@ def test_admission_keeps_working_while_one_operator_replica_lives(release, agent
 def test_with_every_operator_replica_down_only_tagged_pods_are_refused(release, agents, kube):
     kube.kubectl("scale", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE, "--replicas=0")
     try:
-        kube.wait_for(lambda: release.operator_pods() == [], 60, "no operator pod")
+        # Gone, not only terminating: a terminating replica still answers reviews.
+        kube.wait_for(lambda: release.operator_pods(terminating=True) == [], 60,
+                      "no operator pod")
         untagged = kube.apply([_bare_pod(agents, "untagged", {"app": "other"})], agents.namespace,
                               check=False)
         assert untagged.returncode == 0, untagged.stderr
@@ -373,12 +431,16 @@ def test_memory_of_each_container_as_the_node_accounts_it(agents, node, node_ups
     assert all(r.header("authorization") == [BEARER] for r in node_upstream.find(marker))
     loaded = sample()
     operator = release_memory(agents, node)
+    operator_rss = [_rss(node.container_pid(statuses(p)["operator"]["containerID"])) / 2**20
+                    for p in agents.kube.get_all("pods", RELEASE_NAMESPACE)
+                    if p["metadata"].get("labels", {}).get("keyhole.dev/component") == "operator"]
     report = {"sidecar after start MiB": round(idle["keyhole-proxy"], 1),
               "sidecar after 1000 requests MiB": round(loaded["keyhole-proxy"], 1),
               "sidecar process RSS after 1000 requests MiB": round(
                   _rss(node.container_pid(ids["keyhole-proxy"])) / 2**20, 1),
               "agent after start MiB": round(idle["agent"], 1),
-              **{f"operator {i} MiB": round(m, 1) for i, m in enumerate(operator)}}
+              **{f"operator {i} MiB": round(m, 1) for i, m in enumerate(operator)},
+              **{f"operator {i} process RSS MiB": round(m, 1) for i, m in enumerate(operator_rss)}}
     print("\n[node] memory (cgroup working set): " + json.dumps(report))
 
 

@@ -56,7 +56,8 @@ def test_the_readme_quick_start_works_on_a_real_node(release, kube, node, node_u
     audit = [json.loads(line) for line in kube.kubectl(  # kubectl logs … -c keyhole-proxy
         "logs", "deploy/agent", "-c", "keyhole-proxy", "-n", NAMESPACE).stdout.splitlines()
         if line.startswith("{")]
-    assert any(a.get("host") == "api.openai.com" and a.get("status") == 200 for a in audit), audit
+    assert any(a["host"] == "api.openai.com:443" and a["decision"] == "injected"
+               and a["status"] == 200 for a in audit), audit
     assert KEY not in json.dumps(audit)
 
     seen = [r for r in node_upstream.received if r.path.startswith("/v1/models")

@@ -42,9 +42,18 @@ class ThreadedApp:
                               reuse_address=True).start()
         return self._runner.addresses[0][1]
 
+    async def _abort_leftovers(self) -> None:
+        """Connections still in TLS shutdown when the server stops (a peer that never answers
+        close_notify, like a pod whose network namespace is gone) would outlive the loop."""
+        for transport in list(getattr(self._loop, "_transports", {}).values()):
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+        await asyncio.sleep(0)
+
     def stop(self) -> None:
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            asyncio.run_coroutine_threadsafe(self._abort_leftovers(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
