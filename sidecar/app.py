@@ -48,6 +48,7 @@ class Options:
     idle_timeout: float = 120.0
     egress: Egress = Egress.PRIVATE
     upstream_timeout: float = 300.0
+    transparent_listen: tuple[str, int] | None = None  # keyhole-init redirects here
 
 
 async def watch_ca(ca_dir: Path, leaves: LeafCache, metrics: Metrics, interval: float) -> None:
@@ -138,6 +139,11 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
             lambda: FrontDoor(ctx, server_kwargs), options.listen[0], options.listen[1],
             reuse_address=True, backlog=1024,
         )
+        servers = [proxy_server]
+        if options.transparent_listen:
+            from sidecar.proxy.transparent import TransparentPort
+
+            servers.append(TransparentPort(ctx, server_kwargs, options.transparent_listen))
         admin_site = web.TCPSite(admin_runner, options.admin_listen[0], options.admin_listen[1],
                                  reuse_address=True)
         await admin_site.start()
@@ -152,6 +158,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     admin_host, admin_port = admin_runner.addresses[0][:2]
     log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",
              host, port, options.unmatched, admin_host, admin_port)
+    if options.transparent_listen:
+        log.info("transparent port on %s:%s", *options.transparent_listen)
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -164,7 +172,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         log.info("shutting down")
         for watcher in watchers:
             watcher.cancel()
-        proxy_server.close()
+        for server in servers:
+            server.close()
         ctx.audit.flush()
         await admin_runner.cleanup()
         await session.close()

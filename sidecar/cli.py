@@ -76,6 +76,10 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
         parser.add_argument("--listen", type=_loopback, default=_loopback(DEFAULT_LISTEN),
                             metavar="HOST:PORT", help=f"proxy port (default {DEFAULT_LISTEN}; "
                                                       "loopback only)")
+        parser.add_argument("--transparent-listen", type=_loopback, default=None,
+                            metavar="HOST:PORT", help="also serve connections keyhole-init "
+                                                      "redirects here (transparent capture; "
+                                                      "loopback only, e.g. 127.0.0.1:15081)")
         parser.add_argument("--admin-listen", type=_address, default=_address(DEFAULT_ADMIN),
                             metavar="HOST:PORT", help="/healthz, /readyz and /metrics "
                                                       f"(default {DEFAULT_ADMIN})")
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve=args.resolve, upstream_ca=args.upstream_ca, signing_key=args.signing_key,
         header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
         egress=Egress(args.egress), upstream_timeout=args.upstream_timeout,
+        transparent_listen=args.transparent_listen,
     )
     try:
         _event_loop_runner()(run(options))

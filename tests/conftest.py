@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,18 @@ def make_sidecar(tmp_path_factory, upstream, plain_upstream):
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def go_client(tmp_path_factory):
+    """The Go client, built once per source version into the user's cache."""
+    source = Path(__file__).resolve().parent / "clients" / "fetch.go"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
+    binary = cache / f"fetch-go-{digest}"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["go", "build", "-o", str(binary), str(source)], check=True,
+                       capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod",
+                                                 "GO111MODULE": "off"}, timeout=600)
+    return binary

@@ -245,17 +245,25 @@ class FrontDoor(asyncio.Protocol):
         else:
             self._tunnel = await open_blind_tunnel(self, host, port)
 
-    async def _intercept(self, host: str, port: int) -> None:
-        ctx = self.ctx
+    def leaf_context(self, host: str, port: int) -> ssl.SSLContext | None:
+        """The server context with a leaf for ``host``; refuses the connection when the CA
+        cannot sign."""
         try:
-            tls = ctx.leaves.context_for(host)
+            return self.ctx.leaves.context_for(host)
         except Exception:
             log.exception("cannot mint a certificate for %s", host)
             self.refuse(502, "Bad Gateway", "the keyhole CA cannot sign certificates; see the "
                          "sidecar log", "ca_error", f"{host}:{port}")
+            return None
+
+    async def _intercept(self, host: str, port: int) -> None:
+        """Answer the CONNECT, terminate the client's TLS with a leaf for ``host``, serve."""
+        ctx = self.ctx
+        tls = self.leaf_context(host, port)
+        if tls is None:
             return
         self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        relay = Relay(on_lost=functools.partial(self._tls_closed, host, port))
+        relay = self.tls_relay(host, port)
         self._relay = relay  # events now reach the relay until start_tls swaps protocols
         self._state = "tls"
         try:
@@ -264,18 +272,29 @@ class FrontDoor(asyncio.Protocol):
                 ssl_handshake_timeout=ctx.settings.header_timeout,
             )
         except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
-            self._handshake_failed(host, port, exc)
+            self.handshake_failed(host, port, exc, "intercept")
             self._on_closed()
             return
+        self.serve_tls(host, port, relay, tls_transport, "intercept")
+
+    def tls_relay(self, host: str, port: int) -> Relay:
+        return Relay(on_lost=functools.partial(self._tls_closed, host, port))
+
+    def serve_tls(self, host: str, port: int, relay: Relay, tls_transport: asyncio.Transport,
+                  mode: str) -> None:
+        """After the client's TLS handshake: every request it sends goes to
+        :func:`handle_intercepted` for ``host:port`` (``mode``: intercept or transparent)."""
+        ctx = self.ctx
         ctx.metrics.open_tunnels.labels("intercepted").inc()
         self._intercepted = True
         self.request_seen = False
         self._timer.cancel()
         self._timer = self._loop.call_later(ctx.settings.header_timeout, self._head_timeout)
-        server = self._http_server(functools.partial(handle_intercepted, ctx, host, port))
+        server = self._http_server(functools.partial(handle_intercepted, ctx, host, port,
+                                                     mode=mode))
         relay.attach(server(), tls_transport)
 
-    def _handshake_failed(self, host: str, port: int, exc: BaseException) -> None:
+    def handshake_failed(self, host: str, port: int, exc: BaseException, mode: str) -> None:
         text = f"{getattr(exc, 'reason', '')} {exc}".upper()
         if any(code in text for code in _CA_REJECTED):
             reason = "client_rejected_ca"
@@ -285,8 +304,8 @@ class FrontDoor(asyncio.Protocol):
             log.info("TLS handshake with the client for %s failed: %s", host,
                      getattr(exc, "reason", None) or type(exc).__name__)
         self.ctx.metrics.decisions.labels("error", reason).inc()
-        self._audit(AuditRecord(mode="intercept", method="CONNECT", host=f"{host}:{port}",
-                                decision="error", reason=reason))
+        self._audit(AuditRecord(mode=mode, method="CONNECT" if mode == "intercept" else "TLS",
+                                host=f"{host}:{port}", decision="error", reason=reason))
 
     def _tls_closed(self, host: str, port: int) -> None:
         if self._intercepted:

@@ -3,6 +3,8 @@
 - intercepted: a request inside a CONNECT tunnel we terminated; the CONNECT authority decides.
 - absolute-form: ``GET http://host/path`` sent to the proxy in the clear.
 - base-URL: ``GET /<injection>/path`` for clients that ignore proxy variables.
+- transparent: a connection redirected to the transparent port; the ClientHello's SNI (or a
+  plain request's Host) decides, exactly as a CONNECT authority.
 
 Every routed decision passes through :func:`routed_target`, which applies the rules.
 """
@@ -155,10 +157,12 @@ def _decide_base_url(ctx: ProxyContext, method: str, raw_path: str, raw_query: s
 
 
 async def handle_intercepted(ctx: ProxyContext, host: str, port: int,
-                             request: web.BaseRequest) -> web.StreamResponse:
-    """A request decrypted from a CONNECT tunnel to ``host:port``."""
+                             request: web.BaseRequest, *, mode: str = "intercept"
+                             ) -> web.StreamResponse:
+    """A request decrypted from a TLS connection to ``host:port``: a CONNECT tunnel, or a
+    transparently captured connection whose ClientHello named ``host`` (``mode``)."""
     url = request.message.url
-    record = AuditRecord(mode="intercept", method=request.method, host=f"{host}:{port}",
+    record = AuditRecord(mode=mode, method=request.method, host=f"{host}:{port}",
                          path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
 
     def decide() -> Target:
@@ -174,7 +178,29 @@ async def handle_intercepted(ctx: ProxyContext, host: str, port: int,
     return await _serve(ctx, request, record, decide)
 
 
-def _require_same_authority(request: web.BaseRequest, url, host: str, port: int) -> None:
+async def handle_transparent_http(ctx: ProxyContext, host: str, port: int,
+                                  request: web.BaseRequest) -> web.StreamResponse:
+    """A plain-HTTP request captured on its way to port ``port``: the first request's Host
+    decided the route, as a CONNECT authority does; a routed host goes upstream over HTTPS."""
+    url = request.message.url
+    record = AuditRecord(mode="transparent", method=request.method, host=f"{host}:{port}",
+                         path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
+
+    def decide() -> Target:
+        _require_same_authority(request, url, host, port, default_port=port)
+        table = ctx.routes()
+        routes = table.match(host, port, plain_http=True)
+        if not routes:  # revoked while the connection was open
+            return _unrouted(ctx, "http", host, port, url.raw_path, url.raw_query_string)
+        entry = table.upstream_for(routes, host, port, plain_http=True)
+        return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
+                             url.raw_query_string)
+
+    return await _serve(ctx, request, record, decide)
+
+
+def _require_same_authority(request: web.BaseRequest, url, host: str, port: int,
+                            default_port: int = 443) -> None:
     """Inside a tunnel the CONNECT authority decides; a different Host or URL is refused."""
     claims = []
     if url.absolute:
@@ -189,7 +215,7 @@ def _require_same_authority(request: web.BaseRequest, url, host: str, port: int)
             raise BadRequest("bad_request", f"malformed Host header: {exc}") from None
     for claimed_host, claimed_port in claims:
         if (normalise_hostname(claimed_host) != normalise_hostname(host)
-                or (claimed_port or 443) != port):
+                or (claimed_port or default_port) != port):
             raise Denied("host_mismatch", f"this tunnel was opened to {host}:{port}; a "
                                           "request for another host must open its own",
                          status=421)

@@ -131,11 +131,15 @@ class BlindTunnel:
         self.door.ctx.audit.write(self.record)
 
 
-async def open_blind_tunnel(door: FrontDoor, host: str, port: int) -> BlindTunnel | None:
-    """Connect to ``host:port`` (``--resolve`` applied), answer 200 and start piping."""
+async def open_blind_tunnel(door: FrontDoor, host: str, port: int,
+                            record: AuditRecord | None = None) -> BlindTunnel | None:
+    """Connect to ``host:port`` (``--resolve`` and the egress policy applied), answer the
+    CONNECT with 200 and start piping. A transparent connection passes its own ``record``
+    (it asked nothing, so nothing is answered)."""
     ctx = door.ctx
-    record = AuditRecord(mode="tunnel", method="CONNECT", host=f"{host}:{port}",
-                         decision="passthrough", reason="unrouted")
+    answer = record is None
+    record = record or AuditRecord(mode="tunnel", method="CONNECT", host=f"{host}:{port}",
+                                   decision="passthrough", reason="unrouted")
     loop = asyncio.get_running_loop()
     tunnel = BlindTunnel(door, record)
     try:
@@ -160,9 +164,10 @@ async def open_blind_tunnel(door: FrontDoor, host: str, port: int) -> BlindTunne
         return None
     tunnel.upstream = transport
     ctx.metrics.open_tunnels.labels("blind").inc()
-    ctx.metrics.decisions.labels("passthrough", "unrouted").inc()
+    ctx.metrics.decisions.labels("passthrough", record.reason).inc()
     record.status = 200
-    door.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    if answer:
+        door.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
     door.transport.resume_reading()
     tunnel.watch_idle(ctx.settings.tunnel_idle_timeout)
     return tunnel

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import yaml
 
-from tests.cluster import netns
 from tests.cluster.controlplane import SERVICE_CIDR, ControlPlane, _free_port, _pem_cert
 from tests.cluster.images import PAUSE_IMAGE, Image
 from tests.cluster.kube import Kube
+from tests.support import netns
 
 NETNS = "keyhole-node"
 NODE_NAME = "keyhole-node"

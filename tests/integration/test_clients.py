@@ -9,7 +9,6 @@ import subprocess
 import pytest
 
 from tests.integration.clients import (
-    CLIENTS,
     NODE24,
     PYTHON_LIBRARIES,
     curl,
@@ -82,25 +81,6 @@ def test_node24_fetch_reads_the_proxy_variables_natively(sidecar, upstream, mark
     assert reply.status == 200
     assert_injected(upstream, marker)
     assert_no_secret(reply.everything())
-
-
-@pytest.fixture(scope="session")
-def go_client(tmp_path_factory):
-    """The Go client, built once per source version into the user's cache."""
-    import hashlib
-    import os
-    from pathlib import Path
-
-    source = CLIENTS / "fetch.go"
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
-    binary = cache / f"fetch-go-{digest}"
-    if not binary.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "build", "-o", str(binary), str(source)], check=True,
-                       capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod",
-                                                 "GO111MODULE": "off"}, timeout=600)
-    return binary
 
 
 def test_go_client_gets_the_header_injected_and_falls_back_from_h2(sidecar, upstream, marker,

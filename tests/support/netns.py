@@ -1,4 +1,4 @@
-"""Network namespaces for the test node, made with iproute2 and removed after.
+"""Network namespaces for tests (the test node, transparent capture), made with iproute2.
 
 Processes enter one with ``nsenter --net`` (not ``ip netns exec``, which also gives them a
 mount namespace of their own: the kubelet's volume mounts would then be invisible to
