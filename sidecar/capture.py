@@ -63,7 +63,8 @@ def _ports(ports: tuple[int, ...]) -> str:
     return ",".join(str(p) for p in ports)
 
 
-def _cidr(text: str) -> str:
+def parse_cidr(text: str) -> str:
+    """A CIDR (or one address) in canonical form; ArgumentTypeError names the mistake."""
     try:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the sidecar's --transparent-listen port (default {DEFAULT_PORT})")
     p.add_argument("--capture-ports", type=_port_list, default=DEFAULT_PORTS, metavar="P,P",
                    help="destination ports to capture (default 443,80)")
-    p.add_argument("--exempt-cidr", type=_cidr, action="append", default=[], metavar="CIDR",
+    p.add_argument("--exempt-cidr", type=parse_cidr, action="append", default=[], metavar="CIDR",
                    help="destinations never captured, e.g. the Service and Pod CIDRs "
                         "(repeatable)")
     p.add_argument("--print", action="store_true", dest="print_only",

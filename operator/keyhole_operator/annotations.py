@@ -45,6 +45,8 @@ CA_SECRET = "keyhole-ca"  # noqa: S105 - a Secret name, not a password
 CA_BUNDLE_CONFIGMAP = "keyhole-ca-bundle"
 SIGNING_KEY_SECRET = "keyhole-signing-key"  # noqa: S105 - a name
 SIDECAR_CONTAINER = "keyhole-proxy"
+CAPTURE_CONTAINER = "keyhole-init"  # transparent capture: installs the redirect rules
+POD_SECURITY_LABEL = "pod-security.kubernetes.io/enforce"  # Kubernetes' own namespace label
 
 
 def is_keyhole_key(key: str) -> bool:

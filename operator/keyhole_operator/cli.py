@@ -13,6 +13,7 @@ from pathlib import Path
 import kopf
 
 from keyhole_operator.settings import Settings, SidecarResources
+from sidecar.capture import parse_cidr
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -37,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sidecar-upstream-ca", type=Path, metavar="FILE",
                    help="PEM certificates every sidecar trusts for upstream TLS besides the "
                         "public roots (an internal CA for private APIs)")
+    p.add_argument("--capture", choices=("proxy", "transparent"), default=Settings.capture,
+                   help="default for injections without spec.capture: proxy variables only, or "
+                        "transparent capture too (keyhole-init; Pod Security privileged)")
+    p.add_argument("--capture-exempt-cidr", action="append", default=[], metavar="CIDR",
+                   type=parse_cidr,
+                   help="destinations transparent capture leaves alone: the cluster's Service "
+                        "and Pod CIDRs (repeatable)")
     p.add_argument("--no-proxy", action="append", default=[], metavar="HOST",
                    help="extra NO_PROXY entry for agents, e.g. the API server address (repeatable)")
     p.add_argument("--operator-service-account", default=Settings.operator_service_account,
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                    memory_limit=args.sidecar_memory_limit,
                                    cpu_limit=args.sidecar_cpu_limit),
         upstream_ca=upstream_ca, ca_promote_after=args.ca_promote_after,
+        capture=args.capture, capture_exempt_cidrs=tuple(args.capture_exempt_cidr),
     )
     if args.reload:
         _restart_on_change()

@@ -34,6 +34,7 @@ from keyhole_operator.kube import Cluster
 from keyhole_operator.live import injected, plan_pod
 from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.mutation.layout import SIGNING_KEY_FILE
+from keyhole_operator.mutation.sidecar_container import wants_transparent
 from keyhole_operator.privileges import BYPASSES, access_review, service_account_user
 from keyhole_operator.routes import Injection, namespace_key
 from keyhole_operator.selectors import injections_for_pod
@@ -149,8 +150,17 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
     if not chosen:
         metrics.admissions.labels("keyhole-inject", "skipped").inc()
         return
+    level = None
+    if wants_transparent(chosen, runtime.settings):  # keyhole-init needs NET_ADMIN and NET_RAW
+        try:
+            level = await asyncio.to_thread(runtime.cluster.pod_security_level, namespace)
+        except Exception as exc:
+            metrics.admissions.labels("keyhole-inject", "unavailable").inc()
+            raise kopf.AdmissionError(
+                f"keyhole cannot read namespace {namespace} to check its Pod Security level "
+                f"({_reason(exc)}); retry in a few seconds", code=503) from None
     try:
-        result = mutate(pod, chosen, runtime.settings, runtime.key(namespace))
+        result = mutate(pod, chosen, runtime.settings, runtime.key(namespace), level)
     except Refused as refusal:
         metrics.admissions.labels("keyhole-inject", "refused").inc()
         raise kopf.AdmissionError(str(refusal), code=403) from None

@@ -94,6 +94,13 @@ class Cluster:
             _request_timeout=3)
         return json.loads(response.data)["items"]
 
+    def pod_security_level(self, namespace: str) -> str | None:
+        """The Pod Security level the namespace enforces (its label), if any."""
+        from keyhole_operator.annotations import POD_SECURITY_LABEL
+
+        found = self.core.read_namespace(namespace, _request_timeout=3)
+        return (found.metadata.labels or {}).get(POD_SECURITY_LABEL)
+
     def can_list_injections(self) -> None:
         """Raises unless SecretInjections can be listed (one item asked for, none read)."""
         self.custom.list_cluster_custom_object("keyhole.dev", "v1alpha1", "secretinjections",

@@ -45,6 +45,13 @@ class Settings:
     """Password of the PKCS12 trust store for Java (not a secret: it guards public certs)."""
     run_as_user: int = 65532
     """UID of the sidecar process (non-root)."""
+    capture: str = "proxy"
+    """How agent traffic reaches the sidecar when an injection does not say (``spec.capture``):
+    ``proxy`` (the proxy variables) or ``transparent`` (keyhole-init redirects it too)."""
+    transparent_port: int = 15081
+    """The sidecar's transparent port, on 127.0.0.1 inside the pod."""
+    capture_exempt_cidrs: tuple[str, ...] = ()
+    """Destinations transparent capture leaves alone: the cluster's Service and Pod CIDRs."""
     ca_promote_after: float = 600.0
     """Seconds a namespace's next CA is in agents' bundles before sidecars sign with it: longer
     than the kubelets take to deliver a ConfigMap update (their sync period, 1 min by default)."""

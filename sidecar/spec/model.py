@@ -166,6 +166,9 @@ class SecretInjection:
     agent_env: tuple[AgentEnv, ...] = ()
     pod_selector: dict | None = field(default=None, compare=False, hash=False)
     credential: Credential | None = None
+    capture: str | None = None
+    """``proxy`` (clients use the proxy variables), ``transparent`` (keyhole-init redirects the
+    pod's outbound traffic too), or None: the operator's default."""
 
     def secret_refs(self) -> tuple[SecretKeyRef, ...]:
         """Every Secret key this injection reads, in spec order, without repeats."""

@@ -49,8 +49,9 @@ _RESERVED_HEADERS = frozenset(
 )
 _SPEC_FIELDS = frozenset(
     {"podSelector", "hosts", "headers", "basicAuth", "queryParams", "rules", "agentEnv",
-     *CREDENTIAL_FIELDS}
+     "capture", *CREDENTIAL_FIELDS}
 )
+CAPTURE_MODES = ("proxy", "transparent")
 _INJECTING_FIELDS = ("headers", "basicAuth", "queryParams", *CREDENTIAL_FIELDS)
 _GITHUB_ID = re.compile(r"^[0-9]+$")
 _GITHUB_APP_ID = re.compile(r"^[A-Za-z0-9.]+$")  # the numeric App ID, or its client ID
@@ -515,6 +516,12 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     agent_env = _agent_env(c, spec["agentEnv"]) if "agentEnv" in spec else ()
     selector = _pod_selector(c, spec["podSelector"]) if "podSelector" in spec else None
     credential = _credential(c, spec, headers, basic_auth, hosts)
+    capture = spec.get("capture")
+    if capture is not None and capture not in CAPTURE_MODES:
+        c.add("spec.capture", f"{capture!r}: capture is proxy (clients use the proxy "
+                              "variables) or transparent (the pod's outbound traffic is "
+                              "redirected to the sidecar as well)")
+        capture = None
 
     if not set(_INJECTING_FIELDS) & spec.keys():
         c.add("spec", f"nothing to inject: give at least one of {', '.join(_INJECTING_FIELDS)}")
@@ -529,7 +536,7 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     return SecretInjection(
         name=name, namespace=namespace, hosts=tuple(hosts), headers=headers,
         basic_auth=basic_auth, query_params=query, rules=rules, agent_env=agent_env,
-        pod_selector=selector, credential=credential,
+        pod_selector=selector, credential=credential, capture=capture,
     ), []
 
 

@@ -121,3 +121,45 @@ def test_status_reports_over_privileged_pods_with_their_verbs():
     flagged = {c["type"]: c for c in status["conditions"]}["AgentsOverPrivileged"]
     assert flagged["status"] == "True"
     assert "agent-1: read Secrets, exec into pods" in flagged["message"]
+
+
+# -- transparent capture ----------------------------------------------------------------------------
+
+def _transparent(injections) -> list:
+    from dataclasses import replace
+
+    return [Injection(replace(i.spec, capture="transparent"), i.document) for i in injections]
+
+
+def _pod() -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "agents", "labels": {"keyhole.dev/openai": "true"}},
+            "spec": {"containers": [{"name": "agent", "image": "x"}]}}
+
+
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_transparent_capture_is_refused_where_pod_security_forbids_its_capabilities(
+        injections, level):
+    from keyhole_operator.mutation import Refused
+
+    chosen = _transparent(injections[:1])
+    with pytest.raises(Refused) as refused:
+        mutate(_pod(), chosen, Settings(), KEY, pod_security=level)
+    assert "pod-security.kubernetes.io/enforce=privileged" in str(refused.value)
+    assert f"enforces Pod Security {level!r}" in str(refused.value)
+    assert "capture: proxy" in str(refused.value)
+
+
+def test_transparent_capture_where_pod_security_allows_it(injections):
+    for level in (None, "privileged"):
+        pod = mutate(_pod(), _transparent(injections[:1]), Settings(), KEY,
+                     pod_security=level).pod
+        first = pod["spec"]["initContainers"][0]
+        assert first["name"] == "keyhole-init"
+        assert first["securityContext"]["capabilities"] == {"drop": ["ALL"],
+                                                            "add": ["NET_ADMIN", "NET_RAW"]}
+
+
+def test_proxy_capture_ignores_pod_security(injections):
+    pod = mutate(_pod(), injections[:1], Settings(), KEY, pod_security="restricted").pod
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["keyhole-proxy"]

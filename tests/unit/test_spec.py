@@ -130,3 +130,14 @@ def test_load_reports_invalid_yaml_with_the_file(tmp_path):
 def test_duplicate_names_are_refused():
     with pytest.raises(SpecError, match="two injections have this name"):
         parse_injections([("a", INJECTIONS[0]), ("b", INJECTIONS[0])])
+
+
+def test_capture_is_proxy_transparent_or_left_to_the_operator():
+    base = dict(hosts=["api.openai.com"],
+                headers=[{"name": "Authorization", "valueFrom": ref("openai", "api-key")}])
+    for mode in ("proxy", "transparent"):
+        parsed, found = parse_injection(injection("openai", capture=mode, **base), "doc")
+        assert found == [] and parsed.capture == mode
+    assert parse_injection(injection("openai", **base), "doc")[0].capture is None
+    assert any("capture is proxy (clients use the proxy variables) or transparent" in p
+               for p in problems(injection("openai", capture="iptables", **base)))

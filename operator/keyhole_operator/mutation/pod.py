@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from keyhole_operator.annotations import (
     CA_SECRET,
+    CAPTURE_CONTAINER,
     INJECTIONS,
+    POD_SECURITY_LABEL,
     SIDECAR_CONTAINER,
     SIGNING_KEY_SECRET,
     STATUS,
@@ -20,10 +22,12 @@ from keyhole_operator.annotations import (
 from keyhole_operator.mutation import layout
 from keyhole_operator.mutation.env import PLACEHOLDER_VALUE, plan_env
 from keyhole_operator.mutation.sidecar_container import (
+    capture_container,
     secret_keys,
     sidecar_container,
     sidecar_volumes,
     trust_volume,
+    wants_transparent,
 )
 from keyhole_operator.routes import Injection, signed_routes
 from keyhole_operator.settings import Settings
@@ -75,7 +79,7 @@ def _agent_containers(spec: dict, *, ephemeral: bool = False) -> list[dict]:
     when asked; injection leaves those alone, refusals look at them too)."""
     fields = ("initContainers", "containers") + (("ephemeralContainers",) if ephemeral else ())
     return [c for field in fields for c in spec.get(field) or []
-            if c.get("name") != SIDECAR_CONTAINER]
+            if c.get("name") not in (SIDECAR_CONTAINER, CAPTURE_CONTAINER)]
 
 
 def _secret_volumes(spec: dict, secrets: set[str] | None = None) -> dict[str, str]:
@@ -171,17 +175,28 @@ def _no_proxy_warnings(injections: list[Injection]) -> list[str]:
     return warnings
 
 
-def mutate(pod: dict, injections: list[Injection], settings: Settings, key: bytes) -> Mutation:
+def mutate(pod: dict, injections: list[Injection], settings: Settings, key: bytes,
+           pod_security: str | None = None) -> Mutation:
     """The pod with the keyhole sidecar and agent configuration for ``injections``.
 
     ``injections`` are those whose podSelector matches the pod; ``key`` is the namespace's
-    routes signing key. Raises :class:`Refused` for pods that must not run with the sidecar.
-    Pure and idempotent: ``mutate(mutate(p).pod) == mutate(p)``.
+    routes signing key; ``pod_security`` the Pod Security level its namespace enforces (only
+    read for transparent capture). Raises :class:`Refused` for pods that must not run with the
+    sidecar. Pure and idempotent: ``mutate(mutate(p).pod) == mutate(p)``.
     """
     if not injections:
         return Mutation(pod)
     injections = sorted(injections, key=lambda i: i.name)
+    transparent = wants_transparent(injections, settings)
     problem = _refusal(pod, injections, settings)
+    if not problem and transparent and pod_security in ("baseline", "restricted"):
+        namespace = (pod.get("metadata") or {}).get("namespace") or ""
+        asking = [i.name for i in injections if (i.spec.capture or settings.capture) == "transparent"]
+        problem = (f"transparent capture needs NET_ADMIN and NET_RAW in keyhole's init "
+                   f"container, and namespace {namespace} enforces Pod Security "
+                   f"{pod_security!r}, which forbids them (the pod would be refused). Label the "
+                   f"namespace {POD_SECURITY_LABEL}=privileged, or set capture: proxy on "
+                   f"{', '.join(asking)}.")
     volumes = [*sidecar_volumes(injections, settings), trust_volume()]
     problem = problem or _volume_collisions(pod, volumes)
     if problem:
@@ -194,11 +209,14 @@ def mutate(pod: dict, injections: list[Injection], settings: Settings, key: byte
     # The sidecar: first init container when native (so later init containers can use it).
     sidecar = sidecar_container(injections, settings)
     for field in ("initContainers", "containers"):
-        spec[field] = [c for c in spec.get(field) or [] if c.get("name") != SIDECAR_CONTAINER]
+        spec[field] = [c for c in spec.get(field) or []
+                       if c.get("name") not in (SIDECAR_CONTAINER, CAPTURE_CONTAINER)]
     if settings.native_sidecar:
         spec["initContainers"].insert(0, sidecar)
     else:
         spec["containers"].append(sidecar)
+    if transparent:  # first of all: the rules are in place before anything else runs
+        spec["initContainers"].insert(0, capture_container(settings))
     if not spec["initContainers"]:
         del spec["initContainers"]
     _put_volumes(spec, volumes)
@@ -225,6 +243,7 @@ def mutate(pod: dict, injections: list[Injection], settings: Settings, key: byte
         "secrets": sorted(secret_keys(injections)),
         "volumes": sorted(v["name"] for v in volumes),
         "sidecar": "native" if settings.native_sidecar else "container",
+        "capture": "transparent" if transparent else "proxy",
         "image": settings.sidecar_image,
     }, sort_keys=True, separators=(",", ":"))
     return Mutation(pod, tuple(dict.fromkeys(warnings)))

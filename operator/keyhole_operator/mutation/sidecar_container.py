@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from keyhole_operator.annotations import (
     CA_SECRET,
+    CAPTURE_CONTAINER,
     INJECTIONS,
     SIDECAR_CONTAINER,
     SIGNING_KEY_SECRET,
@@ -62,6 +63,44 @@ def trust_volume() -> dict:
                               layout.CA_CERT, layout.CA_BUNDLE, layout.WGETRC, layout.TRUSTSTORE)]}}
 
 
+def wants_transparent(injections: list[Injection], settings: Settings) -> bool:
+    """Whether any injection for the pod asks for transparent capture (or leaves it to a
+    default of transparent)."""
+    return any((i.spec.capture or settings.capture) == "transparent" for i in injections)
+
+
+def capture_container(settings: Settings) -> dict:
+    """keyhole-init: runs once before the sidecar, installs the redirect rules, exits.
+    The only keyhole container with capabilities: NET_ADMIN and NET_RAW, nothing else."""
+    exempt = [*settings.capture_exempt_cidrs, *(n for n in settings.no_proxy if _is_cidr(n))]
+    return {
+        "name": CAPTURE_CONTAINER,
+        "image": settings.sidecar_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python3", "-m", "sidecar.capture"],
+        "args": ["--uid-owner-exempt", str(settings.run_as_user),
+                 "--to-port", str(settings.transparent_port),
+                 *[f"--exempt-cidr={cidr}" for cidr in dict.fromkeys(exempt)]],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": {
+            "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
+            "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
+def _is_cidr(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
     mounts = [
         {"name": layout.secret_volume_name(name), "mountPath": layout.secret_dir(name),
@@ -96,6 +135,8 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
             "--admin-listen", f"0.0.0.0:{settings.admin_port}",
             "--unmatched", settings.unmatched,
             *upstream_ca,
+            *(["--transparent-listen", f"127.0.0.1:{settings.transparent_port}"]
+              if wants_transparent(injections, settings) else []),
         ],
         "ports": [{"name": "keyhole-admin", "containerPort": settings.admin_port,
                    "protocol": "TCP"}],
