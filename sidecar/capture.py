@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 CHAIN = "KEYHOLE_CAPTURE"
 DEFAULT_PORT = 15081
@@ -100,8 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Where the sidecar image keeps iptables (sidecar/Dockerfile); elsewhere, the system's own.
+IMAGE_NETFILTER = Path("/netfilter")
+
+
+def _tool_env() -> dict[str, str] | None:
+    if not (IMAGE_NETFILTER / "bin").is_dir():
+        return None
+    return {**os.environ, "PATH": f"{IMAGE_NETFILTER / 'bin'}:{os.environ.get('PATH', '')}",
+            "LD_LIBRARY_PATH": str(IMAGE_NETFILTER / "lib"),
+            "XTABLES_LIBDIR": str(IMAGE_NETFILTER / "lib" / "xtables")}
+
+
+def _which(tool: str) -> bool:
+    env = _tool_env()
+    return bool(shutil.which(tool, path=env["PATH"] if env else None))
+
+
 def _run(command: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, input=stdin, capture_output=True, text=True)
+    env = _tool_env()
+    if env:
+        command = [str(IMAGE_NETFILTER / "bin" / command[0]), *command[1:]]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, env=env)
 
 
 def _install(family: str, restore: str, table: str, parent: str) -> str:
@@ -132,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.ipv6(), end="")
         print(f"EOF\nip6tables -C OUTPUT -p tcp -j {CHAIN} || ip6tables -A OUTPUT -p tcp -j {CHAIN}")
         return 0
-    if not shutil.which("iptables-restore"):
+    if not _which("iptables-restore"):
         print("keyhole-init: iptables-restore is not installed (Debian: apt-get install "
               "iptables)", file=sys.stderr)
         return 2
@@ -141,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keyhole-init: TCP to ports {_ports(plan.ports)} from every UID but "
               f"{plan.exempt_uid} goes to 127.0.0.1:{plan.to_port}:")
         print(installed, end="")
-        if shutil.which("ip6tables-restore") and _run(["ip6tables", "-S"]).returncode == 0:
+        if _which("ip6tables-restore") and _run(["ip6tables", "-S"]).returncode == 0:
             installed6 = _install("ipv6", plan.ipv6(), "filter", "OUTPUT")
             print(f"keyhole-init: IPv6 is not captured: IPv6 TCP to ports {_ports(plan.ports)} "
                   "is reset, so clients fall back to IPv4:")

@@ -19,7 +19,7 @@ from tests.capture.conftest import (
     in_namespace,
     world_readable_copy,
 )
-from tests.integration.clients import CLIENTS
+from tests.integration.clients import CLIENTS, NODE24
 
 BEARER = f"Bearer {SECRET}"
 
@@ -41,6 +41,9 @@ def _clients(go_binary) -> dict[str, callable]:
         "curl": lambda url: ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url],
         "node fetch": lambda url: ["node", "-e",
                                    "fetch(process.argv[1]).then(r => console.log(r.status))", url],
+        "node 24 fetch": lambda url: [str(NODE24), "-e",
+                                      "fetch(process.argv[1]).then(r => console.log(r.status))",
+                                      url],
         "node https.get": lambda url: ["node", "-e", (
             "require('https').get(process.argv[1], r => { console.log(r.statusCode); "
             "r.resume(); })"), url],
@@ -78,7 +81,8 @@ def clients(go_binary):
     return _clients(go_binary)
 
 
-@pytest.mark.parametrize("client", ["curl", "node fetch", "node https.get", "node-fetch",
+@pytest.mark.parametrize("client", ["curl", "node fetch", "node 24 fetch", "node https.get",
+                                    "node-fetch",
                                     "python requests", "python httpx", "python aiohttp",
                                     "go net/http", "java HttpClient"])
 def test_every_client_gets_its_key_with_no_proxy_variable(capture, clients, client):
