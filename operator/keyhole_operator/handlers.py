@@ -134,31 +134,31 @@ def _injections(index: kopf.Index, namespace: str, *, without: str | None = None
 # where reconciliation's blocking API calls would make the API server wait for our answer.
 # These are pure and take milliseconds, so they run on the event loop directly.
 
+async def _ask(what: str, call, *args):
+    """One API read for a review; fail closed: without it, refuse (retryably) to decide."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except Exception as exc:
+        metrics.admissions.labels("keyhole-inject", "unavailable").inc()
+        raise kopf.AdmissionError(f"keyhole cannot read {what} ({_reason(exc)}); retry in a "
+                                  "few seconds", code=503) from None
+
+
 @kopf.on.mutate("v1", "pods", operations=["CREATE"], id="keyhole-inject", side_effects=False)
 async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, **_) -> None:
     runtime = _runtime(memo)
     pod = _plain(body)
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
-    try:  # fail closed: without the namespace's injections, refuse (retryably) to decide
-        listed = await asyncio.to_thread(runtime.cluster.list_namespace_injections, namespace)
-    except Exception as exc:
-        metrics.admissions.labels("keyhole-inject", "unavailable").inc()
-        raise kopf.AdmissionError(
-            f"keyhole cannot read the SecretInjections of namespace {namespace} "
-            f"({_reason(exc)}); retry in a few seconds", code=503) from None
+    listed = await _ask(f"the SecretInjections of namespace {namespace}",
+                        runtime.cluster.list_namespace_injections, namespace)
     chosen = injections_for_pod(valid_injections(listed), pod)
     if not chosen:
         metrics.admissions.labels("keyhole-inject", "skipped").inc()
         return
     level = None
     if wants_transparent(chosen, runtime.settings):  # keyhole-init needs NET_ADMIN and NET_RAW
-        try:
-            level = await asyncio.to_thread(runtime.cluster.pod_security_level, namespace)
-        except Exception as exc:
-            metrics.admissions.labels("keyhole-inject", "unavailable").inc()
-            raise kopf.AdmissionError(
-                f"keyhole cannot read namespace {namespace} to check its Pod Security level "
-                f"({_reason(exc)}); retry in a few seconds", code=503) from None
+        level = await _ask(f"the Pod Security level of namespace {namespace}",
+                           runtime.cluster.pod_security_level, namespace)
     try:
         result = mutate(pod, chosen, runtime.settings, runtime.key(namespace), level)
     except Refused as refusal:

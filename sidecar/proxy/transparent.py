@@ -172,10 +172,17 @@ class TransparentPort:
         except asyncio.CancelledError:
             conn.close()
             raise
-        if kind == "tls":
-            await self._tls(conn, peeked, address, port)
-        else:
-            await self._plain(conn, peeked, address, port)
+        try:
+            if kind == "tls":
+                await self._tls(conn, peeked, address, port)
+            else:
+                await self._plain(conn, peeked, address, port)
+        except OSError:  # the client went away while it was handed on
+            conn.close()
+        except Exception as exc:  # a bug: close this one, keep serving (type only: no data)
+            log.error("unexpected %s on a transparent connection to %s:%s",
+                      type(exc).__name__, address, port)
+            conn.close()
 
     async def _peek(self, conn: socket.socket) -> tuple[bytes, str]:
         """What waits on the socket, left there, until it is a whole ClientHello or a whole

@@ -105,12 +105,18 @@ def test_git_gets_its_key(capture):
     assert SECRET not in done.stdout + done.stderr
 
 
+def s_client(capture, marker: str, host_header: str = "api.routed.test", *, sni: bool = True,
+             connect: str = "api.routed.test:443", ca: str | None = None):
+    """A raw request through ``openssl s_client`` (the agent's own TLS, its own bytes)."""
+    request = f"GET /{marker} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n"
+    name = ["-servername", "api.routed.test"] if sni else ["-noservername"]
+    return capture.agent("openssl", "s_client", "-quiet", "-connect", connect, *name, "-CAfile",
+                         ca or capture.env["SSL_CERT_FILE"], input=request)
+
+
 def test_openssl_s_client_gets_its_key(capture):
     marker = _marker()
-    request = f"GET /{marker} HTTP/1.1\r\nHost: api.routed.test\r\nConnection: close\r\n\r\n"
-    done = capture.agent("openssl", "s_client", "-quiet", "-connect", "api.routed.test:443",
-                         "-servername", "api.routed.test", "-CAfile",
-                         capture.env["SSL_CERT_FILE"], input=request)
+    done = s_client(capture, marker)
     assert "HTTP/1.1 200" in done.stdout, done.stderr
     assert capture.upstream.one(marker).header("authorization") == [BEARER]
 
@@ -158,19 +164,15 @@ def test_a_routed_name_sent_to_the_agents_own_server_never_reaches_it(capture):
 
 def test_an_inner_host_that_differs_from_the_sni_is_refused(capture):
     marker = _marker()
-    request = f"GET /{marker} HTTP/1.1\r\nHost: other.routed.test\r\nConnection: close\r\n\r\n"
-    done = capture.agent("openssl", "s_client", "-quiet", "-connect", "api.routed.test:443",
-                         "-servername", "api.routed.test", "-CAfile",
-                         capture.env["SSL_CERT_FILE"], input=request)
+    done = s_client(capture, marker, host_header="other.routed.test")
     assert "HTTP/1.1 421" in done.stdout
     assert capture.upstream.find(marker) == []
 
 
 def test_a_client_hello_without_sni_is_passed_through_untouched(capture):
     marker = _marker()
-    request = f"GET /{marker} HTTP/1.1\r\nHost: api.routed.test\r\nConnection: close\r\n\r\n"
-    done = capture.agent("openssl", "s_client", "-quiet", "-noservername", "-connect",
-                         f"{HOST_IP}:443", "-CAfile", capture.upstream.ca_file, input=request)
+    done = s_client(capture, marker, sni=False, connect=f"{HOST_IP}:443",
+                    ca=capture.upstream.ca_file)
     assert "HTTP/1.1 200" in done.stdout, done.stderr  # the upstream's own certificate
     assert capture.upstream.one(marker).header("authorization") == []
 

@@ -6,7 +6,6 @@ upstream served on the node. Every test here is marked ``node``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -222,10 +221,6 @@ class Agents:
             raise AssertionError(f"{' '.join(command)} in {container} failed "
                                  f"({done.returncode}):\n{done.stdout}\n{done.stderr}")
         return done
-
-    def python(self, pod: dict, code: str, container: str = "agent") -> dict:
-        """Run Python in a container; it prints one JSON document."""
-        return json.loads(self.exec(pod, "python3", "-c", code, container=container).stdout)
 
 
 @pytest.fixture(scope="session")

@@ -46,14 +46,18 @@ def restarts(pod: dict) -> dict[str, int]:
     return {name: s.get("restartCount", 0) for name, s in statuses(pod).items()}
 
 
-_UID_AND_WRITE = """
-import errno, json, os
+_SELF_CHECK = """
+import errno, hashlib, json, os, sys
 try:
-    open("/written", "w")
+    open("/written-by-this-container", "w")
     write = "allowed"
 except OSError as exc:
     write = errno.errorcode[exc.errno]
-print(json.dumps({"uid": os.getuid(), "write": write}))
+seen = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "write": write}
+if len(sys.argv) > 1:  # a file it must be able to read, and what it holds (as a hash)
+    seen["file_gid"] = os.stat(sys.argv[1]).st_gid
+    seen["file_sha256"] = hashlib.sha256(open(sys.argv[1], "rb").read().strip()).hexdigest()
+print(json.dumps(seen))
 """
 
 
@@ -70,8 +74,8 @@ def test_the_operator_runs_as_real_pods_and_kubectl_shows_the_truth(release, age
         assert statuses(pod)["operator"]["ready"] is True
     # The operator image runs as the chart says: UID 65532 on a read-only root filesystem.
     seen = json.loads(kube.kubectl("exec", "-n", RELEASE_NAMESPACE, pods[0]["metadata"]["name"],
-                                   "--", "python3", "-c", _UID_AND_WRITE).stdout)
-    assert seen == {"uid": 65532, "write": "EROFS"}
+                                   "--", "python3", "-c", _SELF_CHECK).stdout)
+    assert (seen["uid"], seen["write"]) == (65532, "EROFS")
     listed = kube.kubectl("get", "si", "-n", agents.namespace).stdout.splitlines()
     header, row = listed[0].split(), listed[1].split()
     assert header[:4] == ["NAME", "HOSTS", "PODS", "READY"]
@@ -144,20 +148,6 @@ def test_the_agent_container_holds_no_key(agents):
                            if m["mountPath"].startswith("/var/run/secrets/kubernetes.io")]}
 
 
-_SIDECAR_SELF_CHECK = """
-import errno, hashlib, json, os
-try:
-    open("/written-by-the-sidecar", "w")
-    write = "allowed"
-except OSError as exc:
-    write = errno.errorcode[exc.errno]
-path = "/var/run/keyhole/secrets/openai-credentials/api-key"
-print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
-                  "write": write, "file_gid": os.stat(path).st_gid,
-                  "secret_sha256": hashlib.sha256(open(path, "rb").read().strip()).hexdigest()}))
-"""
-
-
 @pytest.mark.parametrize("fs_group", [None, 2000])
 def test_the_sidecar_runs_unprivileged_on_a_read_only_root_and_reads_its_secret(agents, fs_group):
     if fs_group is None:
@@ -165,10 +155,12 @@ def test_the_sidecar_runs_unprivileged_on_a_read_only_root_and_reads_its_secret(
     else:
         pod = agents.deploy("agent-fsgroup", {"keyhole.dev/openai": "true"},
                             {"fsGroup": fs_group})
-    seen = agents.python(pod, _SIDECAR_SELF_CHECK, container="keyhole-proxy")
+    secret = "/var/run/keyhole/secrets/openai-credentials/api-key"
+    seen = json.loads(agents.exec(pod, "python3", "-c", _SELF_CHECK, secret,
+                                  container="keyhole-proxy").stdout)
     assert seen["uid"] == 65532 and seen["gid"] == 65532
     assert seen["write"] == "EROFS"
-    assert seen["secret_sha256"] == hashlib.sha256(SECRET_VALUE.encode()).hexdigest()
+    assert seen["file_sha256"] == hashlib.sha256(SECRET_VALUE.encode()).hexdigest()
     if fs_group is not None:
         assert fs_group in seen["groups"] and seen["file_gid"] == fs_group
         agents.kube.kubectl("delete", "deployment", "agent-fsgroup", "-n", agents.namespace)
