@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check"]:
         return check(argv[1:])
+    if argv[:1] == ["transparent-rules"]:  # the standalone recipe for transparent capture
+        from sidecar.capture import main as capture_main
+
+        return capture_main(["--print", *argv[1:]])
     args = build_parser(check=False).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -129,3 +129,21 @@ def test_a_newly_signed_document_is_obeyed(make_sidecar, tmp_path, upstream, mar
     proc.wait_for_log("reloaded configuration")
     curl(proc, f"https://api.routed.test/{marker}")
     assert upstream.one(marker).header("Authorization") == []
+
+
+def test_the_transparent_rules_recipe_is_printed_for_standalone_use():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sidecar", "transparent-rules",
+                           "--uid-owner-exempt", "1234", "--exempt-cidr", "10.0.0.0/8"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "-A KEYHOLE_CAPTURE -m owner --uid-owner 1234 -j RETURN" in done.stdout
+    assert "-A KEYHOLE_CAPTURE -d 10.0.0.0/8 -j RETURN" in done.stdout
+    assert "REDIRECT --to-ports 15081" in done.stdout
+    assert "iptables -t nat -A OUTPUT -p tcp -j KEYHOLE_CAPTURE" in done.stdout
+    refused = subprocess.run([sys.executable, "-m", "sidecar", "transparent-rules",
+                              "--exempt-cidr", "not-a-cidr"], capture_output=True, text=True,
+                             timeout=30)
+    assert refused.returncode == 2 and "is not a CIDR such as 10.96.0.0/12" in refused.stderr
