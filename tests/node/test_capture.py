@@ -1,6 +1,6 @@
 """Transparent capture on the real node: keyhole-init (from the sidecar image, with the
 capabilities the webhook gives it and nothing else) installs its rules in a real pod's network
-namespace, and an agent's Node fetch told of no proxy gets its key; the same pod untagged
+namespace, and an agent's Node 20 fetch told of no proxy gets its key; the same pod untagged
 does not; a namespace whose Pod Security forbids the capabilities gets a clear refusal."""
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def test_a_transparently_captured_agent_gets_its_key_with_no_proxy_variable(agen
                          "-c", "keyhole-init").stdout
     assert "REDIRECT --to-ports 15081" in rules and "--uid-owner 65532 -j RETURN" in rules
 
+    assert agents.exec(pod, "node", "-p", "process.versions.node").stdout.startswith("20.")
     marker = uuid.uuid4().hex[:12]
     status = agents.exec(pod, *NO_PROXY_VARIABLES, "node", "-e", NODE_FETCH,
                          f"https://other.routed.test/v1/{marker}").stdout.strip()

@@ -117,7 +117,7 @@ def test_real_clients_reach_the_upstream_with_the_key_using_only_the_injected_en
         "print(r.text)"), f"https://api.routed.test/v1/models?m={markers['requests']}").stdout
     assert answer.splitlines()[0] == "200"
     assert SECRET_VALUE not in answer and "[REDACTED]" in answer  # the upstream echoes headers
-    # Node 18's fetch reads no proxy variable: it uses the injected base URL instead.
+    # Node 20's fetch reads no proxy variable: it uses the injected base URL instead.
     status = agents.exec(pod, "node", "-e", (
         "fetch(process.env.OPENAI_BASE_URL + '/models?m=' + process.argv[1])"
         ".then(r => console.log(r.status))"), markers["node"]).stdout.strip()
