@@ -187,7 +187,7 @@ async def handle_transparent_http(ctx: ProxyContext, host: str, port: int,
                          path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
 
     def decide() -> Target:
-        _require_same_authority(request, url, host, port, default_port=port)
+        _require_same_authority(request, url, host, port, default_port=80)
         table = ctx.routes()
         routes = table.match(host, port, plain_http=True)
         if not routes:  # revoked while the connection was open

@@ -290,3 +290,31 @@ def test_the_namespace_is_the_tests_own(capture):
     """Nothing here has a route off the machine: only the veth's own subnet."""
     routes = subprocess.run(["ip", "-n", NS, "route"], capture_output=True, text=True).stdout
     assert "default" not in routes
+
+
+_TWO_PLAIN_REQUESTS = r"""
+import socket, sys
+sock = socket.create_connection(("api.routed.test", 80))
+marker = sys.argv[1]
+for host in ("api.routed.test", "other.routed.test"):
+    sock.sendall(f"GET /{marker} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    lines = head.split(b"\r\n")
+    length = int(next(x.split(b":")[1] for x in lines if x.lower().startswith(b"content-length")))
+    body = head.split(b"\r\n\r\n", 1)[1]
+    while len(body) < length:
+        body += sock.recv(65536)
+    print(head.split(b"\r\n")[0].decode())
+"""
+
+
+def test_a_plain_connection_keeps_the_host_its_first_request_named(capture):
+    """On one captured plain-HTTP connection the first Host decided the route, as a CONNECT
+    authority: a later request for another host is refused, not sent with the first's key."""
+    marker = _marker()
+    done = capture.agent(_python(), "-c", _TWO_PLAIN_REQUESTS, marker)
+    assert done.stdout.splitlines() == ["HTTP/1.1 200 OK", "HTTP/1.1 421 Misdirected Request"], \
+        done.stderr
+    assert [r.header("host") for r in capture.upstream.find(marker)] == [["api.routed.test"]]
