@@ -140,7 +140,6 @@ class Node:
     root: Path
     binaries: Path
     images: dict[str, Image]
-    log: callable = print
     plane: ControlPlane | None = None
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -46,7 +46,7 @@ def _log(line: str) -> None:
 def node(request) -> Node:
     binaries = build(log=_log)
     images = all_images(log=_log)
-    started = Node(cache_root() / "node" / "keyhole-node", binaries, images, log=_log)
+    started = Node(cache_root() / "node" / "keyhole-node", binaries, images)
     try:
         started.start()
     except Exception:
