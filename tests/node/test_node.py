@@ -11,7 +11,6 @@ has a test CA that only the sidecars trust, through the chart's ``sidecar.upstre
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import json
 import os
@@ -22,12 +21,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.cluster.node import NODE_NAME
 from tests.node.conftest import RELEASE_NAMESPACE, SECRET_VALUE, openai_injection, statuses
+from tests.support.certs import foreign_ca, pem
 
 BEARER = f"Bearer {SECRET_VALUE}"
 
@@ -233,22 +230,6 @@ def test_an_updated_secret_reaches_the_running_sidecar_without_a_restart(agents,
     assert restarts(agents.pod("agent")) == before
 
 
-def _near_expiry_ca(days: int) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keyhole test CA near expiry")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
-                           critical=True)
-            .sign(key, hashes.SHA256()))
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
-
-
 _LEAF_THROUGH_THE_PROXY = """
 import base64, os, socket, ssl
 sock = socket.create_connection(("127.0.0.1", 15080))
@@ -277,7 +258,7 @@ def test_agents_keep_working_while_the_namespace_ca_rotates(agents, node_upstrea
     before = restarts(pod)
     ns = agents.namespace
     current = agents.kube.get("secret", "keyhole-ca", ns)["data"]
-    old_cert, old_key = _near_expiry_ca(days=10)
+    old_cert, old_key = pem(*foreign_ca("keyhole test CA near expiry", days=10))
     old_subject = x509.load_pem_x509_certificate(old_cert).subject
     failures: list[str] = []
     sent = 0

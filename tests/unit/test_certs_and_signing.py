@@ -34,17 +34,11 @@ def test_a_ca_without_a_subject_key_identifier_still_signs_leaves_clients_accept
     then every interception failed with a 502."""
     import hashlib
 
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no SKI")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=9))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(key, hashes.SHA256()))
+    from tests.support.certs import foreign_ca
+
+    cert, key = foreign_ca("no SKI", days=9)
     ca = CertificateAuthority(cert, key)
     leaf = mint_leaf(ca, "api.openai.com", ec.generate_private_key(ec.SECP256R1()))
     leaf.verify_directly_issued_by(cert)
