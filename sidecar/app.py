@@ -20,6 +20,7 @@ from sidecar.httplog import protocol_logger
 from sidecar.metrics import Metrics
 from sidecar.proxy.context import ProxyContext, ProxySettings
 from sidecar.proxy.frontdoor import FrontDoor
+from sidecar.proxy.pool import UpstreamPool
 from sidecar.upstream import (
     OverridingResolver,
     ResolveOverride,
@@ -113,8 +114,10 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                              header_timeout=options.header_timeout,
                              idle_timeout=options.idle_timeout,
                              upstream_timeout=options.upstream_timeout)
+    pool = UpstreamPool(resolver, upstream_tls)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
-                       resolver=resolver, session=session, metrics=metrics, audit=AuditLog())
+                       resolver=resolver, pool=pool, session=session, metrics=metrics,
+                       audit=AuditLog())
     server_kwargs = dict(
         logger=protocol_logger(metrics.decisions.labels("denied", "malformed").inc),
         keepalive_timeout=settings.idle_timeout, max_line_size=settings.max_line_size,
@@ -175,6 +178,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         for server in servers:
             server.close()
         ctx.audit.flush()
+        pool.close()
         await admin_runner.cleanup()
         await session.close()
         await resolver.close()

@@ -11,6 +11,7 @@ import aiohttp
 from sidecar.audit import AuditLog
 from sidecar.certs import LeafCache
 from sidecar.metrics import Metrics
+from sidecar.proxy.pool import UpstreamPool
 from sidecar.routes import RouteTable
 from sidecar.upstream import OverridingResolver
 
@@ -46,6 +47,9 @@ class ProxyContext:
     """The table being served now; called per request so reloads apply at once."""
     leaves: LeafCache
     resolver: OverridingResolver
+    pool: UpstreamPool
+    """Kept-alive upstream connections every proxied request travels on."""
     session: aiohttp.ClientSession
+    """The proxy's own client: credential endpoints and WebSocket upstreams."""
     metrics: Metrics
     audit: AuditLog

@@ -6,6 +6,8 @@ sentence a human reads in the response body. Neither ever holds a secret value.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from aiohttp import web
 
 
@@ -41,7 +43,15 @@ class UpstreamFailed(ProxyError):
     status = 502
 
 
+def error_parts(error: ProxyError) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    """Status, reason, headers and body of the answer to ``error``."""
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("X-Keyhole-Error", error.reason)]
+    return (error.status, HTTPStatus(error.status).phrase, headers,
+            f"keyhole: {error.message}\n".encode())
+
+
 def error_response(error: ProxyError) -> web.Response:
+    """The same answer through aiohttp's server (a WebSocket upgrade's)."""
     return web.Response(
         status=error.status,
         text=f"keyhole: {error.message}\n",

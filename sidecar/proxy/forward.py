@@ -1,21 +1,22 @@
 """Sending one request upstream and streaming the answer back, redacted.
 
-Shared by every mode (intercepted CONNECT, absolute-form, base-URL): the modes only decide
-the :class:`Target`; what leaves the proxy and what comes back is decided here, once.
+Shared by every mode (intercepted CONNECT, absolute-form, base-URL, transparent): the modes
+only decide the :class:`Target`; what leaves the proxy and what comes back is decided here,
+once. Requests travel on kept-alive upstream connections (:mod:`sidecar.proxy.pool`); heads
+are written by :mod:`sidecar.proxy.heads`, bodies are copied with flow control both ways.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
-from aiohttp import WSMsgType, web
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -24,7 +25,10 @@ from sidecar.credentials import CredentialError, CredentialSource, Outgoing
 from sidecar.egress import TargetRefused
 from sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
 from sidecar.proxy.context import ProxyContext
+from sidecar.proxy.downstream import Request
 from sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed
+from sidecar.proxy.heads import LAST_CHUNK, UnsafeHead, chunk, request_head
+from sidecar.proxy.pool import ResolveFailed, UpstreamClosed, UpstreamConnection
 from sidecar.redact import Redactor
 from sidecar.routes import Route
 
@@ -36,10 +40,15 @@ DECODABLE = ("gzip", "deflate", "br")
 WHOLE_BODY_LIMIT = 64 * 1024
 # A body whose hash goes into a signature (SigV4, payload: signed) is read whole first.
 SIGNED_BODY_LIMIT = 16 * 1024 * 1024
+# Requests sent again, once, on a fresh connection when a kept-alive one turns out closed
+# before any byte of an answer (RFC 9110 §9.2.2); a streamed body cannot be replayed.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
-_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version",
-                           "sec-websocket-protocol", "sec-websocket-extensions"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # announce an empty body as length 0
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_DEFAULT_PORT = {"https": 443, "http": 80}
+Body = AsyncIterator[bytes] | bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +73,12 @@ class Target:
             return self.routes[0].injection.name
         return "+".join(sorted(r.name for r in self.routes)) or "-"
 
+    @property
+    def authority(self) -> str:
+        """The Host header: the port only when it is not the scheme's default."""
+        host = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
+        return host if self.port == _DEFAULT_PORT.get(self.scheme) else f"{host}:{self.port}"
+
     def url(self, scheme: str | None = None, query: str | None = None) -> URL:
         return URL.build(scheme=scheme or self.scheme, host=self.host, port=self.port,
                          path=self.path, encoded=True, query_string=(
@@ -79,9 +94,9 @@ class Target:
         return [r.credential for r in self.routes if r.credential is not None]
 
 
-def _is_websocket(request: web.BaseRequest) -> bool:
-    return (request.headers.get("Upgrade", "").lower() == "websocket"
-            and "upgrade" in request.headers.get("Connection", "").lower())
+def is_websocket(headers) -> bool:
+    return (headers.get("Upgrade", "").lower() == "websocket"
+            and "upgrade" in headers.get("Connection", "").lower())
 
 
 def _accept_encoding(client_value: str | None) -> str | None:
@@ -93,27 +108,14 @@ def _accept_encoding(client_value: str | None) -> str | None:
     return ", ".join(chosen) if chosen else None
 
 
-async def _client_body(request: web.BaseRequest, record: AuditRecord) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_any():
-        record.bytes_in += len(chunk)
-        yield chunk
-
-
-def _cause(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of ``kind`` in the chain (aiohttp wraps resolver errors)."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, kind):
-            return exc
-        wrapped = getattr(exc, "os_error", None)
-        if isinstance(wrapped, kind):
-            return wrapped
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
-    return _cause(exc, kind) is not None
+async def _client_body(request: Request, record: AuditRecord) -> AsyncIterator[bytes]:
+    body = request.body
+    while True:
+        data = await body.readany()
+        if not data:
+            return
+        record.bytes_in += len(data)
+        yield data
 
 
 def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
@@ -121,134 +123,246 @@ def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
                           "which keyhole cannot inspect for secrets")
 
 
-def _upstream_failure(exc: BaseException, target: Target) -> ProxyError:
+def connect_failure(exc: BaseException, target: Target) -> ProxyError:
+    """What the client is told when no connection to the upstream could be opened."""
     where = f"{target.host}:{target.port}"
-    refused = _cause(exc, TargetRefused)
-    if refused is not None:
-        return Denied(refused.reason, str(refused))
-    if _caused_by(exc, ContentEncodingError):
-        return _refused_encoding(target, "unsupported")
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+    if isinstance(exc, TargetRefused):
+        return Denied(exc.reason, str(exc))
+    if isinstance(exc, ssl.SSLCertVerificationError):
         return UpstreamFailed("upstream_tls", f"the TLS certificate of {where} failed "
-                              f"verification ({exc.certificate_error}); the request was not sent")
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return UpstreamFailed("upstream_tls", f"TLS with {where} failed ({exc}); the request was "
-                              "not sent")
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+                              f"verification ({exc.verify_message or exc}); the request was not "
+                              "sent")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamFailed("upstream_tls", f"TLS with {where} failed ({exc.reason or exc}); "
+                              "the request was not sent")
+    if isinstance(exc, ResolveFailed | socket.gaierror):
+        refused = exc.__cause__
+        if isinstance(refused, TargetRefused):
+            return Denied(refused.reason, str(refused))
         return UpstreamFailed("dns", f"cannot resolve {target.host}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamFailed("connect", f"cannot connect to {where} ({exc.os_error.strerror or exc})")
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return UpstreamFailed("timeout", f"{where} did not answer in time", status=504)
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return UpstreamFailed("upstream_reset", f"{where} closed the connection before answering")
-    if isinstance(exc, aiohttp.InvalidURL):
+    if isinstance(exc, UnicodeError | ValueError):
         return UpstreamFailed("bad_request", f"{target.host} is not a host name or address the "
                               "proxy can connect to", status=400)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamFailed("bad_response", f"{where} sent a malformed response")
+    if isinstance(exc, OSError):
+        return UpstreamFailed("connect", f"cannot connect to {where} "
+                              f"({exc.strerror or type(exc).__name__})")
     return UpstreamFailed("upstream_error", f"talking to {where} failed ({type(exc).__name__})")
 
 
-def _response_headers(upstream: aiohttp.ClientResponse, target: Target,
-                      redactor: Redactor | None) -> CIMultiDict[str]:
-    named_in_connection = {t.strip().lower() for v in upstream.headers.getall("Connection", ())
+def _response_headers(upstream: CIMultiDict[str], target: Target,
+                      redactor: Redactor | None) -> list[tuple[str, str]]:
+    named_in_connection = {t.strip().lower() for v in upstream.getall("Connection", ())
                            for t in v.split(",")}
-    headers: CIMultiDict[str] = CIMultiDict()
+    headers: list[tuple[str, str]] = []
     # One search over every value answers "does any header hold a secret?" (almost never).
-    if redactor is not None and not redactor.found_in_text("\n".join(upstream.headers.values())):
+    if redactor is not None and not redactor.found_in_text("\n".join(upstream.values())):
         redactor = None
-    for name, value in upstream.headers.items():
+    for name, value in upstream.items():
         lower = name.lower()
         if lower in _RESPONSE_DROP or lower.startswith("proxy-") or lower in named_in_connection:
             continue
         if target.routed and lower == "content-encoding":
             continue  # decoded for redaction
-        headers.add(name, redactor.redact_text(value) if redactor else value)
-    if not target.routed and "Content-Length" in upstream.headers:
-        headers["Content-Length"] = upstream.headers["Content-Length"]
+        headers.append((name, redactor.redact_text(value) if redactor else value))
     return headers
 
 
-async def forward(ctx: ProxyContext, request: web.BaseRequest, target: Target,
-                  record: AuditRecord) -> web.StreamResponse:
+def _content_length(headers) -> int | None:
+    value = headers.get("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+async def forward(ctx: ProxyContext, request: Request, target: Target,
+                  record: AuditRecord) -> None:
     """Send ``request`` to ``target`` and stream the answer; raise ProxyError before any byte
-    of the answer was written, abort the connection after."""
+    of the answer was written, abort the client connection after."""
     try:
         ctx.resolver.check_literal(target.host, target.port)
     except TargetRefused as refused:
         raise Denied(refused.reason, str(refused)) from None
-    if target.routed and _is_websocket(request):
-        return await _forward_websocket(ctx, request, target, record)
+    if target.routed and is_websocket(request.headers):
+        from sidecar.proxy.websocket import forward_websocket
+
+        await forward_websocket(ctx, request, target, record)
+        return
     headers = forwarded_headers(request.headers, target.routes)
+    headers.popall("Content-Length", None)  # the framing is ours to write
     if target.routed:
         headers.popall("Accept-Encoding", None)
         accept = _accept_encoding(request.headers.get("Accept-Encoding"))
         if accept:
             headers["Accept-Encoding"] = accept
-    body = None
+    body: Body = None
     if request.can_read_body:
         if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = _client_body(request, record)
+            request.reply.interim(_CONTINUE)
+        if request.body.is_eof():  # all of it arrived with the head: send it in one write
+            body = request.body.read_nowait(-1)
+            record.bytes_in += len(body)
+        else:
+            body = _client_body(request, record)
     query = None
     if target.credentials:
         body, query = await _authorize(ctx, request, target, headers, body)
+    query = forwarded_query(target.query, target.routes) if query is None else query
+    framing: list[tuple[str, str]] = []
+    if isinstance(body, bytes):
+        if body or request.method in _BODY_METHODS:
+            framing.append(("Content-Length", str(len(body))))
+    elif body is not None:
+        length = None if request.message.chunked else _content_length(request.headers)
+        framing.append(("Content-Length", str(length)) if length is not None
+                       else ("Transfer-Encoding", "chunked"))
+    elif request.method in _BODY_METHODS:
+        framing.append(("Content-Length", "0"))
+    host = headers.popone("Host", target.authority)  # a signature may have set it
+    try:
+        head = request_head(request.method, f"{target.path}?{query}" if query else target.path,
+                            [("Host", host), *headers.items(), *framing])
+    except UnsafeHead as exc:
+        raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}") from None
+    chunked = bool(framing) and framing[0][0] == "Transfer-Encoding"
+    await _exchange(ctx, request, target, record, head, body, chunked)
 
+
+async def _exchange(ctx: ProxyContext, request: Request, target: Target, record: AuditRecord,
+                    head: bytes, body: Body, chunked: bool) -> None:
+    """Send the request on a pooled connection, then relay the answer."""
     label = target.label
     started = time.monotonic()
-    try:
-        upstream_cm = ctx.session.request(
-            request.method, target.url(query=query), headers=headers, data=body, allow_redirects=False,
-            auto_decompress=target.routed, compress=None, chunked=None,
-        )
-        async with asyncio.timeout(ctx.settings.upstream_timeout):  # no task, unlike wait_for
-            upstream = await upstream_cm.__aenter__()
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        failure = _upstream_failure(exc, target)
-        if not isinstance(failure, Denied):
-            ctx.metrics.upstream_errors.labels(failure.reason).inc()
-        raise failure from None
+    replayable = request.method in IDEMPOTENT and not isinstance(body, AsyncIterator)
+    sending: asyncio.Task | None = None
+    answered = False
+    for attempt in (1, 2):
+        try:
+            conn = await ctx.pool.acquire(target.scheme, target.host, target.port)
+        except (TimeoutError, OSError, ValueError, TargetRefused) as exc:
+            failure = connect_failure(exc, target)
+            if not isinstance(failure, Denied):
+                ctx.metrics.upstream_errors.labels(failure.reason).inc()
+            raise failure from None
+        conn.expect(request.method, decode=target.routed)
+        try:
+            if isinstance(body, bytes):
+                conn.write(head + body)
+            else:
+                conn.write(head)
+                if body is not None:
+                    sending = asyncio.ensure_future(_send_body(conn, body, chunked))
+            async with asyncio.timeout(ctx.settings.upstream_timeout):
+                message, payload = await conn.response()
+            answered = True
+            break
+        except UpstreamClosed as exc:
+            conn.close()
+            if attempt == 1 and conn.reused and replayable and not exc.answered:
+                continue  # a kept-alive connection the upstream had closed: once more
+            ctx.metrics.upstream_errors.labels("upstream_reset").inc()
+            raise UpstreamFailed("upstream_reset", f"{target.host}:{target.port} closed the "
+                                 "connection before answering") from None
+        except TimeoutError:
+            conn.close()
+            ctx.metrics.upstream_errors.labels("timeout").inc()
+            raise UpstreamFailed("timeout", f"{target.host}:{target.port} did not answer in "
+                                 "time", status=504) from None
+        except ContentEncodingError:
+            conn.close()
+            ctx.metrics.upstream_errors.labels("encoding").inc()
+            raise _refused_encoding(target, "unsupported") from None
+        except HttpProcessingError:
+            conn.close()
+            ctx.metrics.upstream_errors.labels("bad_response").inc()
+            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a "
+                                 "malformed response") from None
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            if not answered and sending is not None:
+                sending.cancel()  # the connection it wrote to is gone
+    released = False
     try:
         ctx.metrics.upstream_answered(label, time.monotonic() - started)
-        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+        if message.code == 101:
+            ctx.metrics.upstream_errors.labels("bad_response").inc()
+            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} switched "
+                                 "protocols unasked")
+        encoding = message.headers.get("Content-Encoding", "identity").strip().lower()
         if target.routed and encoding not in ("identity", "", *DECODABLE):
             ctx.metrics.upstream_errors.labels("encoding").inc()
             raise _refused_encoding(target, encoding)
         redactor = target.redactor() if target.routed else None
-        headers = _response_headers(upstream, target, redactor)
-        if _small_identity_body(request, upstream, encoding):
-            return await _answer_whole(ctx, upstream, target, headers, redactor, record)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=headers)
-        record.status = upstream.status
-        await response.prepare(request)
-        stream = redactor.stream() if redactor else None
-        try:
-            async for chunk in upstream.content.iter_any():
-                out = stream.feed(chunk) if stream else chunk
-                if out:
-                    record.bytes_out += len(out)
-                    await response.write(out)
-            if stream:
-                tail = stream.flush()
-                if tail:
-                    record.bytes_out += len(tail)
-                    await response.write(tail)
-        except (TimeoutError, aiohttp.ClientError):
-            ctx.metrics.upstream_errors.labels("mid_body").inc()
-            record.reason = "upstream_mid_body"
-            request.transport and request.transport.close()
-            return response
-        await response.write_eof()
-        return response
+        headers = _response_headers(message.headers, target, redactor)
+        reply = request.reply
+        record.status = message.code
+        length = _content_length(message.headers)
+        no_body = request.method == "HEAD" or message.code in _NO_BODY_STATUSES
+        if no_body:
+            if length is not None and request.method == "HEAD" and (
+                    not target.routed or encoding in ("identity", "")):
+                headers.append(("Content-Length", str(length)))
+            reply.start(message.code, message.reason, headers)
+        elif length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity", ""):
+            await _answer_whole(ctx, reply, message, payload, target, headers, redactor, record)
+        else:
+            await _stream(ctx, reply, message, payload, target, headers, redactor, record,
+                          length if not target.routed else None)
+        if sending is not None and (not sending.done() or sending.cancelled()
+                                    or sending.exception() is not None):
+            reply.close = True  # the client's body was not all sent: its stream is unclear
+        elif not message.should_close:
+            ctx.pool.release(conn)
+            released = True
     finally:
-        await upstream_cm.__aexit__(None, None, None)
+        if sending is not None and not sending.done():
+            sending.cancel()
+        if not released:
+            conn.close()
 
 
-async def _authorize(ctx: ProxyContext, request: web.BaseRequest, target: Target,
-                     headers: CIMultiDict[str], body: AsyncIterator[bytes] | None,
-                     ) -> tuple[AsyncIterator[bytes] | bytes | None, str]:
+async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes] | bytes,
+                     chunked: bool) -> None:
+    """Copy the client's body upstream, pausing while the upstream's socket is full."""
+    async for data in body:
+        conn.write(chunk(data) if chunked else data)
+        await conn.drain()
+    if chunked:
+        conn.write(LAST_CHUNK)
+
+
+async def _stream(ctx: ProxyContext, reply, message, payload, target: Target,
+                  headers: list[tuple[str, str]], redactor: Redactor | None, record: AuditRecord,
+                  length: int | None) -> None:
+    """Relay a body as it arrives; a break after the head aborts the client's connection."""
+    reply.start(message.code, message.reason, headers, length=length)
+    stream = redactor.stream() if redactor else None
+    try:
+        while True:
+            data = await payload.readany()
+            if not data:
+                break
+            out = stream.feed(data) if stream else data
+            if out:
+                record.bytes_out += len(out)
+                await reply.write(out)
+        if stream:
+            tail = stream.flush()
+            if tail:
+                record.bytes_out += len(tail)
+                await reply.write(tail)
+    except (HttpProcessingError, ConnectionError, TimeoutError):
+        ctx.metrics.upstream_errors.labels("mid_body").inc()
+        record.reason = "upstream_mid_body"
+        reply.abort()
+        return
+    await reply.end()
+
+
+async def _authorize(ctx: ProxyContext, request, target: Target,
+                     headers: CIMultiDict[str], body: Body,
+                     ) -> tuple[Body, str]:
     """Let each credential source set its credential (minting, or signing the request).
     Returns the body to send (read whole when a signature covers it) and the final query."""
     out = Outgoing(request.method, target.host, target.port, target.path,
@@ -256,16 +370,18 @@ async def _authorize(ctx: ProxyContext, request: web.BaseRequest, target: Target
     sources = target.credentials
     if any(source.hashes_payload for source in sources):
         whole = b""
-        if body is not None:
+        if isinstance(body, bytes):
+            whole = body
+        elif body is not None:
             parts, size = [], 0
-            async for chunk in body:
-                size += len(chunk)
+            async for data in body:
+                size += len(data)
                 if size > SIGNED_BODY_LIMIT:
                     raise BadRequest("body_too_large", f"a body over {SIGNED_BODY_LIMIT >> 20} "
                                      "MiB cannot be hashed for its signature; for services that "
                                      "accept it (S3), set spec.awsSigV4.payload: unsigned",
                                      status=413)
-                parts.append(chunk)
+                parts.append(data)
             whole = b"".join(parts)
         out.payload_hash, body = hashlib.sha256(whole).hexdigest(), whole
     try:
@@ -279,85 +395,18 @@ async def _authorize(ctx: ProxyContext, request: web.BaseRequest, target: Target
     return body, out.query
 
 
-def _small_identity_body(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
-                         encoding: str) -> bool:
-    length = upstream.content_length
-    return (length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity", "")
-            and request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES)
-
-
-async def _answer_whole(ctx: ProxyContext, upstream: aiohttp.ClientResponse, target: Target,
-                        headers: CIMultiDict[str], redactor: Redactor | None,
-                        record: AuditRecord) -> web.Response:
+async def _answer_whole(ctx: ProxyContext, reply, message, payload, target: Target,
+                        headers: list[tuple[str, str]], redactor: Redactor | None,
+                        record: AuditRecord) -> None:
     """Read a small body whole, redact it, answer in one write. Nothing has been sent to the
     client yet, so an upstream failing mid-body becomes a clean 502 here."""
     try:
-        body = await upstream.read()
-    except (TimeoutError, aiohttp.ClientError):
+        body = await payload.read()
+    except (HttpProcessingError, ConnectionError, TimeoutError):
         ctx.metrics.upstream_errors.labels("mid_body").inc()
         raise UpstreamFailed("upstream_mid_body", f"{target.host}:{target.port} closed the "
                              "connection before sending the whole response") from None
     if redactor:
         body = redactor.redact(body)
-    headers.popall("Content-Length", None)  # aiohttp writes the (redacted) body's own length
-    record.status, record.bytes_out = upstream.status, len(body)
-    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers,
-                        body=body)
-
-
-async def _forward_websocket(ctx: ProxyContext, request: web.BaseRequest, target: Target,
-                             record: AuditRecord) -> web.StreamResponse:
-    """A WebSocket upgrade to a routed host: inject into the handshake, redact every message."""
-    headers = forwarded_headers(request.headers, target.routes, keep_upgrade=True)
-    for name in _WS_HANDSHAKE:
-        headers.popall(name, None)
-    query = None
-    if target.credentials:
-        _, query = await _authorize(ctx, request, target, headers, None)
-    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-                 if p.strip()]
-    try:
-        upstream = await ctx.session.ws_connect(
-            target.url("wss", query), headers=headers, protocols=protocols, autoclose=False,
-            autoping=False, compress=0, max_msg_size=0,
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        raise UpstreamFailed("websocket_refused", f"{target.host} refused the WebSocket upgrade "
-                             f"with status {exc.status}", status=502) from None
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        failure = _upstream_failure(exc, target)
-        ctx.metrics.upstream_errors.labels(failure.reason).inc()
-        raise failure from None
-    redactor = target.redactor()
-    client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
-                                   autoclose=False, autoping=False, max_msg_size=0)
-    await client.prepare(request)
-    record.status = 101
-
-    async def pump(source, sink, redact: bool) -> None:
-        async for msg in source:
-            if msg.type == WSMsgType.TEXT:
-                await sink.send_str(redactor.redact_text(msg.data) if redact else msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await sink.send_bytes(redactor.redact(msg.data) if redact else msg.data)
-            elif msg.type == WSMsgType.PING:
-                await sink.ping(msg.data)
-            elif msg.type == WSMsgType.PONG:
-                await sink.pong(msg.data)
-            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                break
-        await sink.close(code=source.close_code or 1000)
-
-    tasks = [asyncio.ensure_future(pump(client, upstream, False)),
-             asyncio.ensure_future(pump(upstream, client, True))]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        await upstream.close()
-        await client.close()
-    return client
+    record.bytes_out = len(body)
+    await reply.send(message.code, message.reason, headers, body)

@@ -2,8 +2,8 @@
 
 It looks at the first bytes only. A ``CONNECT`` head is parsed by aiohttp's llhttp parser
 and answered here: a blind tunnel, a 403, or TLS interception, after which the decrypted
-stream is handed to aiohttp's HTTP server protocol. Anything else is handed to aiohttp's
-HTTP server protocol directly. No HTTP message is parsed by hand anywhere.
+stream is served by the relay (:class:`~sidecar.proxy.downstream.ClientConnection`).
+Anything else is served by the relay directly. No HTTP message is parsed by hand anywhere.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import logging
 import ssl
 from typing import Any
 
-from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
 from sidecar.audit import AuditRecord
 from sidecar.proxy.context import ProxyContext
+from sidecar.proxy.downstream import ClientConnection
 from sidecar.proxy.handlers import handle_intercepted, handle_plain
 from sidecar.proxy.tunnel import open_blind_tunnel
 from sidecar.spec import normalise_hostname
@@ -42,7 +42,7 @@ def _status_line(status: int, reason: str, body: str = "") -> bytes:
 
 
 class Relay(asyncio.Protocol):
-    """Passes a transport's events to an aiohttp server protocol, and tells us when it closes.
+    """Passes a transport's events to the protocol serving it, and tells us when it closes.
 
     Buffers whatever arrives before the protocol is attached: after ``start_tls`` asyncio
     delivers decrypted data before it would call ``connection_made``.
@@ -176,19 +176,19 @@ class FrontDoor(asyncio.Protocol):
             self._tunnel.client_resume_writing()
 
     # -- plain HTTP ------------------------------------------------------------------------
-    def _http_server(self, handler) -> web.Server:
-        async def first_seen(request: web.BaseRequest) -> web.StreamResponse:
+    def _http_server(self, handler) -> ClientConnection:
+        def first_seen() -> None:
             self.request_seen = True
-            return await handler(request)
 
-        return web.Server(first_seen, handler_cancellation=True, **self._server_kwargs)
+        return ClientConnection(self.ctx, handler, on_request=first_seen,
+                                server_kwargs=self._server_kwargs)
 
     def _hand_to_http(self, initial: bytes) -> None:
         self._state = "plain"
         self._buffer = bytearray()
         self._relay = Relay(on_lost=lambda: None)
         server = self._http_server(functools.partial(handle_plain, self.ctx))
-        self._relay.attach(server(), self.transport, initial)
+        self._relay.attach(server, self.transport, initial)
 
     # -- CONNECT ---------------------------------------------------------------------------
     def _feed_connect_head(self, data: bytes) -> None:
@@ -292,7 +292,7 @@ class FrontDoor(asyncio.Protocol):
         self._timer = self._loop.call_later(ctx.settings.header_timeout, self._head_timeout)
         server = self._http_server(functools.partial(handle_intercepted, ctx, host, port,
                                                      mode=mode))
-        relay.attach(server(), tls_transport)
+        relay.attach(server, tls_transport)
 
     def handshake_failed(self, host: str, port: int, exc: BaseException, mode: str) -> None:
         text = f"{getattr(exc, 'reason', '')} {exc}".upper()

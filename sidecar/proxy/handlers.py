@@ -12,17 +12,17 @@ Every routed decision passes through :func:`routed_target`, which applies the ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from urllib.parse import unquote_plus
 
-from aiohttp import web
-
 from sidecar.audit import AuditRecord
 from sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
 from sidecar.proxy.context import ProxyContext
-from sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed, error_response
+from sidecar.proxy.downstream import Request
+from sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed, error_parts
 from sidecar.proxy.forward import Target, forward
 from sidecar.routes import Route
 from sidecar.spec import normalise_hostname, split_authority
@@ -66,8 +66,8 @@ def _query_keys(raw_query: str) -> list[str]:
     return keys[:MAX_AUDIT_QUERY_KEYS]
 
 
-async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecord,
-                 decide: Callable[[], Target]) -> web.StreamResponse:
+async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
+                 decide: Callable[[], Target]) -> None:
     """Decide, forward, and account for the request whatever happens."""
     label = "-"
     started = time.monotonic()
@@ -81,10 +81,10 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
         record.source = "+".join(sorted({r.source for r in target.routes})) or None
         record.decision = "injected" if target.routed else "passthrough"
         record.reason = "routed" if target.routed else "unrouted"
-        return await forward(ctx, request, target, record)
+        await forward(ctx, request, target, record)
     except ProxyError as error:
         record.decision, record.reason, record.status = error.decision, error.reason, error.status
-        return error_response(error)
+        await _answer_error(request, error)
     except asyncio.CancelledError:
         record.reason = "client_closed"
         raise
@@ -92,8 +92,8 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
         log.error("unexpected %s while handling %s %s for %s", type(exc).__name__,
                   request.method, record.mode, record.host or "-")
         record.decision, record.reason, record.status = "error", "internal_error", 502
-        return error_response(UpstreamFailed("internal_error", "the proxy failed on this "
-                                             "request; see the sidecar log"))
+        await _answer_error(request, UpstreamFailed("internal_error", "the proxy failed on this "
+                                                    "request; see the sidecar log"))
     finally:
         ctx.metrics.request_done(label, request.method, record.status, record.decision,
                                  record.reason, time.monotonic() - started, record.bytes_in,
@@ -101,9 +101,22 @@ async def _serve(ctx: ProxyContext, request: web.BaseRequest, record: AuditRecor
         ctx.audit.write(record)
 
 
-async def handle_plain(ctx: ProxyContext, request: web.BaseRequest) -> web.StreamResponse:
+async def _answer_error(request: Request, error: ProxyError) -> None:
+    """Answer ``error``, or break the connection if part of an answer was already sent."""
+    reply = request.reply
+    if reply.started:
+        reply.abort()
+        return
+    status, reason, headers, body = error_parts(error)
+    if status == 400:
+        reply.close = True  # the stream may not be where the client thinks it is
+    with contextlib.suppress(ConnectionError):
+        await reply.send(status, reason, headers, body)
+
+
+async def handle_plain(ctx: ProxyContext, request: Request) -> None:
     """Requests on the proxy port that are not CONNECT: absolute-form or base-URL."""
-    url = request.message.url
+    url = request.url
     record = AuditRecord(mode="absolute" if url.absolute else "base-url", method=request.method,
                          host=(url.raw_host or "") if url.absolute else "",
                          path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
@@ -116,10 +129,10 @@ async def handle_plain(ctx: ProxyContext, request: web.BaseRequest) -> web.Strea
             return _decide_absolute(ctx, request, url)
         return _decide_base_url(ctx, request.method, url.raw_path, url.raw_query_string)
 
-    return await _serve(ctx, request, record, decide)
+    await _serve(ctx, request, record, decide)
 
 
-def _decide_absolute(ctx: ProxyContext, request: web.BaseRequest, url) -> Target:
+def _decide_absolute(ctx: ProxyContext, request: Request, url) -> Target:
     if url.scheme not in ("http", "https"):
         raise BadRequest("bad_request", f"scheme {url.scheme!r} is not proxied; use http or https")
     if url.user is not None or url.password is not None:
@@ -157,11 +170,11 @@ def _decide_base_url(ctx: ProxyContext, method: str, raw_path: str, raw_query: s
 
 
 async def handle_intercepted(ctx: ProxyContext, host: str, port: int,
-                             request: web.BaseRequest, *, mode: str = "intercept"
-                             ) -> web.StreamResponse:
+                             request: Request, *, mode: str = "intercept"
+                             ) -> None:
     """A request decrypted from a TLS connection to ``host:port``: a CONNECT tunnel, or a
     transparently captured connection whose ClientHello named ``host`` (``mode``)."""
-    url = request.message.url
+    url = request.url
     record = AuditRecord(mode=mode, method=request.method, host=f"{host}:{port}",
                          path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
 
@@ -175,14 +188,14 @@ async def handle_intercepted(ctx: ProxyContext, host: str, port: int,
         return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
                              url.raw_query_string)
 
-    return await _serve(ctx, request, record, decide)
+    await _serve(ctx, request, record, decide)
 
 
 async def handle_transparent_http(ctx: ProxyContext, host: str, port: int,
-                                  request: web.BaseRequest) -> web.StreamResponse:
+                                  request: Request) -> None:
     """A plain-HTTP request captured on its way to port ``port``: the first request's Host
     decided the route, as a CONNECT authority does; a routed host goes upstream over HTTPS."""
-    url = request.message.url
+    url = request.url
     record = AuditRecord(mode="transparent", method=request.method, host=f"{host}:{port}",
                          path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
 
@@ -196,10 +209,10 @@ async def handle_transparent_http(ctx: ProxyContext, host: str, port: int,
         return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
                              url.raw_query_string)
 
-    return await _serve(ctx, request, record, decide)
+    await _serve(ctx, request, record, decide)
 
 
-def _require_same_authority(request: web.BaseRequest, url, host: str, port: int,
+def _require_same_authority(request: Request, url, host: str, port: int,
                             default_port: int = 443) -> None:
     """Inside a tunnel the CONNECT authority decides; a different Host or URL is refused."""
     claims = []

@@ -81,7 +81,7 @@ class TransparentDoor(FrontDoor):
             self._relay = Relay(on_lost=lambda: None)
             server = self._http_server(functools.partial(handle_transparent_http, self.ctx, host,
                                                          port))
-            self._relay.attach(server(), self.transport)
+            self._relay.attach(server, self.transport)
         else:
             self.request_seen = True
             transport.pause_reading()

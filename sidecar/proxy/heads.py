@@ -1,0 +1,71 @@
+"""Writing HTTP/1.1 heads from validated parts: the only bytes of a head the proxy composes.
+
+Every message the proxy reads is parsed by llhttp; what it writes is a request or status line
+and header fields assembled here, each part checked first: a method and a header name are
+tokens, a reason phrase and a header value hold no CR, LF or NUL, a request target holds no
+whitespace or control byte. One failed check refuses the whole head (:class:`UnsafeHead`), so
+nothing a client, an upstream or a secret file holds can split a message or start another.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+# RFC 9110 §5.6.2: a token; header names and methods are tokens.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Bytes that end a field value or a line, wherever they hide.
+_LINE_BREAKING = re.compile(r"[\r\n\x00]")
+# A request target is one run of visible characters (RFC 9112 §3.2).
+_TARGET_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+_ENCODING = "utf-8"
+_ERRORS = "surrogateescape"  # llhttp's bytes come back byte for byte
+
+
+class UnsafeHead(ValueError):
+    """A part of a head would break the message framing; nothing was written."""
+
+
+Fields = Iterable[tuple[str, str]]
+
+
+def _fields(headers: Fields) -> str:
+    names, values, lines = [], [], []
+    for name, value in headers:
+        names.append(name)
+        values.append(value)
+        lines.append(f"{name}: {value}\r\n")
+    if names and not all(_TOKEN.fullmatch(name) for name in names):
+        bad = next(name for name in names if not _TOKEN.fullmatch(name))
+        raise UnsafeHead(f"header name {bad[:40]!r} is not a token")
+    if _LINE_BREAKING.search("".join(values)):
+        bad = next(name for name, value in zip(names, values, strict=True)
+                   if _LINE_BREAKING.search(value))
+        raise UnsafeHead(f"the value of header {bad!r} holds a CR, LF or NUL")
+    return "".join(lines)
+
+
+def request_head(method: str, target: str, headers: Fields) -> bytes:
+    """``METHOD target HTTP/1.1`` and ``headers``, ready to write to an upstream."""
+    if not _TOKEN.fullmatch(method):
+        raise UnsafeHead(f"method {method[:20]!r} is not a token")
+    if not target or _TARGET_UNSAFE.search(target):
+        raise UnsafeHead("the request target holds whitespace or a control character")
+    return f"{method} {target} HTTP/1.1\r\n{_fields(headers)}\r\n".encode(_ENCODING, _ERRORS)
+
+
+def response_head(status: int, reason: str, headers: Fields) -> bytes:
+    """``HTTP/1.1 status reason`` and ``headers``, ready to write to a client."""
+    if not 100 <= status <= 999:
+        raise UnsafeHead(f"status {status} is not three digits")
+    if _LINE_BREAKING.search(reason):
+        raise UnsafeHead("the reason phrase holds a CR, LF or NUL")
+    return f"HTTP/1.1 {status} {reason}\r\n{_fields(headers)}\r\n".encode(_ENCODING, _ERRORS)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never empty: the empty chunk ends the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
