@@ -221,6 +221,9 @@ class LeafCache:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["http/1.1"])  # clients offering h2 fall back cleanly
+        # No TLS 1.3 session tickets: minting two per handshake costs ~58 µs of ~356 (measured,
+        # docs/performance.md), and agents' HTTP clients (Python, Go) do not resume anyway.
+        context.num_tickets = 0
         chain = cert.public_bytes(serialization.Encoding.PEM)
         load_chain_from_memory(context, chain, self._key_pem)
         with self._lock:

@@ -91,9 +91,10 @@ class Reply:
             self._conn.write(status_line)
 
     def start(self, status: int, reason: str, headers: list[tuple[str, str]], *,
-              length: int | None = None) -> None:
-        """Write the head. ``length`` is the body's size when known; otherwise the body is
-        chunked (HTTP/1.1) or ends when the connection closes (HTTP/1.0)."""
+              length: int | None = None, body: bytes = b"") -> None:
+        """Write the head (and ``body``, in the same write). ``length`` is the body's size
+        when known; otherwise the body is chunked (HTTP/1.1) or ends when the connection
+        closes (HTTP/1.0)."""
         fields = list(headers)
         if self._request_head or status in _NO_BODY:
             pass  # no body follows whatever the headers say; a HEAD keeps its Content-Length
@@ -110,7 +111,7 @@ class Reply:
             fields.append(("Connection", "keep-alive"))
         head = heads.response_head(status, reason, fields)  # UnsafeHead before any byte
         self.started = True
-        self._conn.write(head)
+        self._conn.write(head + body if body else head)  # one TLS record, one send
 
     async def write(self, data: bytes) -> None:
         if data:
@@ -127,8 +128,7 @@ class Reply:
         """A whole response in one write."""
         if self._request_head or status in _NO_BODY:
             body = b""
-        self.start(status, reason, headers, length=len(body))
-        self._conn.write(body) if body else None
+        self.start(status, reason, headers, length=len(body), body=body)
         await self._conn.drain()
 
     def abort(self) -> None:

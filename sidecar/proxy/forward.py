@@ -251,8 +251,7 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
                 conn.write(head)
                 if body is not None:
                     sending = asyncio.ensure_future(_send_body(conn, body, chunked))
-            async with asyncio.timeout(ctx.settings.upstream_timeout):
-                message, payload = await conn.response()
+            message, payload = await conn.response(ctx.settings.upstream_timeout)
             answered = True
             break
         except UpstreamClosed as exc:

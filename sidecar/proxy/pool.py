@@ -71,14 +71,26 @@ class UpstreamConnection(BaseProtocol):
         self._final = False
         self._body = None
 
-    async def response(self) -> tuple[RawResponseMessage, StreamReader]:
-        """The final response's head (interim 1xx answers are skipped) and its body."""
-        while not self._responses:
-            if self._lost:
-                raise UpstreamClosed(self.heard)
-            self._waiter = self._loop.create_future()
-            await self._waiter
+    async def response(self, timeout: float) -> tuple[RawResponseMessage, StreamReader]:
+        """The final response's head (interim 1xx answers are skipped) and its body; raises
+        TimeoutError after ``timeout`` seconds without one."""
+        if self._responses:
+            return self._responses.popleft()
+        timer = self._loop.call_later(timeout, self._time_out)  # cheaper than asyncio.timeout
+        try:
+            while not self._responses:
+                if self._lost:
+                    raise UpstreamClosed(self.heard)
+                self._waiter = self._loop.create_future()
+                await self._waiter
+        finally:
+            timer.cancel()
         return self._responses.popleft()
+
+    def _time_out(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     def reusable(self) -> bool:
         """After a response was read to its end: may this connection carry another?"""
