@@ -298,16 +298,23 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
         record.status = message.code
         length = _content_length(message.headers)
         no_body = request.method == "HEAD" or message.code in _NO_BODY_STATUSES
-        if no_body:
-            if length is not None and request.method == "HEAD" and (
-                    not target.routed or encoding in ("identity", "")):
-                headers.append(("Content-Length", str(length)))
-            reply.start(message.code, message.reason, headers)
-        elif length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity", ""):
-            await _answer_whole(ctx, reply, message, payload, target, headers, redactor, record)
-        else:
-            await _stream(ctx, reply, message, payload, target, headers, redactor, record,
-                          length if not target.routed else None)
+        try:
+            if no_body:
+                if length is not None and request.method == "HEAD" and (
+                        not target.routed or encoding in ("identity", "")):
+                    headers.append(("Content-Length", str(length)))
+                reply.start(message.code, message.reason, headers)
+            elif length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity",
+                                                                                      ""):
+                await _answer_whole(ctx, reply, message, payload, target, headers, redactor,
+                                    record)
+            else:
+                await _stream(ctx, reply, message, payload, target, headers, redactor, record,
+                              length if not target.routed else None)
+        except UnsafeHead as exc:  # raised before the head's first byte was written
+            ctx.metrics.upstream_errors.labels("bad_response").inc()
+            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a head the "
+                                 f"proxy will not pass on: {exc}") from None
         if sending is not None and (not sending.done() or sending.cancelled()
                                     or sending.exception() is not None):
             reply.close = True  # the client's body was not all sent: its stream is unclear

@@ -2,9 +2,10 @@
 
 Every message the proxy reads is parsed by llhttp; what it writes is a request or status line
 and header fields assembled here, each part checked first: a method and a header name are
-tokens, a reason phrase and a header value hold no CR, LF or NUL, a request target holds no
-whitespace or control byte. One failed check refuses the whole head (:class:`UnsafeHead`), so
-nothing a client, an upstream or a secret file holds can split a message or start another.
+tokens, a reason phrase and a header value hold no CR, LF, NUL or other control byte (tab
+aside: RFC 9110 §5.5), a request target holds no whitespace or control byte. One failed check
+refuses the whole head (:class:`UnsafeHead`), so nothing a client, an upstream or a secret file
+holds can split a message or start another.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Iterable
 
 # RFC 9110 §5.6.2: a token; header names and methods are tokens.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Bytes that end a field value or a line, wherever they hide.
-_LINE_BREAKING = re.compile(r"[\r\n\x00]")
+# What a field value may not hold: CR, LF and NUL (which end it or the line) and every other
+# control byte but tab, which strict parsers refuse.
+_NOT_FIELD_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # A request target is one run of visible characters (RFC 9112 §3.2).
 _TARGET_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 _ENCODING = "utf-8"
@@ -41,9 +43,10 @@ def _fields(headers: Fields) -> str:
             if len(_checked_names) < 4096:
                 _checked_names.add(name)
     # One search over every value joined (no name can hold the bytes searched for).
-    if _LINE_BREAKING.search("".join([value for _, value in headers])):
-        bad = next(name for name, value in headers if _LINE_BREAKING.search(value))
-        raise UnsafeHead(f"the value of header {bad!r} holds a CR, LF or NUL")
+    if _NOT_FIELD_TEXT.search("".join([value for _, value in headers])):
+        bad = next(name for name, value in headers if _NOT_FIELD_TEXT.search(value))
+        raise UnsafeHead(f"the value of header {bad!r} holds a control character (CR, LF, NUL "
+                         "or another)")
     return "".join([f"{name}: {value}\r\n" for name, value in headers])
 
 
@@ -60,8 +63,8 @@ def response_head(status: int, reason: str, headers: Fields) -> bytes:
     """``HTTP/1.1 status reason`` and ``headers``, ready to write to a client."""
     if not 100 <= status <= 999:
         raise UnsafeHead(f"status {status} is not three digits")
-    if _LINE_BREAKING.search(reason):
-        raise UnsafeHead("the reason phrase holds a CR, LF or NUL")
+    if _NOT_FIELD_TEXT.search(reason):
+        raise UnsafeHead("the reason phrase holds a control character")
     return f"HTTP/1.1 {status} {reason}\r\n{_fields(headers)}\r\n".encode(_ENCODING, _ERRORS)
 
 
