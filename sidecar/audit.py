@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per line
+
 
 @dataclass(slots=True)
 class AuditRecord:
@@ -59,7 +61,7 @@ class AuditLog:
             "bytes_out": record.bytes_out,
             "duration_ms": round((time.monotonic() - record.started) * 1000, 3),
         }
-        self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._stream.write(_ENCODE(line) + "\n")
         if self._flush_pending:
             return
         try:
