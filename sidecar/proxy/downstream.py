@@ -27,6 +27,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from sidecar.proxy import heads
 from sidecar.proxy.context import ProxyContext
+from sidecar.proxy.errors import parser_complaint
 
 log = logging.getLogger("keyhole.proxy")
 PIPELINE_DEPTH = 16  # parsed requests waiting for their turn before the socket is paused
@@ -170,8 +171,10 @@ class ClientConnection(BaseProtocol):
         self._after_upgrade: list[bytes] = []
         self._other: asyncio.Protocol | None = None  # aiohttp's server, after a hand-over
         self._client_eof = False
-        self._idle: asyncio.TimerHandle | None = None
+        self._idle: asyncio.TimerHandle | None = None  # one timer, moved lazily
+        self._idle_since = 0.0  # 0: a request is in flight
         self._last_body: StreamReader | None = None
+        self._held_back = False  # the parser kept bytes because the queue was full
 
     # -- transport events ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -197,12 +200,12 @@ class ClientConnection(BaseProtocol):
             if tail:
                 self._after_upgrade.append(tail)
         if messages:
-            if self._idle is not None:
-                self._idle.cancel()
-                self._idle = None
+            self._idle_since = 0.0
             self._on_request()
             self._queue.extend(messages)
             self._last_body = messages[-1][1]
+            if len(self._queue) + 1 >= PIPELINE_DEPTH:
+                self._held_back = True
             if len(self._queue) >= PIPELINE_DEPTH:
                 self._pause_reading_for_buffer()
             if self._task is None:
@@ -230,8 +233,12 @@ class ClientConnection(BaseProtocol):
         if self._task is not None:
             self._task.cancel()
         for _message, body in self._queue:
-            body.feed_eof()
+            if not body.is_eof():
+                set_exception(body, ConnectionResetError("the client closed the connection"))
         self._queue.clear()
+        if self._last_body is not None and not self._last_body.is_eof():
+            set_exception(self._last_body, ConnectionResetError("the client closed the "
+                                                                "connection"))
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -272,7 +279,9 @@ class ClientConnection(BaseProtocol):
                     return
                 if self._buffer_paused and len(self._queue) < PIPELINE_DEPTH:
                     self._resume_reading_for_buffer()
-                self.data_received(b"")  # parse what the queue limit held back
+                if self._held_back:
+                    self._held_back = False
+                    self.data_received(b"")  # parse what the queue limit held back
         finally:
             self._task = None
         if self.transport is None or self._other is not None:
@@ -282,12 +291,24 @@ class ClientConnection(BaseProtocol):
         elif self._client_eof:
             self._close_after_writes()
         else:
-            self._idle = self._loop.call_later(self._ctx.settings.idle_timeout,
-                                               self._idle_timeout)
+            self._idle_since = self._loop.time()
+            if self._idle is None:
+                self._idle = self._loop.call_later(self._ctx.settings.idle_timeout,
+                                                   self._idle_timeout)
 
     def _idle_timeout(self) -> None:
-        if self._task is None and self.transport is not None:
+        """Close a connection idle for the whole timeout; otherwise look again when it could
+        be (one timer per connection, not one per request)."""
+        self._idle = None
+        if self.transport is None:
+            return
+        timeout = self._ctx.settings.idle_timeout
+        if self._task is None and self._idle_since and \
+                self._loop.time() - self._idle_since >= timeout:
             self.transport.close()
+            return
+        left = timeout - (self._loop.time() - self._idle_since) if self._idle_since else timeout
+        self._idle = self._loop.call_later(max(left, 0.05), self._idle_timeout)
 
     def _close_after_writes(self) -> None:
         if self.transport is not None:
@@ -296,6 +317,8 @@ class ClientConnection(BaseProtocol):
     def _refuse(self, exc: HttpProcessingError) -> None:
         """llhttp refused the bytes: answer 400 after whatever came before, and close."""
         self._refusal = exc
+        if self._last_body is not None and not self._last_body.is_eof():
+            set_exception(self._last_body, exc)  # a body that went bad mid-way ends its request
         self._ctx.metrics.decisions.labels("denied", "malformed").inc()
         _refusals.log(exc)
         self._on_request()
@@ -304,7 +327,7 @@ class ClientConnection(BaseProtocol):
 
     def _answer_refusal(self) -> None:
         exc = self._refusal
-        text = f"keyhole: malformed request: {exc.message}\n"
+        text = f"keyhole: malformed request: {parser_complaint(exc)}\n"
         head = heads.response_head(exc.code, "Bad Request" if exc.code == 400 else "Error", [
             ("Content-Type", "text/plain; charset=utf-8"), ("X-Keyhole-Error", "malformed"),
             ("Content-Length", str(len(text.encode()))), ("Connection", "close")])
@@ -346,7 +369,8 @@ class _Refusals:
 
     def log(self, exc: HttpProcessingError) -> None:
         record = logging.LogRecord("keyhole.http", logging.WARNING, __file__, 0,
-                                   "%s", (f"{type(exc).__name__}: {exc.message}",), None)
+                                   "%s", (f"{type(exc).__name__}: {parser_complaint(exc)}",),
+                                   None)
         if self._filter.filter(record):
             logging.getLogger("keyhole.http").handle(record)
 

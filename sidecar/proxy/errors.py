@@ -6,9 +6,12 @@ sentence a human reads in the response body. Neither ever holds a secret value.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 from aiohttp import web
+
+_QUOTED = re.compile(r"""(bytearray\(|\bb['"]|['"])""")  # where llhttp's quote of the bytes begins
 
 
 class ProxyError(Exception):
@@ -41,6 +44,16 @@ class UpstreamFailed(ProxyError):
     """The upstream could not be reached, failed TLS verification, or broke the protocol."""
 
     status = 502
+
+
+def parser_complaint(exc: Exception) -> str:
+    """What llhttp objected to, without the bytes it quotes: those are the client's own and may
+    hold anything, so they are neither answered nor logged."""
+    message = str(getattr(exc, "message", "") or "").strip()
+    first = message.splitlines()[0] if message else ""
+    quoted = _QUOTED.search(first)
+    first = first[:quoted.start()] if quoted else first
+    return first.strip(" :")[:160] or type(exc).__name__
 
 
 def error_parts(error: ProxyError) -> tuple[int, str, list[tuple[str, str]], bytes]:

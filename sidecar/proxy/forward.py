@@ -251,6 +251,7 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
                 conn.write(head)
                 if body is not None:
                     sending = asyncio.ensure_future(_send_body(conn, body, chunked))
+                    sending.add_done_callback(_seen)
             message, payload = await conn.response(ctx.settings.upstream_timeout)
             answered = True
             break
@@ -326,6 +327,13 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
             sending.cancel()
         if not released:
             conn.close()
+
+
+def _seen(task: asyncio.Task) -> None:
+    """A body copy that failed is answered for by the exchange (the client's stream is closed
+    after the answer); its exception needs no log line of its own."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes] | bytes,
@@ -407,7 +415,10 @@ async def _answer_whole(ctx: ProxyContext, reply, message, payload, target: Targ
     """Read a small body whole, redact it, answer in one write. Nothing has been sent to the
     client yet, so an upstream failing mid-body becomes a clean 502 here."""
     try:
-        body = await payload.read()
+        if payload.is_eof() and payload.exception() is None:
+            body = payload.read_nowait(-1)  # it came with the head (the usual case): no await
+        else:
+            body = await payload.read()
     except (HttpProcessingError, ConnectionError, TimeoutError):
         ctx.metrics.upstream_errors.labels("mid_body").inc()
         raise UpstreamFailed("upstream_mid_body", f"{target.host}:{target.port} closed the "

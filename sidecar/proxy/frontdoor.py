@@ -21,6 +21,7 @@ from aiohttp.http_parser import HttpRequestParser
 from sidecar.audit import AuditRecord
 from sidecar.proxy.context import ProxyContext
 from sidecar.proxy.downstream import ClientConnection
+from sidecar.proxy.errors import parser_complaint
 from sidecar.proxy.handlers import handle_intercepted, handle_plain
 from sidecar.proxy.tunnel import open_blind_tunnel
 from sidecar.spec import normalise_hostname
@@ -201,7 +202,7 @@ class FrontDoor(asyncio.Protocol):
         try:
             messages, _upgraded, tail = self._parser.feed_data(data)
         except HttpProcessingError as exc:
-            self.refuse(400, "Bad Request", f"malformed CONNECT request: {exc.message}",
+            self.refuse(400, "Bad Request", f"malformed CONNECT request: {parser_complaint(exc)}",
                          "bad_request")
             return
         if not messages:

@@ -50,6 +50,7 @@ class ScriptedUpstream:
         try:
             sock = self.context.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError):
+            raw.close()
             return
         sock.settimeout(10)
         buffer, armed = b"", False
