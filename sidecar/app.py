@@ -17,6 +17,7 @@ from sidecar.certs import CAError, CertificateAuthority, LeafCache, ca_fingerpri
 from sidecar.config import LiveConfig, Sources
 from sidecar.egress import Egress, EgressPolicy
 from sidecar.httplog import protocol_logger
+from sidecar.limits import Limiter
 from sidecar.metrics import Metrics
 from sidecar.proxy.context import ProxyContext, ProxySettings
 from sidecar.proxy.frontdoor import FrontDoor
@@ -50,6 +51,7 @@ class Options:
     egress: Egress = Egress.PRIVATE
     upstream_timeout: float = 300.0
     transparent_listen: tuple[str, int] | None = None  # keyhole-init redirects here
+    state_dir: Path | None = None  # spec.limits.window counts, kept across restarts
 
 
 async def watch_ca(ca_dir: Path, leaves: LeafCache, metrics: Metrics, interval: float) -> None:
@@ -115,9 +117,11 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                              idle_timeout=options.idle_timeout,
                              upstream_timeout=options.upstream_timeout)
     pool = UpstreamPool(resolver, upstream_tls)
+    limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused,
+                      on_window=metrics.window_left)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, pool=pool, session=session, metrics=metrics,
-                       audit=AuditLog())
+                       audit=AuditLog(), limiter=limiter)
     server_kwargs = dict(
         logger=protocol_logger(metrics.decisions.labels("denied", "malformed").inc),
         keepalive_timeout=settings.idle_timeout, max_line_size=settings.max_line_size,

@@ -14,6 +14,7 @@ from sidecar.app import Options, StartupError, run
 from sidecar.certs import CAError, CertificateAuthority
 from sidecar.config import Sources, load_route_table
 from sidecar.egress import Egress
+from sidecar.limits import describe
 from sidecar.spec import SpecError
 from sidecar.upstream import ResolveOverride, upstream_tls_context
 
@@ -80,6 +81,10 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                             metavar="HOST:PORT", help="also serve connections keyhole-init "
                                                       "redirects here (transparent capture; "
                                                       "loopback only, e.g. 127.0.0.1:15081)")
+        parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                            help="keep spec.limits.window counts in DIR/limits.json, across "
+                                 "restarts (in a pod: an emptyDir); without it they are kept "
+                                 "in memory only")
         parser.add_argument("--admin-listen", type=_address, default=_address(DEFAULT_ADMIN),
                             metavar="HOST:PORT", help="/healthz, /readyz and /metrics "
                                                       f"(default {DEFAULT_ADMIN})")
@@ -138,6 +143,11 @@ def check(argv: list[str]) -> int:
         if route.credential is not None:  # minted or signed by the proxy
             sets.append(f"Authorization ({route.source})")
         print(f"ok  {route.name}: {hosts} ← {', '.join(sets)}")
+        if route.injection.limits is not None:
+            print(f"    limits: {describe(route.injection.limits)}")
+        for index, rule in enumerate(route.injection.rules or ()):
+            if rule.limits is not None:
+                print(f"    rules[{index}] limits: {describe(rule.limits)}")
     print(f"{len(table)} injection(s) ok")
     return 0
 
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve=args.resolve, upstream_ca=args.upstream_ca, signing_key=args.signing_key,
         header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
         egress=Egress(args.egress), upstream_timeout=args.upstream_timeout,
-        transparent_listen=args.transparent_listen,
+        transparent_listen=args.transparent_listen, state_dir=args.state_dir,
     )
     try:
         _event_loop_runner()(run(options))

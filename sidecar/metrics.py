@@ -69,6 +69,14 @@ class Metrics:
                                        "token a credential source serves expires (negative: "
                                        "expired; 0 before the first mint).",
                                        ["injection", "source"], registry=r)
+        self.limit_rejections = Counter("keyhole_limit_rejections", "Requests refused by an "
+                                        "injection's spec.limits (nothing was sent upstream), "
+                                        "by injection and limit.", ["injection", "limit"],
+                                        registry=r)
+        self.limit_window_remaining = Gauge("keyhole_limit_window_remaining", "Requests left "
+                                            "in the current window of an injection's "
+                                            "spec.limits.window (or a rule's).",
+                                            ["injection", "window"], registry=r)
         self._expiry_labels: set[tuple[str, str]] = set()
         for decision in ("injected", "passthrough", "denied"):
             self.decisions.labels(decision, "-")
@@ -87,6 +95,12 @@ class Metrics:
                 self.bytes.labels(injection, "downstream"),
                 self.upstream_duration.labels(injection))
         return children
+
+    def limit_refused(self, injection: str, limit: str) -> None:
+        self.limit_rejections.labels(injection, limit).inc()
+
+    def window_left(self, injection: str, window: str, left: int) -> None:
+        self.limit_window_remaining.labels(injection, window).set(max(left, 0))
 
     def upstream_answered(self, injection: str, seconds: float) -> None:
         self._injection_children(injection)[3].observe(seconds)

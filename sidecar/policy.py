@@ -58,6 +58,7 @@ def _glob(pattern: str) -> re.Pattern[str]:
 class RuleVerdict:
     allowed: bool
     reason: str  # e.g. "method DELETE not in any rule"
+    index: int | None = None  # the rule that admitted the request
 
 
 def check_rules(rules: tuple[Rule, ...] | None, method: str, path: str) -> RuleVerdict:
@@ -70,7 +71,7 @@ def check_rules(rules: tuple[Rule, ...] | None, method: str, path: str) -> RuleV
             continue
         method_matched = True
         if rule.paths is None or any(_glob(p).match(path) for p in rule.paths):
-            return RuleVerdict(True, f"rules[{index}]")
+            return RuleVerdict(True, f"rules[{index}]", index)
     if not method_matched:
         return RuleVerdict(False, f"method {method} is not allowed by any rule")
     return RuleVerdict(False, f"path {path} is not allowed for {method} by any rule")

@@ -10,6 +10,7 @@ import aiohttp
 
 from sidecar.audit import AuditLog
 from sidecar.certs import LeafCache
+from sidecar.limits import Limiter
 from sidecar.metrics import Metrics
 from sidecar.proxy.pool import UpstreamPool
 from sidecar.routes import RouteTable
@@ -53,3 +54,5 @@ class ProxyContext:
     """The proxy's own client: credential endpoints and WebSocket upstreams."""
     metrics: Metrics
     audit: AuditLog
+    limiter: Limiter
+    """spec.limits' counters, kept across reloads."""

@@ -6,7 +6,9 @@ sentence a human reads in the response body. Neither ever holds a secret value.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from http import HTTPStatus
 
 from aiohttp import web
@@ -56,8 +58,41 @@ def parser_complaint(exc: Exception) -> str:
     return first.strip(" :")[:160] or type(exc).__name__
 
 
+class LimitExceeded(ProxyError):
+    """Over one of an injection's limits: 429 (or 413 for a body) with a JSON body that names
+    the injection, the limit and when it resets; nothing was sent upstream."""
+
+    decision = "denied"
+    REASONS = {"requestsPerMinute": "rate_limited", "concurrentRequests": "concurrency_limited",
+               "requestBodyBytes": "body_too_large"}
+
+    def __init__(self, refusal):
+        reason = self.REASONS.get(refusal.limit, "window_exhausted")
+        super().__init__(reason, refusal.detail, status=refusal.status)
+        self.refusal = refusal
+
+    def parts(self) -> tuple[list[tuple[str, str]], bytes]:
+        from sidecar.limits import retry_after_header
+
+        refusal = self.refusal
+        resets = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(refusal.resets_at))
+                  if refusal.resets_at is not None else None)
+        body = {"error": self.reason, "injection": refusal.injection, "limit": refusal.limit,
+                "message": f"keyhole: {self.message}", "retryAfterSeconds": (
+                    int(retry_after_header(refusal)) if refusal.retry_after is not None
+                    else None), "resetsAt": resets}
+        headers = [("Content-Type", "application/json"), ("X-Keyhole-Error", self.reason)]
+        retry = retry_after_header(refusal)
+        if retry is not None:
+            headers.append(("Retry-After", retry))
+        return headers, (json.dumps(body) + "\n").encode()
+
+
 def error_parts(error: ProxyError) -> tuple[int, str, list[tuple[str, str]], bytes]:
     """Status, reason, headers and body of the answer to ``error``."""
+    if isinstance(error, LimitExceeded):
+        headers, body = error.parts()
+        return error.status, HTTPStatus(error.status).phrase, headers, body
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("X-Keyhole-Error", error.reason)]
     return (error.status, HTTPStatus(error.status).phrase, headers,
             f"keyhole: {error.message}\n".encode())

@@ -24,13 +24,15 @@ from sidecar.audit import AuditRecord
 from sidecar.credentials import CredentialError, CredentialSource, Outgoing
 from sidecar.egress import TargetRefused
 from sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
+from sidecar.limits import Refusal
 from sidecar.proxy.context import ProxyContext
 from sidecar.proxy.downstream import Request
-from sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed
+from sidecar.proxy.errors import BadRequest, Denied, LimitExceeded, ProxyError, UpstreamFailed
 from sidecar.proxy.heads import LAST_CHUNK, UnsafeHead, chunk, request_head
 from sidecar.proxy.pool import ResolveFailed, UpstreamClosed, UpstreamConnection
 from sidecar.redact import Redactor
 from sidecar.routes import Route
+from sidecar.spec import Limits
 
 # Encodings the proxy can decode to redact; anything else from a routed host is refused.
 DECODABLE = ("gzip", "deflate", "br")
@@ -61,6 +63,8 @@ class Target:
     path: str  # raw (percent-encoded) path to send
     query: str  # raw query string from the client
     routes: tuple[Route, ...] = ()
+    limits: tuple[tuple[str, str, Limits], ...] = ()
+    """(injection, scope, limits) for each injection whose limits apply to this request."""
 
     @property
     def routed(self) -> bool:
@@ -203,6 +207,10 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
             record.bytes_in += len(body)
         else:
             body = _client_body(request, record)
+    limit = min((lim.request_body_bytes for _, _, lim in target.limits
+                 if lim.request_body_bytes is not None), default=None)
+    if limit is not None and body is not None:
+        body = await _bounded(body, limit, target)
     query = None
     if target.credentials:
         body, query = await _authorize(ctx, request, target, headers, body)
@@ -327,6 +335,27 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
             sending.cancel()
         if not released:
             conn.close()
+
+
+async def _bounded(body: Body, limit: int, target: Target) -> bytes:
+    """A body of unannounced length under ``requestBodyBytes``: read it (up to the limit) before
+    anything is sent, so one over it is a 413 with nothing upstream."""
+    if isinstance(body, bytes):
+        data = body
+    else:
+        parts, size = [], 0
+        async for piece in body:
+            size += len(piece)
+            if size > limit:
+                break
+            parts.append(piece)
+        data = b"".join(parts) if size <= limit else b"x" * (limit + 1)
+    if len(data) > limit:
+        name = next(n for n, _, lim in target.limits if lim.request_body_bytes == limit)
+        raise LimitExceeded(Refusal(name, "requestBodyBytes", 413, None, None,
+                                    f"the body is over injection {name!r}'s requestBodyBytes "
+                                    f"({limit})"))
+    return data
 
 
 def _seen(task: asyncio.Task) -> None:

@@ -19,10 +19,18 @@ from collections.abc import Callable
 from urllib.parse import unquote_plus
 
 from sidecar.audit import AuditRecord
+from sidecar.limits import Refusal
 from sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
 from sidecar.proxy.context import ProxyContext
 from sidecar.proxy.downstream import Request
-from sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed, error_parts
+from sidecar.proxy.errors import (
+    BadRequest,
+    Denied,
+    LimitExceeded,
+    ProxyError,
+    UpstreamFailed,
+    error_parts,
+)
 from sidecar.proxy.forward import Target, forward
 from sidecar.routes import Route
 from sidecar.spec import normalise_hostname, split_authority
@@ -42,15 +50,22 @@ def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_po
         path = normalise_path(raw_path or "/")
     except PathRejected as exc:
         raise BadRequest("bad_path", str(exc)) from None
+    limits = []
     for route in routes:
         verdict = check_rules(route.injection.rules, method, path)
         if not verdict.allowed:
             status = 405 if verdict.reason.startswith("method") else 403
             raise Denied("rule", f"injection {route.name!r} refuses this request: "
                                  f"{verdict.reason}", status=status)
+        rule = route.injection.rules[verdict.index] if verdict.index is not None else None
+        if rule is not None and rule.limits is not None:  # the rule's own replace the spec's
+            limits.append((route.name, verdict.reason, rule.limits))
+        elif route.injection.limits is not None:
+            limits.append((route.name, "spec", route.injection.limits))
     if not any(r.injection.rules is not None for r in routes):
         path = raw_path or "/"  # nothing was judged on the path: forward it untouched
-    return Target("https", normalise_hostname(host), upstream_port, path, raw_query, routes)
+    return Target("https", normalise_hostname(host), upstream_port, path, raw_query, routes,
+                  tuple(limits))
 
 
 def _unrouted(ctx: ProxyContext, scheme: str, host: str, port: int, raw_path: str,
@@ -81,7 +96,16 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
         record.source = "+".join(sorted({r.source for r in target.routes})) or None
         record.decision = "injected" if target.routed else "passthrough"
         record.reason = "routed" if target.routed else "unrouted"
-        await forward(ctx, request, target, record)
+        if not target.limits:
+            await forward(ctx, request, target, record)
+            return
+        ticket = ctx.limiter.admit(target.limits, _announced_length(request))
+        if isinstance(ticket, Refusal):
+            raise LimitExceeded(ticket)
+        try:
+            await forward(ctx, request, target, record)
+        finally:
+            ctx.limiter.release(ticket)
     except ProxyError as error:
         record.decision, record.reason, record.status = error.decision, error.reason, error.status
         await _answer_error(request, error)
@@ -99,6 +123,14 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
                                  record.reason, time.monotonic() - started, record.bytes_in,
                                  record.bytes_out)  # reasons are short codes: bounded labels
         ctx.audit.write(record)
+
+
+def _announced_length(request: Request) -> int | None:
+    """The body's length when the head says it (llhttp checked the digits); else None."""
+    if request.message.chunked or not request.can_read_body:
+        return None if request.can_read_body else 0
+    value = request.headers.get("Content-Length")
+    return int(value) if value is not None else None
 
 
 async def _answer_error(request: Request, error: ProxyError) -> None:

@@ -11,6 +11,7 @@ from sidecar.spec.model import (
     AgentEnv,
     BasicAuth,
     HeaderInjection,
+    Limits,
     QueryParamInjection,
     Rule,
     SecretInjection,
@@ -28,7 +29,7 @@ from sidecar.spec.signing import SignatureError, sign, verify
 
 __all__ = [
     "API_VERSION", "KIND", "LIST_KIND", "AgentEnv", "BasicAuth", "HeaderInjection", "HostPattern",
-    "Problem", "QueryParamInjection", "Rule", "SecretInjection", "SecretKeyRef", "SignatureError",
-    "SpecError", "is_ip_literal", "load_injections", "normalise_hostname", "parse_injection",
-    "parse_injections", "read_documents", "sign", "split_authority", "verify",
+    "Limits", "Problem", "QueryParamInjection", "Rule", "SecretInjection", "SecretKeyRef",
+    "SignatureError", "SpecError", "is_ip_literal", "load_injections", "normalise_hostname",
+    "parse_injection", "parse_injections", "read_documents", "sign", "split_authority", "verify",
 ]

@@ -132,15 +132,41 @@ def credential_refs(credential: Credential | None) -> tuple[SecretKeyRef, ...]:
     return ()
 
 
+WINDOW_PERIODS = {"perHour": 3600, "perDay": 86400}
+"""``spec.limits.window`` keys and their length in seconds (periods start at UTC boundaries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """``spec.limits`` (or a rule's): what one pod's sidecar lets through for an injection.
+    ``None`` means no limit of that kind."""
+
+    requests_per_minute: int | None = None
+    burst: int | None = None
+    """Requests allowed at once before the per-minute rate applies; default: one minute's worth."""
+    concurrent_requests: int | None = None
+    request_body_bytes: int | None = None
+    window: tuple[tuple[str, int], ...] = ()
+    """(period, requests) pairs, e.g. (("perDay", 5000),); counted on disk across restarts."""
+
+    @property
+    def bucket_size(self) -> int | None:
+        if self.requests_per_minute is None:
+            return None
+        return self.burst if self.burst is not None else self.requests_per_minute
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One allowlist entry: a request passes when its method and path both match.
 
     ``None`` means "any". Path globs: ``*`` matches within one segment, ``**`` across segments.
+    ``limits``, when given, replace the injection's limits for the requests this rule admits.
     """
 
     methods: frozenset[str] | None = None
     paths: tuple[str, ...] | None = None
+    limits: Limits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +193,7 @@ class SecretInjection:
     pod_selector: dict | None = field(default=None, compare=False, hash=False)
     credential: Credential | None = None
     capture: str | None = None
+    limits: Limits | None = None
     """``proxy`` (clients use the proxy variables), ``transparent`` (keyhole-init redirects the
     pod's outbound traffic too), or None: the operator's default."""
 

@@ -24,12 +24,14 @@ from sidecar.spec.model import (
     LIST_KIND,
     SIGV4_HEADERS,
     VALUE_PLACEHOLDER,
+    WINDOW_PERIODS,
     AgentEnv,
     AwsSigV4,
     BasicAuth,
     Credential,
     GitHubApp,
     HeaderInjection,
+    Limits,
     OAuth2ClientCredentials,
     QueryParamInjection,
     Rule,
@@ -49,7 +51,7 @@ _RESERVED_HEADERS = frozenset(
 )
 _SPEC_FIELDS = frozenset(
     {"podSelector", "hosts", "headers", "basicAuth", "queryParams", "rules", "agentEnv",
-     "capture", *CREDENTIAL_FIELDS}
+     "capture", "limits", *CREDENTIAL_FIELDS}
 )
 CAPTURE_MODES = ("proxy", "transparent")
 _INJECTING_FIELDS = ("headers", "basicAuth", "queryParams", *CREDENTIAL_FIELDS)
@@ -226,6 +228,43 @@ def _query_params(c: _Collector, value: Any) -> tuple[QueryParamInjection, ...]:
     return tuple(result)
 
 
+_LIMIT_FIELDS = {"requestsPerMinute": "requests_per_minute", "burst": "burst",
+                 "concurrentRequests": "concurrent_requests",
+                 "requestBodyBytes": "request_body_bytes"}
+_LIMIT_MAX = 10**12
+
+
+def _count(c: _Collector, value: Any, path: str) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _LIMIT_MAX:
+        got = repr(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+            else _kind(value)
+        c.add(path, f"must be a whole number from 1 to {_LIMIT_MAX}, got {got}")
+        return None
+    return value
+
+
+def _limits(c: _Collector, value: Any, path: str) -> Limits | None:
+    entry = c.mapping(value, path, {*_LIMIT_FIELDS, "window"})
+    if entry is None:
+        return None
+    found = {field: _count(c, entry[key], f"{path}.{key}")
+             for key, field in _LIMIT_FIELDS.items() if key in entry}
+    window: list[tuple[str, int]] = []
+    if "window" in entry:
+        periods = c.mapping(entry["window"], f"{path}.window", WINDOW_PERIODS)
+        if periods is not None and not periods:
+            c.add(f"{path}.window", f"give at least one of {', '.join(WINDOW_PERIODS)}")
+        for period in WINDOW_PERIODS:
+            if periods and period in periods:
+                count = _count(c, periods[period], f"{path}.window.{period}")
+                if count is not None:
+                    window.append((period, count))
+    if "burst" in entry and "requestsPerMinute" not in entry:
+        c.add(f"{path}.burst", "a burst sizes the requestsPerMinute bucket; give "
+                               "requestsPerMinute too")
+    return Limits(window=tuple(window), **{k: v for k, v in found.items() if v is not None})
+
+
 def _rules(c: _Collector, value: Any) -> tuple[Rule, ...] | None:
     items = c.sequence(value, "spec.rules", non_empty=True)
     if items is None:
@@ -233,10 +272,10 @@ def _rules(c: _Collector, value: Any) -> tuple[Rule, ...] | None:
     rules = []
     for i, raw in enumerate(items):
         path = f"spec.rules[{i}]"
-        entry = c.mapping(raw, path, {"methods", "paths"})
+        entry = c.mapping(raw, path, {"methods", "paths", "limits"})
         if entry is None:
             continue
-        if not entry:
+        if not entry.keys() - {"limits"}:
             c.add(path, "an empty rule allows everything; give methods, paths or both")
             continue
         methods = paths = None
@@ -257,7 +296,8 @@ def _rules(c: _Collector, value: Any) -> tuple[Rule, ...] | None:
                 elif p:
                     good.append(p)
             paths = tuple(good)
-        rules.append(Rule(methods=methods, paths=paths))
+        limits = _limits(c, entry["limits"], f"{path}.limits") if "limits" in entry else None
+        rules.append(Rule(methods=methods, paths=paths, limits=limits))
     return tuple(rules)
 
 
@@ -516,6 +556,7 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     agent_env = _agent_env(c, spec["agentEnv"]) if "agentEnv" in spec else ()
     selector = _pod_selector(c, spec["podSelector"]) if "podSelector" in spec else None
     credential = _credential(c, spec, headers, basic_auth, hosts)
+    limits = _limits(c, spec["limits"], "spec.limits") if "limits" in spec else None
     capture = spec.get("capture")
     if capture is not None and capture not in CAPTURE_MODES:
         c.add("spec.capture", f"{capture!r}: capture is proxy (clients use the proxy "
@@ -536,7 +577,7 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     return SecretInjection(
         name=name, namespace=namespace, hosts=tuple(hosts), headers=headers,
         basic_auth=basic_auth, query_params=query, rules=rules, agent_env=agent_env,
-        pod_selector=selector, credential=credential, capture=capture,
+        pod_selector=selector, credential=credential, capture=capture, limits=limits,
     ), []
 
 

@@ -17,6 +17,7 @@ ROUTES_DIR = f"{ROOT}/routes"
 ROUTES_FILE = "injections.json"
 TRUST_DIR = f"{ROOT}/trust"
 UPSTREAM_CA_DIR = f"{ROOT}/upstream-ca"
+STATE_DIR = f"{ROOT}/state"  # the sidecar's spec.limits.window counts (an emptyDir)
 
 # Keys of the keyhole-ca-bundle ConfigMap, mounted at TRUST_DIR in agent containers.
 CA_CERT = "ca.crt"
@@ -31,6 +32,7 @@ SIGNING_VOLUME = "keyhole-signing"
 ROUTES_VOLUME = "keyhole-routes"
 TRUST_VOLUME = "keyhole-trust"
 UPSTREAM_CA_VOLUME = "keyhole-upstream-ca"
+STATE_VOLUME = "keyhole-state"
 
 # Files in Secret, ConfigMap and downward-API volumes keyhole adds. Readable by the
 # non-root sidecar: the kubelet makes these files root-owned unless the pod sets fsGroup,

@@ -43,6 +43,8 @@ def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dic
          "downwardAPI": {"defaultMode": mode, "items": [{
              "path": layout.ROUTES_FILE,
              "fieldRef": {"fieldPath": f"metadata.annotations['{INJECTIONS}']"}}]}},
+        # Window counts outlive a restarted or crash-looping sidecar (not the pod): a few bytes.
+        {"name": layout.STATE_VOLUME, "emptyDir": {"sizeLimit": "1Mi"}},
     ]
     if settings.upstream_ca:
         from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
@@ -111,6 +113,7 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
         {"name": layout.CA_VOLUME, "mountPath": layout.CA_DIR, "readOnly": True},
         {"name": layout.SIGNING_VOLUME, "mountPath": layout.SIGNING_DIR, "readOnly": True},
         {"name": layout.ROUTES_VOLUME, "mountPath": layout.ROUTES_DIR, "readOnly": True},
+        {"name": layout.STATE_VOLUME, "mountPath": layout.STATE_DIR},
     ]
     upstream_ca: list[str] = []
     if settings.upstream_ca:
@@ -134,6 +137,7 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
             "--listen", f"127.0.0.1:{settings.proxy_port}",
             "--admin-listen", f"0.0.0.0:{settings.admin_port}",
             "--unmatched", settings.unmatched,
+            "--state-dir", layout.STATE_DIR,
             *upstream_ca,
             *(["--transparent-listen", f"127.0.0.1:{settings.transparent_port}"]
               if wants_transparent(injections, settings) else []),
