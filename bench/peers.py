@@ -168,7 +168,19 @@ def nginx_upstream(ws: Workspace, source_port: int) -> Process:
     return process
 
 
-def keyhole(ws: Workspace, upstream_port: int, impostor_port: int) -> Process:
+# --limits: every kind of spec.limits on, too high to refuse anything, so the figures show
+# what checking and counting them costs (the window is counted on disk, in --state-dir).
+LIMITS = """
+  limits:
+    requestsPerMinute: 1000000000
+    burst: 1000000000
+    concurrentRequests: 100000
+    requestBodyBytes: 2147483648
+    window: {perHour: 1000000000, perDay: 1000000000}"""
+
+
+def keyhole(ws: Workspace, upstream_port: int, impostor_port: int, *,
+            limits: bool = False) -> Process:
     """The real keyhole-sidecar, every security feature on; the impostor is routed too, so
     keyhole itself is what must refuse its certificate."""
     (ws.root / "secrets" / "bench").mkdir(parents=True, exist_ok=True)
@@ -182,7 +194,7 @@ spec:
   headers:
     - name: Authorization
       valueFrom: {{secretKeyRef: {{name: bench, key: token}}}}
-      format: "Bearer {{value}}"
+      format: "Bearer {{value}}"{LIMITS if limits else ""}
 """)
     port, admin = free_port(), free_port()
     started = time.monotonic()
@@ -193,6 +205,7 @@ spec:
         "--resolve", f"{HOST}:{upstream_port}:127.0.0.1",
         "--resolve", f"{HOST}:{impostor_port}:127.0.0.1",
         "--upstream-ca", str(ws.root / "upstream-ca.pem"), "--log-level", "warning",
+        "--state-dir", str(ws.root / "keyhole-state"),
     ]), ws.root / "keyhole.log", quiet_stdout=True)  # the audit log: one line per request
     deadline = time.monotonic() + 20
     while True:

@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run                  # every figure, 3 rounds
     .venv/bin/python -m bench.run --figure a --rounds 1 --seconds 3   # one figure, quickly
     .venv/bin/python -m bench.run --only keyhole --figure b --rounds 1 # one peer (and direct)
+    .venv/bin/python -m bench.run --only keyhole --figure a --limits   # with spec.limits on
 
 Peers (all on 127.0.0.1; proxies pinned to CPU 1, upstream and load generator to CPU 0):
 direct (the limit), keyhole (CONNECT + interception + injection), keyhole-base-url,
@@ -130,11 +131,12 @@ class Peer:
                                f" the answer was:\n{headers}")
 
 
-def start(ws: Workspace, others: list[str]) -> tuple[list[peers.Process], dict[str, Peer]]:
+def start(ws: Workspace, others: list[str], limits: bool = False,
+          ) -> tuple[list[peers.Process], dict[str, Peer]]:
     source = peers.dynamic_source(ws)
     upstream = peers.nginx_upstream(ws, source.extra["port"])
     up, impostor = upstream.extra["port"], upstream.extra["impostor_port"]
-    keyhole = peers.keyhole(ws, up, impostor)
+    keyhole = peers.keyhole(ws, up, impostor, limits=limits)
     reverse = peers.nginx_reverse(ws, up, impostor)
     table = {
         "direct": Peer("direct", f"https://127.0.0.1:{up}", host=HOST),
@@ -246,6 +248,9 @@ def main() -> None:
                         help="peers besides direct, keyhole and nginx (repeatable); default: "
                              "squid and mitmproxy. aiohttp-floor is aiohttp alone, forwarding "
                              "and adding the header: the floor under keyhole's base-URL mode")
+    parser.add_argument("--limits", action="store_true",
+                        help="run keyhole with every kind of spec.limits on (too high to refuse "
+                             "anything): what checking and counting them costs")
     parser.add_argument("--only", action="append", choices=[*CORE_PEERS[1:], *EXTRA_PEERS],
                         help="measure only these peers (repeatable), and direct, which every "
                              "ratio needs: the quick loop while iterating")
@@ -258,7 +263,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="keyhole-bench-") as folder:
         for number in range(args.rounds):
             ws = Workspace(Path(folder) / f"round-{number}")
-            upstreams, table = start(ws, others)
+            upstreams, table = start(ws, others, limits=args.limits)
             if args.only:
                 table = {name: peer for name, peer in table.items()
                          if name == "direct" or name in args.only}

@@ -117,8 +117,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                              idle_timeout=options.idle_timeout,
                              upstream_timeout=options.upstream_timeout)
     pool = UpstreamPool(resolver, upstream_tls)
-    limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused,
-                      on_window=metrics.window_left)
+    limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused)
+    metrics.watch_windows(limiter.windows_left)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, pool=pool, session=session, metrics=metrics,
                        audit=AuditLog(), limiter=limiter)

@@ -13,6 +13,7 @@ of seconds in it, for tests that must count exactly (documented in docs/limits.m
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from sidecar.spec.model import WINDOW_PERIODS, Limits
 log = logging.getLogger("keyhole.limits")
 TEST_CLOCK_ENV = "KEYHOLE_TEST_CLOCK"
 Scope = tuple[str, str]  # (injection, "spec" or "rules[i]")
+SAVE_INTERVAL = 1.0  # seconds: the window file is written at most this often
 
 
 def system_clock() -> Callable[[], float]:
@@ -71,6 +73,8 @@ class WindowStore:
 
     def __init__(self, path: Path | None):
         self.path = path
+        self._pending = False
+        self._saved = 0.0
         self.counts: dict[str, tuple[float, int]] = {}
         if path is not None and path.exists():
             try:
@@ -80,7 +84,23 @@ class WindowStore:
                 log.error("cannot read the limit windows in %s (%s); counting from zero",
                           path, type(exc).__name__)
 
+    def save_soon(self) -> None:
+        """At once if the file was last written over a second ago, else a second after that:
+        under load one write a second, however many requests were counted (a kill loses at
+        most that second's counts); at once when there is no event loop."""
+        if self.path is None or self._pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.save()
+            return
+        self._pending = True
+        loop.call_later(max(0.0, self._saved + SAVE_INTERVAL - time.monotonic()), self.save)
+
     def save(self) -> None:
+        self._pending = False
+        self._saved = time.monotonic()
         if self.path is None:
             return
         temporary = self.path.with_name(self.path.name + ".tmp")
@@ -102,8 +122,7 @@ class Ticket:
 
 class Limiter:
     def __init__(self, state_dir: Path | None = None, clock: Callable[[], float] | None = None,
-                 on_refused: Callable[[str, str], None] | None = None,
-                 on_window: Callable[[str, str, int], None] | None = None):
+                 on_refused: Callable[[str, str], None] | None = None):
         self.clock = clock or system_clock()
         self._buckets: dict[Scope, tuple[float, float]] = {}  # tokens, when
         self._in_flight: dict[Scope, int] = {}
@@ -115,7 +134,7 @@ class Limiter:
                           "restart", state_dir, exc.strerror)
         self._windows = WindowStore(state_dir / "limits.json" if state_dir else None)
         self._on_refused = on_refused
-        self._on_window = on_window
+        self._allowed: dict[str, tuple[str, str, str, int]] = {}  # for windows_left()
 
     def admit(self, wanted: tuple[tuple[str, str, Limits], ...],
               body_length: int | None) -> Ticket | Refusal:
@@ -145,11 +164,10 @@ class Limiter:
                 begun, count = self._windows.counts.get(name, (start, 0))
                 count = count + 1 if begun == start else 1
                 self._windows.counts[name] = (start, count)
+                self._allowed[name] = (injection, scope, period, allowed)
                 changed = True
-                if self._on_window:
-                    self._on_window(injection, _window_label(scope, period), allowed - count)
         if changed:
-            self._windows.save()
+            self._windows.save_soon()
         return Ticket(scopes)
 
     def release(self, ticket: Ticket) -> None:
@@ -191,10 +209,16 @@ class Limiter:
                                f"{_PERIOD_WORDS[period]} (window.{period})")
         return None
 
-    def remaining(self, injection: str, scope: str, period: str, allowed: int) -> int:
+    def windows_left(self) -> list[tuple[str, str, int]]:
+        """(injection, window, requests left) of every window counted so far, with the limit
+        last applied to it: computed when metrics are scraped, not on every request."""
         now = self.clock()
-        begun, count = self._windows.counts.get(_window_key((injection, scope), period), (0, 0))
-        return allowed - count if begun == period_start(now, period) else allowed
+        left = []
+        for name, (injection, scope, period, allowed) in self._allowed.items():
+            begun, count = self._windows.counts.get(name, (0.0, 0))
+            used = count if begun == period_start(now, period) else 0
+            left.append((injection, _window_label(scope, period), max(allowed - used, 0)))
+        return left
 
 
 _PERIOD_WORDS = {"perHour": "per UTC hour", "perDay": "per UTC day"}

@@ -5,10 +5,11 @@ config, every unrouted host shares the label ``-``, methods outside the standard
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 UNROUTED = "-"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT"})
@@ -26,6 +27,24 @@ class _ExpiringSource(Protocol):
 
 def method_label(method: str) -> str:
     return method if method in _METHODS else "OTHER"
+
+
+class _WindowsLeft:
+    """A collector: what is left of each spec.limits window, asked of the limiter per scrape."""
+
+    def __init__(self, windows_left: Callable[[], Iterable[tuple[str, str, int]]]):
+        self._windows_left = windows_left
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("keyhole_limit_window_remaining", "Requests left in the "
+                                   "current window of an injection's spec.limits.window (or a "
+                                   "rule's).", labels=["injection", "window"])
+        for injection, window, left in self._windows_left():
+            family.add_metric([injection, window], left)
+        yield family
 
 
 class Metrics:
@@ -73,10 +92,6 @@ class Metrics:
                                         "injection's spec.limits (nothing was sent upstream), "
                                         "by injection and limit.", ["injection", "limit"],
                                         registry=r)
-        self.limit_window_remaining = Gauge("keyhole_limit_window_remaining", "Requests left "
-                                            "in the current window of an injection's "
-                                            "spec.limits.window (or a rule's).",
-                                            ["injection", "window"], registry=r)
         self._expiry_labels: set[tuple[str, str]] = set()
         for decision in ("injected", "passthrough", "denied"):
             self.decisions.labels(decision, "-")
@@ -99,8 +114,9 @@ class Metrics:
     def limit_refused(self, injection: str, limit: str) -> None:
         self.limit_rejections.labels(injection, limit).inc()
 
-    def window_left(self, injection: str, window: str, left: int) -> None:
-        self.limit_window_remaining.labels(injection, window).set(max(left, 0))
+    def watch_windows(self, windows_left: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """``keyhole_limit_window_remaining``, computed at each scrape from the limiter."""
+        self.registry.register(_WindowsLeft(windows_left))
 
     def upstream_answered(self, injection: str, seconds: float) -> None:
         self._injection_children(injection)[3].observe(seconds)

@@ -84,6 +84,15 @@ def test_the_crd_refuses_mistakes_at_apply_time_with_cel(kube, crd, namespace):
     assert "give exactly one of placeholder or baseURL" in done.stderr
 
 
+def test_the_crd_refuses_a_burst_without_a_rate_and_an_empty_window(kube, crd, namespace):
+    bad = openai_injection()
+    bad["spec"]["limits"] = {"burst": 5, "window": {}, "concurrentRequests": 0}
+    done = kube.apply([bad], namespace, check=False)
+    assert done.returncode != 0
+    assert "a burst sizes the requestsPerMinute bucket; give requestsPerMinute too" in done.stderr
+    assert "spec.limits.window" in done.stderr and "spec.limits.concurrentRequests" in done.stderr
+
+
 def test_the_crd_refuses_two_credential_sources_and_a_malformed_app_id(kube, crd, namespace):
     ref = {"secretKeyRef": {"name": "s", "key": "k"}}
     bad = openai_injection()

@@ -46,6 +46,10 @@ def clock(tmp_path, monkeypatch):
     return c
 
 
+def _read(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 def retry_after(reply) -> str | None:
     return next((v for k, v in reply.headers if k.lower() == "retry-after"), None)
 
@@ -128,6 +132,11 @@ def test_a_window_survives_kill_9_and_resets_at_the_utc_boundary(make_sidecar, u
     clock.set(T0 + 1800)  # 08:30 UTC
     assert [get(sidecar, marker).status for _ in range(2)] == [200, 200]
     assert sidecar.metric("keyhole_limit_window_remaining", injection="api", window="perHour") == 1
+    deadline = time.monotonic() + 5  # counts reach the disk within a second (docs/limits.md)
+    saved = '"api|spec|perHour": [1800000000.0, 2]'  # the 08:00 UTC hour, two requests
+    while saved not in _read(state / "limits.json") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert saved in _read(state / "limits.json")
     sidecar.process.send_signal(signal.SIGKILL)
     sidecar.process.wait(10)
     again = make_sidecar(config, args=["--state-dir", str(state)])

@@ -67,16 +67,16 @@ def test_windows_start_at_utc_boundaries_and_persist_in_the_state_dir(tmp_path):
     clock = Clock()
     clock.now = T0 + 3599  # 08:59:59 UTC
     wanted = (("api", "spec", Limits(window=(("perHour", 2),))),)
-    seen: list[tuple[str, str, int]] = []
-    first = Limiter(tmp_path, clock=clock, on_window=lambda *args: seen.append(args))
+    first = Limiter(tmp_path, clock=clock)
     first.admit(wanted, 0)
+    assert first.windows_left() == [("api", "perHour", 1)]
     again = Limiter(tmp_path, clock=clock)  # a new process, the same emptyDir
     again.admit(wanted, 0)
     refusal = again.admit(wanted, 0)
     assert refusal.limit == "window.perHour" and retry_after_header(refusal) == "1"
     clock.now = T0 + 3600
     assert isinstance(again.admit(wanted, 0), Ticket)
-    assert seen == [("api", "perHour", 1)]
+    assert again.windows_left() == [("api", "perHour", 1)]  # the new hour: one counted
     assert period_start(T0 + 3600, "perDay") == T0 - 8 * 3600  # that day's midnight UTC
 
 
