@@ -210,7 +210,7 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
     limit = min((lim.request_body_bytes for _, _, lim in target.limits
                  if lim.request_body_bytes is not None), default=None)
     if limit is not None and body is not None:
-        body = await _bounded(body, limit, target)
+        body = await _bounded(ctx, body, limit, target)
     query = None
     if target.credentials:
         body, query = await _authorize(ctx, request, target, headers, body)
@@ -337,7 +337,7 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
             conn.close()
 
 
-async def _bounded(body: Body, limit: int, target: Target) -> bytes:
+async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) -> bytes:
     """A body of unannounced length under ``requestBodyBytes``: read it (up to the limit) before
     anything is sent, so one over it is a 413 with nothing upstream."""
     if isinstance(body, bytes):
@@ -352,6 +352,7 @@ async def _bounded(body: Body, limit: int, target: Target) -> bytes:
         data = b"".join(parts) if size <= limit else b"x" * (limit + 1)
     if len(data) > limit:
         name = next(n for n, _, lim in target.limits if lim.request_body_bytes == limit)
+        ctx.metrics.limit_refused(name, "requestBodyBytes")
         raise LimitExceeded(Refusal(name, "requestBodyBytes", 413, None, None,
                                     f"the body is over injection {name!r}'s requestBodyBytes "
                                     f"({limit})"))

@@ -122,6 +122,8 @@ def test_a_body_over_request_body_bytes_is_a_413_before_any_byte_goes_upstream(
                    "y" * 5000, f"https://{HOST}/up?m={marker}-chunked")
     assert chunked.status == 413  # no length announced: read up to the limit first
     assert upstream.find(f"{marker}-big") == [] and upstream.find(f"{marker}-chunked") == []
+    assert sidecar.metric("keyhole_limit_rejections_total", injection="api",
+                          limit="requestBodyBytes") == 2
 
 
 def test_a_window_survives_kill_9_and_resets_at_the_utc_boundary(make_sidecar, upstream, clock,
