@@ -8,45 +8,30 @@ import contextlib
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
 
 from tests.support.config import API_TOKEN, injection, ref
 from tests.support.raw import open_tunnel, read_all, status_of
+from tests.support.tls_server import BlockingTLSServer
 
 HOST = "script.routed.test"
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(BlockingTLSServer):
     """A blocking TLS server: each request's path picks the bytes it answers with."""
 
     running: ScriptedUpstream
     def __init__(self, ca):
-        cert = ca.issue_cert(HOST)
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(self.context)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        super().__init__(ca, HOST)
         ScriptedUpstream.running = self
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
         self.requests: list[tuple[int, bytes, bytes]] = []  # (connection, head, body)
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-                number = self.connections
-            threading.Thread(target=self._serve, args=(raw, number), daemon=True).start()
+    def accepted(self) -> tuple:
+        return (self.connections,)  # counted by the accepting thread, in order
 
-    def _serve(self, raw: socket.socket, number: int) -> None:
+    def serve(self, raw: socket.socket, number: int) -> None:
         try:
             sock = self.context.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError):
@@ -117,8 +102,6 @@ class ScriptedUpstream:
             return b"HTTP/1.0 200 OK\r\n\r\nold-style body", False
         return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", True
 
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture(scope="module")

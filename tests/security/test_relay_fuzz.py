@@ -17,7 +17,6 @@ import contextlib
 import os
 import socket
 import ssl
-import threading
 import time
 
 import pytest
@@ -30,6 +29,7 @@ from hypothesis import strategies as st
 from tests.support.config import ALL_SECRETS, API_TOKEN, SECRETS, injection, ref
 from tests.support.raw import open_tunnel
 from tests.support.sidecar import start_sidecar
+from tests.support.tls_server import BlockingTLSServer
 
 EXAMPLES = int(os.environ.get("KEYHOLE_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -62,29 +62,18 @@ def judge(data: bytes) -> tuple[str, bool]:
         loop.close()
 
 
-class FuzzUpstream:
+class FuzzUpstream(BlockingTLSServer):
     """Answers each connection's first request head with the current example's pieces."""
 
     def __init__(self, ca):
-        cert = ca.issue_cert(HOST)
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(self.context)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        super().__init__(ca, HOST)
         self.pieces: list[bytes] = []
         self.received: list[bytes] = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw, list(self.pieces)),
-                             daemon=True).start()
+    def accepted(self) -> tuple:
+        return (list(self.pieces),)  # the example's answer when its connection came
 
-    def _serve(self, raw: socket.socket, pieces: list[bytes]) -> None:
+    def serve(self, raw: socket.socket, pieces: list[bytes]) -> None:
         got = b""
         try:
             with self.context.wrap_socket(raw, server_side=True) as sock:
@@ -113,7 +102,7 @@ class FuzzUpstream:
 def fuzz_upstream(test_ca):
     server = FuzzUpstream(test_ca[0])
     yield server
-    server.listener.close()
+    server.close()
 
 
 @pytest.fixture(scope="module")
