@@ -4,12 +4,15 @@ depends on how fast the machine is."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import ssl
 import threading
 import time
 
+import aiohttp
 import openai
 import pytest
 
@@ -108,6 +111,24 @@ def test_concurrent_requests_count_streams_until_they_end(make_sidecar, upstream
         thread.join(30)
     assert results == [200, 200]
     assert get(sidecar, f"{marker}-after").status == 200  # the streams ended: slots are free
+
+
+def test_an_open_websocket_holds_its_slot_until_it_closes(make_sidecar, clock, marker):
+    sidecar = make_sidecar(limited({"concurrentRequests": 1}))
+
+    async def talk():
+        context = ssl.create_default_context(cafile=str(sidecar.ca_cert))
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"wss://{HOST}/ws?m={marker}", proxy=sidecar.url, ssl=context) as ws:
+            await ws.receive_str(timeout=5)
+            during = await asyncio.to_thread(get, sidecar, f"{marker}-during")
+        return during.status
+
+    assert asyncio.run(talk()) == 429
+    deadline = time.monotonic() + 5  # the proxy sees the close, then frees the slot
+    while get(sidecar, f"{marker}-after").status != 200:
+        assert time.monotonic() < deadline, "the slot was not freed after the WebSocket closed"
+        time.sleep(0.1)
 
 
 def test_a_body_over_request_body_bytes_is_a_413_before_any_byte_goes_upstream(
