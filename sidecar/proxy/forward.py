@@ -209,7 +209,8 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
             body = _client_body(request, record)
     limit = min((lim.request_body_bytes for _, _, lim in target.limits
                  if lim.request_body_bytes is not None), default=None)
-    if limit is not None and body is not None:
+    if limit is not None and body is not None and (
+            isinstance(body, bytes) or request.message.chunked):  # announced lengths: judged
         body = await _bounded(ctx, body, limit, target)
     query = None
     if target.credentials:
@@ -338,10 +339,11 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
 
 
 async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) -> bytes:
-    """A body of unannounced length under ``requestBodyBytes``: read it (up to the limit) before
-    anything is sent, so one over it is a 413 with nothing upstream."""
+    """A body of unannounced length under ``requestBodyBytes``: read it (up to the limit, so a
+    chunked body is held in memory up to that size) before anything is sent, so one over it is
+    a 413 with nothing upstream. Bodies with a Content-Length were judged before and stream."""
     if isinstance(body, bytes):
-        data = body
+        data, size = body, len(body)
     else:
         parts, size = [], 0
         async for piece in body:
@@ -349,8 +351,8 @@ async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) ->
             if size > limit:
                 break
             parts.append(piece)
-        data = b"".join(parts) if size <= limit else b"x" * (limit + 1)
-    if len(data) > limit:
+        data = b"".join(parts)
+    if size > limit:
         name = next(n for n, _, lim in target.limits if lim.request_body_bytes == limit)
         ctx.metrics.limit_refused(name, "requestBodyBytes")
         raise LimitExceeded(Refusal(name, "requestBodyBytes", 413, None, None,
