@@ -176,10 +176,7 @@ class ClientConnection(BaseProtocol):
         self._last_body: StreamReader | None = None
         self._held_back = False  # the parser kept bytes because the queue was full
 
-    # -- transport events ------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-
+    # -- transport events (connection_made is BaseProtocol's: the transport, TCP_NODELAY) ---
     def data_received(self, data: bytes) -> None:
         if self._other is not None:
             self._other.data_received(data)
