@@ -122,6 +122,7 @@ def test_an_open_websocket_holds_its_slot_until_it_closes(make_sidecar, clock, m
                 f"wss://{HOST}/ws?m={marker}", proxy=sidecar.url, ssl=context) as ws:
             await ws.receive_str(timeout=5)
             during = await asyncio.to_thread(get, sidecar, f"{marker}-during")
+        await asyncio.sleep(0.25)  # aiohttp's advice: let TLS transports finish closing
         return during.status
 
     assert asyncio.run(talk()) == 429
