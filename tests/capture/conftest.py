@@ -166,6 +166,19 @@ class Capture:
 
         return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
 
+    def wait_audit(self, predicate, timeout: float = 5.0) -> dict:
+        """The first audit line matching ``predicate``; a blind tunnel's is written only when
+        the tunnel closes, a moment after the client is done."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((a for a in self.audit() if predicate(a)), None)
+            if found is not None:
+                return found
+            assert time.monotonic() < deadline, "no matching audit line"
+            time.sleep(0.05)
+
     def stop_sidecar(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

@@ -92,7 +92,7 @@ def test_every_client_gets_its_key_with_no_proxy_variable(capture, clients, clie
     assert _status(client, done.stdout) == 200
     assert capture.upstream.one(marker).header("authorization") == [BEARER]
     assert SECRET not in done.stdout + done.stderr
-    line = next(a for a in capture.audit() if marker in a["path"])
+    line = capture.wait_audit(lambda a: marker in a["path"])
     assert line["mode"] == "transparent" and line["decision"] == "injected"
 
 
@@ -138,8 +138,8 @@ def test_an_unrouted_host_is_passed_through_with_its_own_certificate(capture):
                          capture.upstream.ca_file, f"https://unrouted.test/{marker}")
     assert done.stdout == "200", done.stderr
     assert capture.upstream.one(marker).header("authorization") == []
-    line = next(a for a in capture.audit() if a["host"] == "unrouted.test:443"
-                and a["decision"] == "passthrough")
+    line = capture.wait_audit(lambda a: a["host"] == "unrouted.test:443"
+                              and a["decision"] == "passthrough")
     assert line["mode"] == "transparent"
     plain = _marker()
     done = capture.agent("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
