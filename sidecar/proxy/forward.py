@@ -173,7 +173,8 @@ def _response_headers(upstream: CIMultiDict[str], target: Target,
     return headers
 
 
-def _content_length(headers) -> int | None:
+def content_length(headers) -> int | None:
+    """A head's Content-Length as a number (llhttp checked the digits), or None."""
     value = headers.get("Content-Length")
     return int(value) if value is not None and value.isdigit() else None
 
@@ -221,7 +222,7 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         if body or request.method in _BODY_METHODS:
             framing.append(("Content-Length", str(len(body))))
     elif body is not None:
-        length = None if request.message.chunked else _content_length(request.headers)
+        length = None if request.message.chunked else content_length(request.headers)
         framing.append(("Content-Length", str(length)) if length is not None
                        else ("Transfer-Encoding", "chunked"))
     elif request.method in _BODY_METHODS:
@@ -306,7 +307,7 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
         headers = _response_headers(message.headers, target, redactor)
         reply = request.reply
         record.status = message.code
-        length = _content_length(message.headers)
+        length = content_length(message.headers)
         no_body = request.method == "HEAD" or message.code in _NO_BODY_STATUSES
         try:
             if no_body:

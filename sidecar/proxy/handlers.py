@@ -31,7 +31,7 @@ from sidecar.proxy.errors import (
     UpstreamFailed,
     error_parts,
 )
-from sidecar.proxy.forward import Target, forward
+from sidecar.proxy.forward import Target, content_length, forward
 from sidecar.routes import Route
 from sidecar.spec import normalise_hostname, split_authority
 
@@ -129,8 +129,7 @@ def _announced_length(request: Request) -> int | None:
     """The body's length when the head says it (llhttp checked the digits); else None."""
     if request.message.chunked or not request.can_read_body:
         return None if request.can_read_body else 0
-    value = request.headers.get("Content-Length")
-    return int(value) if value is not None else None
+    return content_length(request.headers)
 
 
 async def _answer_error(request: Request, error: ProxyError) -> None:
