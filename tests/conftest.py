@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import itertools
 import os
@@ -17,6 +18,25 @@ from tests.support.sidecar import Sidecar, start_sidecar
 from tests.support.upstream import Upstream, UpstreamServer
 
 _counter = itertools.count()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_garbage_after_each_module():
+    """Module-scoped fixtures (a sidecar, an upstream) are torn down with the module's last
+    test: collect then, so what they leak is charged to that module (see below)."""
+    yield
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test():
+    """A socket or transport left open is found by the garbage collector, which warns; with
+    ``filterwarnings = error`` pytest turns that into a failure of whichever test is running
+    when the collector happens to run. Collecting at every test's teardown charges the leak to
+    the test that made it. Hunt its origin with ``PYTHONTRACEMALLOC=25``: the failure then
+    shows where the leaked object was allocated."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.controlplane import ControlPlane, bin_dir, build
 from tests.cluster.kube import Kube, kubectl_binary
+from tests.support.ports import free_port
+from tests.support.probe import http_status
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_USER = "system:serviceaccount:keyhole-system:keyhole-operator"
@@ -57,14 +58,7 @@ def kube(tmp_path_factory, request) -> Kube:
 @pytest.fixture(scope="session")
 def crd(kube: Kube) -> None:
     kube.kubectl("apply", "-f", str(ROOT / "crds" / "secretinjection.yaml"))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                 "crd/secretinjections.keyhole.dev")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    kube.wait_established("secretinjections.keyhole.dev")
 
 
 class OperatorProcess:
@@ -86,15 +80,17 @@ class OperatorProcess:
 
 
 def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
-                   cert: tuple[Path, Path, Path] | None = None) -> OperatorProcess:
-    """The real keyhole-operator process, acting as its ServiceAccount."""
+                   cert: tuple[Path, Path, Path] | None = None,
+                   webhook_port: int | None = None) -> OperatorProcess:
+    """The real keyhole-operator process, acting as its ServiceAccount (on ``webhook_port``
+    when given: a restarted operator stays where the webhook configurations point)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = kube.service_account_kubeconfig("keyhole-system", "keyhole-operator",
                                              workdir / "kubeconfig")
     key = workdir / "master.key"
     if not key.exists():
         key.write_text(secrets.token_urlsafe(48))
-    webhook_port, health_port = _free_port(), _free_port()
+    webhook_port, health_port = webhook_port or free_port(), free_port()
     command = [sys.executable, "-m", "keyhole_operator.cli", "--master-key-file", str(key),
                "--standalone", "--webhook-listen", f"127.0.0.1:{webhook_port}",
                "--webhook-host", "127.0.0.1", "--operator-service-account", OPERATOR_USER,
@@ -114,9 +110,11 @@ def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError("keyhole-operator exited:\n" + operator.logs())
-        try:  # /healthz answers 200 once the injection index is filled (the readiness probe)
-            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1):
-                pass
+        # /healthz answers 200 once the injection index is filled (the readiness probe)
+        if http_status(f"http://127.0.0.1:{health_port}/healthz", timeout=1) != 200:
+            time.sleep(0.2)
+            continue
+        try:
             socket.create_connection(("127.0.0.1", webhook_port), timeout=1).close()
         except OSError:
             time.sleep(0.2)

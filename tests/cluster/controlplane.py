@@ -15,11 +15,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support.ports import free_port
+from tests.support.probe import http_status
 
 HERE = Path(__file__).resolve().parent
 KUBERNETES_VERSION = "1.34.4"
@@ -139,12 +140,6 @@ def build(log=print) -> Path:
     for name in missing:
         _go_build(HERE, BINARIES[name], target / name, stamp, log)
     return target
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _pem_key(key) -> bytes:
@@ -286,8 +281,8 @@ class ControlPlane:
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_pki()
         pki = self.root / "pki"
-        etcd_client, etcd_peer = _free_port(), _free_port()
-        self.port = self.port or _free_port()
+        etcd_client, etcd_peer = free_port(), free_port()
+        self.port = self.port or free_port()
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         self.spawn("etcd", [
@@ -341,13 +336,9 @@ class ControlPlane:
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited at start; its log:\n"
                                        + self.log_tail(name))
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", context=context,
-                                            timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError as exc:
-                last = str(exc)
+            last = http_status(f"{self.url}/readyz", context=context)
+            if last == 200:
+                return
             time.sleep(0.2)
         raise RuntimeError(f"kube-apiserver not ready after {timeout}s ({last}); its log:\n"
                            + self.log_tail("kube-apiserver"))

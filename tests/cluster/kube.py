@@ -52,6 +52,16 @@ class Kube:
             time.sleep(0.25)
         raise AssertionError(f"{what} not reached in {timeout}s (last: {last})")
 
+    def wait_established(self, crd: str, timeout: float = 60.0) -> None:
+        """Wait for a CRD to be served. Not `kubectl wait --for=condition=Established`: until
+        the API server has written the CRD's first status, kubectl answers with an error
+        (``.status.conditions accessor error: <nil>``) instead of waiting."""
+        def established() -> bool:
+            conditions = self.get("crd", crd, None).get("status", {}).get("conditions") or []
+            return any(c.get("type") == "Established" and c.get("status") == "True"
+                       for c in conditions)
+        self.wait_for(established, timeout, what=f"CRD {crd} Established")
+
     def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
         """A kubeconfig that acts as ``namespace/name`` with a TokenRequest token."""
         token = self.kubectl("create", "token", name, "-n", namespace, "--duration", "2h"

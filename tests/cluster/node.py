@@ -34,10 +34,11 @@ from pathlib import Path
 
 import yaml
 
-from tests.cluster.controlplane import SERVICE_CIDR, ControlPlane, _free_port, _pem_cert
+from tests.cluster.controlplane import SERVICE_CIDR, ControlPlane, _pem_cert
 from tests.cluster.images import PAUSE_IMAGE, Image
 from tests.cluster.kube import Kube
 from tests.support import netns
+from tests.support.ports import free_port
 
 NETNS = "keyhole-node"
 NODE_NAME = "keyhole-node"
@@ -291,7 +292,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.plane.spawn("kube-controller-manager", [
             str(self.binaries / "kube-controller-manager"), "--kubeconfig", str(config),
             "--authentication-kubeconfig", str(config), "--authorization-kubeconfig", str(config),
-            "--bind-address", "127.0.0.1", "--secure-port", str(_free_port()),
+            "--bind-address", "127.0.0.1", "--secure-port", str(free_port()),
             "--leader-elect=false", "--use-service-account-credentials",
             "--service-account-private-key-file", str(pki / "sa.key"),
             "--root-ca-file", str(pki / "ca.crt"),
@@ -307,7 +308,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.plane.spawn("kube-scheduler", [
             str(self.binaries / "kube-scheduler"), "--kubeconfig", str(config),
             "--authentication-kubeconfig", str(config), "--authorization-kubeconfig", str(config),
-            "--bind-address", "127.0.0.1", "--secure-port", str(_free_port()),
+            "--bind-address", "127.0.0.1", "--secure-port", str(free_port()),
             "--leader-elect=false", "--v=1",
         ])
 

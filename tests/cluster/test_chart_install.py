@@ -37,8 +37,7 @@ def test_every_object_of_the_chart_is_accepted(installed):
     kinds = {line.split(": ")[1] for line in manifest.splitlines() if line.startswith("kind: ")}
     assert {"CustomResourceDefinition", "Deployment", "Service", "MutatingWebhookConfiguration",
             "ValidatingWebhookConfiguration", "ClusterRole", "PodDisruptionBudget"} <= kinds
-    kube.kubectl("wait", "--for=condition=Established", "crd/secretinjections.keyhole.dev",
-                 "--timeout=30s")
+    kube.wait_established("secretinjections.keyhole.dev")
     assert kube.get("deployment", "keyhole-operator", NAMESPACE)["spec"]["replicas"] == 2
 
 

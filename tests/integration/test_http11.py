@@ -8,7 +8,7 @@ import contextlib
 import socket
 import ssl
 import subprocess
-import time
+import threading
 
 import pytest
 
@@ -27,6 +27,15 @@ class ScriptedUpstream(BlockingTLSServer):
         super().__init__(ca, HOST)
         ScriptedUpstream.running = self
         self.requests: list[tuple[int, bytes, bytes]] = []  # (connection, head, body)
+        self.heads: list[bytes] = []  # each request head as it arrives, before its body
+        self._arrived = threading.Condition()
+
+    def wait_for_head(self, path: bytes, timeout: float = 30.0) -> None:
+        """Wait until a request for ``path`` has reached the upstream (its body may not)."""
+        with self._arrived:
+            if not self._arrived.wait_for(
+                    lambda: any(h.split(b" ", 2)[1] == path for h in self.heads), timeout):
+                raise AssertionError(f"no request for {path!r} reached the upstream")
 
     def accepted(self) -> tuple:
         return (self.connections,)  # counted by the accepting thread, in order
@@ -47,6 +56,9 @@ class ScriptedUpstream(BlockingTLSServer):
                         return
                     buffer += data
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
+                with self._arrived:
+                    self.heads.append(head)
+                    self._arrived.notify_all()
                 length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
                 if b"transfer-encoding: chunked" in head.lower():
@@ -77,7 +89,7 @@ class ScriptedUpstream(BlockingTLSServer):
         if path.startswith(b"/n/"):
             text = path[3:]
             return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(text), text), True
-        if path == b"/echo":
+        if path in (b"/echo", b"/stream-echo", b"/left-mid-body"):
             return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body), True
         if path == b"/until-close":
             return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"z" * 100_000, False
@@ -311,8 +323,9 @@ def test_upstream_connections_are_kept_alive_across_client_connections(relay, sc
 
 def test_a_chunked_request_body_that_streams_is_relayed_chunked(relay, scripted):
     with _tunnel(relay, scripted) as sock:
-        sock.sendall(_get("/echo", "POST", "Transfer-Encoding: chunked\r\n") + b"3\r\nabc\r\n")
-        time.sleep(0.3)  # the head goes upstream before the body has ended
+        sock.sendall(_get("/stream-echo", "POST", "Transfer-Encoding: chunked\r\n")
+                     + b"3\r\nabc\r\n")
+        scripted.wait_for_head(b"/stream-echo")  # the head went upstream before the body ended
         sock.sendall(b"4\r\ndefg\r\n0\r\n\r\n")
         head, _body = _read_response(sock)
     assert status_of(head) == 200
@@ -343,8 +356,8 @@ def test_the_injected_header_is_on_every_pipelined_request(relay, scripted):
 
 def test_a_client_that_stops_mid_body_frees_the_upstream_connection(relay, scripted):
     with _tunnel(relay, scripted) as sock:
-        sock.sendall(_get("/echo", "POST", "Content-Length: 100000\r\n") + b"x" * 1000)
-        time.sleep(0.2)
+        sock.sendall(_get("/left-mid-body", "POST", "Content-Length: 100000\r\n") + b"x" * 1000)
+        scripted.wait_for_head(b"/left-mid-body")  # the relay is streaming the body upstream
     reply = subprocess.run(["curl", "-sS", f"https://{HOST}:{scripted.port}/n/fine"],
                            env=relay.client_env(), capture_output=True, text=True, timeout=30)
     assert reply.stdout == "fine"

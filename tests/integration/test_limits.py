@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import ssl
 import threading
@@ -17,6 +16,7 @@ import openai
 import pytest
 
 from tests.integration.clients import curl
+from tests.support import aio
 from tests.support.config import API_TOKEN, injection, ref
 from tests.support.sidecar import write_injections
 
@@ -100,9 +100,7 @@ def test_concurrent_requests_count_streams_until_they_end(make_sidecar, upstream
     streams = [threading.Thread(target=stream) for _ in range(2)]
     for thread in streams:
         thread.start()
-    deadline = time.monotonic() + 10
-    while len(upstream.find(marker)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    upstream.wait_for(marker, count=2)  # both streams are under way
     refused = get(sidecar, f"{marker}-third")
     assert refused.status == 429 and json.loads(refused.body)["limit"] == "concurrentRequests"
     assert retry_after(refused) == "1"
@@ -122,10 +120,9 @@ def test_an_open_websocket_holds_its_slot_until_it_closes(make_sidecar, clock, m
                 f"wss://{HOST}/ws?m={marker}", proxy=sidecar.url, ssl=context) as ws:
             await ws.receive_str(timeout=5)
             during = await asyncio.to_thread(get, sidecar, f"{marker}-during")
-        await asyncio.sleep(0.25)  # aiohttp's advice: let TLS transports finish closing
         return during.status
 
-    assert asyncio.run(talk()) == 429
+    assert aio.run(talk()) == 429
     deadline = time.monotonic() + 5  # the proxy sees the close, then frees the slot
     while get(sidecar, f"{marker}-after").status != 200:
         assert time.monotonic() < deadline, "the slot was not freed after the WebSocket closed"
@@ -196,10 +193,11 @@ def test_a_rules_own_limits_replace_the_injections(make_sidecar, clock, marker):
     assert [get(sidecar, marker).status for _ in range(20)] == [200] * 20  # GET: the spec's
 
 
-def test_the_openai_sdk_backs_off_on_the_429_and_succeeds(make_sidecar, upstream, marker):
+def test_the_openai_sdk_backs_off_on_the_429_and_succeeds(make_sidecar, upstream, marker,
+                                                          monkeypatch):
     """Real time here (the SDK sleeps for real): at 60 a minute with a burst of one, the second
     call is refused with Retry-After 1 and the SDK's retry a second later goes through."""
-    os.environ.pop("KEYHOLE_TEST_CLOCK", None)
+    monkeypatch.delenv("KEYHOLE_TEST_CLOCK", raising=False)
     sidecar = make_sidecar(limited({"requestsPerMinute": 60, "burst": 1}))
     client = openai.OpenAI(base_url=f"{sidecar.url}/api/v1", api_key="placeholder-not-a-key",
                            max_retries=2)

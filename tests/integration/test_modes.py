@@ -3,7 +3,6 @@ and the streaming they must all do without buffering whole bodies."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import subprocess
@@ -13,6 +12,7 @@ import aiohttp
 import openai
 
 from tests.integration.clients import curl
+from tests.support import aio
 from tests.support.config import API_TOKEN, MAPS_KEY, STRIPE_KEY, WILD_KEY
 from tests.support.raw import exchange, status_of
 
@@ -195,7 +195,7 @@ def test_websocket_upgrade_gets_the_header_injected_and_messages_redacted(sideca
                 echo = await ws.receive_str(timeout=5)
                 return hello, echo, ws.protocol
 
-    hello, echo, protocol = asyncio.run(talk())
+    hello, echo, protocol = aio.run(talk())
     assert protocol == "chat"
     assert upstream.one(marker).header("Authorization") == [f"Bearer {API_TOKEN}"]
     assert API_TOKEN not in hello and "[REDACTED]" in hello

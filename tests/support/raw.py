@@ -50,12 +50,16 @@ def open_tunnel(port: int, authority: str, ca_file: str, server_hostname: str | 
                 timeout: float = 5.0) -> ssl.SSLSocket:
     """CONNECT through the proxy and start TLS, trusting ``ca_file``."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    head = read_response_head(sock, timeout)
-    assert status_of(head) == 200, head
-    context = ssl.create_default_context(cafile=ca_file)
-    hostname = server_hostname or authority.rsplit(":", 1)[0]
-    return context.wrap_socket(sock, server_hostname=hostname)
+    try:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        head = read_response_head(sock, timeout)
+        assert status_of(head) == 200, head
+        context = ssl.create_default_context(cafile=ca_file)
+        hostname = server_hostname or authority.rsplit(":", 1)[0]
+        return context.wrap_socket(sock, server_hostname=hostname)
+    except BaseException:
+        sock.close()  # a refused CONNECT or a failed handshake must not leave the socket to the GC
+        raise
 
 
 def wait_closed(sock: socket.socket, timeout: float) -> float:

@@ -108,7 +108,8 @@ class Sidecar:
                                         timeout=5) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+            with exc:  # closes the connection it holds
+                return exc.code, exc.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample on /metrics (0 when absent)."""

@@ -16,6 +16,8 @@ class BlockingTLSServer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections = 0
+        self._active = 0
+        self._idle = threading.Condition()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def accepted(self) -> tuple:
@@ -32,8 +34,26 @@ class BlockingTLSServer:
             except OSError:
                 return
             self.connections += 1
-            threading.Thread(target=self.serve, args=(raw, *self.accepted()),
+            with self._idle:
+                self._active += 1
+            threading.Thread(target=self._serve, args=(raw, *self.accepted()),
                              daemon=True).start()
+
+    def _serve(self, raw: socket.socket, *args) -> None:
+        try:
+            self.serve(raw, *args)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> None:
+        """Wait until every accepted connection has been served to its end (what ``serve``
+        records is then complete)."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._active == 0, timeout):
+                raise AssertionError(f"{self._active} upstream connection(s) still open "
+                                     f"after {timeout}s")
 
     def close(self) -> None:
         self.listener.close()

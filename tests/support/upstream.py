@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import socket
+import time
 import zlib
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -52,6 +53,16 @@ class Upstream:
 
     def find(self, marker: str) -> list[Received]:
         return [r for r in self.received if marker in r.path]
+
+    def wait_for(self, marker: str, count: int = 1, timeout: float = 30.0) -> list[Received]:
+        """Wait until ``count`` requests with ``marker`` have arrived (a client in another
+        thread or process sent them), and return them."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.find(marker)) < count:
+            assert time.monotonic() < deadline, (
+                f"expected {count} request(s) with {marker!r} within {timeout}s, saw {len(found)}")
+            time.sleep(0.02)
+        return found
 
     def one(self, marker: str) -> Received:
         found = self.find(marker)
