@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "and Pod CIDRs (repeatable)")
     p.add_argument("--no-proxy", action="append", default=[], metavar="HOST",
                    help="extra NO_PROXY entry for agents, e.g. the API server address (repeatable)")
+    p.add_argument("--allow-host-path", action="append", default=[], metavar="PATH",
+                   help="a node folder agents of injected pods may mount read-only (repeatable; "
+                        "none by default, never one holding the kubelet's or runtime's files)")
+    p.add_argument("--protected-secrets-configmap", default="", metavar="NAMESPACE/NAME",
+                   help="the ConfigMap the chart's policy reads: which Secrets of each namespace "
+                        "no pod but the sidecar may mount (kept current by the operator)")
     p.add_argument("--operator-service-account", default=Settings.operator_service_account,
                    metavar="USER", help="the user allowed to change keyhole.dev/ pod annotations")
     p.add_argument("--sidecar-cpu-request", default=SidecarResources.cpu_request)
@@ -132,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"keyhole-operator: {exc}", file=sys.stderr)
             return 2
+    from keyhole_operator.guard import check_allowed_host_paths
+
+    try:
+        check_allowed_host_paths(args.allow_host_path)
+    except ValueError as exc:
+        print(f"keyhole-operator: --allow-host-path: {exc}", file=sys.stderr)
+        return 2
+    if args.protected_secrets_configmap and "/" not in args.protected_secrets_configmap:
+        print("keyhole-operator: --protected-secrets-configmap takes NAMESPACE/NAME, e.g. "
+              "keyhole-system/keyhole-protected-secrets", file=sys.stderr)
+        return 2
     no_proxy = list(args.no_proxy)
     api_server = os.environ.get("KUBERNETES_SERVICE_HOST")  # in a pod: agents reach it directly
     if api_server and api_server not in no_proxy:
@@ -146,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                                    cpu_limit=args.sidecar_cpu_limit),
         upstream_ca=upstream_ca, ca_promote_after=args.ca_promote_after,
         capture=args.capture, capture_exempt_cidrs=tuple(args.capture_exempt_cidr),
+        allowed_host_paths=tuple(args.allow_host_path),
+        protected_secrets_configmap=args.protected_secrets_configmap,
     )
     if args.reload:
         _restart_on_change()

@@ -7,8 +7,11 @@ writes the result back. Importing this module registers them with kopf.
   namespace's SecretInjections from the API server for each review instead of reading the
   index: every replica serves the webhook, but only the active one watches (kopf pauses the
   watch streams of the others), so their indexes would be stale.
-- validating webhooks ``keyhole-validate-injection`` (SecretInjections) and
-  ``keyhole-protect-annotations`` (pods, UPDATE: only the operator changes keyhole.dev/).
+- validating webhooks ``keyhole-validate-injection`` (SecretInjections), and for pods (the
+  decisions are ``guard``'s): ``keyhole-protect-pod`` (UPDATE: only the operator changes
+  keyhole.dev/ annotations, nobody keyhole's containers and volumes), ``keyhole-protect-debug``
+  (ephemeral containers) and ``keyhole-protect-port-forward``. exec and attach into keyhole's
+  containers are refused by the chart's ValidatingAdmissionPolicy, in the API server.
 - ``reconcile`` (SecretInjection create/update/resume, and every ``--resync-seconds``): the namespace's CA,
   bundle and signing key; live routes on its pods; the injection's status and Events.
 - ``follow_pod`` (pod events): a relabelled pod gains or loses routes within seconds.
@@ -30,10 +33,17 @@ from keyhole_operator.annotations import (
     SIGNING_KEY_SECRET,
     is_keyhole_key,
 )
+from keyhole_operator.guard import (
+    ephemeral_refusal,
+    forged_refusal,
+    managed_secrets,
+    port_forward_refusal,
+    update_refusal,
+)
 from keyhole_operator.kube import Cluster
+from keyhole_operator.layout import SIGNING_KEY_FILE
 from keyhole_operator.live import injected, plan_pod
 from keyhole_operator.mutation import Refused, mutate
-from keyhole_operator.mutation.layout import SIGNING_KEY_FILE
 from keyhole_operator.mutation.sidecar_container import wants_transparent
 from keyhole_operator.privileges import BYPASSES, access_review, service_account_user
 from keyhole_operator.routes import Injection, namespace_key
@@ -57,6 +67,8 @@ class Runtime:
     cluster: Cluster | None = field(default=None)
     bundles_written: dict[str, bytes] = field(default_factory=dict)
     """Namespace → the CA certificate whose bundle was last written, to skip re-reading it."""
+    managed_published: dict[str, str] = field(default_factory=dict)
+    """Namespace → the managed Secrets last published for the policy, to skip re-writing."""
 
     def key(self, namespace: str) -> bytes:
         return namespace_key(self.master_key, namespace)
@@ -134,14 +146,21 @@ def _injections(index: kopf.Index, namespace: str, *, without: str | None = None
 # where reconciliation's blocking API calls would make the API server wait for our answer.
 # These are pure and take milliseconds, so they run on the event loop directly.
 
-async def _ask(what: str, call, *args):
+async def _ask(webhook: str, what: str, call, *args):
     """One API read for a review; fail closed: without it, refuse (retryably) to decide."""
     try:
         return await asyncio.to_thread(call, *args)
     except Exception as exc:
-        metrics.admissions.labels("keyhole-inject", "unavailable").inc()
+        metrics.admissions.labels(webhook, "unavailable").inc()
         raise kopf.AdmissionError(f"keyhole cannot read {what} ({_reason(exc)}); retry in a "
                                   "few seconds", code=503) from None
+
+
+def _deny(webhook: str, problem: str | None, code: int = 403) -> None:
+    """Refuse with ``problem`` (counted), or let the request through."""
+    if problem:
+        metrics.admissions.labels(webhook, "denied").inc()
+        raise kopf.AdmissionError(problem, code=code)
 
 
 @kopf.on.mutate("v1", "pods", operations=["CREATE"], id="keyhole-inject", side_effects=False)
@@ -149,18 +168,21 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
     runtime = _runtime(memo)
     pod = _plain(body)
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
-    listed = await _ask(f"the SecretInjections of namespace {namespace}",
+    listed = await _ask("keyhole-inject", f"the SecretInjections of namespace {namespace}",
                         runtime.cluster.list_namespace_injections, namespace)
-    chosen = injections_for_pod(valid_injections(listed), pod)
+    injections = valid_injections(listed)
+    chosen = injections_for_pod(injections, pod)
     if not chosen:
+        _deny("keyhole-inject", forged_refusal(pod))
         metrics.admissions.labels("keyhole-inject", "skipped").inc()
         return
     level = None
     if wants_transparent(chosen, runtime.settings):  # keyhole-init needs NET_ADMIN and NET_RAW
-        level = await _ask(f"the Pod Security level of namespace {namespace}",
+        level = await _ask("keyhole-inject", f"the Pod Security level of namespace {namespace}",
                            runtime.cluster.pod_security_level, namespace)
     try:
-        result = mutate(pod, chosen, runtime.settings, runtime.key(namespace), level)
+        result = mutate(pod, chosen, runtime.settings, runtime.key(namespace), level,
+                        managed_secrets(injections))
     except Refused as refusal:
         metrics.admissions.labels("keyhole-inject", "refused").inc()
         raise kopf.AdmissionError(str(refusal), code=403) from None
@@ -199,23 +221,45 @@ def _selects_by_tag(selector: dict | None) -> bool:
     return any(is_keyhole_key(k) for k in keys)
 
 
-@kopf.on.validate("v1", "pods", operations=["UPDATE"], id="keyhole-protect-annotations",
+@kopf.on.validate("v1", "pods", operations=["UPDATE"], id="keyhole-protect-pod",
                   side_effects=False)
-async def protect_annotations(old: kopf.Body, new: kopf.Body, userinfo: dict, memo,
-                              **_) -> None:
-    before = {k: v for k, v in ((old or {}).get("metadata", {}).get("annotations") or {}).items()
+async def protect_pod(old: kopf.Body, new: kopf.Body, userinfo: dict, memo, **_) -> None:
+    """Only the operator changes keyhole.dev/ annotations; nobody changes keyhole's containers
+    or volumes of an injected pod."""
+    old, new = _plain(old or {}), _plain(new or {})
+    before = {k: v for k, v in ((old.get("metadata") or {}).get("annotations") or {}).items()
               if is_keyhole_key(k)}
-    after = {k: v for k, v in ((new or {}).get("metadata", {}).get("annotations") or {}).items()
+    after = {k: v for k, v in ((new.get("metadata") or {}).get("annotations") or {}).items()
              if is_keyhole_key(k)}
-    if before == after:
-        return
     user = (userinfo or {}).get("username")
-    if user != _runtime(memo).settings.operator_service_account:
-        metrics.admissions.labels("keyhole-protect-annotations", "denied").inc()
+    if before != after and user != _runtime(memo).settings.operator_service_account:
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        raise kopf.AdmissionError(
-            f"only the keyhole operator may change {', '.join(changed)} on a pod (you are "
-            f"{user}); to grant or revoke access, change the pod's labels instead", code=403)
+        _deny("keyhole-protect-pod",
+              f"only the keyhole operator may change {', '.join(changed)} on a pod (you are "
+              f"{user}); to grant or revoke access, change the pod's labels instead")
+    _deny("keyhole-protect-pod", update_refusal(old, new))
+
+
+@kopf.on.validate("v1", "pods", operations=["UPDATE"], subresource="ephemeralcontainers",
+                  id="keyhole-protect-debug", side_effects=False)
+async def protect_from_debug(old: kopf.Body, new: kopf.Body, memo, **_) -> None:
+    """kubectl debug on an injected pod: never into the sidecar, never above the ceiling."""
+    _deny("keyhole-protect-debug",
+          ephemeral_refusal(_plain(old or {}), _plain(new or {}), _runtime(memo).settings))
+
+
+@kopf.on.validate("v1", "pods", operations=["CONNECT"], subresource="portforward",
+                  id="keyhole-protect-port-forward", side_effects=False)
+async def protect_port_forward(body: kopf.Body, memo, **_) -> None:
+    """kubectl port-forward to the proxy ports of an injected pod. The webhook server puts the
+    pod's name and namespace into the options' metadata (a CONNECT review names no pod)."""
+    runtime = _runtime(memo)
+    options = _plain(body)
+    meta = options.get("metadata") or {}
+    pod = await _ask("keyhole-protect-port-forward",
+                     f"pod {meta.get('namespace')}/{meta.get('name')}",
+                     runtime.cluster.read_pod, meta.get("namespace"), meta.get("name"))
+    _deny("keyhole-protect-port-forward", port_forward_refusal(options, pod, runtime.settings))
 
 
 def _plain(body) -> dict:
@@ -254,6 +298,21 @@ def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list
                            component="signing-key")
         changed.append("signing key written")
     return changed
+
+
+def publish_managed_secrets(cluster: Cluster, runtime: Runtime, namespace: str,
+                            injections: list[Injection]) -> None:
+    """Tell the API server's policy which Secrets of ``namespace`` no pod but the sidecar may
+    read (one key of the ConfigMap it takes as its parameter)."""
+    target = runtime.settings.protected_secrets_configmap
+    if not target:
+        return
+    names = ",".join(managed_secrets(injections))
+    if runtime.managed_published.get(namespace) == names:
+        return
+    config_namespace, config_name = target.split("/", 1)
+    cluster.set_config_map_key(config_namespace, config_name, namespace, names or None)
+    runtime.managed_published[namespace] = names
 
 
 def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dict],
@@ -321,6 +380,7 @@ def _reconcile(body, namespace: str, name: str, meta, status, patch: kopf.Patch,
         kopf.event(body, type="Normal", reason="NamespaceTrust", message=change)
     others = [i for i in _injections(injection_index, namespace) if i.name != name]
     injections = [*others, injection]
+    publish_managed_secrets(cluster, runtime, namespace, injections)
     pods = cluster.list_pods(namespace)
     sync_pods(cluster, runtime, namespace, pods, injections)
 
@@ -359,6 +419,7 @@ def revoke_on_delete(type: str, namespace: str, name: str, injection_index: kopf
         return
     runtime = _runtime(memo)
     remaining = _injections(injection_index, namespace, without=name)
+    publish_managed_secrets(runtime.cluster, runtime, namespace, remaining)
     sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace), remaining)
 
 

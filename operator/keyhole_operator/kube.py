@@ -72,6 +72,19 @@ class Cluster:
             raise
         return json.loads(found.data)
 
+    def set_config_map_key(self, namespace: str, name: str, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) one key of a ConfigMap, creating it when missing."""
+        try:
+            self.core.patch_namespaced_config_map(name, namespace, {"data": {key: value}})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": name, "namespace": namespace,
+                                 "labels": _labels("protected-secrets")},
+                    "data": {} if value is None else {key: value}}
+            self.core.create_namespaced_config_map(namespace, body)
+
     @staticmethod
     def _put(create, replace, namespace: str, name: str, body: dict) -> None:
         try:
@@ -125,6 +138,15 @@ class Cluster:
     def list_pods(self, namespace: str) -> list[dict]:
         response = self.core.list_namespaced_pod(namespace, _preload_content=False)
         return json.loads(response.data)["items"]
+
+    def read_pod(self, namespace: str, name: str) -> dict | None:
+        try:
+            response = self.core.read_namespaced_pod(name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return json.loads(response.data)
 
     def annotate_pod(self, namespace: str, name: str, changes: dict[str, str | None]) -> None:
         self.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": changes}})

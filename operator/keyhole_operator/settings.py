@@ -55,6 +55,13 @@ class Settings:
     ca_promote_after: float = 600.0
     """Seconds a namespace's next CA is in agents' bundles before sidecars sign with it: longer
     than the kubelets take to deliver a ConfigMap update (their sync period, 1 min by default)."""
+    allowed_host_paths: tuple[str, ...] = ()
+    """Node folders agents of injected pods may mount read-only (hostPath). None by default:
+    a hostPath could reach the node's copies of every pod's Secrets. A prefix that contains or
+    lies inside the kubelet's or a container runtime's folders is refused at start."""
+    protected_secrets_configmap: str = ""
+    """``NAMESPACE/NAME`` of the ConfigMap the chart's ValidatingAdmissionPolicy takes as its
+    parameter: one key per namespace, the Secrets its injections use (empty: not published)."""
     upstream_ca: str = ""
     """PEM certificates sidecars trust for upstream TLS besides the public roots (an internal
     CA for private APIs). Public material: it travels in each namespace's trust ConfigMap."""

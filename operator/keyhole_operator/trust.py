@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.utils import CryptographyDeprecationWarning
 
-from keyhole_operator.mutation import layout
+from keyhole_operator import layout
 from sidecar.certs import CertificateAuthority
 
 CA_VALIDITY = dt.timedelta(days=365)

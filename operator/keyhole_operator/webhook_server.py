@@ -1,7 +1,10 @@
 """kopf's webhook server, with the AdmissionReview's shape checked first.
 
 kopf answers a malformed review with a 500 from deep inside its resource lookup; this server
-answers 400 naming what is missing, before kopf sees the body.
+answers 400 naming what is missing, before kopf sees the body. For ``CONNECT`` reviews
+(``kubectl exec``, ``attach``, ``port-forward``) the object is the connect options, which name
+no pod: the review's name and namespace are put into the options' metadata, so the handler
+sees which pod is meant.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ def review_problem(body: object) -> str | None:
     return None
 
 
+def with_connect_target(body: dict) -> dict:
+    """A CONNECT review's options, given the pod's name and namespace as their metadata."""
+    request = body["request"]
+    if request.get("operation") == "CONNECT" and isinstance(request.get("object"), dict):
+        request["object"]["metadata"] = {"name": request.get("name"),
+                                         "namespace": request.get("namespace")}
+    return body
+
+
 class ReviewCheckingWebhookServer(kopf.WebhookServer):
     @staticmethod
     async def _serve(fn, request: aiohttp.web.Request) -> aiohttp.web.Response:
@@ -44,4 +56,13 @@ class ReviewCheckingWebhookServer(kopf.WebhookServer):
         if problem:
             return aiohttp.web.json_response(
                 {"error": f"not an AdmissionReview: {problem}"}, status=400)
-        return await kopf.WebhookServer._serve(fn, request)
+        # kopf's WebhookFn protocol, as its own server calls it.
+        transport = request.transport
+        try:
+            answer = await fn(with_connect_target(body), webhook=request.match_info.get("id"),
+                              headers=dict(request.headers),
+                              sslpeer=transport.get_extra_info("peercert") if transport else None)
+        except Exception as exc:  # kopf's errors about the review itself (none are exported)
+            return aiohttp.web.json_response(
+                {"error": f"cannot review this request: {type(exc).__name__}"}, status=400)
+        return aiohttp.web.json_response(answer)

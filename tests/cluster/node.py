@@ -436,6 +436,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 return int(fields[1])
         raise AssertionError(f"containerd runs no task {container_id}")
 
+    def run_as_container(self, container_id: str, *command: str) -> subprocess.CompletedProcess:
+        """Run ``command`` from the node inside a container's mount namespace with exactly the
+        credentials (UID, GID, supplementary groups) of the container's own process: what that
+        process could do, observed without kubectl exec (which keyhole refuses for its sidecar).
+        ``command`` runs as root first; ``KEYHOLE_AS`` tells it whom to become."""
+        pid = self.container_pid(container_id)
+        status = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        identity = {"uid": int(status["Uid"].split()[0]), "gid": int(status["Gid"].split()[0]),
+                    "groups": [int(g) for g in status["Groups"].split()]}
+        return subprocess.run(["nsenter", "--target", str(pid), "--mount", "--", *command],
+                              capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/local/bin:/usr/bin:/bin",
+                                   "KEYHOLE_AS": json.dumps(identity)})
+
     def cgroup_memory(self, pod_uid: str, container_id: str) -> int:
         """A container's memory as the node accounts it (cgroup v1 ``memory.usage_in_bytes``
         less the page cache it could drop, as ``kubectl top`` reports working set)."""

@@ -49,9 +49,11 @@ def namespace_injections() -> list[Injection]:
 
 def admit(pod: dict, settings: Settings) -> dict:
     """What the webhook does, minus the AdmissionReview envelope."""
-    chosen = injections_for_pod(namespace_injections(), pod)
+    injections = namespace_injections()
+    chosen = injections_for_pod(injections, pod)
+    managed = [ref.name for i in injections for ref in i.spec.secret_refs()]
     try:
-        result = mutate(pod, chosen, settings, KEY)
+        result = mutate(pod, chosen, settings, KEY, managed_secrets=managed)
     except Refused as refusal:
         return {"refused": str(refusal)}
     return {"pod": result.pod, "warnings": list(result.warnings)}

@@ -3,7 +3,7 @@ import subprocess
 
 from cryptography import x509
 
-from keyhole_operator.mutation import layout
+from keyhole_operator import layout
 from keyhole_operator.trust import (
     NEXT_CERT,
     NEXT_KEY,

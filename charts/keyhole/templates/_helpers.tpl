@@ -10,6 +10,7 @@
 {{- define "keyhole.operator" -}}{{ include "keyhole.fullname" . }}-operator{{- end }}
 {{- define "keyhole.webhookService" -}}{{ include "keyhole.fullname" . }}-webhook{{- end }}
 {{- define "keyhole.webhookSecret" -}}{{ include "keyhole.fullname" . }}-webhook-tls{{- end }}
+{{- define "keyhole.protectedSecrets" -}}{{ include "keyhole.fullname" . }}-protected-secrets{{- end }}
 {{- define "keyhole.masterKeySecret" -}}{{ include "keyhole.fullname" . }}-master-key{{- end }}
 
 {{- define "keyhole.labels" -}}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from keyhole_operator.mutation import layout
+from keyhole_operator import layout
 from keyhole_operator.settings import Settings
 
 ALWAYS_NO_PROXY = ("localhost", "127.0.0.1", "::1", ".svc", ".cluster.local")

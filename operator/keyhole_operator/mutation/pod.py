@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from keyhole_operator import layout
 from keyhole_operator.annotations import (
-    CA_SECRET,
     CAPTURE_CONTAINER,
     INJECTIONS,
     POD_SECURITY_LABEL,
     SIDECAR_CONTAINER,
-    SIGNING_KEY_SECRET,
     STATUS,
 )
-from keyhole_operator.mutation import layout
+from keyhole_operator.guard import Protected, agent_containers, pod_refusal
 from keyhole_operator.mutation.env import PLACEHOLDER_VALUE, plan_env
 from keyhole_operator.mutation.sidecar_container import (
     capture_container,
@@ -44,55 +44,9 @@ class Mutation:
     warnings: tuple[str, ...] = ()
 
 
-def _refusal(pod: dict, injections: list[Injection], settings: Settings) -> str | None:
-    spec = pod.get("spec") or {}
+def _fix(injections: list[Injection]) -> str:
     names = ", ".join(i.name for i in injections)
-    fix = f"or remove the labels that select it for keyhole injection ({names})"
-    if spec.get("hostNetwork"):
-        return ("keyhole will not inject a pod with hostNetwork: true: the proxy port "
-                f"127.0.0.1:{settings.proxy_port} would be reachable by every process on the "
-                f"node. Remove hostNetwork, {fix}.")
-    if spec.get("shareProcessNamespace"):
-        return ("keyhole will not inject a pod with shareProcessNamespace: true: the agent could "
-                "read the sidecar's memory and its mounted secrets through /proc. Remove "
-                f"shareProcessNamespace, {fix}.")
-    guarded = _secret_volumes(spec, {CA_SECRET, SIGNING_KEY_SECRET})
-    ours = {settings.proxy_port, settings.admin_port}
-    for container in _agent_containers(spec, ephemeral=True):
-        for mount in container.get("volumeMounts") or []:
-            if mount.get("name") in guarded:
-                return (f"container {container.get('name')!r} mounts keyhole's own Secret "
-                        f"{guarded[mount['name']]!r}: with it an agent could sign its own routes "
-                        "or impersonate any host. Remove that volume; only the keyhole sidecar "
-                        "mounts it.")
-        for port in container.get("ports") or []:
-            if port.get("containerPort") in ours:
-                return (f"container {container.get('name')!r} uses port "
-                        f"{port.get('containerPort')}, which the keyhole sidecar needs (proxy "
-                        f"{settings.proxy_port}, admin {settings.admin_port}). Change the port, "
-                        f"{fix}.")
-    return None
-
-
-def _agent_containers(spec: dict, *, ephemeral: bool = False) -> list[dict]:
-    """Every container but the keyhole sidecar: init and regular ones (and ephemeral ones
-    when asked; injection leaves those alone, refusals look at them too)."""
-    fields = ("initContainers", "containers") + (("ephemeralContainers",) if ephemeral else ())
-    return [c for field in fields for c in spec.get(field) or []
-            if c.get("name") not in (SIDECAR_CONTAINER, CAPTURE_CONTAINER)]
-
-
-def _secret_volumes(spec: dict, secrets: set[str] | None = None) -> dict[str, str]:
-    """Volume name → the Secret it exposes (plain or projected), limited to ``secrets``."""
-    found: dict[str, str] = {}
-    for volume in spec.get("volumes") or []:
-        sources = [volume.get("secret", {}).get("secretName")]
-        sources += [s.get("secret", {}).get("name")
-                    for s in (volume.get("projected") or {}).get("sources") or []]
-        for secret in sources:
-            if secret is not None and (secrets is None or secret in secrets):
-                found.setdefault(volume.get("name"), secret)
-    return found
+    return f"or remove the labels that select it for keyhole injection ({names})"
 
 
 def _agent_env(injections: list[Injection], settings: Settings
@@ -146,23 +100,6 @@ def _previous_status(pod: dict) -> dict:
     return status if isinstance(status, dict) else {}
 
 
-def _secret_mount_warnings(spec: dict, injections: list[Injection]) -> list[str]:
-    """A non-sidecar container that mounts or reads a Secret an injection uses holds the key."""
-    used = set(secret_keys(injections))
-    secret_volumes = _secret_volumes(spec)
-    warnings = []
-    for container in _agent_containers(spec):
-        exposed = {secret_volumes.get(m.get("name")) for m in container.get("volumeMounts") or []}
-        exposed |= {(e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name")
-                    for e in container.get("env") or []}
-        exposed |= {(e.get("secretRef") or {}).get("name") for e in container.get("envFrom") or []}
-        for secret in sorted((exposed & used) - {None}):
-            warnings.append(f"container {container.get('name')!r} can read Secret {secret!r}, "
-                            "which keyhole injects: the agent holds the key anyway; remove that "
-                            "mount or variable")
-    return warnings
-
-
 def _no_proxy_warnings(injections: list[Injection]) -> list[str]:
     warnings = []
     for injection in injections:
@@ -176,20 +113,21 @@ def _no_proxy_warnings(injections: list[Injection]) -> list[str]:
 
 
 def mutate(pod: dict, injections: list[Injection], settings: Settings, key: bytes,
-           pod_security: str | None = None) -> Mutation:
+           pod_security: str | None = None, managed_secrets: Iterable[str] = ()) -> Mutation:
     """The pod with the keyhole sidecar and agent configuration for ``injections``.
 
     ``injections`` are those whose podSelector matches the pod; ``key`` is the namespace's
     routes signing key; ``pod_security`` the Pod Security level its namespace enforces (only
-    read for transparent capture). Raises :class:`Refused` for pods that must not run with the
-    sidecar. Pure and idempotent: ``mutate(mutate(p).pod) == mutate(p)``.
+    read for transparent capture); ``managed_secrets`` the Secrets every injection of the
+    namespace uses (no agent may read those either). Raises :class:`Refused` for pods that
+    must not run with the sidecar. Pure and idempotent: ``mutate(mutate(p).pod) == mutate(p)``.
     """
     if not injections:
         return Mutation(pod)
     injections = sorted(injections, key=lambda i: i.name)
     transparent = wants_transparent(injections, settings)
-    problem = _refusal(pod, injections, settings)
-    if not problem and transparent and pod_security in ("baseline", "restricted"):
+    problem = None
+    if transparent and pod_security in ("baseline", "restricted"):
         namespace = (pod.get("metadata") or {}).get("namespace") or ""
         asking = [i.name for i in injections if (i.spec.capture or settings.capture) == "transparent"]
         problem = (f"transparent capture needs NET_ADMIN and NET_RAW in keyhole's init "
@@ -225,14 +163,20 @@ def mutate(pod: dict, injections: list[Injection], settings: Settings, key: byte
     agent_env, env_warnings = _agent_env(injections, settings)
     warnings += env_warnings
     trust_mount = {"name": layout.TRUST_VOLUME, "mountPath": layout.TRUST_DIR, "readOnly": True}
-    for container in _agent_containers(spec):
+    for container in agent_containers(spec):
         plan = plan_env(container, settings, agent_env)
         container["env"] = plan.env
         warnings += plan.warnings
         mounts = container.setdefault("volumeMounts", [])
         if not any(m.get("name") == layout.TRUST_VOLUME for m in mounts):
             mounts.append(dict(trust_mount))
-    warnings += _secret_mount_warnings(spec, injections)  # after env: replaced keys are gone
+    # Judged on the pod as it will run: keyhole's volumes are there now (an agent that names
+    # one in a mount is caught in this one call), and variables the agentEnv replaced are gone.
+    protected = Protected.of([*secret_keys(injections), *managed_secrets],
+                             [v["name"] for v in volumes])
+    problem = pod_refusal(spec, protected, settings, _fix(injections))
+    if problem:
+        raise Refused(problem)
 
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
     annotations = pod.setdefault("metadata", {}).setdefault("annotations", {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from keyhole_operator import layout
 from keyhole_operator.annotations import (
     CA_SECRET,
     CAPTURE_CONTAINER,
@@ -9,7 +10,6 @@ from keyhole_operator.annotations import (
     SIDECAR_CONTAINER,
     SIGNING_KEY_SECRET,
 )
-from keyhole_operator.mutation import layout
 from keyhole_operator.routes import Injection
 from keyhole_operator.settings import Settings
 
