@@ -51,6 +51,7 @@ from keyhole_operator.selectors import injections_for_pod
 from keyhole_operator.settings import Settings
 from keyhole_operator.status import injection_status
 from keyhole_operator.trust import NEXT_CERT, PREVIOUS_KEY, bundle_data, plan_ca
+from sidecar.spec.hosts import host_risk
 
 log = logging.getLogger("keyhole.operator")
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
@@ -206,6 +207,7 @@ async def validate_injection(body: kopf.Body, warnings: list[str], **_) -> None:
         metrics.admissions.labels("keyhole-validate-injection", "denied").inc()
         raise kopf.AdmissionError(f"keyhole refuses this SecretInjection: {exc}", code=422) from None
     metrics.admissions.labels("keyhole-validate-injection", "allowed").inc()
+    warnings.extend(filter(None, (host_risk(host) for host in injection.spec.hosts)))
     if not _selects_by_tag(injection.spec.pod_selector):
         warnings.append(
             "podSelector uses no keyhole.dev/ label: the webhook is only called for pods with a "
@@ -341,17 +343,18 @@ def _secret_problems(cluster: Cluster, namespace: str, injection: Injection) -> 
 
 
 def _over_privileged(cluster: Cluster, namespace: str, pods: list[dict]) -> dict[str, list[str]]:
-    verdicts: dict[str, list[str]] = {}
-    cache: dict[str | None, list[str]] = {}
+    """"ServiceAccount X (pods a, b)" → each way around keyhole it holds, with its reason."""
+    by_account: dict[str, list[str]] = {}
     for pod in pods:
-        account = (pod.get("spec") or {}).get("serviceAccountName")
-        if account not in cache:
-            user, groups = service_account_user(namespace, account)
-            cache[account] = [what for verb, resource, sub, what in BYPASSES
-                              if cluster.allowed(access_review(namespace, user, groups, verb,
-                                                               resource, sub))]
-        if cache[account]:
-            verdicts[pod["metadata"]["name"]] = cache[account]
+        account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        by_account.setdefault(account, []).append(pod["metadata"]["name"])
+    verdicts: dict[str, list[str]] = {}
+    for account, names in sorted(by_account.items()):
+        user, groups = service_account_user(namespace, account)
+        held = [bypass.describe() for bypass in BYPASSES
+                if cluster.allowed(access_review(namespace, user, groups, bypass))]
+        if held:
+            verdicts[f"ServiceAccount {account} (pods {', '.join(sorted(names))})"] = held
     return verdicts
 
 

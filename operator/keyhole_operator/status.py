@@ -21,6 +21,7 @@ def condition(kind: str, ok: bool, reason: str, message: str, generation: int | 
 
 def injection_status(*, generation: int | None, matched: int, restart_required: int,
                      secret_problems: list[str], over_privileged: dict[str, list[str]],
+                     # who ("ServiceAccount x (pods a, b)") → the ways around keyhole it holds
                      previous: list[dict] | None) -> dict:
     """The whole ``status`` of one SecretInjection."""
     resolved = not secret_problems
@@ -34,15 +35,17 @@ def injection_status(*, generation: int | None, matched: int, restart_required: 
                   generation, previous),
     ]
     if over_privileged:
-        detail = "; ".join(f"{pod}: {', '.join(verbs)}"
-                           for pod, verbs in sorted(over_privileged.items()))
+        detail = "; ".join(f"{who}: {', '.join(ways)}"
+                           for who, ways in sorted(over_privileged.items()))
         conditions.append(condition(
             "AgentsOverPrivileged", True, "CanBypassKeyhole",
-            f"these pods' ServiceAccounts can go around keyhole: {detail}. Remove those "
+            f"these agents' ServiceAccounts can go around keyhole: {detail}. Remove those "
             "permissions from the agents' ServiceAccounts.", generation, previous))
     else:
         conditions.append(condition("AgentsOverPrivileged", False, "LeastPrivilege",
-                                    "no selected pod can read Secrets, create, exec into or "
-                                    "patch pods in this namespace", generation, previous))
+                                    "no selected pod's ServiceAccount can read Secrets, create "
+                                    "pods or workloads, exec, attach, port-forward, debug, "
+                                    "mint tokens or bind roles in this namespace",
+                                    generation, previous))
     return {"observedGeneration": generation, "matchedPods": matched,
             "restartRequired": restart_required, "conditions": conditions}

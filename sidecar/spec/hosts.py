@@ -6,6 +6,7 @@ through :func:`HostPattern.matches`, and the security of the product rests on it
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -60,6 +61,39 @@ def split_authority(authority: str) -> tuple[str, int | None]:
     return host, int(port_text)
 
 
+@functools.cache
+def _public_suffix_list():
+    # Loaded on first use (a few MB), not at import: most specs have no wildcard.
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList()
+
+
+def is_public_suffix(name: str) -> bool:
+    """Whether anyone may register names directly under ``name`` (the Public Suffix List,
+    ICANN and private sections: ``co.uk``, ``github.io``, ``s3.amazonaws.com``)."""
+    return bool(_public_suffix_list().is_public(name))
+
+
+CLUSTER_SUFFIXES = (".svc", ".cluster.local", ".local")
+METADATA_NAMES = ("metadata.google.internal", "metadata", "instance-data",
+                  "instance-data.ec2.internal", "metadata.azure.internal")
+
+
+def host_risk(pattern: HostPattern) -> str | None:
+    """A warning for a host entry that parses but is probably a mistake, or None."""
+    name = pattern.name
+    if name in METADATA_NAMES:
+        return (f"{pattern} is a cloud metadata service: it hands out the node's own "
+                "credentials, and a key sent there is sent to whoever answers on the node's "
+                "link-local address; a key for it is almost certainly a mistake")
+    if name.endswith(CLUSTER_SUFFIXES) or name.endswith(".internal"):
+        return (f"{pattern} is a cluster-internal name: whoever can run a Service or pod under "
+                "that name receives the key, and clients skip the proxy for it (NO_PROXY holds "
+                ".svc and .cluster.local); prefer the API's public name, or base-URL mode")
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class HostPattern:
     """One entry of ``spec.hosts``: an exact name or ``*.suffix``, with an optional port.
@@ -95,6 +129,12 @@ class HostPattern:
             )
         if wildcard and len(labels) < 2:
             raise ValueError(f"{text!r} is too broad: a wildcard needs at least two labels after '*.'")
+        if wildcard and is_public_suffix(name):
+            raise ValueError(
+                f"{text!r} is too broad: {name!r} is a public suffix (anyone can register a name "
+                "under it), so the key would go to every site there; name the domain you mean, "
+                f"e.g. '*.example.{name}'"
+            )
         if labels[-1].isdigit():
             raise ValueError(f"{text!r} ends in a numeric label and cannot be a host name")
         return cls(name=name, wildcard=wildcard, port=port)

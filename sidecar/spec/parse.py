@@ -382,7 +382,7 @@ def _github_app(c: _Collector, value: Any) -> GitHubApp | None:
     elif "installationID" in entry:
         raw = entry["installationID"]
         installation = c.string(str(raw) if isinstance(raw, int) else raw,
-                                f"{path}.installationID", _GITHUB_ID, "a number")
+                                f"{path}.installationID", _GITHUB_ID, "an installation ID is a number")
     else:
         repository = c.string(entry["repository"], f"{path}.repository", _GITHUB_REPOSITORY,
                               "owner/name, e.g. acme/widgets")

@@ -301,3 +301,30 @@ def test_the_policies_hold_with_the_operator_stopped_and_other_pods_start(cluste
         refused(cluster.create(pod("tagged-while-down", TAG)), "failed calling webhook")
     finally:
         cluster.start_operator()
+
+
+# -- hosts too broad to be safe, and conflicts found at admission -----------------------------
+
+def test_a_wildcard_over_a_public_suffix_is_refused(cluster):
+    broad = openai_injection("broad", hosts=["*.co.uk"])
+    done = cluster.kube.apply([broad], NS, check=False)
+    refused(done, "'*.co.uk' is too broad: 'co.uk' is a public suffix")
+
+
+def test_cluster_internal_and_metadata_hosts_are_accepted_with_a_warning(cluster):
+    risky = openai_injection("risky", hosts=["metadata.google.internal",
+                                             "llm.models.svc.cluster.local"])
+    done = cluster.kube.apply([risky], NS)
+    assert "Warning: metadata.google.internal is a cloud metadata service" in done.stderr
+    assert "Warning: llm.models.svc.cluster.local is a cluster-internal name" in done.stderr
+    cluster.kube.kubectl("delete", "si", "risky", "-n", NS)
+
+
+def test_a_pod_selected_by_two_injections_setting_one_header_is_refused(cluster):
+    apply_injections(cluster.kube, NS, openai_injection("backup"))  # the same host and header
+    try:
+        both = pod("both", {**TAG, "keyhole.dev/backup": "true"})
+        refused(cluster.create(both), "the injections that select this pod conflict",
+                "only one injection may set a header or parameter for a host")
+    finally:
+        cluster.kube.kubectl("delete", "si", "backup", "-n", NS)

@@ -235,8 +235,8 @@ def test_status_names_a_missing_secret_and_turns_ready_when_it_appears(kube, ope
 
 def test_an_agent_that_could_go_around_keyhole_is_reported(kube, operator, namespace):
     kube.kubectl("create", "serviceaccount", "agent", "-n", namespace)
-    kube.kubectl("create", "role", "too-much", "-n", namespace, "--verb=get,list",
-                 "--resource=secrets")
+    kube.kubectl("create", "role", "too-much", "-n", namespace, "--verb=get,list,create,update",
+                 "--resource=secrets,deployments.apps,pods/ephemeralcontainers")
     kube.kubectl("create", "rolebinding", "too-much", "-n", namespace, "--role=too-much",
                  f"--serviceaccount={namespace}:agent")
     apply_injections(kube, namespace, openai_injection())
@@ -247,7 +247,11 @@ def test_an_agent_that_could_go_around_keyhole_is_reported(kube, operator, names
                  ).get("status") == "True" and conditions(kube, namespace, "openai"),
         what="AgentsOverPrivileged")
     message = flagged["AgentsOverPrivileged"]["message"]
-    assert "risky: read Secrets, list Secrets" in message
+    assert "ServiceAccount agent (pods risky): read Secrets (the key itself" in message
+    assert "list Secrets (every key of the namespace at once)" in message
+    assert "create Deployments (its pods run with whatever mounts" in message
+    assert "add debug containers (run a container inside another agent's pod)" in message
+    assert "exec into pods" not in message  # not granted, not reported
     assert "CanBypassKeyhole" in events(kube, namespace)
 
 

@@ -114,13 +114,32 @@ def test_status_names_problems_and_keeps_transition_times():
     assert again["conditions"] == first["conditions"]
 
 
-def test_status_reports_over_privileged_pods_with_their_verbs():
-    status = injection_status(generation=1, matched=1, restart_required=0, secret_problems=[],
-                              over_privileged={"agent-1": ["read Secrets", "exec into pods"]},
+def test_status_reports_over_privileged_accounts_with_their_ways_around():
+    who = "ServiceAccount agent (pods agent-1, agent-2)"
+    status = injection_status(generation=1, matched=2, restart_required=0, secret_problems=[],
+                              over_privileged={who: ["read Secrets (the key itself)",
+                                                     "exec into pods (run commands)"]},
                               previous=None)
     flagged = {c["type"]: c for c in status["conditions"]}["AgentsOverPrivileged"]
     assert flagged["status"] == "True"
-    assert "agent-1: read Secrets, exec into pods" in flagged["message"]
+    assert (f"{who}: read Secrets (the key itself), exec into pods (run commands)"
+            in flagged["message"])
+
+
+def test_every_way_around_keyhole_is_asked_with_its_reason():
+    from keyhole_operator.privileges import BYPASSES, access_review
+
+    asked = {(b.group, b.verb, b.resource, b.subresource) for b in BYPASSES}
+    assert {("", "get", "secrets", ""), ("", "update", "pods", "ephemeralcontainers"),
+            ("", "create", "pods", "attach"), ("", "create", "pods", "portforward"),
+            ("", "create", "serviceaccounts", "token"), ("apps", "create", "deployments", ""),
+            ("batch", "create", "cronjobs", ""),
+            ("rbac.authorization.k8s.io", "create", "rolebindings", "")} <= asked
+    assert all(b.why and b.what for b in BYPASSES)
+    review = access_review("agents", "system:serviceaccount:agents:a", ["g"], BYPASSES[7])
+    assert review["spec"]["resourceAttributes"] == {
+        "namespace": "agents", "verb": "update", "resource": "pods", "group": "",
+        "subresource": "ephemeralcontainers"}
 
 
 # -- transparent capture ----------------------------------------------------------------------------

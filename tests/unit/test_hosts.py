@@ -1,6 +1,7 @@
 import pytest
 
 from sidecar.spec import HostPattern
+from sidecar.spec.hosts import host_risk
 
 
 @pytest.mark.parametrize(("entry", "host", "port", "plain", "expected"), [
@@ -48,3 +49,30 @@ def test_overlap_is_found_between_an_exact_name_and_a_wildcard_on_the_same_port(
     assert wild.overlaps(exact) and exact.overlaps(wild)
     assert not wild.overlaps(HostPattern.parse("a.example.com:8443"))
     assert not HostPattern.parse("a.example.com").overlaps(HostPattern.parse("b.example.com"))
+
+
+@pytest.mark.parametrize("entry", ["*.co.uk", "*.github.io", "*.s3.amazonaws.com", "*.gov.uk:8443",
+                                   "*.CO.UK."])
+def test_a_wildcard_over_a_public_suffix_is_refused(entry):
+    """Anyone can register a name under a public suffix: the key would go to all of them."""
+    with pytest.raises(ValueError, match=r"is too broad: '[a-z0-9.]+' is a public suffix"):
+        HostPattern.parse(entry)
+
+
+@pytest.mark.parametrize("entry", ["*.example.co.uk", "*.openai.azure.com", "*.api.github.io",
+                                   "github.io"])
+def test_a_wildcard_under_a_registered_domain_is_accepted(entry):
+    HostPattern.parse(entry)
+
+
+@pytest.mark.parametrize(("entry", "risk"), [
+    ("metadata.google.internal", "cloud metadata service"),
+    ("metadata", "cloud metadata service"),
+    ("llm.agents.svc.cluster.local", "cluster-internal name"),
+    ("*.svc.cluster.local", "cluster-internal name"),
+    ("vault.corp.internal", "cluster-internal name"),
+    ("api.openai.com", None),
+])
+def test_risky_hosts_get_a_warning_that_names_the_risk(entry, risk):
+    found = host_risk(HostPattern.parse(entry))
+    assert (found is None) if risk is None else (risk in found and entry.lstrip("*.") in found)

@@ -32,6 +32,7 @@ from keyhole_operator.mutation.sidecar_container import (
 from keyhole_operator.routes import Injection, signed_routes
 from keyhole_operator.settings import Settings
 from sidecar.spec import normalise_hostname
+from sidecar.spec.parse import find_conflicts
 
 
 class Refused(Exception):
@@ -126,8 +127,14 @@ def mutate(pod: dict, injections: list[Injection], settings: Settings, key: byte
         return Mutation(pod)
     injections = sorted(injections, key=lambda i: i.name)
     transparent = wants_transparent(injections, settings)
+    # The sidecar's own rule for injections that would fight over a header (one source).
+    conflicts = find_conflicts([i.spec for i in injections])
     problem = None
-    if transparent and pod_security in ("baseline", "restricted"):
+    if conflicts:
+        problem = (f"the injections that select this pod conflict: {conflicts[0].message} "
+                   "(the sidecar would refuse these routes). Change one injection's hosts or "
+                   f"podSelector, {_fix(injections)}.")
+    elif transparent and pod_security in ("baseline", "restricted"):
         namespace = (pod.get("metadata") or {}).get("namespace") or ""
         asking = [i.name for i in injections if (i.spec.capture or settings.capture) == "transparent"]
         problem = (f"transparent capture needs NET_ADMIN and NET_RAW in keyhole's init "
