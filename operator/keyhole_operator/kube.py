@@ -64,13 +64,7 @@ class Cluster:
                   self.core.replace_namespaced_config_map, namespace, name, body)
 
     def read_config_map(self, namespace: str, name: str) -> dict | None:
-        try:
-            found = self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return json.loads(found.data)
+        return _read_json(self.core.read_namespaced_config_map, namespace, name)
 
     def set_config_map_key(self, namespace: str, name: str, key: str, value: str | None) -> None:
         """Set (or, with None, remove) one key of a ConfigMap, creating it when missing."""
@@ -140,13 +134,7 @@ class Cluster:
         return json.loads(response.data)["items"]
 
     def read_pod(self, namespace: str, name: str) -> dict | None:
-        try:
-            response = self.core.read_namespaced_pod(name, namespace, _preload_content=False)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return json.loads(response.data)
+        return _read_json(self.core.read_namespaced_pod, namespace, name)
 
     def annotate_pod(self, namespace: str, name: str, changes: dict[str, str | None]) -> None:
         self.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": changes}})
@@ -155,6 +143,17 @@ class Cluster:
     def allowed(self, review: dict) -> bool:
         result = self.authz.create_subject_access_review(review)
         return bool(result.status and result.status.allowed)
+
+
+def _read_json(read, namespace: str, name: str) -> dict | None:
+    """One object as plain JSON (not the client's models); None when it does not exist."""
+    try:
+        response = read(name, namespace, _preload_content=False)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return json.loads(response.data)
 
 
 def _labels(component: str) -> dict[str, str]:

@@ -373,6 +373,13 @@ def test_with_every_operator_replica_down_only_tagged_pods_are_refused(release, 
                             agents.namespace, check=False)
         assert tagged.returncode != 0
         assert "inject.keyhole.dev" in tagged.stderr, tagged.stderr
+        # The API server's own policy still keeps the injection's Secret out of every pod.
+        thief = _bare_pod(agents, "untagged-thief", {"app": "other"})
+        thief["spec"]["containers"][0]["volumeMounts"] = [{"name": "k", "mountPath": "/k"}]
+        thief["spec"]["volumes"] = [{"name": "k", "secret": {"secretName": "openai-credentials"}}]
+        stolen = kube.apply([thief], agents.namespace, check=False)
+        assert stolen.returncode != 0
+        assert "reads a Secret that keyhole manages in namespace agents" in stolen.stderr
         kube.kubectl("delete", "pod", "untagged", "-n", agents.namespace, "--wait=false")
     finally:
         kube.kubectl("scale", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE,
