@@ -314,21 +314,27 @@ def ephemeral_refusal(old: dict, new: dict, settings: Settings) -> str | None:
 
 
 def port_forward_refusal(options: dict, pod: dict | None, settings: Settings) -> str | None:
-    """``kubectl port-forward`` to the proxy or transparent port of an injected pod, or to
-    ports it does not name. (exec and attach into keyhole's containers are refused by the
-    chart's policy in the API server itself: that needs no pod.)"""
+    """``kubectl port-forward`` into an injected pod: it reaches the pod's loopback, where the
+    proxy listens. A client that names its ports at admission (WebSocket clients with
+    ``?ports=``) may reach any port but the proxy's and the transparent one; kubectl names them
+    only inside the stream, after admission, so its port-forwards to injected pods are refused.
+    (exec and attach into keyhole's containers are refused by the chart's policy in the API
+    server itself: that needs no pod.)"""
     if pod is None or Protected.from_status(pod) is None:
         return None
     proxy_ports = {settings.proxy_port, settings.transparent_port}
     asked = {int(p) for p in options.get("ports") or []}
+    instead = (f"For the sidecar, read kubectl logs -c {SIDECAR_CONTAINER} and its admin port "
+               f"{settings.admin_port} (/metrics, /readyz) at the pod's IP; for a port of the "
+               "agent, use the API server's proxy (kubectl proxy, then /api/v1/namespaces/"
+               "NAMESPACE/pods/POD:PORT/proxy/), which reaches the pod's IP, never its loopback.")
     if not asked:
-        return ("port-forward to a pod keyhole injects must name its ports, and this client "
-                "did not (kubectl before 1.31 sends them only after the API server has "
-                "admitted the connection); keyhole cannot tell whether it would reach the proxy. "
-                "Use kubectl 1.31 or later.")
+        return ("port-forward into a pod keyhole injects is refused: it reaches the pod's "
+                "loopback, where the proxy uses the injection's keys, and this client (kubectl "
+                "among them) names its ports only after admission, so keyhole cannot tell which "
+                f"it wants. {instead}")
     if asked & proxy_ports:
         return (f"port-forward to port {', '.join(map(str, sorted(asked & proxy_ports)))} of an "
                 "injected pod is refused: it would let anyone outside the pod use the "
-                f"injection's keys. Forward the admin port {settings.admin_port} for /metrics, "
-                "or a port of your agent.")
+                f"injection's keys. {instead}")
     return None

@@ -103,10 +103,23 @@ def test_the_operator_may_do_nothing_more(installed, verb, resource):
     assert not kube.can_i(verb, resource, "agents", SERVICE_ACCOUNT)
 
 
+def test_the_operator_may_write_the_policys_parameter_in_its_own_namespace_only(installed):
+    kube, _, _ = installed
+    assert kube.can_i("patch", "configmaps/keyhole-protected-secrets", NAMESPACE, SERVICE_ACCOUNT)
+    assert not kube.can_i("patch", "configmaps/keyhole-protected-secrets", "agents",
+                          SERVICE_ACCOUNT)
+    assert not kube.can_i("patch", "configmaps/other", NAMESPACE, SERVICE_ACCOUNT)
+
+
 def test_uninstall_keeps_the_crd_and_the_master_key(installed):
     kube, plane, _ = installed
     helm("uninstall", "keyhole", "--namespace", NAMESPACE, "--kubeconfig", str(plane.kubeconfig))
-    assert kube.get("crd", "secretinjections.keyhole.dev", None)
-    assert kube.get("secret", "keyhole-master-key", NAMESPACE)
-    remaining = json.loads(kube.kubectl("get", "mutatingwebhookconfigurations", "-o", "json").stdout)
-    assert remaining["items"] == []
+    try:
+        assert kube.get("crd", "secretinjections.keyhole.dev", None)
+        assert kube.get("secret", "keyhole-master-key", NAMESPACE)
+        remaining = json.loads(kube.kubectl("get", "mutatingwebhookconfigurations", "-o",
+                                            "json").stdout)
+        assert remaining["items"] == []
+    finally:  # the module's other tests share this release, in whatever order they run
+        helm("install", "keyhole", str(CHART), "--namespace", NAMESPACE, "--kubeconfig",
+             str(plane.kubeconfig), "--set", "monitoring.dashboard.enabled=true")

@@ -94,6 +94,20 @@ class Release:
     kube: Kube
     images: dict
 
+    def wait_until_admitting(self, namespace: str) -> None:
+        """Until a tagged pod passes the webhooks through the Service (a server-side dry run).
+        After replicas come back, `rollout status` is done before kube-proxy routes the
+        Service to them: a test that follows must not meet a webhook that refuses to connect."""
+        probe = {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": "admission-probe", "labels": {"keyhole.dev/probe": "x"}},
+                 "spec": {"containers": [{"name": "c", "image": "probe"}]}}
+
+        def admitting() -> bool:
+            return self.kube.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-",
+                                     input=yaml.safe_dump(probe), check=False).returncode == 0
+
+        self.kube.wait_for(admitting, 60, "the webhooks answering through the Service")
+
     def operator_pods(self, terminating: bool = False) -> list[dict]:
         """The operator's pods (those being deleted too, if asked)."""
         return [p for p in self.kube.get_all("pods", RELEASE_NAMESPACE)
@@ -131,7 +145,9 @@ def release(node: Node, kube: Kube, node_upstream: Upstream) -> Release:
          "--set", "operator.extraArgs={--ca-promote-after=15}",  # (default 600)
          "--wait", "--timeout", "4m")
     _log(f"helm install --wait: {time.monotonic() - started:.1f}s")
-    yield Release(kube, node.images)
+    installed = Release(kube, node.images)
+    installed.wait_until_admitting("default")
+    yield installed
     helm(kube, "uninstall", "keyhole", "--namespace", RELEASE_NAMESPACE, "--wait")
 
 

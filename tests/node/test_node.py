@@ -358,6 +358,7 @@ def test_admission_keeps_working_while_one_operator_replica_lives(release, agent
     kube.kubectl("delete", "pod", "tagged-during-eviction", "-n", agents.namespace, "--wait=false")
     kube.kubectl("rollout", "status", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE,
                  "--timeout=120s")
+    release.wait_until_admitting(agents.namespace)
 
 
 def test_with_every_operator_replica_down_only_tagged_pods_are_refused(release, agents, kube):
@@ -386,6 +387,7 @@ def test_with_every_operator_replica_down_only_tagged_pods_are_refused(release, 
                      "--replicas=2")
         kube.kubectl("rollout", "status", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE,
                      "--timeout=120s")
+        release.wait_until_admitting(agents.namespace)
 
 
 # -- resources -------------------------------------------------------------------------------------

@@ -133,12 +133,14 @@ def test_a_debug_container_already_there_is_not_judged_again(injected):
 @pytest.mark.parametrize(("ports", "expected"), [
     ([15080], "port-forward to port 15080 of an injected pod is refused"),
     ([8080, 15081], "port-forward to port 15081"),
-    ([], "must name its ports"),
-    (None, "must name its ports"),
+    ([], "names its ports only after admission"),
+    (None, "names its ports only after admission"),
 ])
 def test_port_forward_to_the_proxy_of_an_injected_pod_is_refused(injected, ports, expected):
     options = {} if ports is None else {"ports": ports}
-    assert expected in port_forward_refusal(options, injected, SETTINGS)
+    problem = port_forward_refusal(options, injected, SETTINGS)
+    assert expected in problem
+    assert "kubectl logs -c keyhole-proxy" in problem and "kubectl proxy" in problem
 
 
 @pytest.mark.parametrize("ports", [[15090], [8080]])
