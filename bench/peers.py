@@ -199,7 +199,7 @@ spec:
     port, admin = free_port(), free_port()
     started = time.monotonic()
     process = spawn("keyhole", pinned(1, [
-        sys.executable, "-m", "sidecar", "--injections", str(ws.root / "injections.yaml"),
+        sys.executable, "-m", "keyhole_sidecar", "--injections", str(ws.root / "injections.yaml"),
         "--secrets-dir", str(ws.root / "secrets"), "--ca-dir", str(ws.root / "keyhole-ca"),
         "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
         "--resolve", f"{HOST}:{upstream_port}:127.0.0.1",

@@ -3,5 +3,5 @@ signing key, injects the sidecar into labelled pods, and grants or revokes acces
 
 Layers: ``cli`` → ``handlers`` (thin kopf handlers, the only Kubernetes I/O besides ``kube``)
 → pure decisions (``mutation``, ``selectors``, ``routes``, ``trust``, ``status``,
-``privileges``) → the sidecar's spec model (``sidecar.spec``).
+``privileges``, ``guard``) → the shared spec model (``keyhole_common.spec``).
 """

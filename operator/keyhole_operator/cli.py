@@ -12,8 +12,8 @@ from pathlib import Path
 
 import kopf
 
+from keyhole_common.cidr import parse_cidr
 from keyhole_operator.settings import Settings, SidecarResources
-from sidecar.capture import parse_cidr
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -93,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _restart_on_change() -> None:
-    """Re-exec this process when a source file of the operator or sidecar spec changes."""
+    """Re-exec this process when a source file of the operator or the shared spec changes."""
     import threading
     import time
 
+    import keyhole_common
     import keyhole_operator
-    import sidecar
 
-    roots = [Path(keyhole_operator.__file__).parent, Path(sidecar.__file__).parent]
+    roots = [Path(keyhole_operator.__file__).parent, Path(keyhole_common.__file__).parent]
 
     def stamp() -> list[tuple[str, int]]:
         return sorted((str(p), p.stat().st_mtime_ns) for r in roots for p in r.rglob("*.py"))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
+from keyhole_common.spec.hosts import host_risk
 from keyhole_operator import metrics
 from keyhole_operator.annotations import (
     CA_BUNDLE_CONFIGMAP,
@@ -51,7 +52,6 @@ from keyhole_operator.selectors import injections_for_pod
 from keyhole_operator.settings import Settings
 from keyhole_operator.status import injection_status
 from keyhole_operator.trust import NEXT_CERT, PREVIOUS_KEY, bundle_data, plan_ca
-from sidecar.spec.hosts import host_risk
 
 log = logging.getLogger("keyhole.operator")
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"

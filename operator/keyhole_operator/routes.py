@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sidecar.spec import API_VERSION, LIST_KIND, SecretInjection, parse_injection, sign
+from keyhole_common.spec import API_VERSION, LIST_KIND, SecretInjection, parse_injection, sign
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.utils import CryptographyDeprecationWarning
 
+from keyhole_common.ca import CertificateAuthority
 from keyhole_operator import layout
-from sidecar.certs import CertificateAuthority
 
 CA_VALIDITY = dt.timedelta(days=365)
 ROTATE_BEFORE = dt.timedelta(days=30)

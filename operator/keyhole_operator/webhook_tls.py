@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sidecar.certs import CertificateAuthority
+from keyhole_common.ca import CertificateAuthority
 
 
 def self_signed(folder: Path, names: list[str]) -> tuple[Path, Path, Path]:

@@ -115,7 +115,7 @@ class Capture:
     def start_sidecar(self, *extra: str) -> None:
         self.stop_sidecar()
         command = in_namespace(
-            sys.executable, "-m", "sidecar", "--injections", str(self.workdir / "injections.yaml"),
+            sys.executable, "-m", "keyhole_sidecar", "--injections", str(self.workdir / "injections.yaml"),
             "--secrets-dir", str(self.workdir / "secrets"), "--ca-dir", str(self.workdir / "ca"),
             "--listen", "127.0.0.1:15080", "--admin-listen", "127.0.0.1:15090",
             "--transparent-listen", "127.0.0.1:15081", "--upstream-ca", self.upstream.ca_file,

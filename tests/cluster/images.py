@@ -142,9 +142,9 @@ def _local_exists(local: str) -> bool:
 
 
 def build_context_files() -> list[Path]:
-    """What ``.dockerignore`` admits: pyproject.toml, README.md, sidecar/ and operator/."""
+    """What ``.dockerignore`` admits: pyproject.toml, README.md, common/, sidecar/, operator/."""
     files = [ROOT / "pyproject.toml", ROOT / "README.md"]
-    for folder in ("sidecar", "operator"):
+    for folder in ("common", "sidecar", "operator"):
         files += sorted(p for p in (ROOT / folder).rglob("*")
                         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
     return files

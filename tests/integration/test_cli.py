@@ -7,12 +7,12 @@ import json
 import subprocess
 import sys
 
-from sidecar.spec import sign
+from keyhole_common.spec import sign
 from tests.integration.clients import curl
 from tests.support.config import API_TOKEN, INJECTIONS, SECRETS, injection, ref
 from tests.support.sidecar import check_config, start_sidecar, write_injections
 
-SIDECAR = [sys.executable, "-m", "sidecar"]
+SIDECAR = [sys.executable, "-m", "keyhole_sidecar"]
 
 
 def run_check(tmp_path, injections, secrets=SECRETS, *extra):
@@ -135,7 +135,7 @@ def test_the_transparent_rules_recipe_is_printed_for_standalone_use():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "sidecar", "transparent-rules",
+    done = subprocess.run([sys.executable, "-m", "keyhole_sidecar", "transparent-rules",
                            "--uid-owner-exempt", "1234", "--exempt-cidr", "10.0.0.0/8"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
@@ -143,7 +143,7 @@ def test_the_transparent_rules_recipe_is_printed_for_standalone_use():
     assert "-A KEYHOLE_CAPTURE -d 10.0.0.0/8 -j RETURN" in done.stdout
     assert "REDIRECT --to-ports 15081" in done.stdout
     assert "iptables -t nat -A OUTPUT -p tcp -j KEYHOLE_CAPTURE" in done.stdout
-    refused = subprocess.run([sys.executable, "-m", "sidecar", "transparent-rules",
+    refused = subprocess.run([sys.executable, "-m", "keyhole_sidecar", "transparent-rules",
                               "--exempt-cidr", "not-a-cidr"], capture_output=True, text=True,
                              timeout=30)
     assert refused.returncode == 2 and "is not a CIDR such as 10.96.0.0/12" in refused.stderr

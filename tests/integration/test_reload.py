@@ -141,7 +141,7 @@ def test_a_rotated_ca_signs_new_leaves_without_a_restart(make_sidecar, tmp_path)
 
     import pytest
 
-    from sidecar.certs import CertificateAuthority
+    from keyhole_common.ca import CertificateAuthority
     from tests.support.raw import open_tunnel
 
     proc = make_sidecar()

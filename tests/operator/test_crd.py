@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from sidecar.spec import parse_injections
+from keyhole_common.spec import parse_injections
 from tests.support.config import INJECTIONS
 
 ROOT = Path(__file__).resolve().parents[2]

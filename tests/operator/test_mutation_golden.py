@@ -16,11 +16,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from keyhole_common.spec import verify
 from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.routes import Injection
 from keyhole_operator.selectors import injections_for_pod
 from keyhole_operator.settings import Settings
-from sidecar.spec import verify
 
 TESTDATA = Path(__file__).parent / "testdata"
 KEY = b"golden-test-namespace-key-000000"

@@ -65,8 +65,8 @@ def test_a_ca_near_expiry_is_first_published_then_signs_and_the_old_one_stays_tr
 
 
 def test_an_expired_ca_is_replaced_by_the_published_next_one():
+    from keyhole_common.ca import CertificateAuthority
     from keyhole_operator.trust import _key_pem
-    from sidecar.certs import CertificateAuthority
 
     short = CertificateAuthority.generate(common_name="short-lived", validity=dt.timedelta(days=1))
     published = plan_ca("agents", {"tls.crt": short.cert_pem, "tls.key": _key_pem(short)})

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from sidecar.egress import Egress, EgressPolicy, TargetRefused
+from keyhole_sidecar.egress import Egress, EgressPolicy, TargetRefused
 from tests.support.config import SECRETS, injection, ref
 from tests.support.raw import exchange, status_of
 

@@ -269,7 +269,7 @@ def test_no_secret_value_reaches_the_audit_log_the_diagnostics_or_the_metrics(si
 
 def test_the_proxy_port_refuses_a_non_loopback_listen_address(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "sidecar", "--injections", "x", "--secrets-dir", "y",
+        [sys.executable, "-m", "keyhole_sidecar", "--injections", "x", "--secrets-dir", "y",
          "--listen", "0.0.0.0:15080"],
         capture_output=True, text=True)
     assert done.returncode == 2

@@ -13,7 +13,7 @@ import socket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.spec import SpecError, parse_injections
+from keyhole_common.spec import SpecError, parse_injections
 from tests.support.config import ALL_SECRETS, INJECTIONS
 from tests.support.raw import open_tunnel, read_all
 

@@ -222,7 +222,7 @@ def verify_sigv4(request: web.Request, body: bytes) -> str | None:
     if content_hash == "UNSIGNED-PAYLOAD":
         if service != "s3":
             return "UNSIGNED-PAYLOAD is for S3 only"
-        from sidecar.credentials.sigv4 import AwsKeys, sign
+        from keyhole_sidecar.credentials.sigv4 import AwsKeys, sign
         path, _, query = request.raw_path.partition("?")
         expected = sign(method=request.method, raw_path=path, raw_query=query,
                         headers=headers.items(), signed_headers=signed,

@@ -151,7 +151,7 @@ def check_config(workdir: Path, injections: list[dict] | str,
     """``keyhole-sidecar check`` on this configuration, laid out under ``workdir``."""
     write_secrets(workdir / "secrets", secrets)
     write_injections(workdir / "inj.yaml", injections)
-    return subprocess.run([sys.executable, "-m", "sidecar", "check", "--injections",
+    return subprocess.run([sys.executable, "-m", "keyhole_sidecar", "check", "--injections",
                            str(workdir / "inj.yaml"), "--secrets-dir", str(workdir / "secrets"),
                            *extra], capture_output=True, text=True, timeout=30)
 
@@ -163,7 +163,7 @@ def start_sidecar(workdir: Path, injections: list[dict] | str,
     workdir.mkdir(parents=True, exist_ok=True)
     write_secrets(workdir / "secrets", secrets)
     write_injections(workdir / "injections.yaml", injections)
-    command = [sys.executable, "-m", "sidecar", "--injections", str(workdir / "injections.yaml"),
+    command = [sys.executable, "-m", "keyhole_sidecar", "--injections", str(workdir / "injections.yaml"),
                "--secrets-dir", str(workdir / "secrets"), "--ca-dir", str(workdir / "ca"),
                "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
     for item in resolve:

@@ -4,7 +4,7 @@ import asyncio
 import io
 import json
 
-from sidecar.audit import AuditLog, AuditRecord
+from keyhole_sidecar.audit import AuditLog, AuditRecord
 
 
 class CountingStream(io.StringIO):

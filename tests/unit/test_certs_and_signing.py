@@ -8,8 +8,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from sidecar.certs import CAError, CertificateAuthority, LeafCache, mint_leaf
-from sidecar.spec import SignatureError, sign, verify
+from keyhole_common.ca import CAError, CertificateAuthority
+from keyhole_common.spec import SignatureError, sign, verify
+from keyhole_sidecar.certs import LeafCache, mint_leaf
 
 
 def test_leaf_certificates_have_what_strict_verifiers_require():

@@ -8,7 +8,7 @@ import ssl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.clienthello import MAX_CLIENT_HELLO, Verdict, read_sni
+from keyhole_sidecar.clienthello import MAX_CLIENT_HELLO, Verdict, read_sni
 
 
 def client_hello(server_name: str | None) -> bytes:

@@ -11,11 +11,11 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sidecar.credentials.github_app import app_jwt, load_private_key
-from sidecar.credentials.oauth2 import token_request
-from sidecar.credentials.tokens import FAILURE_HOLD, CredentialError, Token, TokenCache
-from sidecar.spec import parse_injection, parse_injections
-from sidecar.spec.model import AwsSigV4, GitHubApp, OAuth2ClientCredentials, SecretKeyRef
+from keyhole_common.spec import parse_injection, parse_injections
+from keyhole_common.spec.model import AwsSigV4, GitHubApp, OAuth2ClientCredentials, SecretKeyRef
+from keyhole_sidecar.credentials.github_app import app_jwt, load_private_key
+from keyhole_sidecar.credentials.oauth2 import token_request
+from keyhole_sidecar.credentials.tokens import FAILURE_HOLD, CredentialError, Token, TokenCache
 from tests.support.config import injection, ref
 
 
@@ -199,7 +199,7 @@ def test_a_failed_mint_is_answered_from_memory_for_a_moment_then_retried():
 
 
 def test_the_github_token_request_narrows_only_when_asked():
-    from sidecar.credentials.github_app import token_request as github_request
+    from keyhole_sidecar.credentials.github_app import token_request as github_request
     spec = GitHubApp("1", SecretKeyRef("g", "k"), installation_id="2")
     assert github_request(spec) is None
     narrowed = GitHubApp("1", SecretKeyRef("g", "k"), installation_id="2",

@@ -1,7 +1,7 @@
 import pytest
 
-from sidecar.spec import HostPattern
-from sidecar.spec.hosts import host_risk
+from keyhole_common.spec import HostPattern
+from keyhole_common.spec.hosts import host_risk
 
 
 @pytest.mark.parametrize(("entry", "host", "port", "plain", "expected"), [

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 
-from sidecar.limits import Limiter, Refusal, Ticket, describe, period_start, retry_after_header
-from sidecar.spec import Limits, parse_injection
+from keyhole_common.spec import Limits, parse_injection
+from keyhole_sidecar.limits import Limiter, Refusal, Ticket, describe, period_start, retry_after_header
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 

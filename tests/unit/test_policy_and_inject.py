@@ -1,16 +1,16 @@
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.inject import forwarded_headers, forwarded_query
-from sidecar.policy import (
+from keyhole_common.spec import Rule, parse_injections
+from keyhole_sidecar.inject import forwarded_headers, forwarded_query
+from keyhole_sidecar.policy import (
     BaseUrlError,
     PathRejected,
     check_rules,
     normalise_path,
     split_base_url,
 )
-from sidecar.routes import build_route_table
-from sidecar.spec import Rule, parse_injections
+from keyhole_sidecar.routes import build_route_table
 from tests.support.config import INJECTIONS, SECRETS
 
 

@@ -3,7 +3,7 @@ import gzip
 
 import pytest
 
-from sidecar.redact import MASK, REGEX_PRECHECK_MAX, Redactor, secret_forms
+from keyhole_sidecar.redact import MASK, REGEX_PRECHECK_MAX, Redactor, secret_forms
 
 SECRET = "sk-live-0123456789abcdefXYZ"
 

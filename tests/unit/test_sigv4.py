@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.credentials.sigv4 import (
+from keyhole_sidecar.credentials.sigv4 import (
     AwsKeys,
     canonical_uri,
     sign,

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sidecar.spec import (
+from keyhole_common.spec import (
     SpecError,
     load_injections,
     parse_injection,

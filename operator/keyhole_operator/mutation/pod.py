@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from keyhole_common.spec import normalise_hostname
+from keyhole_common.spec.parse import find_conflicts
 from keyhole_operator import layout
 from keyhole_operator.annotations import (
     CAPTURE_CONTAINER,
@@ -31,8 +33,6 @@ from keyhole_operator.mutation.sidecar_container import (
 )
 from keyhole_operator.routes import Injection, signed_routes
 from keyhole_operator.settings import Settings
-from sidecar.spec import normalise_hostname
-from sidecar.spec.parse import find_conflicts
 
 
 class Refused(Exception):

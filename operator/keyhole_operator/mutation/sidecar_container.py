@@ -79,7 +79,7 @@ def capture_container(settings: Settings) -> dict:
         "name": CAPTURE_CONTAINER,
         "image": settings.sidecar_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python3", "-m", "sidecar.capture"],
+        "command": ["python3", "-m", "keyhole_sidecar.capture"],
         "args": ["--uid-owner-exempt", str(settings.run_as_user),
                  "--to-port", str(settings.transparent_port),
                  *[f"--exempt-cidr={cidr}" for cidr in dict.fromkeys(exempt)]],

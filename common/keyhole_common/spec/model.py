@@ -1,0 +1,223 @@
+"""The SecretInjection API as frozen, typed objects: parsed once, then only read.
+
+These types carry *references* to secrets, never secret values; resolving values is the
+job of :mod:`keyhole_sidecar.routes`. The operator imports this module too, so it stays pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keyhole_common.spec.hosts import HostPattern
+
+API_GROUP = "keyhole.dev"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+KIND = "SecretInjection"
+LIST_KIND = "SecretInjectionList"
+VALUE_PLACEHOLDER = "{value}"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretKeyRef:
+    """``valueFrom.secretKeyRef``: one key of one Secret in the injection's namespace."""
+
+    name: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderInjection:
+    """Set header ``name`` to ``format`` with ``{value}`` replaced by the secret."""
+
+    name: str
+    secret: SecretKeyRef
+    format: str = VALUE_PLACEHOLDER
+
+
+@dataclass(frozen=True, slots=True)
+class BasicAuth:
+    """``Authorization: Basic base64(username:password)``; no password means an empty one."""
+
+    username: SecretKeyRef
+    password: SecretKeyRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParamInjection:
+    """Set query parameter ``name`` to the secret, dropping any value the client sent."""
+
+    name: str
+    secret: SecretKeyRef
+
+
+@dataclass(frozen=True, slots=True)
+class GitHubApp:
+    """Installation tokens minted from a GitHub App's private key (``spec.githubApp``).
+
+    The installation is ``installation_id``, or looked up from ``repository`` ("owner/name").
+    Tokens may be narrowed to ``repositories`` and ``permissions``.
+    """
+
+    app_id: str
+    private_key: SecretKeyRef
+    installation_id: str | None = None
+    repository: str | None = None
+    repositories: tuple[str, ...] = ()
+    permissions: tuple[tuple[str, str], ...] = ()
+    api_url: str = "https://api.github.com"
+
+    @property
+    def api_host(self) -> str:
+        """The API's host[:port], in lower case."""
+        return self.api_url.split("://", 1)[1].split("/", 1)[0].lower()
+
+    def is_api_request(self, authority: str, path: str) -> bool:
+        """Does a request go to the REST/GraphQL API (``token``) rather than git (basic auth)?
+        On github.com they are different hosts; GitHub Enterprise Server serves both from one
+        host, its API under ``/api/``."""
+        api = self.api_host.removesuffix(":443")
+        if authority.lower().removesuffix(":443") != api:
+            return False
+        return "/" not in self.api_url.split("://", 1)[1] or path.startswith("/api/")
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2ClientCredentials:
+    """Access tokens from an OAuth 2.0 token endpoint, client credentials grant (RFC 6749 §4.4)."""
+
+    token_url: str
+    client_id: SecretKeyRef
+    client_secret: SecretKeyRef
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    auth_method: str = "client_secret_basic"  # or client_secret_post
+
+
+@dataclass(frozen=True, slots=True)
+class AwsSigV4:
+    """Every request signed with AWS Signature Version 4 for ``service`` in ``region``."""
+
+    region: str
+    service: str
+    access_key_id: SecretKeyRef
+    secret_access_key: SecretKeyRef
+    session_token: SecretKeyRef | None = None
+    payload: str = "signed"  # or "unsigned": UNSIGNED-PAYLOAD, the body streams
+
+    @property
+    def refs(self) -> tuple[SecretKeyRef, ...]:
+        return (self.access_key_id, self.secret_access_key,
+                *((self.session_token,) if self.session_token else ()))
+
+
+Credential = GitHubApp | OAuth2ClientCredentials | AwsSigV4
+"""A credential source: the proxy makes the value itself instead of reading it verbatim."""
+CREDENTIAL_FIELDS = {"githubApp": GitHubApp, "oauth2": OAuth2ClientCredentials,
+                     "awsSigV4": AwsSigV4}
+# Headers a SigV4 signature owns; a client's own values are dropped like any injected header.
+SIGV4_HEADERS = frozenset({"authorization", "x-amz-date", "x-amz-security-token",
+                           "x-amz-content-sha256"})
+
+
+def credential_refs(credential: Credential | None) -> tuple[SecretKeyRef, ...]:
+    if isinstance(credential, GitHubApp):
+        return (credential.private_key,)
+    if isinstance(credential, OAuth2ClientCredentials):
+        return (credential.client_id, credential.client_secret)
+    if isinstance(credential, AwsSigV4):
+        return credential.refs
+    return ()
+
+
+WINDOW_PERIODS = {"perHour": 3600, "perDay": 86400}
+"""``spec.limits.window`` keys and their length in seconds (periods start at UTC boundaries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """``spec.limits`` (or a rule's): what one pod's sidecar lets through for an injection.
+    ``None`` means no limit of that kind."""
+
+    requests_per_minute: int | None = None
+    burst: int | None = None
+    """Requests allowed at once before the per-minute rate applies; default: one minute's worth."""
+    concurrent_requests: int | None = None
+    request_body_bytes: int | None = None
+    window: tuple[tuple[str, int], ...] = ()
+    """(period, requests) pairs, e.g. (("perDay", 5000),); counted on disk across restarts."""
+
+    @property
+    def bucket_size(self) -> int | None:
+        if self.requests_per_minute is None:
+            return None
+        return self.burst if self.burst is not None else self.requests_per_minute
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One allowlist entry: a request passes when its method and path both match.
+
+    ``None`` means "any". Path globs: ``*`` matches within one segment, ``**`` across segments.
+    ``limits``, when given, replace the injection's limits for the requests this rule admits.
+    """
+
+    methods: frozenset[str] | None = None
+    paths: tuple[str, ...] | None = None
+    limits: Limits | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEnv:
+    """A variable the operator sets in agent containers: a fixed placeholder or a base URL."""
+
+    name: str
+    placeholder: bool = False
+    base_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SecretInjection:
+    """One parsed ``SecretInjection`` document."""
+
+    name: str
+    namespace: str | None
+    hosts: tuple[HostPattern, ...]
+    headers: tuple[HeaderInjection, ...] = ()
+    basic_auth: BasicAuth | None = None
+    query_params: tuple[QueryParamInjection, ...] = ()
+    rules: tuple[Rule, ...] | None = None
+    agent_env: tuple[AgentEnv, ...] = ()
+    pod_selector: dict | None = field(default=None, compare=False, hash=False)
+    credential: Credential | None = None
+    capture: str | None = None
+    limits: Limits | None = None
+    """``proxy`` (clients use the proxy variables), ``transparent`` (keyhole-init redirects the
+    pod's outbound traffic too), or None: the operator's default."""
+
+    def secret_refs(self) -> tuple[SecretKeyRef, ...]:
+        """Every Secret key this injection reads, in spec order, without repeats."""
+        refs: list[SecretKeyRef] = [h.secret for h in self.headers]
+        if self.basic_auth:
+            refs.append(self.basic_auth.username)
+            if self.basic_auth.password:
+                refs.append(self.basic_auth.password)
+        refs.extend(q.secret for q in self.query_params)
+        refs.extend(credential_refs(self.credential))
+        return tuple(dict.fromkeys(refs))
+
+    def injected_header_names(self) -> frozenset[str]:
+        """Lower-case names of the headers this injection sets (basic auth sets Authorization)."""
+        names = {h.name.lower() for h in self.headers}
+        if self.basic_auth or self.credential:
+            names.add("authorization")
+        if isinstance(self.credential, AwsSigV4):
+            names |= SIGV4_HEADERS
+        return frozenset(names)
+
+    @property
+    def base_url_upstream(self) -> HostPattern | None:
+        """The upstream for base-URL mode: the first host entry without a wildcard."""
+        return next((h for h in self.hosts if not h.wildcard), None)

@@ -1,0 +1,189 @@
+"""Wiring: build every part from the command-line options and run until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from keyhole_common.ca import CAError, CertificateAuthority, ca_fingerprint
+from keyhole_sidecar.admin import admin_app
+from keyhole_sidecar.audit import AuditLog
+from keyhole_sidecar.certs import LeafCache
+from keyhole_sidecar.config import LiveConfig, Sources
+from keyhole_sidecar.egress import Egress, EgressPolicy
+from keyhole_sidecar.httplog import protocol_logger
+from keyhole_sidecar.limits import Limiter
+from keyhole_sidecar.metrics import Metrics
+from keyhole_sidecar.proxy.context import ProxyContext, ProxySettings
+from keyhole_sidecar.proxy.frontdoor import FrontDoor
+from keyhole_sidecar.proxy.pool import UpstreamPool
+from keyhole_sidecar.upstream import (
+    OverridingResolver,
+    ResolveOverride,
+    make_session,
+    upstream_tls_context,
+)
+
+log = logging.getLogger("keyhole")
+
+
+@dataclass
+class Options:
+    """Everything ``keyhole-sidecar`` is told on its command line."""
+
+    injections: Path
+    secrets_dir: Path
+    ca_dir: Path
+    listen: tuple[str, int] = ("127.0.0.1", 15080)
+    admin_listen: tuple[str, int] = ("127.0.0.1", 15090)
+    unmatched: str = "passthrough"
+    resolve: list[ResolveOverride] = field(default_factory=list)
+    upstream_ca: Path | None = None
+    signing_key: Path | None = None
+    reload_interval: float = 1.0
+    header_timeout: float = 15.0
+    idle_timeout: float = 120.0
+    egress: Egress = Egress.PRIVATE
+    upstream_timeout: float = 300.0
+    transparent_listen: tuple[str, int] | None = None  # keyhole-init redirects here
+    state_dir: Path | None = None  # spec.limits.window counts, kept across restarts
+
+
+async def watch_ca(ca_dir: Path, leaves: LeafCache, metrics: Metrics, interval: float) -> None:
+    """Follow a rotated CA (the operator replaces it before it expires) without a restart."""
+    seen = ca_fingerprint(ca_dir)
+    while True:
+        await asyncio.sleep(interval)
+        current = ca_fingerprint(ca_dir)
+        if current == seen:
+            continue
+        seen = current
+        try:
+            ca = CertificateAuthority.load(ca_dir)
+        except CAError as exc:
+            metrics.reloads.labels("error").inc()
+            log.error("the CA in %s changed but cannot be used (%s); still signing with the "
+                      "previous one", ca_dir, exc)
+            continue
+        leaves.replace_ca(ca)
+        metrics.reloads.labels("success").inc()
+        log.info("CA in %s changed: new leaf certificates are signed by %s", ca_dir,
+                 ca.cert.subject.rfc4514_string())
+
+
+class StartupError(RuntimeError):
+    """Cannot start; the message says what to fix."""
+
+
+def raise_file_limit() -> None:
+    """Every client connection and tunnel is a file descriptor: use all the hard limit allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def run(options: Options, *, ready: asyncio.Event | None = None,
+              stop: asyncio.Event | None = None) -> None:
+    raise_file_limit()
+    metrics = Metrics()
+    config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key),
+                        metrics)
+    if not config.load():
+        raise StartupError(f"the configuration has problems, fix them and start again:\n"
+                           f"{config.last_error}")
+    try:
+        ca = CertificateAuthority.load_or_create(options.ca_dir)
+    except CAError as exc:
+        raise StartupError(str(exc)) from None
+    leaves = LeafCache(ca, on_mint=metrics.leaves_minted.inc)
+    try:
+        upstream_tls = upstream_tls_context(options.upstream_ca)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    resolver = OverridingResolver(options.resolve, EgressPolicy(options.egress))
+    session = make_session(resolver, upstream_tls)
+    settings = ProxySettings(unmatched=options.unmatched,  # type: ignore[arg-type]
+                             header_timeout=options.header_timeout,
+                             idle_timeout=options.idle_timeout,
+                             upstream_timeout=options.upstream_timeout)
+    pool = UpstreamPool(resolver, upstream_tls)
+    limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused)
+    metrics.watch_windows(limiter.windows_left)
+    ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
+                       resolver=resolver, pool=pool, session=session, metrics=metrics,
+                       audit=AuditLog(), limiter=limiter)
+    server_kwargs = dict(
+        logger=protocol_logger(metrics.decisions.labels("denied", "malformed").inc),
+        keepalive_timeout=settings.idle_timeout, max_line_size=settings.max_line_size,
+        max_field_size=settings.max_field_size, max_headers=settings.max_headers,
+        access_log=None, auto_decompress=False, lingering_time=2.0,
+    )
+    loop = asyncio.get_running_loop()
+
+    def readiness() -> str | None:
+        if config.table is None:
+            return "no configuration loaded"
+        try:
+            leaves.check()
+        except CAError as exc:
+            return str(exc)
+        return None
+
+    admin_runner = web.AppRunner(admin_app(metrics, readiness), access_log=None)
+    await admin_runner.setup()
+    try:
+        proxy_server = await loop.create_server(
+            lambda: FrontDoor(ctx, server_kwargs), options.listen[0], options.listen[1],
+            reuse_address=True, backlog=1024,
+        )
+        servers = [proxy_server]
+        if options.transparent_listen:
+            from keyhole_sidecar.proxy.transparent import TransparentPort
+
+            servers.append(TransparentPort(ctx, server_kwargs, options.transparent_listen))
+        admin_site = web.TCPSite(admin_runner, options.admin_listen[0], options.admin_listen[1],
+                                 reuse_address=True)
+        await admin_site.start()
+    except OSError as exc:
+        await admin_runner.cleanup()
+        await session.close()
+        raise StartupError(f"cannot listen: {exc.strerror} ({exc})") from None
+    watchers = [asyncio.create_task(config.watch(options.reload_interval)),
+                asyncio.create_task(watch_ca(options.ca_dir, leaves, metrics,
+                                             options.reload_interval))]
+    host, port = proxy_server.sockets[0].getsockname()[:2]
+    admin_host, admin_port = admin_runner.addresses[0][:2]
+    log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",
+             host, port, options.unmatched, admin_host, admin_port)
+    if options.transparent_listen:
+        log.info("transparent port on %s:%s", *options.transparent_listen)
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        for watcher in watchers:
+            watcher.cancel()
+        for server in servers:
+            server.close()
+        ctx.audit.flush()
+        pool.close()
+        await admin_runner.cleanup()
+        await session.close()
+        await resolver.close()

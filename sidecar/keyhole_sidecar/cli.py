@@ -1,0 +1,195 @@
+"""``keyhole-sidecar``: run the proxy, or ``keyhole-sidecar check`` a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+
+from keyhole_common.ca import CAError, CertificateAuthority
+from keyhole_common.spec import SpecError
+from keyhole_sidecar import __version__
+from keyhole_sidecar.app import Options, StartupError, run
+from keyhole_sidecar.config import Sources, load_route_table
+from keyhole_sidecar.egress import Egress
+from keyhole_sidecar.limits import describe
+from keyhole_sidecar.upstream import ResolveOverride, upstream_tls_context
+
+DEFAULT_LISTEN = "127.0.0.1:15080"
+DEFAULT_ADMIN = "127.0.0.1:15090"
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _loopback(text: str) -> tuple[str, int]:
+    host, port = _address(text)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the proxy port must listen on a loopback address (127.0.0.1 or ::1); "
+            "whoever reaches it can use every injected secret"
+        )
+    return host, port
+
+
+def _resolve(text: str) -> ResolveOverride:
+    try:
+        return ResolveOverride.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--injections", type=Path, required=True, metavar="FILE|DIR",
+                        help="SecretInjection YAML/JSON: a file or a folder (edits apply live)")
+    parser.add_argument("--secrets-dir", type=Path, required=True, metavar="DIR",
+                        help="secret values as <secret-name>/<key> files")
+    parser.add_argument("--ca-dir", type=Path, default=Path("./ca"), metavar="DIR",
+                        help="tls.crt + tls.key of the CA for intercepted hosts; created when "
+                             "absent (default ./ca)")
+    parser.add_argument("--upstream-ca", type=Path, metavar="FILE",
+                        help="PEM bundle trusted for upstream TLS besides the system roots")
+    parser.add_argument("--signing-key", type=Path, metavar="FILE",
+                        help="require the injections document to be signed with this key")
+
+
+def build_parser(check: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keyhole-sidecar check" if check else "keyhole-sidecar",
+        description=("Validate injections, secrets and CA without serving; exit 1 on any problem."
+                     if check else
+                     "Proxy that adds secrets to requests for the hosts they belong to. "
+                     "Run 'keyhole-sidecar check --help' to validate a configuration."),
+    )
+    _common(parser)
+    if not check:
+        parser.add_argument("--listen", type=_loopback, default=_loopback(DEFAULT_LISTEN),
+                            metavar="HOST:PORT", help=f"proxy port (default {DEFAULT_LISTEN}; "
+                                                      "loopback only)")
+        parser.add_argument("--transparent-listen", type=_loopback, default=None,
+                            metavar="HOST:PORT", help="also serve connections keyhole-init "
+                                                      "redirects here (transparent capture; "
+                                                      "loopback only, e.g. 127.0.0.1:15081)")
+        parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                            help="keep spec.limits.window counts in DIR/limits.json, across "
+                                 "restarts (in a pod: an emptyDir); without it they are kept "
+                                 "in memory only")
+        parser.add_argument("--admin-listen", type=_address, default=_address(DEFAULT_ADMIN),
+                            metavar="HOST:PORT", help="/healthz, /readyz and /metrics "
+                                                      f"(default {DEFAULT_ADMIN})")
+        parser.add_argument("--unmatched", choices=("passthrough", "deny"),
+                            default="passthrough", help="unrouted hosts: tunnel/forward them "
+                                                        "untouched (default) or answer 403")
+        parser.add_argument("--egress", choices=[e.value for e in Egress], default="private",
+                            help="addresses the proxy may connect to: public only; public and "
+                                 "private ranges (default); or any. Loopback, link-local "
+                                 "(cloud metadata), multicast and reserved addresses are refused "
+                                 "unless 'any'; --resolve targets are always allowed")
+        parser.add_argument("--resolve", type=_resolve, action="append", default=[],
+                            metavar="HOST:PORT:ADDR", help="connect to ADDR for HOST:PORT "
+                                                           "(repeatable, like curl)")
+        parser.add_argument("--header-timeout", type=float, default=15.0, metavar="SECONDS",
+                            help="close connections that send no complete request head in "
+                                 "time (default 15)")
+        parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
+                            help="close keep-alive connections idle this long (default 120)")
+        parser.add_argument("--upstream-timeout", type=float, default=300.0, metavar="SECONDS",
+                            help="wait this long for an upstream's response headers, then 504 "
+                                 "(default 300; bodies may stream for longer)")
+        parser.add_argument("--log-level", default="info",
+                            choices=("debug", "info", "warning", "error"))
+        parser.add_argument("--version", action="version", version=f"keyhole {__version__}")
+    return parser
+
+
+def check(argv: list[str]) -> int:
+    args = build_parser(check=True).parse_args(argv)
+    problems: list[str] = []
+    try:
+        table = load_route_table(Sources(args.injections, args.secrets_dir, args.signing_key))
+    except SpecError as exc:
+        problems.extend(str(p) for p in exc.problems)
+        table = None
+    if args.ca_dir.exists():
+        try:
+            CertificateAuthority.load(args.ca_dir)
+        except CAError as exc:
+            problems.append(f"{args.ca_dir}: {exc}")
+    if args.upstream_ca:
+        try:
+            upstream_tls_context(args.upstream_ca)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        print(f"{len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    assert table is not None
+    for route in table.routes:
+        hosts = ", ".join(str(h) for h in route.injection.hosts)
+        sets = [name for name, _ in route.headers] + [f"?{name}" for name, _ in route.query]
+        if route.credential is not None:  # minted or signed by the proxy
+            sets.append(f"Authorization ({route.source})")
+        print(f"ok  {route.name}: {hosts} ← {', '.join(sets)}")
+        if route.injection.limits is not None:
+            print(f"    limits: {describe(route.injection.limits)}")
+        for index, rule in enumerate(route.injection.rules or ()):
+            if rule.limits is not None:
+                print(f"    rules[{index}] limits: {describe(rule.limits)}")
+    print(f"{len(table)} injection(s) ok")
+    return 0
+
+
+def _event_loop_runner():
+    """uvloop when installed (a faster event loop, same semantics), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        return check(argv[1:])
+    if argv[:1] == ["transparent-rules"]:  # the standalone recipe for transparent capture
+        from keyhole_sidecar.capture import main as capture_main
+
+        return capture_main(["--print", *argv[1:]])
+    args = build_parser(check=False).parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    options = Options(
+        injections=args.injections, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir,
+        listen=args.listen, admin_listen=args.admin_listen, unmatched=args.unmatched,
+        resolve=args.resolve, upstream_ca=args.upstream_ca, signing_key=args.signing_key,
+        header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+        egress=Egress(args.egress), upstream_timeout=args.upstream_timeout,
+        transparent_listen=args.transparent_listen, state_dir=args.state_dir,
+    )
+    try:
+        _event_loop_runner()(run(options))
+    except StartupError as exc:
+        print(f"keyhole-sidecar: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

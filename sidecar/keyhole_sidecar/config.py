@@ -1,0 +1,170 @@
+"""Loading the configuration and keeping it current: injections + secrets → a RouteTable.
+
+Reload is by polling: every second the injection files and the referenced secret files are
+read and compared with what is being served. Polling follows Kubernetes' ``..data`` symlink
+swaps, editors that replace files and ConfigMap updates alike, with no platform quirks.
+A broken new configuration is logged and counted, and the last good one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from keyhole_common.spec import (
+    LIST_KIND,
+    Problem,
+    SecretInjection,
+    SignatureError,
+    SpecError,
+    parse_injections,
+    read_documents,
+    verify,
+)
+from keyhole_sidecar.credentials import CredentialRegistry
+from keyhole_sidecar.metrics import Metrics
+from keyhole_sidecar.routes import RouteTable, build_route_table
+from keyhole_sidecar.secrets import SecretsDir
+
+log = logging.getLogger("keyhole.config")
+
+
+@dataclass(frozen=True)
+class Sources:
+    injections: Path
+    secrets_dir: Path
+    signing_key: Path | None = None
+
+
+def read_signing_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise SpecError([Problem(str(path), "", f"cannot read the signing key: {exc.strerror}")]
+                        ) from None
+    if len(key) < 16:
+        raise SpecError([Problem(str(path), "", "the signing key is shorter than 16 bytes")])
+    return key
+
+
+def load_injections(sources: Sources) -> list[SecretInjection]:
+    """Parse the injections, verifying the operator's signature when a key is configured."""
+    documents = read_documents(sources.injections)
+    if sources.signing_key is not None:
+        key = read_signing_key(sources.signing_key)
+        present = [(s, d) for s, d in documents if d is not None]
+        if len(present) != 1 or not isinstance(present[0][1], dict) or (
+            present[0][1].get("kind") != LIST_KIND
+        ):
+            raise SpecError([Problem(str(sources.injections), "", "with --signing-key the "
+                                     f"injections must be one signed {LIST_KIND} document")])
+        try:
+            verify(present[0][1], key)
+        except SignatureError as exc:
+            raise SpecError([Problem(str(sources.injections), "signature", str(exc))]) from None
+    return parse_injections(documents)
+
+
+def load_route_table(sources: Sources) -> RouteTable:
+    """Everything a proxy needs from disk, or :class:`SpecError` naming every problem."""
+    injections = load_injections(sources)
+    return build_route_table(injections, SecretsDir(sources.secrets_dir).read,
+                             CredentialRegistry().source)
+
+
+def _fingerprint(sources: Sources, injections: list[SecretInjection]) -> str:
+    """A digest of every byte the configuration depends on (never logged, never kept raw)."""
+    digest = hashlib.sha256()
+    paths: list[Path] = []
+    if sources.injections.is_dir():
+        paths.extend(sorted(p for p in sources.injections.iterdir() if not p.name.startswith(".")))
+    else:
+        paths.append(sources.injections)
+    if sources.signing_key is not None:
+        paths.append(sources.signing_key)
+    secrets = SecretsDir(sources.secrets_dir)
+    paths.extend(secrets.path(ref) for inj in injections for ref in inj.secret_refs())
+    for path in paths:
+        digest.update(str(path).encode() + b"\0")
+        try:
+            digest.update(path.read_bytes() if path.is_file() else b"<not a file>")
+        except OSError as exc:
+            digest.update(f"<{exc.errno}>".encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+class LiveConfig:
+    """The route table being served, and the loop that replaces it when files change."""
+
+    def __init__(self, sources: Sources, metrics: Metrics):
+        self.sources = sources
+        self.metrics = metrics
+        self.table: RouteTable | None = None
+        self.last_error: str | None = None
+        self._injections: list[SecretInjection] = []
+        self._fingerprint: str | None = None
+        self.credentials = CredentialRegistry(on_minted=metrics.credential_minted,
+                                              on_failed=metrics.credential_failed)
+
+    def current(self) -> RouteTable:
+        assert self.table is not None, "load() first"
+        return self.table
+
+    def load(self) -> bool:
+        """(Re)load from disk. On failure keep the old table, log every problem, return False."""
+        try:
+            injections = load_injections(self.sources)
+        except SpecError as exc:
+            self._fingerprint = _fingerprint(self.sources, self._injections)
+            return self._rejected(exc)
+        self._injections = injections
+        fingerprint = _fingerprint(self.sources, injections)
+        try:
+            table = build_route_table(injections, SecretsDir(self.sources.secrets_dir).read,
+                                      self.credentials.source)
+        except SpecError as exc:
+            self._fingerprint = fingerprint
+            return self._rejected(exc)
+        self.credentials.keep_only_used()  # tokens of unchanged sources are kept
+        self.metrics.follow_credentials(self.credentials.sources())
+        self._fingerprint = fingerprint
+        first = self.table is None
+        self.table = table
+        self.last_error = None
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.routes.set(len(table))
+        self.metrics.config_timestamp.set(time.time())
+        log.info("%s configuration: %d injection(s): %s", "loaded" if first else "reloaded",
+                 len(table), ", ".join(r.name for r in table.routes) or "none")
+        return True
+
+    def _rejected(self, exc: SpecError) -> bool:
+        self.last_error = str(exc)
+        self.metrics.reloads.labels("error").inc()
+        keeping = "keeping the last good configuration" if self.table else "nothing to serve yet"
+        log.error("configuration rejected (%s):\n  %s", keeping,
+                  "\n  ".join(str(p) for p in exc.problems))
+        return False
+
+    def changed(self) -> bool:
+        """Cheap check: did any file the configuration depends on change?"""
+        try:
+            injections = load_injections(self.sources)
+        except SpecError:
+            injections = self._injections
+        return _fingerprint(self.sources, injections) != self._fingerprint
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Poll for changes forever; reload on any."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if self.changed():
+                    self.load()
+            except Exception:  # a reload bug must never take the proxy down
+                log.exception("unexpected error while reloading; still serving the last config")

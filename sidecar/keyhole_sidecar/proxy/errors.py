@@ -1,0 +1,108 @@
+"""The proxy's refusals and failures, each mapped to one status in one place.
+
+``reason`` is a short, bounded code for metrics and the audit log; ``message`` is the
+sentence a human reads in the response body. Neither ever holds a secret value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from http import HTTPStatus
+
+from aiohttp import web
+
+_QUOTED = re.compile(r"""(bytearray\(|\bb['"]|['"])""")  # where llhttp's quote of the bytes begins
+
+
+class ProxyError(Exception):
+    status = 502
+    decision = "error"
+
+    def __init__(self, reason: str, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class Denied(ProxyError):
+    """Policy said no: an unrouted host under ``--unmatched deny``, or a rule."""
+
+    status = 403
+    decision = "denied"
+
+
+class BadRequest(ProxyError):
+    """The request cannot be interpreted safely."""
+
+    status = 400
+    decision = "denied"
+
+
+class UpstreamFailed(ProxyError):
+    """The upstream could not be reached, failed TLS verification, or broke the protocol."""
+
+    status = 502
+
+
+def parser_complaint(exc: Exception) -> str:
+    """What llhttp objected to, without the bytes it quotes: those are the client's own and may
+    hold anything, so they are neither answered nor logged."""
+    message = str(getattr(exc, "message", "") or "").strip()
+    first = message.splitlines()[0] if message else ""
+    quoted = _QUOTED.search(first)
+    first = first[:quoted.start()] if quoted else first
+    return first.strip(" :")[:160] or type(exc).__name__
+
+
+class LimitExceeded(ProxyError):
+    """Over one of an injection's limits: 429 (or 413 for a body) with a JSON body that names
+    the injection, the limit and when it resets; nothing was sent upstream."""
+
+    decision = "denied"
+    REASONS = {"requestsPerMinute": "rate_limited", "concurrentRequests": "concurrency_limited",
+               "requestBodyBytes": "body_too_large"}
+
+    def __init__(self, refusal):
+        reason = self.REASONS.get(refusal.limit, "window_exhausted")
+        super().__init__(reason, refusal.detail, status=refusal.status)
+        self.refusal = refusal
+
+    def parts(self) -> tuple[list[tuple[str, str]], bytes]:
+        from keyhole_sidecar.limits import retry_after_header
+
+        refusal = self.refusal
+        resets = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(refusal.resets_at))
+                  if refusal.resets_at is not None else None)
+        body = {"error": self.reason, "injection": refusal.injection, "limit": refusal.limit,
+                "message": f"keyhole: {self.message}", "retryAfterSeconds": (
+                    int(retry_after_header(refusal)) if refusal.retry_after is not None
+                    else None), "resetsAt": resets}
+        headers = [("Content-Type", "application/json"), ("X-Keyhole-Error", self.reason)]
+        retry = retry_after_header(refusal)
+        if retry is not None:
+            headers.append(("Retry-After", retry))
+        return headers, (json.dumps(body) + "\n").encode()
+
+
+def error_parts(error: ProxyError) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    """Status, reason, headers and body of the answer to ``error``."""
+    if isinstance(error, LimitExceeded):
+        headers, body = error.parts()
+        return error.status, HTTPStatus(error.status).phrase, headers, body
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("X-Keyhole-Error", error.reason)]
+    return (error.status, HTTPStatus(error.status).phrase, headers,
+            f"keyhole: {error.message}\n".encode())
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """The same answer through aiohttp's server (a WebSocket upgrade's)."""
+    return web.Response(
+        status=error.status,
+        text=f"keyhole: {error.message}\n",
+        headers={"X-Keyhole-Error": error.reason, "Connection": "close"}
+        if error.status == 400 else {"X-Keyhole-Error": error.reason},
+    )

@@ -1,0 +1,462 @@
+"""Sending one request upstream and streaming the answer back, redacted.
+
+Shared by every mode (intercepted CONNECT, absolute-form, base-URL, transparent): the modes
+only decide the :class:`Target`; what leaves the proxy and what comes back is decided here,
+once. Requests travel on kept-alive upstream connections (:mod:`keyhole_sidecar.proxy.pool`); heads
+are written by :mod:`keyhole_sidecar.proxy.heads`, bodies are copied with flow control both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from multidict import CIMultiDict
+from yarl import URL
+
+from keyhole_common.spec import Limits
+from keyhole_sidecar.audit import AuditRecord
+from keyhole_sidecar.credentials import CredentialError, CredentialSource, Outgoing
+from keyhole_sidecar.egress import TargetRefused
+from keyhole_sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
+from keyhole_sidecar.limits import Refusal
+from keyhole_sidecar.proxy.context import ProxyContext
+from keyhole_sidecar.proxy.downstream import Request
+from keyhole_sidecar.proxy.errors import BadRequest, Denied, LimitExceeded, ProxyError, UpstreamFailed
+from keyhole_sidecar.proxy.heads import LAST_CHUNK, UnsafeHead, chunk, request_head
+from keyhole_sidecar.proxy.pool import ResolveFailed, UpstreamClosed, UpstreamConnection
+from keyhole_sidecar.redact import Redactor
+from keyhole_sidecar.routes import Route
+
+# Encodings the proxy can decode to redact; anything else from a routed host is refused.
+DECODABLE = ("gzip", "deflate", "br")
+# A body announced at most this long is read whole and answered with one write (with its
+# Content-Length) instead of being streamed in chunks: most API answers are this small, and
+# each write through TLS costs more than the bytes in it.
+WHOLE_BODY_LIMIT = 64 * 1024
+# A body whose hash goes into a signature (SigV4, payload: signed) is read whole first.
+SIGNED_BODY_LIMIT = 16 * 1024 * 1024
+# Requests sent again, once, on a fresh connection when a kept-alive one turns out closed
+# before any byte of an answer (RFC 9110 §9.2.2); a streamed body cannot be replayed.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_NO_BODY_STATUSES = frozenset({204, 304})
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # announce an empty body as length 0
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_DEFAULT_PORT = {"https": 443, "http": 80}
+Body = AsyncIterator[bytes] | bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes and which injections apply (none: passthrough)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # raw (percent-encoded) path to send
+    query: str  # raw query string from the client
+    routes: tuple[Route, ...] = ()
+    limits: tuple[tuple[str, str, Limits], ...] = ()
+    """(injection, scope, limits) for each injection whose limits apply to this request."""
+
+    @property
+    def routed(self) -> bool:
+        return bool(self.routes)
+
+    @property
+    def label(self) -> str:
+        """Bounded metric label: the injection names, or '-' when unrouted."""
+        if len(self.routes) == 1:  # the common case, asked several times per request
+            return self.routes[0].injection.name
+        return "+".join(sorted(r.name for r in self.routes)) or "-"
+
+    @property
+    def authority(self) -> str:
+        """The Host header: the port only when it is not the scheme's default."""
+        host = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
+        return host if self.port == _DEFAULT_PORT.get(self.scheme) else f"{host}:{self.port}"
+
+    def url(self, scheme: str | None = None, query: str | None = None) -> URL:
+        return URL.build(scheme=scheme or self.scheme, host=self.host, port=self.port,
+                         path=self.path, encoded=True, query_string=(
+                             forwarded_query(self.query, self.routes) if query is None else query))
+
+    def redactor(self) -> Redactor:
+        if len(self.routes) == 1:
+            return self.routes[0].live_redactor()
+        return Redactor(form for r in self.routes for form in r.live_redactor().forms)
+
+    @property
+    def credentials(self) -> list[CredentialSource]:
+        return [r.credential for r in self.routes if r.credential is not None]
+
+
+def is_websocket(headers) -> bool:
+    return (headers.get("Upgrade", "").lower() == "websocket"
+            and "upgrade" in headers.get("Connection", "").lower())
+
+
+def _accept_encoding(client_value: str | None) -> str | None:
+    """What a routed request may ask the upstream for: only encodings we can decode."""
+    if not client_value:
+        return None
+    offered = [part.split(";")[0].strip().lower() for part in client_value.split(",")]
+    chosen = [enc for enc in DECODABLE if enc in offered or "*" in offered]
+    return ", ".join(chosen) if chosen else None
+
+
+async def _client_body(request: Request, record: AuditRecord) -> AsyncIterator[bytes]:
+    body = request.body
+    while True:
+        data = await body.readany()
+        if not data:
+            return
+        record.bytes_in += len(data)
+        yield data
+
+
+def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
+    return UpstreamFailed("encoding", f"{target.host} answered with Content-Encoding {encoding!r}, "
+                          "which keyhole cannot inspect for secrets")
+
+
+def connect_failure(exc: BaseException, target: Target) -> ProxyError:
+    """What the client is told when no connection to the upstream could be opened."""
+    where = f"{target.host}:{target.port}"
+    if isinstance(exc, TargetRefused):
+        return Denied(exc.reason, str(exc))
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return UpstreamFailed("upstream_tls", f"the TLS certificate of {where} failed "
+                              f"verification ({exc.verify_message or exc}); the request was not "
+                              "sent")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamFailed("upstream_tls", f"TLS with {where} failed ({exc.reason or exc}); "
+                              "the request was not sent")
+    if isinstance(exc, ResolveFailed | socket.gaierror):
+        refused = exc.__cause__
+        if isinstance(refused, TargetRefused):
+            return Denied(refused.reason, str(refused))
+        return UpstreamFailed("dns", f"cannot resolve {target.host}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamFailed("timeout", f"{where} did not answer in time", status=504)
+    if isinstance(exc, UnicodeError | ValueError):
+        return UpstreamFailed("bad_request", f"{target.host} is not a host name or address the "
+                              "proxy can connect to", status=400)
+    if isinstance(exc, OSError):
+        return UpstreamFailed("connect", f"cannot connect to {where} "
+                              f"({exc.strerror or type(exc).__name__})")
+    return UpstreamFailed("upstream_error", f"talking to {where} failed ({type(exc).__name__})")
+
+
+def _response_headers(upstream: CIMultiDict[str], target: Target,
+                      redactor: Redactor | None) -> list[tuple[str, str]]:
+    named_in_connection = {t.strip().lower() for v in upstream.getall("Connection", ())
+                           for t in v.split(",")}
+    headers: list[tuple[str, str]] = []
+    # One search over every value answers "does any header hold a secret?" (almost never).
+    if redactor is not None and not redactor.found_in_text("\n".join(upstream.values())):
+        redactor = None
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower.startswith("proxy-") or lower in named_in_connection:
+            continue
+        if target.routed and lower == "content-encoding":
+            continue  # decoded for redaction
+        headers.append((name, redactor.redact_text(value) if redactor else value))
+    return headers
+
+
+def content_length(headers) -> int | None:
+    """A head's Content-Length as a number (llhttp checked the digits), or None."""
+    value = headers.get("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+async def forward(ctx: ProxyContext, request: Request, target: Target,
+                  record: AuditRecord) -> None:
+    """Send ``request`` to ``target`` and stream the answer; raise ProxyError before any byte
+    of the answer was written, abort the client connection after."""
+    try:
+        ctx.resolver.check_literal(target.host, target.port)
+    except TargetRefused as refused:
+        raise Denied(refused.reason, str(refused)) from None
+    if target.routed and is_websocket(request.headers):
+        from keyhole_sidecar.proxy.websocket import forward_websocket
+
+        await forward_websocket(ctx, request, target, record)
+        return
+    headers = forwarded_headers(request.headers, target.routes)
+    headers.popall("Content-Length", None)  # the framing is ours to write
+    if target.routed:
+        headers.popall("Accept-Encoding", None)
+        accept = _accept_encoding(request.headers.get("Accept-Encoding"))
+        if accept:
+            headers["Accept-Encoding"] = accept
+    body: Body = None
+    if request.can_read_body:
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            request.reply.interim(_CONTINUE)
+        if request.body.is_eof():  # all of it arrived with the head: send it in one write
+            body = request.body.read_nowait(-1)
+            record.bytes_in += len(body)
+        else:
+            body = _client_body(request, record)
+    limit = min((lim.request_body_bytes for _, _, lim in target.limits
+                 if lim.request_body_bytes is not None), default=None)
+    if limit is not None and body is not None and (
+            isinstance(body, bytes) or request.message.chunked):  # announced lengths: judged
+        body = await _bounded(ctx, body, limit, target)
+    query = None
+    if target.credentials:
+        body, query = await _authorize(ctx, request, target, headers, body)
+    query = forwarded_query(target.query, target.routes) if query is None else query
+    framing: list[tuple[str, str]] = []
+    if isinstance(body, bytes):
+        if body or request.method in _BODY_METHODS:
+            framing.append(("Content-Length", str(len(body))))
+    elif body is not None:
+        length = None if request.message.chunked else content_length(request.headers)
+        framing.append(("Content-Length", str(length)) if length is not None
+                       else ("Transfer-Encoding", "chunked"))
+    elif request.method in _BODY_METHODS:
+        framing.append(("Content-Length", "0"))
+    host = headers.popone("Host", target.authority)  # a signature may have set it
+    try:
+        head = request_head(request.method, f"{target.path}?{query}" if query else target.path,
+                            [("Host", host), *headers.items(), *framing])
+    except UnsafeHead as exc:
+        raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}") from None
+    chunked = bool(framing) and framing[0][0] == "Transfer-Encoding"
+    await _exchange(ctx, request, target, record, head, body, chunked)
+
+
+async def _exchange(ctx: ProxyContext, request: Request, target: Target, record: AuditRecord,
+                    head: bytes, body: Body, chunked: bool) -> None:
+    """Send the request on a pooled connection, then relay the answer."""
+    label = target.label
+    started = time.monotonic()
+    replayable = request.method in IDEMPOTENT and not isinstance(body, AsyncIterator)
+    sending: asyncio.Task | None = None
+    answered = False
+    for attempt in (1, 2):
+        try:
+            conn = await ctx.pool.acquire(target.scheme, target.host, target.port)
+        except (TimeoutError, OSError, ValueError, TargetRefused) as exc:
+            failure = connect_failure(exc, target)
+            if not isinstance(failure, Denied):
+                ctx.metrics.upstream_errors.labels(failure.reason).inc()
+            raise failure from None
+        conn.expect(request.method, decode=target.routed)
+        try:
+            if isinstance(body, bytes):
+                conn.write(head + body)
+            else:
+                conn.write(head)
+                if body is not None:
+                    sending = asyncio.ensure_future(_send_body(conn, body, chunked))
+                    sending.add_done_callback(_seen)
+            message, payload = await conn.response(ctx.settings.upstream_timeout)
+            answered = True
+            break
+        except UpstreamClosed as exc:
+            conn.close()
+            if attempt == 1 and conn.reused and replayable and not exc.answered:
+                continue  # a kept-alive connection the upstream had closed: once more
+            ctx.metrics.upstream_errors.labels("upstream_reset").inc()
+            raise UpstreamFailed("upstream_reset", f"{target.host}:{target.port} closed the "
+                                 "connection before answering") from None
+        except TimeoutError:
+            conn.close()
+            ctx.metrics.upstream_errors.labels("timeout").inc()
+            raise UpstreamFailed("timeout", f"{target.host}:{target.port} did not answer in "
+                                 "time", status=504) from None
+        except ContentEncodingError:
+            conn.close()
+            ctx.metrics.upstream_errors.labels("encoding").inc()
+            raise _refused_encoding(target, "unsupported") from None
+        except HttpProcessingError:
+            conn.close()
+            ctx.metrics.upstream_errors.labels("bad_response").inc()
+            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a "
+                                 "malformed response") from None
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            if not answered and sending is not None:
+                sending.cancel()  # the connection it wrote to is gone
+    released = False
+    try:
+        ctx.metrics.upstream_answered(label, time.monotonic() - started)
+        if message.code == 101:
+            ctx.metrics.upstream_errors.labels("bad_response").inc()
+            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} switched "
+                                 "protocols unasked")
+        encoding = message.headers.get("Content-Encoding", "identity").strip().lower()
+        if target.routed and encoding not in ("identity", "", *DECODABLE):
+            ctx.metrics.upstream_errors.labels("encoding").inc()
+            raise _refused_encoding(target, encoding)
+        redactor = target.redactor() if target.routed else None
+        headers = _response_headers(message.headers, target, redactor)
+        reply = request.reply
+        record.status = message.code
+        length = content_length(message.headers)
+        no_body = request.method == "HEAD" or message.code in _NO_BODY_STATUSES
+        try:
+            if no_body:
+                if length is not None and request.method == "HEAD" and (
+                        not target.routed or encoding in ("identity", "")):
+                    headers.append(("Content-Length", str(length)))
+                reply.start(message.code, message.reason, headers)
+            elif length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity",
+                                                                                      ""):
+                await _answer_whole(ctx, reply, message, payload, target, headers, redactor,
+                                    record)
+            else:
+                await _stream(ctx, reply, message, payload, target, headers, redactor, record,
+                              length if not target.routed else None)
+        except UnsafeHead as exc:  # raised before the head's first byte was written
+            ctx.metrics.upstream_errors.labels("bad_response").inc()
+            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a head the "
+                                 f"proxy will not pass on: {exc}") from None
+        if sending is not None and (not sending.done() or sending.cancelled()
+                                    or sending.exception() is not None):
+            reply.close = True  # the client's body was not all sent: its stream is unclear
+        elif not message.should_close:
+            ctx.pool.release(conn)
+            released = True
+    finally:
+        if sending is not None and not sending.done():
+            sending.cancel()
+        if not released:
+            conn.close()
+
+
+async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) -> bytes:
+    """A body of unannounced length under ``requestBodyBytes``: read it (up to the limit, so a
+    chunked body is held in memory up to that size) before anything is sent, so one over it is
+    a 413 with nothing upstream. Bodies with a Content-Length were judged before and stream."""
+    if isinstance(body, bytes):
+        data, size = body, len(body)
+    else:
+        parts, size = [], 0
+        async for piece in body:
+            size += len(piece)
+            if size > limit:
+                break
+            parts.append(piece)
+        data = b"".join(parts)
+    if size > limit:
+        name = next(n for n, _, lim in target.limits if lim.request_body_bytes == limit)
+        ctx.metrics.limit_refused(name, "requestBodyBytes")
+        raise LimitExceeded(Refusal(name, "requestBodyBytes", 413, None, None,
+                                    f"the body is over injection {name!r}'s requestBodyBytes "
+                                    f"({limit})"))
+    return data
+
+
+def _seen(task: asyncio.Task) -> None:
+    """A body copy that failed is answered for by the exchange (the client's stream is closed
+    after the answer); its exception needs no log line of its own."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes] | bytes,
+                     chunked: bool) -> None:
+    """Copy the client's body upstream, pausing while the upstream's socket is full."""
+    async for data in body:
+        conn.write(chunk(data) if chunked else data)
+        await conn.drain()
+    if chunked:
+        conn.write(LAST_CHUNK)
+
+
+async def _stream(ctx: ProxyContext, reply, message, payload, target: Target,
+                  headers: list[tuple[str, str]], redactor: Redactor | None, record: AuditRecord,
+                  length: int | None) -> None:
+    """Relay a body as it arrives; a break after the head aborts the client's connection."""
+    reply.start(message.code, message.reason, headers, length=length)
+    stream = redactor.stream() if redactor else None
+    try:
+        while True:
+            data = await payload.readany()
+            if not data:
+                break
+            out = stream.feed(data) if stream else data
+            if out:
+                record.bytes_out += len(out)
+                await reply.write(out)
+        if stream:
+            tail = stream.flush()
+            if tail:
+                record.bytes_out += len(tail)
+                await reply.write(tail)
+    except (HttpProcessingError, ConnectionError, TimeoutError):
+        ctx.metrics.upstream_errors.labels("mid_body").inc()
+        record.reason = "upstream_mid_body"
+        reply.abort()
+        return
+    await reply.end()
+
+
+async def _authorize(ctx: ProxyContext, request, target: Target,
+                     headers: CIMultiDict[str], body: Body,
+                     ) -> tuple[Body, str]:
+    """Let each credential source set its credential (minting, or signing the request).
+    Returns the body to send (read whole when a signature covers it) and the final query."""
+    out = Outgoing(request.method, target.host, target.port, target.path,
+                   forwarded_query(target.query, target.routes), headers, request.headers)
+    sources = target.credentials
+    if any(source.hashes_payload for source in sources):
+        whole = b""
+        if isinstance(body, bytes):
+            whole = body
+        elif body is not None:
+            parts, size = [], 0
+            async for data in body:
+                size += len(data)
+                if size > SIGNED_BODY_LIMIT:
+                    raise BadRequest("body_too_large", f"a body over {SIGNED_BODY_LIMIT >> 20} "
+                                     "MiB cannot be hashed for its signature; for services that "
+                                     "accept it (S3), set spec.awsSigV4.payload: unsigned",
+                                     status=413)
+                parts.append(data)
+            whole = b"".join(parts)
+        out.payload_hash, body = hashlib.sha256(whole).hexdigest(), whole
+    try:
+        for source in sources:
+            await source.authorize(out, ctx.session)
+    except CredentialError as error:
+        message = f"injection {target.label!r}: {error.message}"
+        if error.reason == "unsupported":  # the client's request, not the credential
+            raise BadRequest("credential_unsupported", message) from None
+        raise UpstreamFailed("credential", message) from None
+    return body, out.query
+
+
+async def _answer_whole(ctx: ProxyContext, reply, message, payload, target: Target,
+                        headers: list[tuple[str, str]], redactor: Redactor | None,
+                        record: AuditRecord) -> None:
+    """Read a small body whole, redact it, answer in one write. Nothing has been sent to the
+    client yet, so an upstream failing mid-body becomes a clean 502 here."""
+    try:
+        if payload.is_eof() and payload.exception() is None:
+            body = payload.read_nowait(-1)  # it came with the head (the usual case): no await
+        else:
+            body = await payload.read()
+    except (HttpProcessingError, ConnectionError, TimeoutError):
+        ctx.metrics.upstream_errors.labels("mid_body").inc()
+        raise UpstreamFailed("upstream_mid_body", f"{target.host}:{target.port} closed the "
+                             "connection before sending the whole response") from None
+    if redactor:
+        body = redactor.redact(body)
+    record.bytes_out = len(body)
+    await reply.send(message.code, message.reason, headers, body)

@@ -1,0 +1,265 @@
+"""From a parsed request to a :class:`Target`: the routing decision of each mode.
+
+- intercepted: a request inside a CONNECT tunnel we terminated; the CONNECT authority decides.
+- absolute-form: ``GET http://host/path`` sent to the proxy in the clear.
+- base-URL: ``GET /<injection>/path`` for clients that ignore proxy variables.
+- transparent: a connection redirected to the transparent port; the ClientHello's SNI (or a
+  plain request's Host) decides, exactly as a CONNECT authority.
+
+Every routed decision passes through :func:`routed_target`, which applies the rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from urllib.parse import unquote_plus
+
+from keyhole_common.spec import normalise_hostname, split_authority
+from keyhole_sidecar.audit import AuditRecord
+from keyhole_sidecar.limits import Refusal
+from keyhole_sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
+from keyhole_sidecar.proxy.context import ProxyContext
+from keyhole_sidecar.proxy.downstream import Request
+from keyhole_sidecar.proxy.errors import (
+    BadRequest,
+    Denied,
+    LimitExceeded,
+    ProxyError,
+    UpstreamFailed,
+    error_parts,
+)
+from keyhole_sidecar.proxy.forward import Target, content_length, forward
+from keyhole_sidecar.routes import Route
+
+MAX_AUDIT_QUERY_KEYS = 20
+ECHO_METHODS = frozenset({"TRACE", "TRACK"})
+log = logging.getLogger("keyhole.proxy")
+
+
+def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_port: int,
+                  raw_path: str, raw_query: str) -> Target:
+    """The target for a routed request, after every applicable injection's rules agreed."""
+    if method in ECHO_METHODS:
+        raise Denied("echo_method", f"{method} echoes the request back, credentials included; "
+                                    "keyhole never sends it to a routed host", status=405)
+    try:
+        path = normalise_path(raw_path or "/")
+    except PathRejected as exc:
+        raise BadRequest("bad_path", str(exc)) from None
+    limits = []
+    for route in routes:
+        verdict = check_rules(route.injection.rules, method, path)
+        if not verdict.allowed:
+            status = 405 if verdict.reason.startswith("method") else 403
+            raise Denied("rule", f"injection {route.name!r} refuses this request: "
+                                 f"{verdict.reason}", status=status)
+        rule = route.injection.rules[verdict.index] if verdict.index is not None else None
+        if rule is not None and rule.limits is not None:  # the rule's own replace the spec's
+            limits.append((route.name, verdict.reason, rule.limits))
+        elif route.injection.limits is not None:
+            limits.append((route.name, "spec", route.injection.limits))
+    if not any(r.injection.rules is not None for r in routes):
+        path = raw_path or "/"  # nothing was judged on the path: forward it untouched
+    return Target("https", normalise_hostname(host), upstream_port, path, raw_query, routes,
+                  tuple(limits))
+
+
+def _unrouted(ctx: ProxyContext, scheme: str, host: str, port: int, raw_path: str,
+              raw_query: str) -> Target:
+    if ctx.settings.unmatched == "deny":
+        raise Denied("unrouted", f"{host}:{port} is not routed by any injection and this proxy "
+                                 "runs with --unmatched deny")
+    return Target(scheme, host, port, raw_path or "/", raw_query)
+
+
+def _query_keys(raw_query: str) -> list[str]:
+    keys = [unquote_plus(pair.partition("=")[0]) for pair in raw_query.split("&") if pair]
+    return keys[:MAX_AUDIT_QUERY_KEYS]
+
+
+async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
+                 decide: Callable[[], Target]) -> None:
+    """Decide, forward, and account for the request whatever happens."""
+    label = "-"
+    started = time.monotonic()
+    try:
+        if (request.version.major, request.version.minor) not in ((1, 0), (1, 1)):
+            raise BadRequest("bad_request", f"HTTP/{request.version.major}.{request.version.minor}"
+                                            " is not supported; speak HTTP/1.1")
+        target = decide()
+        label = target.label
+        record.injection = label if target.routed else None
+        record.source = "+".join(sorted({r.source for r in target.routes})) or None
+        record.decision = "injected" if target.routed else "passthrough"
+        record.reason = "routed" if target.routed else "unrouted"
+        if not target.limits:
+            await forward(ctx, request, target, record)
+            return
+        ticket = ctx.limiter.admit(target.limits, _announced_length(request))
+        if isinstance(ticket, Refusal):
+            raise LimitExceeded(ticket)
+        try:
+            await forward(ctx, request, target, record)
+        finally:
+            ctx.limiter.release(ticket)
+    except ProxyError as error:
+        record.decision, record.reason, record.status = error.decision, error.reason, error.status
+        await _answer_error(request, error)
+    except asyncio.CancelledError:
+        record.reason = "client_closed"
+        raise
+    except Exception as exc:  # a bug: answer cleanly, log the type only (a message may hold a URL)
+        log.error("unexpected %s while handling %s %s for %s", type(exc).__name__,
+                  request.method, record.mode, record.host or "-")
+        record.decision, record.reason, record.status = "error", "internal_error", 502
+        await _answer_error(request, UpstreamFailed("internal_error", "the proxy failed on this "
+                                                    "request; see the sidecar log"))
+    finally:
+        ctx.metrics.request_done(label, request.method, record.status, record.decision,
+                                 record.reason, time.monotonic() - started, record.bytes_in,
+                                 record.bytes_out)  # reasons are short codes: bounded labels
+        ctx.audit.write(record)
+
+
+def _announced_length(request: Request) -> int | None:
+    """The body's length when the head says it (llhttp checked the digits); else None."""
+    if request.message.chunked or not request.can_read_body:
+        return None if request.can_read_body else 0
+    return content_length(request.headers)
+
+
+async def _answer_error(request: Request, error: ProxyError) -> None:
+    """Answer ``error``, or break the connection if part of an answer was already sent."""
+    reply = request.reply
+    if reply.started:
+        reply.abort()
+        return
+    status, reason, headers, body = error_parts(error)
+    if status == 400:
+        reply.close = True  # the stream may not be where the client thinks it is
+    with contextlib.suppress(ConnectionError):
+        await reply.send(status, reason, headers, body)
+
+
+async def handle_plain(ctx: ProxyContext, request: Request) -> None:
+    """Requests on the proxy port that are not CONNECT: absolute-form or base-URL."""
+    url = request.url
+    record = AuditRecord(mode="absolute" if url.absolute else "base-url", method=request.method,
+                         host=(url.raw_host or "") if url.absolute else "",
+                         path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
+
+    def decide() -> Target:
+        if request.method == "CONNECT":
+            raise BadRequest("bad_request", "CONNECT must be the first request on a new "
+                                            "connection to the proxy")
+        if url.absolute:
+            return _decide_absolute(ctx, request, url)
+        return _decide_base_url(ctx, request.method, url.raw_path, url.raw_query_string)
+
+    await _serve(ctx, request, record, decide)
+
+
+def _decide_absolute(ctx: ProxyContext, request: Request, url) -> Target:
+    if url.scheme not in ("http", "https"):
+        raise BadRequest("bad_request", f"scheme {url.scheme!r} is not proxied; use http or https")
+    if url.user is not None or url.password is not None:
+        raise BadRequest("bad_request", "credentials in the request URL are refused; the proxy "
+                                        "adds credentials itself")
+    host, port = url.raw_host, url.port
+    if not host or port is None:
+        raise BadRequest("bad_request", "the request URL has no host")
+    table = ctx.routes()
+    routes = table.match(host, port, plain_http=url.scheme == "http")
+    if not routes:
+        return _unrouted(ctx, url.scheme, host, port, url.raw_path, url.raw_query_string)
+    entry = table.upstream_for(routes, host, port, plain_http=url.scheme == "http")
+    return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
+                         url.raw_query_string)
+
+
+def _decide_base_url(ctx: ProxyContext, method: str, raw_path: str, raw_query: str) -> Target:
+    try:
+        name, rest = split_base_url(raw_path)
+    except BaseUrlError as exc:
+        raise Denied("not_found" if exc.status == 404 else "bad_path", str(exc),
+                     status=exc.status) from None
+    table = ctx.routes()
+    route = table.by_name(name)
+    if route is None:
+        raise Denied("not_found", f"no injection is named {name!r}; base-URL requests look "
+                                  "like /<injection>/<path>", status=404)
+    upstream = route.injection.base_url_upstream
+    if upstream is None:
+        raise Denied("not_found", f"injection {name!r} lists only wildcard hosts; base-URL "
+                                  "mode needs an exact host", status=404)
+    routes = table.match(upstream.name, upstream.upstream_port)
+    return routed_target(method, routes, upstream.name, upstream.upstream_port, rest, raw_query)
+
+
+async def handle_intercepted(ctx: ProxyContext, host: str, port: int,
+                             request: Request, *, mode: str = "intercept"
+                             ) -> None:
+    """A request decrypted from a TLS connection to ``host:port``: a CONNECT tunnel, or a
+    transparently captured connection whose ClientHello named ``host`` (``mode``)."""
+    url = request.url
+    record = AuditRecord(mode=mode, method=request.method, host=f"{host}:{port}",
+                         path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
+
+    def decide() -> Target:
+        _require_same_authority(request, url, host, port)
+        table = ctx.routes()
+        routes = table.match(host, port)
+        if not routes:  # revoked while the tunnel was open
+            return _unrouted(ctx, "https", host, port, url.raw_path, url.raw_query_string)
+        entry = table.upstream_for(routes, host, port)
+        return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
+                             url.raw_query_string)
+
+    await _serve(ctx, request, record, decide)
+
+
+async def handle_transparent_http(ctx: ProxyContext, host: str, port: int,
+                                  request: Request) -> None:
+    """A plain-HTTP request captured on its way to port ``port``: the first request's Host
+    decided the route, as a CONNECT authority does; a routed host goes upstream over HTTPS."""
+    url = request.url
+    record = AuditRecord(mode="transparent", method=request.method, host=f"{host}:{port}",
+                         path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
+
+    def decide() -> Target:
+        _require_same_authority(request, url, host, port, default_port=80)
+        table = ctx.routes()
+        routes = table.match(host, port, plain_http=True)
+        if not routes:  # revoked while the connection was open
+            return _unrouted(ctx, "http", host, port, url.raw_path, url.raw_query_string)
+        entry = table.upstream_for(routes, host, port, plain_http=True)
+        return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
+                             url.raw_query_string)
+
+    await _serve(ctx, request, record, decide)
+
+
+def _require_same_authority(request: Request, url, host: str, port: int,
+                            default_port: int = 443) -> None:
+    """Inside a tunnel the CONNECT authority decides; a different Host or URL is refused."""
+    claims = []
+    if url.absolute:
+        claims.append((url.raw_host or "", url.port))
+    host_header = request.headers.getall("Host", [])
+    if len(host_header) > 1:
+        raise BadRequest("bad_request", "more than one Host header")
+    if host_header:
+        try:
+            claims.append(split_authority(host_header[0]))
+        except ValueError as exc:
+            raise BadRequest("bad_request", f"malformed Host header: {exc}") from None
+    for claimed_host, claimed_port in claims:
+        if (normalise_hostname(claimed_host) != normalise_hostname(host)
+                or (claimed_port or default_port) != port):
+            raise Denied("host_mismatch", f"this tunnel was opened to {host}:{port}; a "
+                                          "request for another host must open its own",
+                         status=421)

@@ -1,0 +1,173 @@
+"""Blind CONNECT tunnels for unrouted hosts under ``--unmatched passthrough``.
+
+Bytes are copied both ways with back-pressure (a slow reader pauses the other side) and
+half-close (one side's EOF is passed on); nothing is inspected, so nothing is injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from keyhole_sidecar.audit import AuditRecord
+from keyhole_sidecar.egress import TargetRefused
+
+if TYPE_CHECKING:
+    from keyhole_sidecar.proxy.frontdoor import FrontDoor
+
+log = logging.getLogger("keyhole.proxy")
+CONNECT_TIMEOUT = 10.0
+
+
+class _UpstreamSide(asyncio.Protocol):
+    def __init__(self, tunnel: BlindTunnel):
+        self.tunnel = tunnel
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        return self.tunnel.upstream_eof()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.tunnel.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.tunnel.door.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.tunnel.door.transport.resume_reading()
+
+
+class BlindTunnel:
+    def __init__(self, door: FrontDoor, record: AuditRecord):
+        self.door = door
+        self.record = record
+        self.upstream: asyncio.Transport | None = None
+        self._eofs = 0
+        self._finished = False
+        self._last_activity = time.monotonic()
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    # client → upstream
+    def from_client(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        self.record.bytes_in += len(data)
+        if self.upstream is not None:
+            self.upstream.write(data)
+
+    def client_eof(self) -> bool:
+        if self.upstream is not None and self.upstream.can_write_eof():
+            self.upstream.write_eof()
+        return self._count_eof()
+
+    def client_lost(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+        self._finish()
+
+    def client_pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def client_resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # upstream → client
+    def from_upstream(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        self.record.bytes_out += len(data)
+        self.door.transport.write(data)
+
+    def upstream_eof(self) -> bool:
+        if self.door.transport.can_write_eof():
+            self.door.transport.write_eof()
+        return self._count_eof()
+
+    def upstream_lost(self) -> None:
+        self.door.transport.close()
+        self._finish()
+
+    def _count_eof(self) -> bool:
+        self._eofs += 1
+        if self._eofs >= 2:
+            self.door.transport.close()
+            if self.upstream is not None:
+                self.upstream.close()
+            return False
+        return True  # keep the other direction open
+
+    def watch_idle(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            idle = time.monotonic() - self._last_activity
+            if self._finished:
+                return
+            if idle >= timeout:
+                log.info("closing blind tunnel to %s after %.0fs without traffic",
+                         self.record.host, idle)
+                self.door.transport.close()
+                if self.upstream is not None:
+                    self.upstream.close()
+                return
+            self._idle_handle = loop.call_later(timeout - idle, check)
+
+        self._idle_handle = loop.call_later(timeout, check)
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self.door.ctx.metrics.open_tunnels.labels("blind").dec()
+        m = self.door.ctx.metrics
+        m.bytes.labels("-", "upstream").inc(self.record.bytes_in)
+        m.bytes.labels("-", "downstream").inc(self.record.bytes_out)
+        self.door.ctx.audit.write(self.record)
+
+
+async def open_blind_tunnel(door: FrontDoor, host: str, port: int,
+                            record: AuditRecord | None = None) -> BlindTunnel | None:
+    """Connect to ``host:port`` (``--resolve`` and the egress policy applied), answer the
+    CONNECT with 200 and start piping. A transparent connection passes its own ``record``
+    (it asked nothing, so nothing is answered)."""
+    ctx = door.ctx
+    answer = record is None
+    record = record or AuditRecord(mode="tunnel", method="CONNECT", host=f"{host}:{port}",
+                                   decision="passthrough", reason="unrouted")
+    loop = asyncio.get_running_loop()
+    tunnel = BlindTunnel(door, record)
+    try:
+        # Resolve once through the egress policy, then connect to exactly what was checked.
+        addresses = await asyncio.wait_for(ctx.resolver.resolve(host, port), CONNECT_TIMEOUT)
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: _UpstreamSide(tunnel), addresses[0]["host"], port),
+            CONNECT_TIMEOUT,
+        )
+    except TargetRefused as refused:
+        door.refuse(403, "Forbidden", str(refused), refused.reason, f"{host}:{port}")
+        return None
+    except (TimeoutError, OSError) as exc:
+        reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
+        ctx.metrics.upstream_errors.labels(reason).inc()
+        detail = "timed out" if reason == "timeout" else (exc.strerror or type(exc).__name__)
+        door.refuse(502, "Bad Gateway", f"cannot connect to {host}:{port} ({detail})",
+                     reason, f"{host}:{port}")
+        return None
+    if door.transport is None or door.transport.is_closing():
+        transport.close()
+        return None
+    tunnel.upstream = transport
+    ctx.metrics.open_tunnels.labels("blind").inc()
+    ctx.metrics.decisions.labels("passthrough", record.reason).inc()
+    record.status = 200
+    if answer:
+        door.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    door.transport.resume_reading()
+    tunnel.watch_idle(ctx.settings.tunnel_idle_timeout)
+    return tunnel

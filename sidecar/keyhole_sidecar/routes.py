@@ -1,0 +1,176 @@
+"""The resolved configuration: injections joined with their secret values, ready to serve.
+
+A :class:`RouteTable` is immutable; a reload builds a new one and swaps a single reference,
+so a request always sees one consistent table from start to end.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from keyhole_common.spec import HostPattern, Problem, SecretInjection, SecretKeyRef, SpecError
+from keyhole_common.spec.model import VALUE_PLACEHOLDER, credential_refs
+from keyhole_sidecar.redact import Redactor, secret_forms
+
+MIN_SECRET_LENGTH = 8
+
+
+class LiveCredential(Protocol):
+    """What a route needs of a credential source (sidecar.credentials builds them)."""
+
+    kind: str
+    header_names: frozenset[str]
+
+    def redactor(self) -> Redactor: ...
+
+
+CredentialFactory = Callable[[SecretInjection, Callable[..., str]], LiveCredential]
+"""Builds (or finds again) the live source of an injection's credential."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One injection with its values resolved. Values never appear in ``repr``."""
+
+    injection: SecretInjection
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+    query: tuple[tuple[str, str], ...] = field(repr=False)
+    redactor: Redactor = field(repr=False)
+    credential: LiveCredential | None = field(default=None, repr=False)
+    _combined: list = field(default_factory=lambda: [None, None], repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.injection.name
+
+    @property
+    def source(self) -> str:
+        """What serves this route's credential, for the audit log."""
+        return self.credential.kind if self.credential else "static"
+
+    @property
+    def header_names(self) -> frozenset[str]:
+        names = frozenset(name.lower() for name, _ in self.headers)
+        return names | self.credential.header_names if self.credential else names
+
+    def live_redactor(self) -> Redactor:
+        """The static values' redactor, joined by the credential source's live tokens."""
+        if self.credential is None:
+            return self.redactor
+        minted = self.credential.redactor()
+        if self._combined[0] is not minted:  # rebuilt only when a token changed
+            self._combined[:] = [minted, Redactor((*self.redactor.forms, *minted.forms))]
+        return self._combined[1]
+
+    @property
+    def query_names(self) -> frozenset[str]:
+        return frozenset(name for name, _ in self.query)
+
+
+def resolve_route(injection: SecretInjection, read: Callable[..., str],
+                  credentials: CredentialFactory | None = None) -> Route:
+    """Read the injection's secrets and build its route; raise ValueError naming what failed."""
+    credential = None
+    if injection.credential is not None:
+        if credentials is None:
+            raise ValueError("this injection has a credential source, which needs the proxy")
+        credential = credentials(injection, read)
+    static_refs = [r for r in injection.secret_refs() if r not in credential_refs(
+        injection.credential)]
+    values: dict[SecretKeyRef, str] = {ref: read(ref) for ref in static_refs}
+    secrets: list[str] = []
+    headers: list[tuple[str, str]] = []
+    for h in injection.headers:
+        value = values[h.secret]
+        _require_length(value, h.secret)
+        headers.append((h.name, h.format.replace(VALUE_PLACEHOLDER, value)))
+        secrets.append(value)
+    if injection.basic_auth:
+        username = values[injection.basic_auth.username]
+        password = values[injection.basic_auth.password] if injection.basic_auth.password else ""
+        if ":" in username:
+            raise ValueError(f"{injection.basic_auth.username}: a basic-auth username may not "
+                             "contain ':'")
+        token = base64.b64encode(f"{username}:{password}".encode()).decode()
+        headers.append(("Authorization", f"Basic {token}"))
+        secrets.extend([username, f"{username}:{password}"])
+        if password:
+            _require_length(password, injection.basic_auth.password)
+            secrets.append(password)
+    query = []
+    for q in injection.query_params:
+        value = values[q.secret]
+        _require_length(value, q.secret)
+        query.append((q.name, value))
+        secrets.append(value)
+    for name, value in headers:
+        if not value.isascii():
+            raise ValueError(f"header {name}: the secret value is not ASCII, which HTTP headers "
+                             "need")
+        secrets.append(value)
+    return Route(injection=injection, headers=tuple(headers), query=tuple(query),
+                 redactor=Redactor(secret_forms(secrets)), credential=credential)
+
+
+def _require_length(value: str, ref: SecretKeyRef) -> None:
+    if len(value) < MIN_SECRET_LENGTH:
+        raise ValueError(f"Secret {ref}: the value is shorter than {MIN_SECRET_LENGTH} characters; "
+                         "too short to be a credential or to redact reliably")
+
+
+MATCH_CACHE_SIZE = 4096
+
+
+class RouteTable:
+    """All routes of one configuration, looked up by host or by injection name."""
+
+    def __init__(self, routes: Iterable[Route]):
+        self.routes: tuple[Route, ...] = tuple(routes)
+        self._by_name = {r.name: r for r in self.routes}
+        self._matches: dict[tuple[str, int, bool], tuple[Route, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def by_name(self, name: str) -> Route | None:
+        return self._by_name.get(name)
+
+    def match(self, host: str, port: int, *, plain_http: bool = False) -> tuple[Route, ...]:
+        """Every route one of whose host entries covers ``host:port``."""
+        key = (host, port, plain_http)
+        found = self._matches.get(key)
+        if found is None:
+            found = tuple(
+                r for r in self.routes
+                if any(h.matches(host, port, plain_http=plain_http) for h in r.injection.hosts)
+            )
+            if len(self._matches) >= MATCH_CACHE_SIZE:  # agents choose the names: stay bounded
+                self._matches.clear()
+            self._matches[key] = found
+        return found
+
+    def upstream_for(self, routes: tuple[Route, ...], host: str, port: int,
+                     plain_http: bool = False) -> HostPattern:
+        """The host entry that matched, whose port decides the upstream port."""
+        for route in routes:
+            for h in route.injection.hosts:
+                if h.matches(host, port, plain_http=plain_http):
+                    return h
+        raise LookupError(host)
+
+
+def build_route_table(injections: Iterable[SecretInjection], read: Callable[..., str],
+                      credentials: CredentialFactory | None = None) -> RouteTable:
+    """Resolve every injection; raise :class:`SpecError` naming each one that failed."""
+    routes, problems = [], []
+    for injection in injections:
+        try:
+            routes.append(resolve_route(injection, read, credentials))
+        except ValueError as exc:  # SecretUnavailable is a ValueError
+            problems.append(Problem(injection.name, "secrets", str(exc)))
+    if problems:
+        raise SpecError(problems)
+    return RouteTable(routes)

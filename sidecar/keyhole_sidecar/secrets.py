@@ -1,0 +1,68 @@
+"""Reading secret values from files laid out as Kubernetes mounts Secrets: ``<dir>/<name>/<key>``.
+
+Kubernetes updates a mounted Secret by swapping a ``..data`` symlink; reading the path each
+time (never caching a file descriptor) follows the swap for free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keyhole_common.spec import SecretKeyRef
+
+
+class SecretUnavailable(ValueError):
+    """A referenced Secret key cannot be used. The message names the file, never a value."""
+
+
+_MULTILINE_ALLOWED = frozenset("\n\r\t")
+
+
+def clean_value(raw: bytes, where: str, *, multiline: bool = False) -> str:
+    """Strip trailing CR/LF, require UTF-8 and no other control characters. ``multiline``
+    values (a PEM private key, which the proxy uses but never sends) may hold line breaks."""
+    value = raw.rstrip(b"\r\n")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SecretUnavailable(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    for index, char in enumerate(text):
+        if multiline and char in _MULTILINE_ALLOWED:
+            continue
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            raise SecretUnavailable(
+                f"{where}: control character {ord(char):#04x} at position {index}; a secret used "
+                "in a header or URL may only end in CR/LF"
+            )
+    return text
+
+
+class SecretsDir:
+    """The ``--secrets-dir`` folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, ref: SecretKeyRef) -> Path:
+        return self.root / ref.name / ref.key
+
+    def read(self, ref: SecretKeyRef, *, multiline: bool = False) -> str:
+        """Return the cleaned value of ``ref`` or raise :class:`SecretUnavailable`."""
+        path = self.path(ref)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            if not (self.root / ref.name).is_dir():
+                raise SecretUnavailable(
+                    f"Secret {ref.name!r} not found: expected folder {self.root / ref.name}"
+                ) from None
+            raise SecretUnavailable(
+                f"Secret {ref.name!r} has no key {ref.key!r}: expected file {path}"
+            ) from None
+        except IsADirectoryError:
+            raise SecretUnavailable(f"{path} is a folder, expected a file") from None
+        except PermissionError:
+            raise SecretUnavailable(f"{path} is not readable by this process") from None
+        except OSError as exc:
+            raise SecretUnavailable(f"{path}: cannot read ({exc.strerror})") from None
+        return clean_value(raw, str(path), multiline=multiline)

@@ -1,0 +1,56 @@
+"""docs/architecture.md draws the packages as file trees; they must list exactly the modules
+the code has (a new module undocumented, or a documented one gone, fails here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "architecture.md"
+NAME = re.compile(r"[\w.\-]+(/|\.py|\.ya?ml)")
+
+
+def trees() -> dict[str, tuple[set[str], set[str]]]:
+    """Each tree's root folder → (the Python files it lists, other files it names)."""
+    found: dict[str, tuple[set[str], set[str]]] = {}
+    blocks = re.findall(r"```\n(.*?)```", DOC.read_text(), flags=re.S)
+    for block in blocks:
+        lines = block.splitlines()
+        root = lines[0].split()[0] if lines and lines[0].split() else ""
+        if not root.endswith("/"):
+            continue
+        modules, others = found.setdefault(root, (set(), set()))
+        parents = {2: root}
+        for line in lines[1:]:
+            token = line.split()[0] if line.strip() else ""
+            indent = len(line) - len(line.lstrip())
+            if not NAME.fullmatch(token):
+                continue  # a description carried onto the next line
+            if indent == 0:
+                others.add(token)  # a file beside the tree (the CRD)
+                continue
+            path = parents[indent] + token
+            if token.endswith("/"):
+                parents[indent + 2] = path
+            elif token.endswith(".py"):
+                modules.add(path)
+    return found
+
+
+def test_the_architecture_doc_draws_every_package():
+    assert set(trees()) == {"common/keyhole_common/", "sidecar/keyhole_sidecar/",
+                            "operator/keyhole_operator/"}
+
+
+@pytest.mark.parametrize("root", sorted(trees()))
+def test_each_tree_lists_exactly_the_modules_of_its_package(root):
+    listed, others = trees()[root]
+    actual = {str(p.relative_to(ROOT)) for p in (ROOT / root).rglob("*.py")
+              if p.name not in ("__init__.py", "__main__.py") and "__pycache__" not in p.parts}
+    assert not actual - listed, f"in the code, not in docs/architecture.md: {sorted(actual - listed)}"
+    assert not listed - actual, f"in docs/architecture.md, not in the code: {sorted(listed - actual)}"
+    for other in others:
+        assert (ROOT / other).exists(), other
