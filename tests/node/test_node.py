@@ -93,7 +93,9 @@ def test_the_operator_runs_as_real_pods_and_kubectl_shows_the_truth(release, age
 # -- a tagged agent -----------------------------------------------------------------------------
 
 def test_the_sidecar_starts_and_is_ready_before_the_agent(agents):
-    pod = agents.pod("agent")
+    # A pod of its own: the shared agent's sidecar may have been restarted by another test
+    # (a killed sidecar starts again after its agent), whatever order the tests run in.
+    pod = agents.deploy("start-order", {"keyhole.dev/openai": "true"})
     sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == "keyhole-proxy")
     assert sidecar["restartPolicy"] == "Always"
     assert "startupProbe" in sidecar
@@ -105,6 +107,7 @@ def test_the_sidecar_starts_and_is_ready_before_the_agent(agents):
     assert sidecar_start <= agent_start
     # What the agent saw the moment it started: the sidecar already answered ready.
     assert agents.exec(pod, "cat", "/tmp/sidecar-ready-at-start").stdout == "200"
+    agents.kube.kubectl("delete", "deployment", "start-order", "-n", agents.namespace)
 
 
 def test_real_clients_reach_the_upstream_with_the_key_using_only_the_injected_environment(
