@@ -179,19 +179,21 @@ def content_length(headers) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-async def forward(ctx: ProxyContext, request: Request, target: Target,
-                  record: AuditRecord) -> None:
-    """Send ``request`` to ``target`` and stream the answer; raise ProxyError before any byte
-    of the answer was written, abort the client connection after."""
+def check_target(ctx: ProxyContext, target: Target) -> None:
+    """The egress policy on a target given as an IP literal (names are checked as they are
+    resolved); Denied before anything is sent."""
     try:
         ctx.resolver.check_literal(target.host, target.port)
     except TargetRefused as refused:
         raise Denied(refused.reason, str(refused)) from None
-    if target.routed and is_websocket(request.headers):
-        from keyhole_sidecar.proxy.websocket import forward_websocket
 
-        await forward_websocket(ctx, request, target, record)
-        return
+
+async def forward(ctx: ProxyContext, request: Request, target: Target,
+                  record: AuditRecord) -> None:
+    """Send ``request`` to ``target`` and stream the answer; raise ProxyError before any byte
+    of the answer was written, abort the client connection after. (A WebSocket upgrade to a
+    routed host is the caller's to hand to :mod:`websocket` instead.)"""
+    check_target(ctx, target)
     headers = forwarded_headers(request.headers, target.routes)
     headers.popall("Content-Length", None)  # the framing is ours to write
     if target.routed:

@@ -32,7 +32,8 @@ from keyhole_sidecar.proxy.errors import (
     UpstreamFailed,
     error_parts,
 )
-from keyhole_sidecar.proxy.forward import Target, content_length, forward
+from keyhole_sidecar.proxy.forward import Target, content_length, forward, is_websocket
+from keyhole_sidecar.proxy.websocket import forward_websocket
 from keyhole_sidecar.routes import Route
 
 MAX_AUDIT_QUERY_KEYS = 20
@@ -97,13 +98,13 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
         record.decision = "injected" if target.routed else "passthrough"
         record.reason = "routed" if target.routed else "unrouted"
         if not target.limits:
-            await forward(ctx, request, target, record)
+            await _send(ctx, request, target, record)
             return
         ticket = ctx.limiter.admit(target.limits, _announced_length(request))
         if isinstance(ticket, Refusal):
             raise LimitExceeded(ticket)
         try:
-            await forward(ctx, request, target, record)
+            await _send(ctx, request, target, record)
         finally:
             ctx.limiter.release(ticket)
     except ProxyError as error:
@@ -123,6 +124,16 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
                                  record.reason, time.monotonic() - started, record.bytes_in,
                                  record.bytes_out)  # reasons are short codes: bounded labels
         ctx.audit.write(record)
+
+
+async def _send(ctx: ProxyContext, request: Request, target: Target,
+                record: AuditRecord) -> None:
+    """Forward the request, or hand a WebSocket upgrade to a routed host to aiohttp's
+    WebSocket machinery (the one exchange the relay does not carry itself)."""
+    if target.routed and is_websocket(request.headers):
+        await forward_websocket(ctx, request, target, record)
+    else:
+        await forward(ctx, request, target, record)
 
 
 def _announced_length(request: Request) -> int | None:

@@ -9,13 +9,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.egress import TargetRefused
+from keyhole_sidecar.proxy.context import ProxyContext
 
-if TYPE_CHECKING:
-    from keyhole_sidecar.proxy.frontdoor import FrontDoor
+
+class Door(Protocol):
+    """What a blind tunnel needs of the client connection it pipes (a front door or the
+    transparent port's): the transport, the proxy's context, and a way to refuse the CONNECT."""
+
+    ctx: ProxyContext
+    transport: asyncio.Transport | None
+
+    def refuse(self, status: int, reason: str, message: str, code: str,
+               host: str = "") -> None: ...
+
 
 log = logging.getLogger("keyhole.proxy")
 CONNECT_TIMEOUT = 10.0
@@ -42,7 +52,7 @@ class _UpstreamSide(asyncio.Protocol):
 
 
 class BlindTunnel:
-    def __init__(self, door: FrontDoor, record: AuditRecord):
+    def __init__(self, door: Door, record: AuditRecord):
         self.door = door
         self.record = record
         self.upstream: asyncio.Transport | None = None
@@ -131,7 +141,7 @@ class BlindTunnel:
         self.door.ctx.audit.write(self.record)
 
 
-async def open_blind_tunnel(door: FrontDoor, host: str, port: int,
+async def open_blind_tunnel(door: Door, host: str, port: int,
                             record: AuditRecord | None = None) -> BlindTunnel | None:
     """Connect to ``host:port`` (``--resolve`` and the egress policy applied), answer the
     CONNECT with 200 and start piping. A transparent connection passes its own ``record``

@@ -18,7 +18,7 @@ from keyhole_sidecar.inject import forwarded_headers
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.downstream import Request
 from keyhole_sidecar.proxy.errors import ProxyError, UpstreamFailed, error_response
-from keyhole_sidecar.proxy.forward import Target, _authorize, connect_failure
+from keyhole_sidecar.proxy.forward import Target, _authorize, check_target, connect_failure
 
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version",
                            "sec-websocket-protocol", "sec-websocket-extensions"})
@@ -28,6 +28,7 @@ async def forward_websocket(ctx: ProxyContext, request: Request, target: Target,
                             record: AuditRecord) -> None:
     """Inject into the handshake, redact every message; errors before the upgrade are
     answered by aiohttp's server as the relay would have answered them."""
+    check_target(ctx, target)
     failure: list[ProxyError] = []
 
     async def serve(web_request: web.BaseRequest) -> web.StreamResponse:
