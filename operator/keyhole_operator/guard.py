@@ -140,7 +140,7 @@ def agent_containers(spec: dict, *, ephemeral: bool = False) -> list[dict]:
 
 def _host_path_refusal(spec: dict, settings: Settings) -> str | None:
     mounts_of: dict[str, list[tuple[str, dict]]] = {}
-    for container in [*agent_containers(spec, ephemeral=True)]:
+    for container in agent_containers(spec, ephemeral=True):
         for mount in container.get("volumeMounts") or []:
             mounts_of.setdefault(mount.get("name"), []).append((container.get("name"), mount))
     allowed = [posixpath.normpath(p) for p in settings.allowed_host_paths]
@@ -149,8 +149,7 @@ def _host_path_refusal(spec: dict, settings: Settings) -> str | None:
         if host_path is None:
             continue
         path = posixpath.normpath(host_path)
-        permitted = [p for p in allowed if _within(path, p)]
-        if not permitted:
+        if not any(_within(path, folder) for folder in allowed):
             more = (f"; the folders allowed read-only are {', '.join(allowed)}" if allowed else
                     "; an administrator may allow named read-only folders with the chart value "
                     "webhook.allowedHostPaths")
