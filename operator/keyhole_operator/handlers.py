@@ -68,8 +68,6 @@ class Runtime:
     cluster: Cluster | None = field(default=None)
     bundles_written: dict[str, bytes] = field(default_factory=dict)
     """Namespace → the CA certificate whose bundle was last written, to skip re-reading it."""
-    managed_published: dict[str, str] = field(default_factory=dict)
-    """Namespace → the managed Secrets last published for the policy, to skip re-writing."""
 
     def key(self, namespace: str) -> bytes:
         return namespace_key(self.master_key, namespace)
@@ -305,16 +303,15 @@ def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list
 def publish_managed_secrets(cluster: Cluster, runtime: Runtime, namespace: str,
                             injections: list[Injection]) -> None:
     """Tell the API server's policy which Secrets of ``namespace`` no pod but the sidecar may
-    read (one key of the ConfigMap it takes as its parameter)."""
+    read (one key of the ConfigMap it takes as its parameter). Written on every reconcile, not
+    cached: a merge patch that changes nothing writes nothing, and a ConfigMap someone deleted
+    (the policy then refuses pods in agent namespaces) is back within a resync."""
     target = runtime.settings.protected_secrets_configmap
     if not target:
         return
-    names = ",".join(managed_secrets(injections))
-    if runtime.managed_published.get(namespace) == names:
-        return
     config_namespace, config_name = target.split("/", 1)
-    cluster.set_config_map_key(config_namespace, config_name, namespace, names or None)
-    runtime.managed_published[namespace] = names
+    cluster.set_config_map_key(config_namespace, config_name, namespace,
+                               ",".join(managed_secrets(injections)) or None)
 
 
 def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dict],

@@ -306,6 +306,14 @@ def test_the_policies_hold_with_the_operator_stopped_and_other_pods_start(cluste
         cluster.start_operator()
 
 
+def test_the_operator_restores_the_policys_parameter(cluster):
+    cluster.kube.kubectl("delete", "configmap", "keyhole-protected-secrets", "-n",
+                         RELEASE_NAMESPACE)
+    cluster.kube.wait_for(lambda: "openai-credentials" in (cluster.kube.get(
+        "configmap", "keyhole-protected-secrets", RELEASE_NAMESPACE).get("data") or {}
+    ).get(NS, ""), 30, "the operator restoring the policy's parameter")
+
+
 # -- hosts too broad to be safe, and conflicts found at admission -----------------------------
 
 def test_a_wildcard_over_a_public_suffix_is_refused(cluster):
