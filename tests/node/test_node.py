@@ -76,10 +76,19 @@ def test_the_operator_runs_as_real_pods_and_kubectl_shows_the_truth(release, age
     seen = json.loads(kube.kubectl("exec", "-n", RELEASE_NAMESPACE, pods[0]["metadata"]["name"],
                                    "--", "python3", "-c", _SELF_CHECK).stdout)
     assert (seen["uid"], seen["write"]) == (65532, "EROFS")
-    listed = kube.kubectl("get", "si", "-n", agents.namespace).stdout.splitlines()
-    header, row = listed[0].split(), listed[1].split()
-    assert header[:4] == ["NAME", "HOSTS", "PODS", "READY"]
-    assert row[0] == "openai" and row[2] == "1" and row[3] == "True", listed
+    # PODS is what the injection selects now: the tagged pods in the namespace, whatever other
+    # tests (in whatever order) have started or are still deleting.
+    def printed_matches_selected() -> list[str]:
+        listed = kube.kubectl("get", "si", "-n", agents.namespace).stdout.splitlines()
+        header, row = listed[0].split(), listed[1].split()
+        assert header[:4] == ["NAME", "HOSTS", "PODS", "READY"]
+        selected = kube.kubectl("get", "pods", "-n", agents.namespace, "-l",
+                                "keyhole.dev/openai=true", "-o", "name").stdout.split()
+        assert row[0] == "openai" and row[3] == "True", listed
+        assert selected and row[2] == str(len(selected)), (listed, selected)
+        return listed
+
+    kube.wait_for(printed_matches_selected, 60, "kubectl get si showing the selected pods")
     # The validating webhook answers through the chart's Service, from a real pod.
     bad = openai_injection()
     bad["metadata"]["name"] = "bad"
