@@ -37,14 +37,17 @@ def test_kubectl_debug_reaches_the_agent_but_not_the_sidecar(agents):
                                check=False)
     assert done.returncode != 0
     assert "a debug container may not target keyhole-proxy" in done.stderr
+    before = {c["name"] for c in agents.pod("agent")["spec"].get("ephemeralContainers") or []}
     done = agents.kube.kubectl(*debug, "--target=agent", "--", "sleep", "1", check=False)
     assert done.returncode == 0, done.stderr
+    added = {c["name"] for c in agents.pod("agent")["spec"]["ephemeralContainers"]} - before
+    assert len(added) == 1, added
     deadline = time.monotonic() + 60
 
-    def debugger_ran() -> bool:
+    def debugger_ran() -> bool:  # this one, not a debug container of an earlier run
         found = agents.pod("agent").get("status", {}).get("ephemeralContainerStatuses") or []
-        return any("terminated" in s.get("state", {}) or "running" in s.get("state", {})
-                   for s in found)
+        return any(s["name"] in added and ("terminated" in s.get("state", {})
+                                           or "running" in s.get("state", {})) for s in found)
 
     while not debugger_ran():
         assert time.monotonic() < deadline, "the debug container of the agent never started"
