@@ -19,7 +19,6 @@ Each answer is ``None`` (allowed) or a message that says what was refused, why, 
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from keyhole_operator.annotations import (
     SIGNING_KEY_SECRET,
     STATUS,
 )
+from keyhole_operator.live import injected
 from keyhole_operator.routes import Injection
 from keyhole_operator.settings import Settings
 
@@ -73,12 +73,8 @@ class Protected:
     @classmethod
     def from_status(cls, pod: dict) -> Protected | None:
         """What the webhook recorded when it injected ``pod`` (None: not injected)."""
-        raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(STATUS)
-        try:
-            status = json.loads(raw) if raw else None
-        except ValueError:
-            status = None
-        if not isinstance(status, dict):
+        status = injected(pod)
+        if status is None:
             return None
         return cls.of(status.get("secrets") or [], status.get("volumes") or [])
 

@@ -22,6 +22,7 @@ from keyhole_operator.annotations import (
     STATUS,
 )
 from keyhole_operator.guard import Protected, agent_containers, pod_refusal
+from keyhole_operator.live import injected
 from keyhole_operator.mutation.env import PLACEHOLDER_VALUE, plan_env
 from keyhole_operator.mutation.sidecar_container import (
     capture_container,
@@ -82,7 +83,7 @@ def _put_volumes(spec: dict, volumes: list[dict]) -> None:
 
 def _volume_collisions(pod: dict, wanted: list[dict]) -> str | None:
     """A volume with one of our names that we did not put there (i.e. not in our status)."""
-    previous = _previous_status(pod).get("volumes", [])
+    previous = (injected(pod) or {}).get("volumes", [])
     names = {v["name"] for v in wanted}
     for volume in (pod.get("spec") or {}).get("volumes") or []:
         if volume.get("name") in names and volume.get("name") not in previous:
@@ -92,13 +93,6 @@ def _volume_collisions(pod: dict, wanted: list[dict]) -> str | None:
     return None
 
 
-def _previous_status(pod: dict) -> dict:
-    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(STATUS)
-    try:
-        status = json.loads(raw) if raw else {}
-    except ValueError:
-        return {}
-    return status if isinstance(status, dict) else {}
 
 
 def _no_proxy_warnings(injections: list[Injection]) -> list[str]:
