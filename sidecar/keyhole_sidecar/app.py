@@ -109,6 +109,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     leaves = LeafCache(ca, on_mint=metrics.leaves_minted.inc)
     try:
         upstream_tls = upstream_tls_context(options.upstream_ca)
+        upstream_tls_h2 = upstream_tls_context(options.upstream_ca, alpn=("h2", "http/1.1"))
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     resolver = OverridingResolver(options.resolve, EgressPolicy(options.egress))
@@ -117,7 +118,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                              header_timeout=options.header_timeout,
                              idle_timeout=options.idle_timeout,
                              upstream_timeout=options.upstream_timeout)
-    pool = UpstreamPool(resolver, upstream_tls)
+    pool = UpstreamPool(resolver, upstream_tls, tls_h2=upstream_tls_h2)
     limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused)
     metrics.watch_windows(limiter.windows_left)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,

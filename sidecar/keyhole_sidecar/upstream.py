@@ -72,8 +72,10 @@ class OverridingResolver(AbstractResolver):
         await self._system.close()
 
 
-def upstream_tls_context(extra_ca: Path | None) -> ssl.SSLContext:
-    """Verified TLS: the system roots (certifi where the system has none), plus ``--upstream-ca``."""
+def upstream_tls_context(extra_ca: Path | None,
+                         alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
+    """Verified TLS: the system roots (certifi where the system has none), plus ``--upstream-ca``;
+    ``alpn``: the protocols offered (``h2`` only for HTTP/2 clients' requests)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if not context.cert_store_stats().get("x509_ca"):
         import certifi
@@ -84,7 +86,7 @@ def upstream_tls_context(extra_ca: Path | None) -> ssl.SSLContext:
             context.load_verify_locations(cafile=str(extra_ca))
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"--upstream-ca {extra_ca}: not a readable PEM bundle ({exc})") from None
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(list(alpn))
     return context
 
 

@@ -51,9 +51,11 @@ def node_fetch(sidecar: Sidecar, method: str, url: str, body: str | None = None,
     return Reply(data["status"], [tuple(h) for h in data["headers"]], data["body"])
 
 
-def curl(sidecar: Sidecar, *args: str, env: dict | None = None) -> Reply:
-    """curl with the proxy variables; -i so headers come back too."""
-    done = subprocess.run(["curl", "-sS", "-i", "--max-time", "30", *args],
+def curl(sidecar: Sidecar, *args: str, env: dict | None = None, http2: bool = False) -> Reply:
+    """curl with the proxy variables; -i so headers come back too. HTTP/1.1 unless ``http2``
+    (curl would pick h2, which the proxy's leaves offer, and print names in lowercase)."""
+    version = "--http2" if http2 else "--http1.1"
+    done = subprocess.run(["curl", "-sS", "-i", version, "--max-time", "30", *args],
                           env=sidecar.client_env(**(env or {})), capture_output=True, timeout=60)
     assert done.returncode == 0, f"curl failed ({done.returncode}): {done.stderr.decode()}"
     return parse_raw_response(done.stdout)

@@ -83,19 +83,22 @@ def test_node24_fetch_reads_the_proxy_variables_natively(sidecar, upstream, mark
     assert_no_secret(reply.everything())
 
 
-def test_go_client_gets_the_header_injected_and_falls_back_from_h2(sidecar, upstream, marker,
-                                                                   go_client):
+def test_go_client_speaks_h2_to_the_proxy_and_gets_the_header_injected(sidecar, upstream,
+                                                                        marker, go_client):
+    """Go's transport offers h2 and the leaf takes it; the HTTP/1.1 upstream is served over
+    HTTP/1.1 all the same."""
     reply = go_fetch(sidecar, go_client, "GET", f"https://api.routed.test/{marker}")
     assert reply.status == 200
-    assert reply.protocol == "HTTP/1.1"  # offered h2, got http/1.1 cleanly
+    assert reply.protocol == "HTTP/2.0"
     assert_injected(upstream, marker)
     assert_no_secret(reply.everything())
 
 
-def test_java_client_gets_the_header_injected_and_falls_back_from_h2(sidecar, upstream, marker):
+def test_java_client_speaks_h2_to_the_proxy_and_gets_the_header_injected(sidecar, upstream,
+                                                                          marker):
     reply = java_fetch(sidecar, "GET", f"https://api.routed.test/{marker}")
     assert reply.status == 200
-    assert reply.protocol == "HTTP_1_1"  # HttpClient prefers HTTP_2 and fell back
+    assert reply.protocol == "HTTP_2"  # HttpClient prefers HTTP_2, through the tunnel too
     assert_injected(upstream, marker)
     assert_no_secret(reply.everything())
 

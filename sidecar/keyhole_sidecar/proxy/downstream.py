@@ -28,40 +28,12 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from keyhole_sidecar.proxy import heads
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import parser_complaint
+from keyhole_sidecar.proxy.exchange import Request, Trailers
 
 log = logging.getLogger("keyhole.proxy")
 PIPELINE_DEPTH = 16  # parsed requests waiting for their turn before the socket is paused
 BODY_BUFFER = 2**16  # the body reader pauses the socket at twice this
 _NO_BODY = frozenset({204, 304})
-
-
-class Request:
-    """One parsed request and the :class:`Reply` that answers it."""
-
-    __slots__ = ("body", "message", "reply")
-
-    def __init__(self, message: RawRequestMessage, body: StreamReader, reply: Reply):
-        self.message, self.body, self.reply = message, body, reply
-
-    @property
-    def method(self) -> str:
-        return self.message.method
-
-    @property
-    def headers(self):
-        return self.message.headers
-
-    @property
-    def url(self):
-        return self.message.url
-
-    @property
-    def version(self):
-        return self.message.version
-
-    @property
-    def can_read_body(self) -> bool:
-        return self.body is not EMPTY_PAYLOAD
 
 
 class Reply:
@@ -70,6 +42,7 @@ class Reply:
     __slots__ = (
         "_conn",
         "_handed_over",
+        "_message",
         "_request_head",
         "_version",
         "chunked",
@@ -79,6 +52,7 @@ class Reply:
 
     def __init__(self, conn: ClientConnection, message: RawRequestMessage):
         self._conn = conn
+        self._message = message
         self._request_head = message.method == "HEAD"
         self._version = message.version
         self.started = False
@@ -119,13 +93,14 @@ class Reply:
             self._conn.write(heads.chunk(data) if self.chunked else data)
             await self._conn.drain()
 
-    async def end(self) -> None:
+    async def end(self, trailers: Trailers = ()) -> None:
+        """End the body; trailers are not sent to an HTTP/1.1 client (none asks for them)."""
         if self.chunked:
             self._conn.write(heads.LAST_CHUNK)
         await self._conn.drain()
 
     async def send(self, status: int, reason: str, headers: list[tuple[str, str]],
-                   body: bytes) -> None:
+                   body: bytes, trailers: Trailers = ()) -> None:
         """A whole response in one write."""
         if self._request_head or status in _NO_BODY:
             body = b""
@@ -138,12 +113,12 @@ class Reply:
         self.close = True
         self._conn.abort()
 
-    async def hand_over(self, request: Request, handler: Callable[[web.BaseRequest],
+    async def hand_over(self, handler: Callable[[web.BaseRequest],
                         Awaitable[web.StreamResponse]]) -> None:
         """Give this request and the connection to aiohttp's server (WebSocket upgrades), and
         wait until it has finished with them."""
         self._handed_over = asyncio.get_running_loop().create_future()
-        await self._conn.hand_over(request.message, handler, self._handed_over)
+        await self._conn.hand_over(self._message, handler, self._handed_over)
 
 
 Handler = Callable[[Request], Awaitable[None]]
@@ -267,7 +242,10 @@ class ClientConnection(BaseProtocol):
             while self._queue and self.transport is not None:
                 message, body = self._queue.popleft()
                 reply = Reply(self, message)
-                await self._handler(Request(message, body, reply))
+                await self._handler(Request(
+                    message.method, message.url, message.headers, body,
+                    body is not EMPTY_PAYLOAD, not message.chunked, reply, message.version,
+                    "http/1.1"))
                 if reply._handed_over is not None:
                     return  # aiohttp's server owns the connection now
                 self._parser.message_consumed()

@@ -27,10 +27,18 @@ from keyhole_sidecar.egress import TargetRefused
 from keyhole_sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
 from keyhole_sidecar.limits import Refusal
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.downstream import Request
 from keyhole_sidecar.proxy.errors import BadRequest, Denied, LimitExceeded, ProxyError, UpstreamFailed
-from keyhole_sidecar.proxy.heads import LAST_CHUNK, UnsafeHead, chunk, request_head
-from keyhole_sidecar.proxy.pool import ResolveFailed, UpstreamClosed, UpstreamConnection
+from keyhole_sidecar.proxy.exchange import Answer, Request, UpstreamClosed
+from keyhole_sidecar.proxy.h2client import H2Upstream, UpstreamStream
+from keyhole_sidecar.proxy.heads import (
+    LAST_CHUNK,
+    UnsafeHead,
+    chunk,
+    h2_fields,
+    header_block,
+    request_head,
+)
+from keyhole_sidecar.proxy.pool import ResolveFailed, UpstreamConnection
 from keyhole_sidecar.redact import Redactor
 from keyhole_sidecar.routes import Route
 
@@ -213,7 +221,7 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
     limit = min((lim.request_body_bytes for _, _, lim in target.limits
                  if lim.request_body_bytes is not None), default=None)
     if limit is not None and body is not None and (
-            isinstance(body, bytes) or request.message.chunked):  # announced lengths: judged
+            isinstance(body, bytes) or not request.length_known):  # announced lengths: judged
         body = await _bounded(ctx, body, limit, target)
     query = None
     if target.credentials:
@@ -224,37 +232,81 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         if body or request.method in _BODY_METHODS:
             framing.append(("Content-Length", str(len(body))))
     elif body is not None:
-        length = None if request.message.chunked else content_length(request.headers)
+        length = content_length(request.headers) if request.length_known else None
         framing.append(("Content-Length", str(length)) if length is not None
                        else ("Transfer-Encoding", "chunked"))
     elif request.method in _BODY_METHODS:
         framing.append(("Content-Length", "0"))
     host = headers.popone("Host", target.authority)  # a signature may have set it
-    try:
-        head = request_head(request.method, f"{target.path}?{query}" if query else target.path,
-                            [("Host", host), *headers.items(), *framing])
-    except UnsafeHead as exc:
-        raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}") from None
-    chunked = bool(framing) and framing[0][0] == "Transfer-Encoding"
-    await _exchange(ctx, request, target, record, head, body, chunked)
-
-
-async def _exchange(ctx: ProxyContext, request: Request, target: Target, record: AuditRecord,
-                    head: bytes, body: Body, chunked: bool) -> None:
-    """Send the request on a pooled connection, then relay the answer."""
-    label = target.label
+    path = f"{target.path}?{query}" if query else target.path
     started = time.monotonic()
+    conn = await _acquire(ctx, target, h2=request.protocol == "h2")
+    if isinstance(conn, H2Upstream):
+        leg, answer, sending = await _exchange_h2(ctx, request, target, conn, host, path,
+                                                  headers, framing, body)
+    else:
+        try:
+            head = request_head(request.method, path,
+                                [("Host", host), *headers.items(), *framing])
+        except UnsafeHead as exc:
+            conn.close()
+            raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}"
+                             ) from None
+        chunked = bool(framing) and framing[0][0] == "Transfer-Encoding"
+        leg, answer, sending = await _exchange(ctx, request, target, conn, head, body, chunked)
+    clean = False
+    try:
+        ctx.metrics.upstream_answered(target.label, time.monotonic() - started)
+        await _relay_answer(ctx, request, target, record, answer,
+                            DECODABLE if isinstance(leg, UpstreamConnection) else ())
+        if sending is not None and (not sending.done() or sending.cancelled()
+                                    or sending.exception() is not None):
+            request.reply.close = True  # the client's body was not all sent: its stream is unclear
+        else:
+            clean = answer.reusable
+    finally:
+        if sending is not None and not sending.done():
+            sending.cancel()
+        if isinstance(leg, UpstreamConnection) and clean:
+            ctx.pool.release(leg)
+        else:
+            leg.close()
+
+
+async def _acquire(ctx: ProxyContext, target: Target, *, h2: bool):
+    try:
+        return await ctx.pool.acquire(target.scheme, target.host, target.port, h2=h2)
+    except (TimeoutError, OSError, ValueError, TargetRefused) as exc:
+        failure = connect_failure(exc, target)
+        if not isinstance(failure, Denied):
+            ctx.metrics.upstream_errors.labels(failure.reason).inc()
+        raise failure from None
+
+
+def _closed_early(ctx: ProxyContext, target: Target) -> UpstreamFailed:
+    ctx.metrics.upstream_errors.labels("upstream_reset").inc()
+    return UpstreamFailed("upstream_reset", f"{target.host}:{target.port} closed the "
+                          "connection before answering")
+
+
+def _timed_out(ctx: ProxyContext, target: Target) -> UpstreamFailed:
+    ctx.metrics.upstream_errors.labels("timeout").inc()
+    return UpstreamFailed("timeout", f"{target.host}:{target.port} did not answer in time",
+                          status=504)
+
+
+async def _exchange(ctx: ProxyContext, request: Request, target: Target,
+                    conn: UpstreamConnection, head: bytes, body: Body, chunked: bool
+                    ) -> tuple[UpstreamConnection, Answer, asyncio.Task | None]:
+    """Send the request on a pooled HTTP/1.1 connection and wait for the answer's head; a
+    kept-alive connection found closed before any byte is tried once more when the request
+    can be replayed."""
     replayable = request.method in IDEMPOTENT and not isinstance(body, AsyncIterator)
     sending: asyncio.Task | None = None
     answered = False
     for attempt in (1, 2):
-        try:
-            conn = await ctx.pool.acquire(target.scheme, target.host, target.port)
-        except (TimeoutError, OSError, ValueError, TargetRefused) as exc:
-            failure = connect_failure(exc, target)
-            if not isinstance(failure, Denied):
-                ctx.metrics.upstream_errors.labels(failure.reason).inc()
-            raise failure from None
+        if attempt == 2:
+            conn = await _acquire(ctx, target, h2=False)  # type: ignore[assignment]
         conn.expect(request.method, decode=target.routed)
         try:
             if isinstance(body, bytes):
@@ -271,14 +323,10 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
             conn.close()
             if attempt == 1 and conn.reused and replayable and not exc.answered:
                 continue  # a kept-alive connection the upstream had closed: once more
-            ctx.metrics.upstream_errors.labels("upstream_reset").inc()
-            raise UpstreamFailed("upstream_reset", f"{target.host}:{target.port} closed the "
-                                 "connection before answering") from None
+            raise _closed_early(ctx, target) from None
         except TimeoutError:
             conn.close()
-            ctx.metrics.upstream_errors.labels("timeout").inc()
-            raise UpstreamFailed("timeout", f"{target.host}:{target.port} did not answer in "
-                                 "time", status=504) from None
+            raise _timed_out(ctx, target) from None
         except ContentEncodingError:
             conn.close()
             ctx.metrics.upstream_errors.labels("encoding").inc()
@@ -294,51 +342,97 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target, record:
         finally:
             if not answered and sending is not None:
                 sending.cancel()  # the connection it wrote to is gone
-    released = False
+    return conn, Answer(message.code, message.reason, message.headers, payload,
+                        reusable=not message.should_close), sending
+
+
+async def _exchange_h2(ctx: ProxyContext, request: Request, target: Target, conn: H2Upstream,
+                       host: str, path: str, headers: CIMultiDict[str],
+                       framing: list[tuple[str, str]], body: Body
+                       ) -> tuple[UpstreamStream, Answer, asyncio.Task | None]:
+    """Send the request as a stream on a shared HTTP/2 connection; its body (if any) is sent
+    alongside while the answer's head is awaited, so calls that stream both ways do."""
+    fields = h2_fields([*headers.items(), *framing])
+    if "trailers" in request.headers.get("te", "").lower():
+        fields.append(("te", "trailers"))  # gRPC asks for trailers; HTTP/2 carries them
+    if target.routed:  # nothing is decoded on this path: ask for the body as it is
+        fields = [(n, v) for n, v in fields if n != "accept-encoding"]
+        fields.append(("accept-encoding", "identity"))
     try:
-        ctx.metrics.upstream_answered(label, time.monotonic() - started)
-        if message.code == 101:
-            ctx.metrics.upstream_errors.labels("bad_response").inc()
-            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} switched "
-                                 "protocols unasked")
-        encoding = message.headers.get("Content-Encoding", "identity").strip().lower()
-        if target.routed and encoding not in ("identity", "", *DECODABLE):
-            ctx.metrics.upstream_errors.labels("encoding").inc()
-            raise _refused_encoding(target, encoding)
-        redactor = target.redactor() if target.routed else None
-        headers = _response_headers(message.headers, target, redactor)
-        reply = request.reply
-        record.status = message.code
-        length = content_length(message.headers)
-        no_body = request.method == "HEAD" or message.code in _NO_BODY_STATUSES
-        try:
-            if no_body:
-                if length is not None and request.method == "HEAD" and (
-                        not target.routed or encoding in ("identity", "")):
-                    headers.append(("Content-Length", str(length)))
-                reply.start(message.code, message.reason, headers)
-            elif length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity",
-                                                                                      ""):
-                await _answer_whole(ctx, reply, message, payload, target, headers, redactor,
-                                    record)
-            else:
-                await _stream(ctx, reply, message, payload, target, headers, redactor, record,
-                              length if not target.routed else None)
-        except UnsafeHead as exc:  # raised before the head's first byte was written
-            ctx.metrics.upstream_errors.labels("bad_response").inc()
-            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a head the "
-                                 f"proxy will not pass on: {exc}") from None
-        if sending is not None and (not sending.done() or sending.cancelled()
-                                    or sending.exception() is not None):
-            reply.close = True  # the client's body was not all sent: its stream is unclear
-        elif not message.should_close:
-            ctx.pool.release(conn)
-            released = True
-    finally:
-        if sending is not None and not sending.done():
-            sending.cancel()
-        if not released:
-            conn.close()
+        block = header_block("request", [(":method", request.method),
+                                         (":scheme", target.scheme), (":authority", host),
+                                         (":path", path)], fields)
+    except UnsafeHead as exc:
+        raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}") from None
+    whole = body is None or isinstance(body, bytes)
+    stream = conn.open(block, end_stream=not body)
+    sending: asyncio.Task | None = None
+    if body:
+        sending = asyncio.ensure_future(stream.send(body, end_stream=True) if whole
+                                        else _send_h2_body(stream, body))
+        sending.add_done_callback(_seen)
+    try:
+        answer = await stream.answer(ctx.settings.upstream_timeout)
+    except UpstreamClosed:
+        stream.close()
+        raise _closed_early(ctx, target) from None
+    except TimeoutError:
+        stream.close()
+        raise _timed_out(ctx, target) from None
+    except BaseException:
+        stream.close()
+        raise
+    return stream, answer, sending
+
+
+async def _send_h2_body(stream: UpstreamStream, body: AsyncIterator[bytes]) -> None:
+    async for data in body:
+        await stream.send(data)
+    await stream.send(b"", end_stream=True)
+
+
+async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,
+                        record: AuditRecord, answer: Answer, decodable: tuple[str, ...]) -> None:
+    """Pass the upstream's answer to the client: headers filtered, body and trailers redacted
+    on a routed request."""
+    if answer.code == 101:
+        ctx.metrics.upstream_errors.labels("bad_response").inc()
+        raise UpstreamFailed("bad_response", f"{target.host}:{target.port} switched "
+                             "protocols unasked")
+    encoding = answer.headers.get("Content-Encoding", "identity").strip().lower()
+    if target.routed and encoding not in ("identity", "", *decodable):
+        ctx.metrics.upstream_errors.labels("encoding").inc()
+        raise _refused_encoding(target, encoding)
+    redactor = target.redactor() if target.routed else None
+    headers = _response_headers(answer.headers, target, redactor)
+    reply = request.reply
+    record.status = answer.code
+    length = content_length(answer.headers)
+    no_body = request.method == "HEAD" or answer.code in _NO_BODY_STATUSES
+    try:
+        if no_body:
+            if length is not None and request.method == "HEAD" and (
+                    not target.routed or encoding in ("identity", "")):
+                headers.append(("Content-Length", str(length)))
+            reply.start(answer.code, answer.reason, headers)
+            await reply.end(_trailers(answer, target, redactor))
+        elif length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity", ""):
+            await _answer_whole(ctx, reply, answer, target, headers, redactor, record)
+        else:
+            await _stream(ctx, reply, answer, target, headers, redactor, record,
+                          length if not target.routed else None)
+    except UnsafeHead as exc:  # raised before the head's first byte was written
+        ctx.metrics.upstream_errors.labels("bad_response").inc()
+        raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a head the "
+                             f"proxy will not pass on: {exc}") from None
+
+
+def _trailers(answer: Answer, target: Target, redactor: Redactor | None
+              ) -> list[tuple[str, str]]:
+    """The answer's trailers (gRPC's status lives there), filtered and redacted like headers."""
+    if not answer.trailers:
+        return []
+    return _response_headers(CIMultiDict(answer.trailers), target, redactor)
 
 
 async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) -> bytes:
@@ -381,11 +475,13 @@ async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes] | byte
         conn.write(LAST_CHUNK)
 
 
-async def _stream(ctx: ProxyContext, reply, message, payload, target: Target,
+async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
                   headers: list[tuple[str, str]], redactor: Redactor | None, record: AuditRecord,
                   length: int | None) -> None:
-    """Relay a body as it arrives; a break after the head aborts the client's connection."""
-    reply.start(message.code, message.reason, headers, length=length)
+    """Relay a body as it arrives; a break after the head aborts the client's connection
+    (HTTP/2: resets the stream)."""
+    payload = answer.body
+    reply.start(answer.code, answer.reason, headers, length=length)
     stream = redactor.stream() if redactor else None
     try:
         while True:
@@ -406,7 +502,7 @@ async def _stream(ctx: ProxyContext, reply, message, payload, target: Target,
         record.reason = "upstream_mid_body"
         reply.abort()
         return
-    await reply.end()
+    await reply.end(_trailers(answer, target, redactor))
 
 
 async def _authorize(ctx: ProxyContext, request, target: Target,
@@ -444,11 +540,12 @@ async def _authorize(ctx: ProxyContext, request, target: Target,
     return body, out.query
 
 
-async def _answer_whole(ctx: ProxyContext, reply, message, payload, target: Target,
+async def _answer_whole(ctx: ProxyContext, reply, answer: Answer, target: Target,
                         headers: list[tuple[str, str]], redactor: Redactor | None,
                         record: AuditRecord) -> None:
     """Read a small body whole, redact it, answer in one write. Nothing has been sent to the
     client yet, so an upstream failing mid-body becomes a clean 502 here."""
+    payload = answer.body
     try:
         if payload.is_eof() and payload.exception() is None:
             body = payload.read_nowait(-1)  # it came with the head (the usual case): no await
@@ -461,4 +558,5 @@ async def _answer_whole(ctx: ProxyContext, reply, message, payload, target: Targ
     if redactor:
         body = redactor.redact(body)
     record.bytes_out = len(body)
-    await reply.send(message.code, message.reason, headers, body)
+    await reply.send(answer.code, answer.reason, headers, body,
+                     _trailers(answer, target, redactor))

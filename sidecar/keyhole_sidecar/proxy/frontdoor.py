@@ -23,6 +23,7 @@ from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.downstream import ClientConnection
 from keyhole_sidecar.proxy.errors import parser_complaint
+from keyhole_sidecar.proxy.h2server import PREFACE, H2ClientConnection
 from keyhole_sidecar.proxy.handlers import handle_intercepted, handle_plain
 from keyhole_sidecar.proxy.tunnel import open_blind_tunnel
 from keyhole_sidecar.upstream import parse_connect_target
@@ -150,6 +151,8 @@ class FrontDoor(asyncio.Protocol):
             self._buffer += data
             if len(self._buffer) < len(_CONNECT) and _CONNECT.startswith(bytes(self._buffer)):
                 return
+            if len(self._buffer) < len(PREFACE) and PREFACE.startswith(bytes(self._buffer)):
+                return  # HTTP/2 with prior knowledge, perhaps: wait for the whole preface
             if not self._buffer.startswith(_CONNECT):
                 self._hand_to_http(bytes(self._buffer))
                 return
@@ -177,18 +180,23 @@ class FrontDoor(asyncio.Protocol):
             self._tunnel.client_resume_writing()
 
     # -- plain HTTP ------------------------------------------------------------------------
-    def _http_server(self, handler) -> ClientConnection:
+    def _http_server(self, handler, h2: bool = False) -> ClientConnection | H2ClientConnection:
+        """The connection that serves requests with ``handler``: HTTP/2 (``h2``) or HTTP/1.1."""
         def first_seen() -> None:
             self.request_seen = True
 
+        if h2:
+            return H2ClientConnection(self.ctx, handler, on_request=first_seen)
         return ClientConnection(self.ctx, handler, on_request=first_seen,
                                 server_kwargs=self._server_kwargs)
 
     def _hand_to_http(self, initial: bytes) -> None:
+        """Plain requests: HTTP/1.1, or HTTP/2 with prior knowledge (h2c, base-URL mode)."""
         self._state = "plain"
         self._buffer = bytearray()
         self._relay = Relay(on_lost=lambda: None)
-        server = self._http_server(functools.partial(handle_plain, self.ctx))
+        server = self._http_server(functools.partial(handle_plain, self.ctx),
+                                   h2=initial.startswith(PREFACE))
         self._relay.attach(server, self.transport, initial)
 
     # -- CONNECT ---------------------------------------------------------------------------
@@ -291,8 +299,10 @@ class FrontDoor(asyncio.Protocol):
         self.request_seen = False
         self._timer.cancel()
         self._timer = self._loop.call_later(ctx.settings.header_timeout, self._head_timeout)
+        tls = tls_transport.get_extra_info("ssl_object")
         server = self._http_server(functools.partial(handle_intercepted, ctx, host, port,
-                                                     mode=mode))
+                                                     mode=mode),
+                                   h2=tls is not None and tls.selected_alpn_protocol() == "h2")
         relay.attach(server, tls_transport)
 
     def handshake_failed(self, host: str, port: int, exc: BaseException, mode: str) -> None:

@@ -23,7 +23,6 @@ from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.limits import Refusal
 from keyhole_sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.downstream import Request
 from keyhole_sidecar.proxy.errors import (
     BadRequest,
     Denied,
@@ -32,6 +31,7 @@ from keyhole_sidecar.proxy.errors import (
     UpstreamFailed,
     error_parts,
 )
+from keyhole_sidecar.proxy.exchange import Request
 from keyhole_sidecar.proxy.forward import Target, content_length, forward, is_websocket
 from keyhole_sidecar.proxy.websocket import forward_websocket
 from keyhole_sidecar.routes import Route
@@ -88,9 +88,10 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
     label = "-"
     started = time.monotonic()
     try:
-        if (request.version.major, request.version.minor) not in ((1, 0), (1, 1)):
-            raise BadRequest("bad_request", f"HTTP/{request.version.major}.{request.version.minor}"
-                                            " is not supported; speak HTTP/1.1")
+        if tuple(request.version) not in ((1, 0), (1, 1), (2, 0)):
+            major, minor = request.version
+            raise BadRequest("bad_request", f"HTTP/{major}.{minor} is not supported; speak "
+                                            "HTTP/1.1 or HTTP/2")
         target = decide()
         label = target.label
         record.injection = label if target.routed else None
@@ -130,7 +131,7 @@ async def _send(ctx: ProxyContext, request: Request, target: Target,
                 record: AuditRecord) -> None:
     """Forward the request, or hand a WebSocket upgrade to a routed host to aiohttp's
     WebSocket machinery (the one exchange the relay does not carry itself)."""
-    if target.routed and is_websocket(request.headers):
+    if target.routed and request.protocol == "http/1.1" and is_websocket(request.headers):
         await forward_websocket(ctx, request, target, record)
     else:
         await forward(ctx, request, target, record)
@@ -138,7 +139,7 @@ async def _send(ctx: ProxyContext, request: Request, target: Target,
 
 def _announced_length(request: Request) -> int | None:
     """The body's length when the head says it (llhttp checked the digits); else None."""
-    if request.message.chunked or not request.can_read_body:
+    if not request.length_known or not request.can_read_body:
         return None if request.can_read_body else 0
     return content_length(request.headers)
 

@@ -74,3 +74,49 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+# -- HTTP/2 ------------------------------------------------------------------------------
+# RFC 9113 §8.2: field names are lowercase; §8.2.2: these describe one connection and never
+# appear in an HTTP/2 message (TE only as "trailers").
+_LOWER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_H2_FORBIDDEN = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding",
+                           "upgrade"})
+_PSEUDO = {"request": (":method", ":scheme", ":authority", ":path"), "response": (":status",)}
+
+
+def header_block(kind: str, pseudo: Fields, headers: Fields) -> list[tuple[bytes, bytes]]:
+    """An HTTP/2 header block (``kind``: request, response or trailers) for ``h2`` to encode:
+    the pseudo-headers ``kind`` allows, first; then fields whose names are lowercase tokens and
+    whose values hold no control byte. Anything else refuses the whole block."""
+    allowed = _PSEUDO.get(kind, ())
+    block: list[tuple[bytes, bytes]] = []
+    for name, value in pseudo:
+        if name not in allowed:
+            raise UnsafeHead(f"pseudo-header {name!r} has no place in a {kind} block")
+        if not value or _TARGET_UNSAFE.search(value):
+            raise UnsafeHead(f"pseudo-header {name!r} is empty or holds whitespace or a "
+                             "control character")
+        block.append((name.encode(), value.encode(_ENCODING, _ERRORS)))
+    for name, value in headers:
+        if not _LOWER_TOKEN.fullmatch(name):
+            raise UnsafeHead(f"header name {name[:40]!r} is not a lowercase token")
+        if name in _H2_FORBIDDEN or (name == "te" and value != "trailers"):
+            raise UnsafeHead(f"header {name!r} is connection-specific; HTTP/2 carries none")
+        if _NOT_FIELD_TEXT.search(value):
+            raise UnsafeHead(f"the value of header {name!r} holds a control character (CR, LF, "
+                             "NUL or another)")
+        block.append((name.encode(), value.encode(_ENCODING, _ERRORS)))
+    return block
+
+
+def h2_fields(headers: Fields) -> list[tuple[str, str]]:
+    """Fields as HTTP/2 carries them: names lowercased, connection-specific ones left behind
+    (they described the hop they came on; TE survives only as ``trailers``)."""
+    out = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _H2_FORBIDDEN or (lower == "te" and value.strip().lower() != "trailers"):
+            continue
+        out.append((lower, "trailers" if lower == "te" else value))
+    return out

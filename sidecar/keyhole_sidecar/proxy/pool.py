@@ -22,21 +22,14 @@ from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import StreamReader
 
 from keyhole_common.spec import is_ip_literal
+from keyhole_sidecar.proxy.exchange import UpstreamClosed
+from keyhole_sidecar.proxy.h2client import H2Upstream
 from keyhole_sidecar.upstream import OverridingResolver
 
 BODY_BUFFER = 2**16  # the response reader pauses the upstream socket at twice this
 MAX_LINE = 16384  # an upstream's status line or header line
 MAX_HEADERS = 128
 Key = tuple[str, str, int]  # scheme, host, port
-
-
-class UpstreamClosed(ConnectionError):
-    """The upstream closed the connection before (or while) answering."""
-
-    def __init__(self, answered: bool):
-        super().__init__("the upstream closed the connection" +
-                         (" mid-response" if answered else " before answering"))
-        self.answered = answered
 
 
 class ResolveFailed(OSError):
@@ -170,21 +163,54 @@ class UpstreamConnection(BaseProtocol):
             await self._drain_helper()
 
 
+class _Door(asyncio.Protocol):
+    """Owns a new upstream connection for as long as it takes to read which protocol the
+    upstream chose by ALPN, then hands the transport to that protocol's connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: Key):
+        self._loop, self._key = loop, key
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = transport.get_extra_info("ssl_object")
+        chosen = tls.selected_alpn_protocol() if tls is not None else None
+        owner: asyncio.Protocol = (H2Upstream(self._key) if chosen == "h2"
+                                   else UpstreamConnection(self._loop, self._key))
+        transport.set_protocol(owner)
+        owner.connection_made(transport)
+
+
+Connection = UpstreamConnection | H2Upstream
+
+
 class UpstreamPool:
-    """Idle kept-alive connections by (scheme, host, port); opens new ones when none is idle."""
+    """Idle kept-alive connections by (scheme, host, port); opens new ones when none is idle.
+
+    A request from an HTTP/2 client offers the upstream ``h2`` too (``tls_h2``); an upstream
+    that picks it gets one shared connection carrying many streams."""
 
     def __init__(self, resolver: OverridingResolver, tls: ssl.SSLContext, *,
+                 tls_h2: ssl.SSLContext | None = None,
                  idle_per_host: int = 32, idle_total: int = 512, idle_seconds: float = 30.0,
                  connect_seconds: float = 15.0):
-        self.resolver, self.tls = resolver, tls
+        self.resolver, self.tls, self.tls_h2 = resolver, tls, tls_h2
+        self._h2: dict[Key, list[H2Upstream]] = {}
+        self._h2_opening: dict[Key, asyncio.Future] = {}
+        self._http11: set[Key] = set()  # upstreams that answered h2 with http/1.1
         self.idle_per_host, self.idle_total = idle_per_host, idle_total
         self.idle_seconds, self.connect_seconds = idle_seconds, connect_seconds
         self._idle: dict[Key, list[UpstreamConnection]] = {}
         self._idle_count = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def acquire(self, scheme: str, host: str, port: int) -> UpstreamConnection:
+    async def acquire(self, scheme: str, host: str, port: int, *,
+                      h2: bool = False) -> Connection:
+        """A connection to the upstream: HTTP/1.1 for this request alone, or (``h2``, when the
+        upstream picks it) a shared HTTP/2 one."""
         key = (scheme, host, port)
+        if h2 and scheme == "https" and self.tls_h2 is not None and key not in self._http11:
+            shared = await self._shared(key)
+            if shared is not None:
+                return shared
         stack = self._idle.get(key)
         horizon = time.monotonic() - self.idle_seconds
         while stack:
@@ -213,6 +239,19 @@ class UpstreamPool:
 
     def _sweep(self) -> None:
         self._sweeper = None
+        loop = asyncio.get_running_loop()
+        for key, shared in list(self._h2.items()):
+            keep = []
+            for conn in shared:
+                if conn.closed or (not conn.busy
+                                   and conn.idle_since < loop.time() - self.idle_seconds):
+                    conn.close()
+                else:
+                    keep.append(conn)
+            if keep:
+                self._h2[key] = keep
+            else:
+                del self._h2[key]
         horizon = time.monotonic() - self.idle_seconds
         for key, stack in list(self._idle.items()):
             keep = [c for c in stack if c.idle_since > horizon and c.reusable()]
@@ -224,11 +263,43 @@ class UpstreamPool:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
-        if self._idle_count:
-            self._sweeper = asyncio.get_running_loop().call_later(self.idle_seconds / 2,
-                                                                   self._sweep)
+        if self._idle_count or self._h2:
+            self._sweeper = loop.call_later(self.idle_seconds / 2, self._sweep)
 
-    async def _connect(self, key: Key) -> UpstreamConnection:
+    async def _shared(self, key: Key) -> Connection | None:
+        """An HTTP/2 connection with room for a stream, opening one (once, however many
+        requests ask at the same time) if none has; an HTTP/1.1 connection when the upstream
+        did not pick h2."""
+        while True:
+            for conn in self._h2.get(key, ()):
+                if conn.available():
+                    return conn
+            opening = self._h2_opening.get(key)
+            if opening is None:
+                break
+            await asyncio.shield(opening)
+            if opening.result() is False:
+                return None  # the upstream speaks HTTP/1.1: the caller takes the usual way
+        opening = self._h2_opening[key] = asyncio.get_running_loop().create_future()
+        speaks_h2 = False
+        try:
+            conn = await self._connect(key, self.tls_h2)
+            if isinstance(conn, H2Upstream):
+                speaks_h2 = True
+                live = [c for c in self._h2.get(key, ()) if not c.closed]
+                self._h2[key] = [*live, conn]
+                if self._sweeper is None:
+                    self._sweeper = asyncio.get_running_loop().call_later(self.idle_seconds,
+                                                                          self._sweep)
+            elif len(self._http11) < 4096:
+                self._http11.add(key)
+            return conn
+        finally:
+            del self._h2_opening[key]
+            opening.set_result(speaks_h2)
+
+    async def _connect(self, key: Key, tls_context: ssl.SSLContext | None = None
+                       ) -> Connection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         bare = host.strip("[]")
@@ -242,16 +313,16 @@ class UpstreamPool:
             except OSError as exc:
                 raise ResolveFailed(f"cannot resolve {host}") from exc
             addresses = [a["host"] for a in answers]
-        tls = self.tls if scheme == "https" else None
+        tls = (tls_context or self.tls) if scheme == "https" else None
         error: BaseException | None = None
         for address in addresses:
             try:
                 async with asyncio.timeout(self.connect_seconds):
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(loop, key), address, port, ssl=tls,
+                    transport, _ = await loop.create_connection(
+                        lambda: _Door(loop, key), address, port, ssl=tls,
                         server_hostname=bare if tls else None,
                         ssl_handshake_timeout=self.connect_seconds if tls else None)
-                return conn
+                return transport.get_protocol()  # type: ignore[return-value]
             except ssl.SSLError:
                 raise  # a certificate that fails verification fails for every address
             except OSError as exc:
@@ -260,10 +331,11 @@ class UpstreamPool:
         raise error
 
     def close(self) -> None:
-        for stack in self._idle.values():
+        for stack in [*self._idle.values(), *self._h2.values()]:
             for conn in stack:
                 conn.close()
         self._idle.clear()
+        self._h2.clear()
         self._idle_count = 0
         if self._sweeper is not None:
             self._sweeper.cancel()

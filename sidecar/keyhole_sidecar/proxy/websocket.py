@@ -16,8 +16,8 @@ from aiohttp import WSMsgType, web
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.inject import forwarded_headers
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.downstream import Request
 from keyhole_sidecar.proxy.errors import ProxyError, UpstreamFailed, error_response
+from keyhole_sidecar.proxy.exchange import Request
 from keyhole_sidecar.proxy.forward import Target, _authorize, check_target, connect_failure
 
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version",
@@ -38,7 +38,7 @@ async def forward_websocket(ctx: ProxyContext, request: Request, target: Target,
             failure.append(error)
             return error_response(error)
 
-    await request.reply.hand_over(request, serve)
+    await request.reply.hand_over(serve)
     if failure:
         error = failure[0]
         record.decision, record.reason, record.status = error.decision, error.reason, error.status

@@ -1,0 +1,214 @@
+"""The upstream's side of the relay over HTTP/2: one connection, many streams, framed by ``h2``.
+
+The pool opens it when the upstream picks ``h2`` by ALPN and shares it among requests until
+the upstream's SETTINGS_MAX_CONCURRENT_STREAMS is reached or it sends GOAWAY. Each request is
+an :class:`UpstreamStream`: headers out, the body with the upstream's flow control, the
+:class:`~keyhole_sidecar.proxy.exchange.Answer` back with its body and, when the body ends,
+its trailers. A stream the proxy no longer wants is reset (RST_STREAM CANCEL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from multidict import CIMultiDict
+
+from keyhole_sidecar.proxy.exchange import Answer, UpstreamClosed
+from keyhole_sidecar.proxy.h2peer import CONNECTION_WINDOW, H2Body, H2Peer
+
+MAX_HEADER_LIST = 2**16  # what we accept from an upstream, decoded
+
+
+def reason(status: int) -> str:
+    """HTTP/2 carries no reason phrase; an HTTP/1.1 client is given the standard one."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class UpstreamStream:
+    """One request on an :class:`H2Upstream`."""
+
+    __slots__ = ("_answer", "_conn", "_waiter", "body", "ended", "stream_id")
+
+    def __init__(self, conn: H2Upstream, stream_id: int):
+        self._conn, self.stream_id = conn, stream_id
+        self.body = H2Body(lambda size: conn.acknowledge(stream_id, size))
+        self._answer: Answer | None = None
+        self._waiter: asyncio.Future | None = None
+        self.ended = False  # the upstream ended its side (END_STREAM or reset)
+
+    async def send(self, data: bytes, end_stream: bool = False) -> None:
+        await self._conn.send_data(self.stream_id, data, end_stream)
+
+    async def answer(self, timeout: float) -> Answer:
+        """The final answer's head (1xx skipped by ``h2``); TimeoutError after ``timeout``."""
+        if self._answer is None:
+            self._waiter = self._conn._loop.create_future()
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        assert self._answer is not None
+        return self._answer
+
+    def close(self) -> None:
+        """The exchange is over: reset the stream unless both sides ended it."""
+        self._conn.forget(self.stream_id)
+        if not self.ended:
+            self._conn.reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+
+    # -- the connection's side ---------------------------------------------------------------
+    def answered(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        status, fields = 502, CIMultiDict()
+        for name, value in headers:
+            if name == b":status":
+                status = int(value)
+            elif not name.startswith(b":"):
+                fields.add(name.decode("ascii", "surrogateescape"),
+                           value.decode("utf-8", "surrogateescape"))
+        self._answer = Answer(status, reason(status), fields, self.body, ended_with_head=ended)
+        if ended:
+            self.body.feed_eof()
+            self.ended = True
+        self._wake(None)
+
+    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._answer is not None:
+            self._answer.trailers = [(n.decode("ascii", "surrogateescape"),
+                                      v.decode("utf-8", "surrogateescape"))
+                                     for n, v in headers if not n.startswith(b":")]
+
+    def finished(self) -> None:
+        self.ended = True
+        self.body.feed_eof()
+
+    def failed(self, exc: BaseException) -> None:
+        self.ended = True
+        self.body.set_exception(exc)
+        self._wake(exc)
+
+    def _wake(self, exc: BaseException | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+
+class H2Upstream(H2Peer):
+    """One HTTP/2 connection to an upstream, shared by the requests to its host."""
+
+    def __init__(self, key: tuple[str, str, int]):
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None,
+                                           validate_inbound_headers=True)
+        super().__init__(h2.connection.H2Connection(config=config))
+        self.key = key
+        self.idle_since = self._loop.time()
+        self._streams: dict[int, UpstreamStream] = {}
+        self._goaway = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.h2.local_settings = h2.settings.Settings(client=True, initial_values={
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # we accept no pushed streams
+        })
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW)
+        self.flush()
+
+    def available(self) -> bool:
+        """May this connection carry one more stream now?"""
+        return (not self.closed and not self._goaway and self.transport is not None
+                and not self.transport.is_closing()
+                and self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._streams)
+
+    def open(self, block: list[tuple[bytes, bytes]], end_stream: bool) -> UpstreamStream:
+        """Send a request's header block on a new stream."""
+        if not self.available():
+            raise UpstreamClosed(False)
+        stream_id = self.h2.get_next_available_stream_id()
+        stream = UpstreamStream(self, stream_id)
+        self._streams[stream_id] = stream
+        self.h2.send_headers(stream_id, block, end_stream=end_stream)
+        self.flush()
+        return stream
+
+    def forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        if not self._streams:
+            self.idle_since = self._loop.time()
+            if self._goaway:
+                self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- transport events --------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:  # h2 queued the GOAWAY
+            self.flush()
+            self.close()
+            return
+        for event in events:
+            self._on_event(event)
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.failed(UpstreamClosed(stream.body.is_eof()))
+
+    def _on_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.answered(event.headers, event.stream_ended is not None)
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
+            else:
+                stream.body.feed(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.trailers(event.headers)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.finished()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.failed(UpstreamClosed(stream.body.is_eof()))
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self.window_opened(getattr(event, "stream_id", None))
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway = True
+            last = event.last_stream_id or 0
+            for stream_id, stream in list(self._streams.items()):
+                if stream_id > last:  # never processed: safe to say so
+                    stream.failed(UpstreamClosed(False))
+            if not self._streams:
+                self.close()

@@ -1,0 +1,295 @@
+"""The client's side of the relay over HTTP/2: streams in, each one a request for the policy.
+
+Framing, HPACK and the protocol's rules are ``h2``'s (a request it refuses never becomes a
+stream here). Each stream gets a :class:`~keyhole_sidecar.proxy.exchange.Request` and a task
+running the same handler HTTP/1.1 requests get; a stream the client resets cancels its task
+(and so its upstream stream). The attacks particular to HTTP/2 are bounded per connection:
+streams by SETTINGS_MAX_CONCURRENT_STREAMS (more is a protocol error), header lists by
+SETTINGS_MAX_HEADER_LIST_SIZE (HPACK bombs, CONTINUATION floods: ``h2`` counts both), and
+resets, PINGs and SETTINGS by a budget per window — past it the connection is closed with
+ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from multidict import CIMultiDict
+from yarl import URL
+
+from keyhole_sidecar.proxy import heads
+from keyhole_sidecar.proxy.context import ProxyContext
+from keyhole_sidecar.proxy.exchange import Request, Trailers
+from keyhole_sidecar.proxy.h2peer import CONNECTION_WINDOW, MAX_FRAME, H2Body, H2Peer, StreamGone
+
+log = logging.getLogger("keyhole.proxy")
+MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS we advertise
+MAX_HEADER_LIST = 2**16  # SETTINGS_MAX_HEADER_LIST_SIZE: decoded bytes, HPACK bombs included
+# Control frames a client may make us answer or account for, per window: far above what a
+# real client sends, far below what an attacker needs.
+BUDGET_WINDOW = 10.0
+BUDGETS = {"reset": 200, "ping": 100, "settings": 100}
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+Handler = Callable[[Request], Awaitable[None]]
+
+
+class H2Reply:
+    """Answers one stream. Headers go out with the first DATA, or alone with END_STREAM when
+    no body follows (so a gRPC trailers-only answer keeps its shape)."""
+
+    __slots__ = ("_conn", "_head", "_stream_id", "close", "ended", "started")
+
+    def __init__(self, conn: H2ClientConnection, stream_id: int):
+        self._conn, self._stream_id = conn, stream_id
+        self.started = False
+        self.ended = False
+        self.close = False  # one stream cannot close the connection
+        self._head: list[tuple[bytes, bytes]] | None = None
+
+    def interim(self, status_line: bytes) -> None:
+        """HTTP/2 clients do not wait for 100 Continue; nothing to send."""
+
+    def start(self, status: int, reason: str, headers: list[tuple[str, str]], *,
+              length: int | None = None) -> None:
+        fields = heads.h2_fields(headers)
+        if length is not None:
+            fields.append(("content-length", str(length)))
+        self._head = heads.header_block("response", [(":status", str(status))], fields)
+        self.started = True
+
+    def _send_head(self, end_stream: bool) -> None:
+        head, self._head = self._head, None
+        if head is None:
+            return
+        try:
+            self._conn.h2.send_headers(self._stream_id, head, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            raise StreamGone("the stream was reset") from None
+        self._conn.flush()
+        if end_stream:
+            self.ended = True
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            self._send_head(False)
+            await self._conn.send_data(self._stream_id, data)
+
+    async def end(self, trailers: Trailers = ()) -> None:
+        fields = heads.h2_fields(trailers)
+        if self._head is not None and not fields:
+            self._send_head(True)
+            return
+        self._send_head(False)
+        if fields:
+            block = heads.header_block("trailers", (), fields)
+            try:
+                self._conn.h2.send_headers(self._stream_id, block, end_stream=True)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                raise StreamGone("the stream was reset") from None
+            self._conn.flush()
+        else:
+            await self._conn.send_data(self._stream_id, b"", end_stream=True)
+        self.ended = True
+        await self._conn.drain()
+
+    async def send(self, status: int, reason: str, headers: list[tuple[str, str]],
+                   body: bytes, trailers: Trailers = ()) -> None:
+        self.start(status, reason, headers, length=len(body))
+        await self.write(body)
+        await self.end(trailers)
+
+    def abort(self) -> None:
+        """The answer cannot be finished: reset this stream (the connection carries on)."""
+        self._conn.reset(self._stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+
+
+class H2ClientConnection(H2Peer):
+    """One client connection speaking HTTP/2 (``h2`` by ALPN, or ``h2c`` by prior knowledge)."""
+
+    def __init__(self, ctx: ProxyContext, handler: Handler, *, on_request: Callable[[], None]):
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_inbound_headers=True,
+                                           normalize_inbound_headers=True)
+        super().__init__(h2.connection.H2Connection(config=config))
+        self._ctx = ctx
+        self._handler = handler
+        self._on_request = on_request
+        self._streams: dict[int, tuple[H2Body, asyncio.Task]] = {}
+        self._spent = dict.fromkeys(BUDGETS, 0)
+        self._window_start = self._loop.time()
+        self._idle: asyncio.TimerHandle | None = None
+
+    # -- transport events --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 0,
+        })
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW)
+        self.flush()
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:  # h2 has queued the GOAWAY
+            log.info("closing an HTTP/2 connection: %s", type(exc).__name__)
+            self._ctx.metrics.decisions.labels("denied", "malformed").inc()
+            self._close()
+            return
+        for event in events:
+            self._on_event(event)
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self._idle is not None:
+            self._idle.cancel()
+        for body, task in self._streams.values():
+            body.set_exception(ConnectionResetError("the client closed the connection"))
+            task.cancel()
+        self._streams.clear()
+
+    def _close(self, code: int | None = None) -> None:
+        if code is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection(code)
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- events --------------------------------------------------------------------------------
+    def _on_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._start_stream(event)
+        elif isinstance(event, h2.events.DataReceived):
+            entry = self._streams.get(event.stream_id)
+            if entry is None:
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
+            else:
+                entry[0].feed(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.StreamEnded):
+            entry = self._streams.get(event.stream_id)
+            if entry is not None:
+                entry[0].feed_eof()
+        elif isinstance(event, h2.events.StreamReset):
+            self._stream_reset(event.stream_id)
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            if isinstance(event, h2.events.RemoteSettingsChanged):
+                self._spend("settings")
+            self.window_opened(getattr(event, "stream_id", None))
+        elif isinstance(event, h2.events.PingReceived):
+            self._spend("ping")
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._close()
+
+    def _spend(self, kind: str) -> None:
+        now = self._loop.time()
+        if now - self._window_start > BUDGET_WINDOW:
+            self._window_start, self._spent = now, dict.fromkeys(BUDGETS, 0)
+        self._spent[kind] += 1
+        if self._spent[kind] > BUDGETS[kind]:
+            log.warning("closing an HTTP/2 connection that sent over %d %s frames in %.0fs",
+                        BUDGETS[kind], kind, BUDGET_WINDOW)
+            self._ctx.metrics.decisions.labels("denied", f"h2_{kind}_flood").inc()
+            self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _stream_reset(self, stream_id: int) -> None:
+        entry = self._streams.pop(stream_id, None)
+        if entry is not None:
+            body, task = entry
+            body.set_exception(ConnectionResetError("the client reset the stream"))
+            task.cancel()  # the upstream's stream goes with it
+        self._spend("reset")
+        self._arm_idle()
+
+    def _start_stream(self, event: h2.events.RequestReceived) -> None:
+        self._on_request()
+        stream_id = event.stream_id
+        pseudo: dict[bytes, bytes] = {}
+        headers: CIMultiDict[str] = CIMultiDict()
+        cookies: list[str] = []
+        for name, value in event.headers:
+            if name.startswith(b":"):
+                pseudo[name] = value
+                continue
+            text = value.decode("utf-8", "surrogateescape")
+            if name == b"cookie":  # RFC 9113 §8.2.3: crumbs are joined for HTTP/1.1
+                cookies.append(text)
+            else:
+                headers.add(name.decode("ascii", "surrogateescape"), text)
+        if cookies:
+            headers["cookie"] = "; ".join(cookies)
+        method = pseudo.get(b":method", b"").decode("ascii", "surrogateescape")
+        authority = pseudo.get(b":authority", b"").decode("ascii", "surrogateescape")
+        if authority and "host" not in headers:
+            headers["host"] = authority
+        reply = H2Reply(self, stream_id)
+        if method == "CONNECT":  # extended CONNECT (WebSockets) is not offered
+            self._refuse(stream_id, 405, "CONNECT inside an HTTP/2 connection is not supported")
+            return
+        path = pseudo.get(b":path", b"/").decode("ascii", "surrogateescape")
+        raw_path, _, raw_query = path.partition("?")
+        url = URL.build(path=raw_path, query_string=raw_query, encoded=True)
+        ended = event.stream_ended is not None
+        body = H2Body(lambda size: self.acknowledge(stream_id, size))
+        if ended:
+            body.feed_eof()
+        request = Request(method, url, headers, body, not ended,
+                          ended or "content-length" in headers, reply, (2, 0), "h2")
+        task = self._loop.create_task(self._serve(stream_id, request, reply, body))
+        self._streams[stream_id] = (body, task)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _refuse(self, stream_id: int, status: int, text: str) -> None:
+        body = f"keyhole: {text}\n".encode()
+        self.h2.send_headers(stream_id, heads.header_block("response", [(":status", str(status))], [
+            ("content-type", "text/plain; charset=utf-8"), ("x-keyhole-error", "bad_request"),
+            ("content-length", str(len(body)))]))
+        self.h2.send_data(stream_id, body, end_stream=True)
+        self.flush()
+
+    async def _serve(self, stream_id: int, request: Request, reply: H2Reply,
+                     body: H2Body) -> None:
+        try:
+            await self._handler(request)
+        except StreamGone:
+            pass
+        finally:
+            self._streams.pop(stream_id, None)
+            if not self.closed:
+                if not reply.ended:
+                    self.reset(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                elif not body.is_eof():  # answered before the body was read: stop its sender
+                    self.reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                self._arm_idle()
+
+    # -- idle ------------------------------------------------------------------------------------
+    def _arm_idle(self) -> None:
+        if self._streams or self.closed or self._idle is not None:
+            return
+        self._idle = self._loop.call_later(self._ctx.settings.idle_timeout, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        self._idle = None
+        if not self._streams and not self.closed:
+            self._close(h2.errors.ErrorCodes.NO_ERROR)
