@@ -144,3 +144,48 @@ class StreamRedactor:
         """The body ended: what was held back cannot become a secret any more."""
         held, self._held = self._held, b""
         return held
+
+
+class GrpcBodyError(ValueError):
+    """A gRPC body the proxy cannot inspect (a compressed message, or one over the size
+    bound): the stream is ended rather than passed on unread."""
+
+
+# gRPC's own default limit on a received message is 4 MiB; one this long is read whole.
+GRPC_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class GrpcStreamRedactor:
+    """Redacts a gRPC body message by message (each a 1-byte flag and a 4-byte length, then
+    the message): a message goes out as soon as it is whole, so streaming calls stay
+    interactive, and its length is rewritten after masking, so the framing stays true."""
+
+    __slots__ = ("_buffer", "_redactor")
+
+    def __init__(self, redactor: Redactor):
+        self._redactor = redactor
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        buffer = self._buffer
+        buffer += chunk
+        out = []
+        while len(buffer) >= 5:
+            flag, length = buffer[0], int.from_bytes(buffer[1:5], "big")
+            if length > GRPC_MAX_MESSAGE:
+                raise GrpcBodyError(f"a gRPC message of {length} bytes is over the "
+                                    f"{GRPC_MAX_MESSAGE}-byte bound the proxy reads whole")
+            if len(buffer) < 5 + length:
+                break
+            message = self._redactor.redact(bytes(buffer[5:5 + length]))
+            del buffer[:5 + length]
+            if flag & 1:
+                raise GrpcBodyError("the upstream sent a compressed gRPC message, which the "
+                                    "proxy cannot inspect for secrets")
+            out.append(bytes((flag,)) + len(message).to_bytes(4, "big") + message)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """The body ended: a partial message left over is broken anyway; masked, it goes."""
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        return self._redactor.redact(rest) if rest else b""

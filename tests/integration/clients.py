@@ -72,7 +72,9 @@ def parse_raw_response(raw: bytes) -> Reply:
             continue
         break
     headers = [tuple(line.split(": ", 1)) for line in head.split("\r\n")[1:] if ": " in line]
-    return Reply(status, headers, rest)
+    reply = Reply(status, headers, rest)
+    reply.protocol = head.split(" ", 1)[0]  # HTTP/1.1, HTTP/2
+    return reply
 
 
 def _run_json(command: list[str], env: dict[str, str], what: str, cwd=CLIENTS) -> Reply:

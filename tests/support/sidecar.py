@@ -84,8 +84,10 @@ class Sidecar:
         return env
 
     def audit(self) -> list[dict]:
-        lines = (self.workdir / "stdout.log").read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        """The audit records written so far (a line still being written is not one yet)."""
+        text = (self.workdir / "stdout.log").read_text()
+        complete = text[:text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def wait_audit(self, predicate, timeout: float = 5.0) -> dict:
         """The last audit record matching ``predicate``, waiting for it to be written."""

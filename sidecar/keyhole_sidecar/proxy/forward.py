@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 import ssl
 import time
@@ -39,9 +40,10 @@ from keyhole_sidecar.proxy.heads import (
     request_head,
 )
 from keyhole_sidecar.proxy.pool import ResolveFailed, UpstreamConnection
-from keyhole_sidecar.redact import Redactor
+from keyhole_sidecar.redact import GrpcBodyError, GrpcStreamRedactor, Redactor, StreamRedactor
 from keyhole_sidecar.routes import Route
 
+log = logging.getLogger("keyhole.proxy")
 # Encodings the proxy can decode to redact; anything else from a routed host is refused.
 DECODABLE = ("gzip", "deflate", "br")
 # A body announced at most this long is read whole and answered with one write (with its
@@ -240,7 +242,7 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
     host = headers.popone("Host", target.authority)  # a signature may have set it
     path = f"{target.path}?{query}" if query else target.path
     started = time.monotonic()
-    conn = await _acquire(ctx, target, h2=request.protocol == "h2")
+    conn = await _acquire(ctx, target)
     if isinstance(conn, H2Upstream):
         leg, answer, sending = await _exchange_h2(ctx, request, target, conn, host, path,
                                                   headers, framing, body)
@@ -273,9 +275,9 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
             leg.close()
 
 
-async def _acquire(ctx: ProxyContext, target: Target, *, h2: bool):
+async def _acquire(ctx: ProxyContext, target: Target):
     try:
-        return await ctx.pool.acquire(target.scheme, target.host, target.port, h2=h2)
+        return await ctx.pool.acquire(target.scheme, target.host, target.port)
     except (TimeoutError, OSError, ValueError, TargetRefused) as exc:
         failure = connect_failure(exc, target)
         if not isinstance(failure, Denied):
@@ -306,7 +308,7 @@ async def _exchange(ctx: ProxyContext, request: Request, target: Target,
     answered = False
     for attempt in (1, 2):
         if attempt == 2:
-            conn = await _acquire(ctx, target, h2=False)  # type: ignore[assignment]
+            conn = await _acquire(ctx, target)  # type: ignore[assignment]
         conn.expect(request.method, decode=target.routed)
         try:
             if isinstance(body, bytes):
@@ -355,9 +357,12 @@ async def _exchange_h2(ctx: ProxyContext, request: Request, target: Target, conn
     fields = h2_fields([*headers.items(), *framing])
     if "trailers" in request.headers.get("te", "").lower():
         fields.append(("te", "trailers"))  # gRPC asks for trailers; HTTP/2 carries them
-    if target.routed:  # nothing is decoded on this path: ask for the body as it is
-        fields = [(n, v) for n, v in fields if n != "accept-encoding"]
+    if target.routed:  # nothing is decoded on this path: ask for bodies (and gRPC messages)
+        fields = [(n, v) for n, v in fields  # as they are, so they can be redacted
+                  if n not in ("accept-encoding", "grpc-accept-encoding")]
         fields.append(("accept-encoding", "identity"))
+        if "grpc-accept-encoding" in request.headers:
+            fields.append(("grpc-accept-encoding", "identity"))
     try:
         block = header_block("request", [(":method", request.method),
                                          (":scheme", target.scheme), (":authority", host),
@@ -482,7 +487,7 @@ async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
     (HTTP/2: resets the stream)."""
     payload = answer.body
     reply.start(answer.code, answer.reason, headers, length=length)
-    stream = redactor.stream() if redactor else None
+    stream = _body_redactor(answer, redactor)
     try:
         while True:
             data = await payload.readany()
@@ -502,7 +507,23 @@ async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
         record.reason = "upstream_mid_body"
         reply.abort()
         return
+    except GrpcBodyError as exc:
+        log.warning("ending a gRPC answer from %s: %s", target.host, exc)
+        ctx.metrics.upstream_errors.labels("encoding").inc()
+        record.reason = "grpc_uninspectable"
+        reply.abort()
+        return
     await reply.end(_trailers(answer, target, redactor))
+
+
+def _body_redactor(answer: Answer, redactor: Redactor | None
+                   ) -> StreamRedactor | GrpcStreamRedactor | None:
+    """gRPC bodies are redacted message by message; any other body as a byte stream."""
+    if redactor is None:
+        return None
+    if answer.headers.get("Content-Type", "").startswith("application/grpc"):
+        return GrpcStreamRedactor(redactor)
+    return redactor.stream()
 
 
 async def _authorize(ctx: ProxyContext, request, target: Target,

@@ -185,14 +185,14 @@ Connection = UpstreamConnection | H2Upstream
 class UpstreamPool:
     """Idle kept-alive connections by (scheme, host, port); opens new ones when none is idle.
 
-    A request from an HTTP/2 client offers the upstream ``h2`` too (``tls_h2``); an upstream
-    that picks it gets one shared connection carrying many streams."""
+    ``tls`` offers ``h2`` and ``http/1.1``: an upstream that picks ``h2`` gets one shared
+    connection carrying many streams; one that picks HTTP/1.1 is remembered and gets a kept-alive
+    connection per request in flight, as an upstream over plain HTTP does."""
 
     def __init__(self, resolver: OverridingResolver, tls: ssl.SSLContext, *,
-                 tls_h2: ssl.SSLContext | None = None,
                  idle_per_host: int = 32, idle_total: int = 512, idle_seconds: float = 30.0,
                  connect_seconds: float = 15.0):
-        self.resolver, self.tls, self.tls_h2 = resolver, tls, tls_h2
+        self.resolver, self.tls = resolver, tls
         self._h2: dict[Key, list[H2Upstream]] = {}
         self._h2_opening: dict[Key, asyncio.Future] = {}
         self._http11: set[Key] = set()  # upstreams that answered h2 with http/1.1
@@ -202,12 +202,11 @@ class UpstreamPool:
         self._idle_count = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def acquire(self, scheme: str, host: str, port: int, *,
-                      h2: bool = False) -> Connection:
-        """A connection to the upstream: HTTP/1.1 for this request alone, or (``h2``, when the
-        upstream picks it) a shared HTTP/2 one."""
+    async def acquire(self, scheme: str, host: str, port: int) -> Connection:
+        """A connection to the upstream: a shared HTTP/2 one when the upstream picked h2, else
+        an HTTP/1.1 one for this request alone."""
         key = (scheme, host, port)
-        if h2 and scheme == "https" and self.tls_h2 is not None and key not in self._http11:
+        if scheme == "https" and key not in self._http11:
             shared = await self._shared(key)
             if shared is not None:
                 return shared
@@ -283,7 +282,7 @@ class UpstreamPool:
         opening = self._h2_opening[key] = asyncio.get_running_loop().create_future()
         speaks_h2 = False
         try:
-            conn = await self._connect(key, self.tls_h2)
+            conn = await self._connect(key)
             if isinstance(conn, H2Upstream):
                 speaks_h2 = True
                 live = [c for c in self._h2.get(key, ()) if not c.closed]
@@ -298,8 +297,7 @@ class UpstreamPool:
             del self._h2_opening[key]
             opening.set_result(speaks_h2)
 
-    async def _connect(self, key: Key, tls_context: ssl.SSLContext | None = None
-                       ) -> Connection:
+    async def _connect(self, key: Key) -> Connection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         bare = host.strip("[]")
@@ -313,7 +311,7 @@ class UpstreamPool:
             except OSError as exc:
                 raise ResolveFailed(f"cannot resolve {host}") from exc
             addresses = [a["host"] for a in answers]
-        tls = (tls_context or self.tls) if scheme == "https" else None
+        tls = self.tls if scheme == "https" else None
         error: BaseException | None = None
         for address in addresses:
             try:

@@ -1,0 +1,261 @@
+"""HTTP/2 and gRPC through the real sidecar: real clients (curl, httpx, Node's http2, grpcio)
+against real HTTP/2 upstreams over TLS on 127.0.0.1 (an ``h2`` echo server, a grpcio server).
+The upstream sees the key; the client sees its answer and its trailers, never the key."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import threading
+
+import grpc
+import httpx
+import pytest
+
+from tests.integration.clients import CLIENTS, curl
+from tests.support.config import injection, ref
+from tests.support.h2_upstream import GrpcUpstream, H2EchoServer
+from tests.support.sidecar import start_sidecar
+
+H2_KEY = "h2-SECRET-KEY-424242"
+GRPC_KEY = "grpc-SECRET-KEY-131313"
+KEYS = (H2_KEY, GRPC_KEY)
+
+
+def assert_no_key(text: str) -> None:
+    for key in KEYS:
+        assert key not in text
+
+
+@pytest.fixture(scope="module")
+def h2_upstream(test_ca):
+    server = H2EchoServer(test_ca[0], "h2.routed.test")
+    state = server.start()
+    yield state
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_upstream(test_ca):
+    server = GrpcUpstream(test_ca[0], "grpc.routed.test").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream):
+    grpc_methods = [f"/echo.Echo/{m}" for m in ("Unary", "ServerStream", "ClientStream", "Chat",
+                                                  "Hang")]
+    injections = [
+        injection("h2", hosts=[f"h2.routed.test:{h2_upstream.port}"],
+                  headers=[{"name": "Authorization", "valueFrom": ref("h2", "key"),
+                            "format": "Bearer {value}"}]),
+        injection("grpc", hosts=[f"grpc.routed.test:{grpc_upstream.port}"],
+                  headers=[{"name": "Authorization", "valueFrom": ref("grpc", "key"),
+                            "format": "Bearer {value}"}],
+                  rules=[{"methods": ["POST"], "paths": grpc_methods}]),
+    ]
+    sidecar = start_sidecar(
+        tmp_path_factory.mktemp("h2-sidecar"), injections,
+        {"h2": {"key": H2_KEY}, "grpc": {"key": GRPC_KEY}},
+        resolve=[f"h2.routed.test:{h2_upstream.port}:127.0.0.1",
+                 f"grpc.routed.test:{grpc_upstream.port}:127.0.0.1"],
+        upstream_ca=test_ca[1])
+    yield sidecar
+    sidecar.stop()
+
+
+def _echo(h2_upstream, marker: str):
+    seen = h2_upstream.find(marker)
+    assert len(seen) == 1, f"the upstream saw {len(seen)} requests for {marker}"
+    return seen[0]
+
+
+# -- plain HTTP/2 ------------------------------------------------------------------------
+def test_curl_speaks_h2_through_connect_and_the_key_is_added(h2_sidecar, h2_upstream, marker):
+    url = f"https://h2.routed.test:{h2_upstream.port}/{marker}"
+    reply = curl(h2_sidecar, url, http2=True)
+    assert reply.status == 200
+    assert reply.protocol == "HTTP/2"
+    assert _echo(h2_upstream, marker).header("authorization") == [f"Bearer {H2_KEY}"]
+    assert "[REDACTED]" in reply.body  # the upstream reflected the header in its body
+    assert dict(reply.headers)["x-echo-authorization"] == "[REDACTED]"
+    assert_no_key(reply.everything())
+
+
+def test_httpx_with_http2_gets_h2_end_to_end(h2_sidecar, h2_upstream, marker):
+    context = ssl.create_default_context(cafile=str(h2_sidecar.bundle))
+    with httpx.Client(http2=True, proxy=h2_sidecar.url, verify=context, trust_env=False) as client:
+        response = client.post(f"https://h2.routed.test:{h2_upstream.port}/{marker}",
+                               content=b"z" * 100_000)
+    assert response.status_code == 200
+    assert response.http_version == "HTTP/2"
+    seen = _echo(h2_upstream, marker)
+    assert seen.method == "POST" and seen.body_size == 100_000
+    assert seen.header("authorization") == [f"Bearer {H2_KEY}"]
+    assert json.loads(response.text)["protocol"] == "h2"
+    assert_no_key(response.text + str(response.headers))
+
+
+def test_node_http2_gets_its_trailers_redacted(h2_sidecar, h2_upstream, marker):
+    done = subprocess.run(
+        ["node", str(CLIENTS / "h2.mjs"), h2_sidecar.url,
+         f"https://h2.routed.test:{h2_upstream.port}/{marker}"],
+        env=h2_sidecar.client_env(), capture_output=True, text=True, timeout=60, cwd=CLIENTS)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["status"] == 200 and reply["alpn"] == "h2"
+    trailers = dict(reply["trailers"])
+    assert trailers["x-trailer"] == "done"  # trailers crossed the proxy
+    assert trailers["x-trailer-authorization"] == "[REDACTED]"
+    assert _echo(h2_upstream, marker).header("te") == ["trailers"]
+    assert_no_key(done.stdout)
+
+
+def test_an_http11_client_is_served_by_an_h2_only_upstream(h2_sidecar, h2_upstream, marker):
+    reply = curl(h2_sidecar, f"https://h2.routed.test:{h2_upstream.port}/{marker}")
+    assert reply.status == 200
+    assert reply.protocol == "HTTP/1.1"
+    assert _echo(h2_upstream, marker).header("authorization") == [f"Bearer {H2_KEY}"]
+    assert_no_key(reply.everything())
+
+
+def test_base_url_mode_takes_h2c_with_prior_knowledge(h2_sidecar, h2_upstream, marker):
+    reply = curl(h2_sidecar, "--http2-prior-knowledge", "--noproxy", "*",
+                 f"{h2_sidecar.url}/h2/{marker}?q=1")
+    assert reply.status == 200
+    assert reply.protocol == "HTTP/2"
+    seen = _echo(h2_upstream, marker)
+    assert seen.path == f"/{marker}?q=1"
+    assert seen.header("authorization") == [f"Bearer {H2_KEY}"]
+    assert_no_key(reply.everything())
+
+
+def test_a_large_h2_download_streams_through(h2_sidecar, h2_upstream, marker):
+    """50 MB through windows of 64 KiB: flow control both ways, nothing held whole."""
+    size = 50 * 1024 * 1024
+    context = ssl.create_default_context(cafile=str(h2_sidecar.bundle))
+    received = 0
+    with httpx.Client(http2=True, proxy=h2_sidecar.url, verify=context, trust_env=False,
+                      timeout=60) as client, client.stream(
+            "GET", f"https://h2.routed.test:{h2_upstream.port}/{marker}/big?n={size}") as resp:
+        assert resp.http_version == "HTTP/2"
+        for piece in resp.iter_bytes():
+            received += len(piece)
+    assert received == size
+
+
+# -- gRPC --------------------------------------------------------------------------------
+@pytest.fixture
+def grpc_channel(h2_sidecar, grpc_upstream):
+    credentials = grpc.ssl_channel_credentials(root_certificates=h2_sidecar.ca_cert.read_bytes())
+    channel = grpc.secure_channel(f"grpc.routed.test:{grpc_upstream.port}", credentials,
+                                  options=[("grpc.http_proxy", h2_sidecar.url),
+                                           ("grpc.enable_retries", 0)])
+    yield channel
+    channel.close()
+
+
+def _call(channel, shape: str, method: str):
+    return getattr(channel, shape)(f"/echo.Echo/{method}", request_serializer=None,
+                                   response_deserializer=None)
+
+
+def _assert_grpc_injected(grpc_upstream, marker: str, method: str) -> None:
+    calls = grpc_upstream.find(marker)
+    assert [c.method for c in calls] == [method]
+    assert calls[0].metadata["authorization"] == f"Bearer {GRPC_KEY}"
+
+
+def test_grpc_unary_call_gets_its_key_and_redacted_trailers(grpc_channel, grpc_upstream, marker):
+    answer, call = _call(grpc_channel, "unary_unary", "Unary").with_call(
+        b"hello", metadata=[("x-marker", marker)], timeout=20)
+    assert answer == b"unary:hello"
+    assert call.code() == grpc.StatusCode.OK
+    _assert_grpc_injected(grpc_upstream, marker, "Unary")
+    trailers = dict(call.trailing_metadata())
+    assert trailers["x-echo-authorization"] == "[REDACTED]"
+
+
+def test_grpc_server_streaming(grpc_channel, grpc_upstream, marker):
+    call = _call(grpc_channel, "unary_stream", "ServerStream")(
+        b"5", metadata=[("x-marker", marker)], timeout=20)
+    assert list(call) == [b"part-%d" % i for i in range(5)]
+    assert call.code() == grpc.StatusCode.OK
+    _assert_grpc_injected(grpc_upstream, marker, "ServerStream")
+    assert_no_key(str(call.trailing_metadata()))
+
+
+def test_grpc_client_streaming(grpc_channel, grpc_upstream, marker):
+    answer = _call(grpc_channel, "stream_unary", "ClientStream")(
+        iter([b"a", b"b", b"c"]), metadata=[("x-marker", marker)], timeout=20)
+    assert answer == b"a+b+c"
+    _assert_grpc_injected(grpc_upstream, marker, "ClientStream")
+
+
+def test_grpc_bidirectional_streaming_interleaves(grpc_channel, grpc_upstream, marker):
+    """Each answer arrives before the next message is sent: nothing waits for the end."""
+    outgoing: list[bytes] = []
+    ready = threading.Semaphore(0)
+
+    def messages():
+        for i in range(4):
+            outgoing.append(b"m%d" % i)
+            yield b"m%d" % i
+            assert ready.acquire(timeout=20), "the answer to the last message never came"
+
+    call = _call(grpc_channel, "stream_stream", "Chat")(messages(),
+                                                         metadata=[("x-marker", marker)],
+                                                         timeout=30)
+    answers = []
+    for answer in call:
+        answers.append(answer)
+        ready.release()
+    assert answers == [b"echo:m%d" % i for i in range(4)]
+    _assert_grpc_injected(grpc_upstream, marker, "Chat")
+
+
+def test_grpc_error_status_and_message_cross_redacted(grpc_channel, grpc_upstream, marker):
+    with pytest.raises(grpc.RpcError) as failure:
+        _call(grpc_channel, "unary_unary", "Unary")(b"fail", metadata=[("x-marker", marker)],
+                                                    timeout=20)
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert failure.value.details() == "refused; you sent [REDACTED]"
+    _assert_grpc_injected(grpc_upstream, marker, "Unary")
+
+
+def test_a_grpc_method_outside_the_rules_never_reaches_the_upstream(grpc_channel, grpc_upstream,
+                                                                    marker):
+    with pytest.raises(grpc.RpcError) as failure:
+        _call(grpc_channel, "unary_unary", "Secret")(b"x", metadata=[("x-marker", marker)],
+                                                     timeout=20)
+    assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED  # HTTP 403 → gRPC
+    assert grpc_upstream.find(marker) == []
+
+
+def test_a_cancelled_grpc_call_is_cancelled_upstream(grpc_channel, grpc_upstream, marker):
+    """RST_STREAM from the client crosses the proxy: the upstream's handler sees its call end."""
+    call = _call(grpc_channel, "unary_stream", "Hang")(b"", metadata=[("x-marker", marker)],
+                                                       timeout=30)
+    assert next(call) == b"started"
+    call.cancel()
+    [upstream_call] = grpc_upstream.find(marker)
+    assert upstream_call.cancelled.wait(20), "the upstream call was not cancelled"
+
+
+def test_a_grpc_deadline_ends_the_call_on_both_sides(grpc_channel, grpc_upstream, marker):
+    call = _call(grpc_channel, "unary_stream", "Hang")(b"", metadata=[("x-marker", marker)],
+                                                       timeout=2)
+    with pytest.raises(grpc.RpcError) as failure:
+        list(call)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    [upstream_call] = grpc_upstream.find(marker)
+    assert upstream_call.cancelled.wait(20), "the upstream call outlived its deadline"
+
+
+def test_grpc_calls_are_audited_with_their_method_path(h2_sidecar, grpc_channel, marker):
+    _call(grpc_channel, "unary_unary", "Unary")(b"hi", metadata=[("x-marker", marker)],
+                                                timeout=20)
+    line = h2_sidecar.wait_audit(lambda r: r.get("path") == "/echo.Echo/Unary")
+    assert (line["injection"], line["method"], line["status"]) == ("grpc", "POST", 200)
