@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support.config import INJECTIONS, SECRETS, resolve_all
+from tests.support.config import GRPC_KEY, H2_KEY, INJECTIONS, SECRETS, injection, ref, resolve_all
+from tests.support.h2_upstream import GrpcUpstream, H2EchoServer
 from tests.support.sidecar import Sidecar, start_sidecar
 from tests.support.upstream import Upstream, UpstreamServer
 
@@ -135,3 +136,42 @@ def go_client(tmp_path_factory):
                        capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod",
                                                  "GO111MODULE": "off"}, timeout=600)
     return binary
+
+
+# -- HTTP/2 and gRPC upstreams, and a sidecar routing to them --------------------------------
+@pytest.fixture(scope="module")
+def h2_upstream(test_ca):
+    server = H2EchoServer(test_ca[0], "h2.routed.test")
+    state = server.start()
+    yield state
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_upstream(test_ca):
+    server = GrpcUpstream(test_ca[0], "grpc.routed.test").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream):
+    grpc_methods = [f"/echo.Echo/{m}" for m in ("Unary", "ServerStream", "ClientStream", "Chat",
+                                                  "Hang")]
+    injections = [
+        injection("h2", hosts=[f"h2.routed.test:{h2_upstream.port}"],
+                  headers=[{"name": "Authorization", "valueFrom": ref("h2", "key"),
+                            "format": "Bearer {value}"}]),
+        injection("grpc", hosts=[f"grpc.routed.test:{grpc_upstream.port}"],
+                  headers=[{"name": "Authorization", "valueFrom": ref("grpc", "key"),
+                            "format": "Bearer {value}"}],
+                  rules=[{"methods": ["POST"], "paths": grpc_methods}]),
+    ]
+    sidecar = start_sidecar(
+        tmp_path_factory.mktemp("h2-sidecar"), injections,
+        {"h2": {"key": H2_KEY}, "grpc": {"key": GRPC_KEY}},
+        resolve=[f"h2.routed.test:{h2_upstream.port}:127.0.0.1",
+                 f"grpc.routed.test:{grpc_upstream.port}:127.0.0.1"],
+        upstream_ca=test_ca[1])
+    yield sidecar
+    sidecar.stop()

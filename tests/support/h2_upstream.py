@@ -24,7 +24,6 @@ import h2.exceptions
 import trustme
 
 
-
 @dataclass
 class H2Received:
     method: str
@@ -42,11 +41,20 @@ class H2Upstream:
     port: int
     received: list[H2Received] = field(default_factory=list)
     connections: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    sent: dict[str, int] = field(default_factory=dict)  # body bytes sent, by path
+    stalled: set[str] = field(default_factory=set)  # paths waiting for the peer's window
+    _lock: threading.Condition = field(default_factory=threading.Condition)
 
     def find(self, marker: str) -> list[H2Received]:
         with self._lock:
             return [r for r in self.received if marker in r.path]
+
+    def wait_stalled(self, marker: str, timeout: float = 20.0) -> int:
+        """Wait until the answer to ``marker`` waits for a window; the bytes sent by then."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: any(marker in p for p in self.stalled), timeout):
+                raise AssertionError(f"the answer to {marker} never waited for a window")
+            return next(n for p, n in self.sent.items() if marker in p)
 
 
 class _EchoProtocol(asyncio.Protocol):
@@ -104,6 +112,12 @@ class _EchoProtocol(asyncio.Protocol):
                 reset))
 
     async def answer(self, stream_id: int) -> None:
+        try:
+            await self._answer(stream_id)
+        except h2.exceptions.StreamClosedError:
+            pass  # the proxy reset the stream: nothing more to say on it
+
+    async def _answer(self, stream_id: int) -> None:
         stream = self.streams[stream_id]
         pseudo = dict(h for h in stream["headers"] if h[0].startswith(":"))
         path = pseudo[":path"]
@@ -140,6 +154,7 @@ class _EchoProtocol(asyncio.Protocol):
 
     async def _send(self, stream_id: int, data: bytes) -> None:
         stream = self.streams[stream_id]
+        path = dict(stream["headers"])[":path"]
         while data:
             if stream.get("reset") or self.transport.is_closing():
                 return
@@ -147,9 +162,16 @@ class _EchoProtocol(asyncio.Protocol):
                          self.conn.max_outbound_frame_size)
             if window <= 0:
                 stream["window"].clear()
+                with self.state._lock:
+                    self.state.stalled.add(path)
+                    self.state._lock.notify_all()
                 await stream["window"].wait()
+                with self.state._lock:
+                    self.state.stalled.discard(path)
                 continue
             self.conn.send_data(stream_id, data[:window])
+            with self.state._lock:
+                self.state.sent[path] = self.state.sent.get(path, 0) + window
             data = data[window:]
             self.transport.write(self.conn.data_to_send())
             await asyncio.sleep(0)

@@ -39,6 +39,10 @@ MAX_HEADER_LIST = 2**16  # SETTINGS_MAX_HEADER_LIST_SIZE: decoded bytes, HPACK b
 BUDGET_WINDOW = 10.0
 BUDGETS = {"reset": 200, "ping": 100, "settings": 100}
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# After a GOAWAY the connection reads and drops what the client still sends for this long
+# before closing: closing a socket with unread bytes resets it, and the reset can overtake the
+# GOAWAY that says why.
+LINGER = 1.0
 
 Handler = Callable[[Request], Awaitable[None]]
 
@@ -128,6 +132,7 @@ class H2ClientConnection(H2Peer):
         self._spent = dict.fromkeys(BUDGETS, 0)
         self._window_start = self._loop.time()
         self._idle: asyncio.TimerHandle | None = None
+        self._lingering: asyncio.TimerHandle | None = None
 
     # -- transport events --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,6 +149,8 @@ class H2ClientConnection(H2Peer):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            return
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:  # h2 has queued the GOAWAY
@@ -162,18 +169,29 @@ class H2ClientConnection(H2Peer):
         super().connection_lost(exc)
         if self._idle is not None:
             self._idle.cancel()
+        if self._lingering is not None:
+            self._lingering.cancel()
         for body, task in self._streams.values():
             body.set_exception(ConnectionResetError("the client closed the connection"))
             task.cancel()
         self._streams.clear()
 
     def _close(self, code: int | None = None) -> None:
+        """Send the GOAWAY (``h2`` queued one for a protocol error), then linger and close."""
         if code is not None:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.close_connection(code)
         self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        for body, task in self._streams.values():
+            body.set_exception(ConnectionResetError("the connection is closing"))
+            task.cancel()
+        self._streams.clear()
+        transport = self.transport
+        if transport is None or self._lingering is not None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._lingering = self._loop.call_later(LINGER, transport.close)
 
     # -- events --------------------------------------------------------------------------------
     def _on_event(self, event: h2.events.Event) -> None:

@@ -1,0 +1,116 @@
+"""The HTTP/2 attacks, each sent by a client that controls every frame (tests/support/h2_raw.py)
+to the sidecar's HTTP/2 server (h2c on the proxy port: the same connection code TLS leaves
+hand their streams to). Each is bounded per connection; the sidecar stays up, and a bystander
+connection opened before the attack is served after it."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from tests.integration.clients import curl
+from tests.support.h2_raw import ENHANCE_YOUR_CALM, RawH2
+
+PROTOCOL_ERROR = 0x1
+
+
+@pytest.fixture
+def bystander(h2_sidecar):
+    """An HTTP/2 connection opened before the attack, which must still be served after it."""
+    with RawH2(h2_sidecar.proxy_port) as conn:
+        yield conn
+
+
+def assert_unharmed(sidecar, h2_upstream, bystander: RawH2, marker: str) -> None:
+    assert sidecar.process.poll() is None, "the sidecar died"
+    assert bystander.send(bystander.headers(1, f"/h2/{marker}-bystander"))
+    assert bystander.answered(1), "the connection opened before the attack was not served"
+    reply = curl(sidecar, "--http2-prior-knowledge", "--noproxy", "*",
+                 f"{sidecar.url}/h2/{marker}-after")
+    assert reply.status == 200
+
+
+def test_rapid_reset_is_cut_off(h2_sidecar, h2_upstream, bystander, marker):
+    """CVE-2023-44487: open and reset streams as fast as the socket takes them."""
+    with RawH2(h2_sidecar.proxy_port) as attacker:
+        for batch in range(50):  # 50 batches of 100 streams opened and reset at once
+            frames = []
+            for i in range(100):
+                stream_id = 1 + 2 * (batch * 100 + i)
+                frames += [attacker.headers(stream_id, f"/h2/{marker}/hang"),
+                           attacker.rst(stream_id)]
+            if not attacker.send(*frames):
+                break
+        goaway = attacker.goaway()
+    assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+    # Streams reset before their turn never reach the upstream; those that did are bounded.
+    assert len(h2_upstream.find(marker)) <= 300
+    assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
+
+
+def test_continuation_flood_is_refused(h2_sidecar, h2_upstream, bystander, marker):
+    """CVE-2024-27316: a header block that never ends, CONTINUATION after CONTINUATION."""
+    with RawH2(h2_sidecar.proxy_port) as attacker:
+        first = attacker.headers(1, f"/h2/{marker}")
+        first.flags.discard("END_HEADERS")
+        attacker.send(first)
+        for _ in range(2000):
+            if not attacker.send(attacker.continuation(1, b"\x00" + b"a" * 1000)):
+                break
+        goaway = attacker.goaway()
+    assert goaway is not None and goaway.error_code != 0
+    assert h2_upstream.find(marker) == []
+    assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
+
+
+def test_an_hpack_bomb_is_refused(h2_sidecar, h2_upstream, bystander, marker):
+    """A 4 KB header sent once into the dynamic table and named 99 more times by index: 3 KB
+    on the wire, 400 KB decoded, over SETTINGS_MAX_HEADER_LIST_SIZE (64 KiB)."""
+    with RawH2(h2_sidecar.proxy_port) as attacker:
+        frame = attacker.headers(1, f"/h2/{marker}-bomb", extra=[("x-bomb", "b" * 4000)] * 100)
+        assert len(frame.data) < 4000  # small on the wire
+        attacker.send(frame)
+        goaway = attacker.goaway()
+    assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+    assert h2_upstream.find(marker) == []
+    assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
+
+
+@pytest.mark.parametrize("kind", ["ping", "settings"])
+def test_a_control_frame_flood_is_cut_off(h2_sidecar, h2_upstream, bystander, marker, kind):
+    """Each PING and SETTINGS makes the server write an ACK; a flood of them is refused."""
+    with RawH2(h2_sidecar.proxy_port) as attacker:
+        for n in range(20):
+            frames = [attacker.ping(n * 100 + i) if kind == "ping" else attacker.settings()
+                      for i in range(100)]
+            if not attacker.send(*frames):
+                break
+        goaway = attacker.goaway()
+    assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+    assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
+
+
+def test_more_streams_than_advertised_closes_the_connection(h2_sidecar, h2_upstream, bystander,
+                                                            marker):
+    """SETTINGS_MAX_CONCURRENT_STREAMS is 100: the 101st open stream is a protocol error."""
+    with RawH2(h2_sidecar.proxy_port) as attacker:
+        frames = [attacker.headers(1 + 2 * i, f"/h2/{marker}/hang") for i in range(150)]
+        attacker.send(*frames)
+        goaway = attacker.goaway()
+    assert goaway is not None and goaway.error_code == PROTOCOL_ERROR
+    assert len(h2_upstream.find(marker)) <= 100
+    assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
+
+
+def test_a_stream_that_never_reads_stalls_only_itself(h2_sidecar, h2_upstream, bystander,
+                                                      marker):
+    """A client that opens a 200 MB download and never gives a window back: flow control
+    stops the upstream after a few windows' worth; the proxy holds no more than that."""
+    with RawH2(h2_sidecar.proxy_port, initial_window=0) as attacker:
+        attacker.send(attacker.headers(1, f"/h2/{marker}/big?n={200 * 1024 * 1024}"))
+        sent = h2_upstream.wait_stalled(marker)
+        assert sent <= 1024 * 1024, f"the upstream sent {sent} bytes the client never asked for"
+        assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
+        with contextlib.suppress(OSError):
+            attacker.send(attacker.rst(1))
