@@ -1,8 +1,10 @@
 """docs/architecture.md draws the packages as file trees; they must list exactly the modules
-the code has (a new module undocumented, or a documented one gone, fails here)."""
+the code has (a new module undocumented, or a documented one gone, fails here). And the one
+rule about imports that import-linter cannot state: aiohttp's internals stay in the wire."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -54,3 +56,44 @@ def test_each_tree_lists_exactly_the_modules_of_its_package(root):
     assert not listed - actual, f"in docs/architecture.md, not in the code: {sorted(listed - actual)}"
     for other in others:
         assert (ROOT / other).exists(), other
+
+
+# aiohttp's documented modules; every other one is its internals (the relay relies on some:
+# tests/unit/test_aiohttp_internals.py names them, and pyproject.toml bounds the version).
+AIOHTTP_PUBLIC = {"aiohttp", "aiohttp.web", "aiohttp.abc", "aiohttp.resolver"}
+WIRE = ROOT / "sidecar" / "keyhole_sidecar" / "proxy" / "wire"
+
+
+def _aiohttp_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names
+                                     if node.module == "aiohttp"]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n == "aiohttp" or n.startswith("aiohttp.")}
+    return found
+
+
+def test_only_the_wire_touches_aiohttp_internals():
+    offenders = {}
+    for path in [*(ROOT / "sidecar").rglob("*.py"), *(ROOT / "operator").rglob("*.py"),
+                 *(ROOT / "common").rglob("*.py")]:
+        if WIRE in path.parents:
+            continue
+        private = {m for m in _aiohttp_imports(path) if m not in AIOHTTP_PUBLIC
+                   and not (m.startswith("aiohttp.") and m.count(".") == 1
+                            and m.split(".")[1][:1].isupper())}  # aiohttp.ClientSession & co
+        if private:
+            offenders[str(path.relative_to(ROOT))] = sorted(private)
+    assert not offenders, f"aiohttp internals outside proxy/wire: {offenders}"
+
+
+def test_the_internals_check_sees_an_internal_import(tmp_path):
+    """The check above is not vacuous: it finds what it is looking for."""
+    sample = tmp_path / "x.py"
+    sample.write_text("from aiohttp.http_parser import HttpRequestParser\nfrom aiohttp import web\n")
+    assert _aiohttp_imports(sample) == {"aiohttp.http_parser", "aiohttp", "aiohttp.web"}

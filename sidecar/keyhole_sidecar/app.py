@@ -21,8 +21,8 @@ from keyhole_sidecar.httplog import protocol_logger
 from keyhole_sidecar.limits import Limiter
 from keyhole_sidecar.metrics import Metrics
 from keyhole_sidecar.proxy.context import ProxyContext, ProxySettings
-from keyhole_sidecar.proxy.frontdoor import FrontDoor
-from keyhole_sidecar.proxy.pool import UpstreamPool
+from keyhole_sidecar.proxy.wire.frontdoor import FrontDoor
+from keyhole_sidecar.proxy.wire.pool import UpstreamPool
 from keyhole_sidecar.upstream import (
     OverridingResolver,
     ResolveOverride,
@@ -150,7 +150,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         )
         servers = [proxy_server]
         if options.transparent_listen:
-            from keyhole_sidecar.proxy.transparent import TransparentPort
+            from keyhole_sidecar.proxy.wire.transparent import TransparentPort
 
             servers.append(TransparentPort(ctx, server_kwargs, options.transparent_listen))
         admin_site = web.TCPSite(admin_runner, options.admin_listen[0], options.admin_listen[1],

@@ -10,6 +10,7 @@ streams N bytes; ``/hang`` sends headers and then nothing until the client reset
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import threading
@@ -112,10 +113,8 @@ class _EchoProtocol(asyncio.Protocol):
                 reset))
 
     async def answer(self, stream_id: int) -> None:
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):  # the proxy reset it
             await self._answer(stream_id)
-        except h2.exceptions.StreamClosedError:
-            pass  # the proxy reset the stream: nothing more to say on it
 
     async def _answer(self, stream_id: int) -> None:
         stream = self.streams[stream_id]

@@ -11,7 +11,7 @@ from aiohttp.http_parser import HttpRequestParser, HttpResponseParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyhole_sidecar.proxy.heads import LAST_CHUNK, UnsafeHead, chunk, request_head, response_head
+from keyhole_sidecar.proxy.wire.heads import LAST_CHUNK, UnsafeHead, chunk, request_head, response_head
 
 names = st.sampled_from(["Authorization", "X-A", "Content-Type", "x-b"]) | st.text(max_size=12)
 values = st.text(max_size=30) | st.sampled_from(["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\x00b",

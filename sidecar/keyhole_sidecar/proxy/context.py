@@ -12,7 +12,7 @@ from keyhole_sidecar.audit import AuditLog
 from keyhole_sidecar.certs import LeafCache
 from keyhole_sidecar.limits import Limiter
 from keyhole_sidecar.metrics import Metrics
-from keyhole_sidecar.proxy.pool import UpstreamPool
+from keyhole_sidecar.proxy.exchange import Upstreams
 from keyhole_sidecar.routes import RouteTable
 from keyhole_sidecar.upstream import OverridingResolver
 
@@ -48,8 +48,8 @@ class ProxyContext:
     """The table being served now; called per request so reloads apply at once."""
     leaves: LeafCache
     resolver: OverridingResolver
-    pool: UpstreamPool
-    """Kept-alive upstream connections every proxied request travels on."""
+    pool: Upstreams
+    """The upstream side of the wire every proxied request travels on (wire/pool.py)."""
     session: aiohttp.ClientSession
     """The proxy's own client: credential endpoints and WebSocket upstreams."""
     metrics: Metrics

@@ -11,8 +11,6 @@ import re
 import time
 from http import HTTPStatus
 
-from aiohttp import web
-
 _QUOTED = re.compile(r"""(bytearray\(|\bb['"]|['"])""")  # where llhttp's quote of the bytes begins
 
 
@@ -96,13 +94,3 @@ def error_parts(error: ProxyError) -> tuple[int, str, list[tuple[str, str]], byt
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("X-Keyhole-Error", error.reason)]
     return (error.status, HTTPStatus(error.status).phrase, headers,
             f"keyhole: {error.message}\n".encode())
-
-
-def error_response(error: ProxyError) -> web.Response:
-    """The same answer through aiohttp's server (a WebSocket upgrade's)."""
-    return web.Response(
-        status=error.status,
-        text=f"keyhole: {error.message}\n",
-        headers={"X-Keyhole-Error": error.reason, "Connection": "close"}
-        if error.status == 400 else {"X-Keyhole-Error": error.reason},
-    )

@@ -8,7 +8,8 @@ chunks, frames or streams.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -21,6 +22,28 @@ Trailers = Sequence[tuple[str, str]]
 # protocol) to the next (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
                                  "transfer-encoding", "upgrade"})
+
+
+Body = AsyncIterator[bytes] | bytes | None
+"""A request body on its way upstream: in hand whole, arriving, or none."""
+
+
+class UnsafeHead(ValueError):
+    """A part of a head or header block would break the message framing; nothing was
+    written (raised by the wire's writers, answered by the policy)."""
+
+
+class ResolveFailed(OSError):
+    """The upstream's name did not resolve (the resolver's own error is the cause)."""
+
+
+class BadResponse(ConnectionError):
+    """The upstream's bytes broke its protocol (``encoding``: a body its Content-Encoding
+    could not undo)."""
+
+    def __init__(self, message: str, *, encoding: bool = False):
+        super().__init__(message)
+        self.encoding = encoding
 
 
 class UpstreamClosed(ConnectionError):
@@ -49,7 +72,7 @@ class Reply(Protocol):
     started: bool
     close: bool  # HTTP/1.1: close the connection after this answer (HTTP/2: ignored)
 
-    def interim(self, status_line: bytes) -> None: ...
+    def interim(self, status: int) -> None: ...
     def start(self, status: int, reason: str, headers: list[tuple[str, str]], *,
               length: int | None = None) -> None: ...
     async def write(self, data: bytes) -> None: ...
@@ -79,14 +102,55 @@ class Request:
 
 class Answer:
     """The upstream's final answer: status, headers, the body to read, and its trailers once
-    the body has ended (HTTP/2; HTTP/1.1 answers carry none)."""
+    the body has ended (HTTP/2; HTTP/1.1 answers carry none). ``decoded``: the content
+    encodings the wire undid (the body is read decoded)."""
 
-    __slots__ = ("body", "code", "ended_with_head", "headers", "reason", "reusable",
-                 "trailers")
+    __slots__ = ("body", "code", "decoded", "headers", "reason", "reusable", "trailers")
 
     def __init__(self, code: int, reason: str, headers: Headers, body: BodyReader, *,
-                 reusable: bool = True, ended_with_head: bool = False):
+                 reusable: bool = True, decoded: frozenset[str] = frozenset()):
         self.code, self.reason, self.headers, self.body = code, reason, headers, body
         self.reusable = reusable  # the upstream did not ask to close the connection
-        self.ended_with_head = ended_with_head  # HTTP/2: no body, no trailers frame
+        self.decoded = decoded
         self.trailers: Trailers = ()
+
+
+@dataclass(slots=True)
+class Outbound:
+    """What the policy decided to send upstream; the wire frames it for the protocol the
+    upstream picked."""
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    authority: str  # the Host header / :authority
+    target: str  # the path and query
+    headers: list[tuple[str, str]]  # end-to-end fields; framing is the wire's
+    body: Body
+    length: int | None  # the body's length when known
+    readable: bool  # the answer's body must be readable (redacted): undo or refuse encodings
+    trailers: bool  # the client asked for trailers (``te: trailers``, gRPC)
+
+
+class Leg(Protocol):
+    """One exchange in flight upstream, once its answer's head is in."""
+
+    def sent_whole(self) -> bool:
+        """Did the request's body (if any) go upstream whole?"""
+        ...
+
+    def finish(self) -> None:
+        """The exchange is over: keep what can carry another exchange, end the rest."""
+        ...
+
+
+class Upstreams(Protocol):
+    """The upstream side of the wire, as the policy sees it."""
+
+    async def exchange(self, out: Outbound, timeout: float) -> tuple[Answer, Leg]:
+        """Send ``out`` and wait (up to ``timeout``) for the answer's head. Raises OSError
+        (TimeoutError, ResolveFailed, ssl errors…) or TargetRefused when no connection could be
+        opened, UpstreamClosed, BadResponse or TimeoutError when no answer came, UnsafeHead
+        when ``out`` cannot be written."""
+        ...

@@ -1,14 +1,15 @@
-"""Sending one request upstream and streaming the answer back, redacted.
+"""One exchange, whatever the wire: what is sent upstream, and what of the answer goes back.
 
-Shared by every mode (intercepted CONNECT, absolute-form, base-URL, transparent): the modes
-only decide the :class:`Target`; what leaves the proxy and what comes back is decided here,
-once. Requests travel on kept-alive upstream connections (:mod:`keyhole_sidecar.proxy.pool`); heads
-are written by :mod:`keyhole_sidecar.proxy.heads`, bodies are copied with flow control both ways.
+Shared by every mode (intercepted CONNECT, absolute-form, base-URL, transparent) and both
+protocols: the modes only decide the :class:`Target`; headers, limits on the body, credentials,
+redaction of headers, bodies and trailers, and the audit's byte counts are decided here, once,
+on a :class:`~keyhole_sidecar.proxy.exchange.Request` and an
+:class:`~keyhole_sidecar.proxy.exchange.Answer`. How either is framed (HTTP/1.1 or HTTP/2, on
+the client's side or the upstream's) is the wire's (:mod:`keyhole_sidecar.proxy.wire`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import socket
@@ -17,7 +18,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -29,38 +29,29 @@ from keyhole_sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_quer
 from keyhole_sidecar.limits import Refusal
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import BadRequest, Denied, LimitExceeded, ProxyError, UpstreamFailed
-from keyhole_sidecar.proxy.exchange import Answer, Request, UpstreamClosed
-from keyhole_sidecar.proxy.h2client import H2Upstream, UpstreamStream
-from keyhole_sidecar.proxy.heads import (
-    LAST_CHUNK,
+from keyhole_sidecar.proxy.exchange import (
+    Answer,
+    BadResponse,
+    Body,
+    Outbound,
+    Request,
+    ResolveFailed,
     UnsafeHead,
-    chunk,
-    h2_fields,
-    header_block,
-    request_head,
+    UpstreamClosed,
 )
-from keyhole_sidecar.proxy.pool import ResolveFailed, UpstreamConnection
 from keyhole_sidecar.redact import GrpcBodyError, GrpcStreamRedactor, Redactor, StreamRedactor
 from keyhole_sidecar.routes import Route
 
 log = logging.getLogger("keyhole.proxy")
-# Encodings the proxy can decode to redact; anything else from a routed host is refused.
-DECODABLE = ("gzip", "deflate", "br")
 # A body announced at most this long is read whole and answered with one write (with its
 # Content-Length) instead of being streamed in chunks: most API answers are this small, and
 # each write through TLS costs more than the bytes in it.
 WHOLE_BODY_LIMIT = 64 * 1024
 # A body whose hash goes into a signature (SigV4, payload: signed) is read whole first.
 SIGNED_BODY_LIMIT = 16 * 1024 * 1024
-# Requests sent again, once, on a fresh connection when a kept-alive one turns out closed
-# before any byte of an answer (RFC 9110 §9.2.2); a streamed body cannot be replayed.
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # announce an empty body as length 0
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _DEFAULT_PORT = {"https": 443, "http": 80}
-Body = AsyncIterator[bytes] | bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +102,6 @@ class Target:
 def is_websocket(headers) -> bool:
     return (headers.get("Upgrade", "").lower() == "websocket"
             and "upgrade" in headers.get("Connection", "").lower())
-
-
-def _accept_encoding(client_value: str | None) -> str | None:
-    """What a routed request may ask the upstream for: only encodings we can decode."""
-    if not client_value:
-        return None
-    offered = [part.split(";")[0].strip().lower() for part in client_value.split(",")]
-    chosen = [enc for enc in DECODABLE if enc in offered or "*" in offered]
-    return ", ".join(chosen) if chosen else None
 
 
 async def _client_body(request: Request, record: AuditRecord) -> AsyncIterator[bytes]:
@@ -201,20 +183,15 @@ def check_target(ctx: ProxyContext, target: Target) -> None:
 async def forward(ctx: ProxyContext, request: Request, target: Target,
                   record: AuditRecord) -> None:
     """Send ``request`` to ``target`` and stream the answer; raise ProxyError before any byte
-    of the answer was written, abort the client connection after. (A WebSocket upgrade to a
+    of the answer was written, abort the client's message after. (A WebSocket upgrade to a
     routed host is the caller's to hand to :mod:`websocket` instead.)"""
     check_target(ctx, target)
     headers = forwarded_headers(request.headers, target.routes)
-    headers.popall("Content-Length", None)  # the framing is ours to write
-    if target.routed:
-        headers.popall("Accept-Encoding", None)
-        accept = _accept_encoding(request.headers.get("Accept-Encoding"))
-        if accept:
-            headers["Accept-Encoding"] = accept
+    headers.popall("Content-Length", None)  # the framing is the wire's to write
     body: Body = None
     if request.can_read_body:
         if request.headers.get("Expect", "").lower() == "100-continue":
-            request.reply.interim(_CONTINUE)
+            request.reply.interim(100)
         if request.body.is_eof():  # all of it arrived with the head: send it in one write
             body = request.body.read_nowait(-1)
             record.bytes_in += len(body)
@@ -229,55 +206,41 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
     if target.credentials:
         body, query = await _authorize(ctx, request, target, headers, body)
     query = forwarded_query(target.query, target.routes) if query is None else query
-    framing: list[tuple[str, str]] = []
-    if isinstance(body, bytes):
-        if body or request.method in _BODY_METHODS:
-            framing.append(("Content-Length", str(len(body))))
-    elif body is not None:
-        length = content_length(request.headers) if request.length_known else None
-        framing.append(("Content-Length", str(length)) if length is not None
-                       else ("Transfer-Encoding", "chunked"))
-    elif request.method in _BODY_METHODS:
-        framing.append(("Content-Length", "0"))
     host = headers.popone("Host", target.authority)  # a signature may have set it
-    path = f"{target.path}?{query}" if query else target.path
+    out = Outbound(
+        request.method, target.scheme, target.host, target.port, host,
+        f"{target.path}?{query}" if query else target.path, list(headers.items()), body,
+        content_length(request.headers) if request.length_known and not isinstance(body, bytes)
+        else None, readable=target.routed,
+        trailers="trailers" in request.headers.get("TE", "").lower())
     started = time.monotonic()
-    conn = await _acquire(ctx, target)
-    if isinstance(conn, H2Upstream):
-        leg, answer, sending = await _exchange_h2(ctx, request, target, conn, host, path,
-                                                  headers, framing, body)
-    else:
-        try:
-            head = request_head(request.method, path,
-                                [("Host", host), *headers.items(), *framing])
-        except UnsafeHead as exc:
-            conn.close()
-            raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}"
-                             ) from None
-        chunked = bool(framing) and framing[0][0] == "Transfer-Encoding"
-        leg, answer, sending = await _exchange(ctx, request, target, conn, head, body, chunked)
-    clean = False
+    answer, leg = await _exchange(ctx, out, target)
     try:
         ctx.metrics.upstream_answered(target.label, time.monotonic() - started)
-        await _relay_answer(ctx, request, target, record, answer,
-                            DECODABLE if isinstance(leg, UpstreamConnection) else ())
-        if sending is not None and (not sending.done() or sending.cancelled()
-                                    or sending.exception() is not None):
+        await _relay_answer(ctx, request, target, record, answer)
+        if not leg.sent_whole():
             request.reply.close = True  # the client's body was not all sent: its stream is unclear
-        else:
-            clean = answer.reusable
     finally:
-        if sending is not None and not sending.done():
-            sending.cancel()
-        if isinstance(leg, UpstreamConnection) and clean:
-            ctx.pool.release(leg)
-        else:
-            leg.close()
+        leg.finish()
 
 
-async def _acquire(ctx: ProxyContext, target: Target):
+async def _exchange(ctx: ProxyContext, out: Outbound, target: Target):
+    """The upstream's answer to ``out``, or the ProxyError that says why there is none."""
+    where = f"{target.host}:{target.port}"
     try:
-        return await ctx.pool.acquire(target.scheme, target.host, target.port)
+        return await ctx.pool.exchange(out, ctx.settings.upstream_timeout)
+    except UnsafeHead as exc:
+        raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}") from None
+    except UpstreamClosed:
+        ctx.metrics.upstream_errors.labels("upstream_reset").inc()
+        raise UpstreamFailed("upstream_reset", f"{where} closed the connection before "
+                             "answering") from None
+    except BadResponse as exc:
+        if exc.encoding:
+            ctx.metrics.upstream_errors.labels("encoding").inc()
+            raise _refused_encoding(target, "unsupported") from None
+        ctx.metrics.upstream_errors.labels("bad_response").inc()
+        raise UpstreamFailed("bad_response", f"{where} sent a malformed response") from None
     except (TimeoutError, OSError, ValueError, TargetRefused) as exc:
         failure = connect_failure(exc, target)
         if not isinstance(failure, Denied):
@@ -285,119 +248,8 @@ async def _acquire(ctx: ProxyContext, target: Target):
         raise failure from None
 
 
-def _closed_early(ctx: ProxyContext, target: Target) -> UpstreamFailed:
-    ctx.metrics.upstream_errors.labels("upstream_reset").inc()
-    return UpstreamFailed("upstream_reset", f"{target.host}:{target.port} closed the "
-                          "connection before answering")
-
-
-def _timed_out(ctx: ProxyContext, target: Target) -> UpstreamFailed:
-    ctx.metrics.upstream_errors.labels("timeout").inc()
-    return UpstreamFailed("timeout", f"{target.host}:{target.port} did not answer in time",
-                          status=504)
-
-
-async def _exchange(ctx: ProxyContext, request: Request, target: Target,
-                    conn: UpstreamConnection, head: bytes, body: Body, chunked: bool
-                    ) -> tuple[UpstreamConnection, Answer, asyncio.Task | None]:
-    """Send the request on a pooled HTTP/1.1 connection and wait for the answer's head; a
-    kept-alive connection found closed before any byte is tried once more when the request
-    can be replayed."""
-    replayable = request.method in IDEMPOTENT and not isinstance(body, AsyncIterator)
-    sending: asyncio.Task | None = None
-    answered = False
-    for attempt in (1, 2):
-        if attempt == 2:
-            conn = await _acquire(ctx, target)  # type: ignore[assignment]
-        conn.expect(request.method, decode=target.routed)
-        try:
-            if isinstance(body, bytes):
-                conn.write(head + body)
-            else:
-                conn.write(head)
-                if body is not None:
-                    sending = asyncio.ensure_future(_send_body(conn, body, chunked))
-                    sending.add_done_callback(_seen)
-            message, payload = await conn.response(ctx.settings.upstream_timeout)
-            answered = True
-            break
-        except UpstreamClosed as exc:
-            conn.close()
-            if attempt == 1 and conn.reused and replayable and not exc.answered:
-                continue  # a kept-alive connection the upstream had closed: once more
-            raise _closed_early(ctx, target) from None
-        except TimeoutError:
-            conn.close()
-            raise _timed_out(ctx, target) from None
-        except ContentEncodingError:
-            conn.close()
-            ctx.metrics.upstream_errors.labels("encoding").inc()
-            raise _refused_encoding(target, "unsupported") from None
-        except HttpProcessingError:
-            conn.close()
-            ctx.metrics.upstream_errors.labels("bad_response").inc()
-            raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a "
-                                 "malformed response") from None
-        except BaseException:
-            conn.close()
-            raise
-        finally:
-            if not answered and sending is not None:
-                sending.cancel()  # the connection it wrote to is gone
-    return conn, Answer(message.code, message.reason, message.headers, payload,
-                        reusable=not message.should_close), sending
-
-
-async def _exchange_h2(ctx: ProxyContext, request: Request, target: Target, conn: H2Upstream,
-                       host: str, path: str, headers: CIMultiDict[str],
-                       framing: list[tuple[str, str]], body: Body
-                       ) -> tuple[UpstreamStream, Answer, asyncio.Task | None]:
-    """Send the request as a stream on a shared HTTP/2 connection; its body (if any) is sent
-    alongside while the answer's head is awaited, so calls that stream both ways do."""
-    fields = h2_fields([*headers.items(), *framing])
-    if "trailers" in request.headers.get("te", "").lower():
-        fields.append(("te", "trailers"))  # gRPC asks for trailers; HTTP/2 carries them
-    if target.routed:  # nothing is decoded on this path: ask for bodies (and gRPC messages)
-        fields = [(n, v) for n, v in fields  # as they are, so they can be redacted
-                  if n not in ("accept-encoding", "grpc-accept-encoding")]
-        fields.append(("accept-encoding", "identity"))
-        if "grpc-accept-encoding" in request.headers:
-            fields.append(("grpc-accept-encoding", "identity"))
-    try:
-        block = header_block("request", [(":method", request.method),
-                                         (":scheme", target.scheme), (":authority", host),
-                                         (":path", path)], fields)
-    except UnsafeHead as exc:
-        raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}") from None
-    whole = body is None or isinstance(body, bytes)
-    stream = conn.open(block, end_stream=not body)
-    sending: asyncio.Task | None = None
-    if body:
-        sending = asyncio.ensure_future(stream.send(body, end_stream=True) if whole
-                                        else _send_h2_body(stream, body))
-        sending.add_done_callback(_seen)
-    try:
-        answer = await stream.answer(ctx.settings.upstream_timeout)
-    except UpstreamClosed:
-        stream.close()
-        raise _closed_early(ctx, target) from None
-    except TimeoutError:
-        stream.close()
-        raise _timed_out(ctx, target) from None
-    except BaseException:
-        stream.close()
-        raise
-    return stream, answer, sending
-
-
-async def _send_h2_body(stream: UpstreamStream, body: AsyncIterator[bytes]) -> None:
-    async for data in body:
-        await stream.send(data)
-    await stream.send(b"", end_stream=True)
-
-
 async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,
-                        record: AuditRecord, answer: Answer, decodable: tuple[str, ...]) -> None:
+                        record: AuditRecord, answer: Answer) -> None:
     """Pass the upstream's answer to the client: headers filtered, body and trailers redacted
     on a routed request."""
     if answer.code == 101:
@@ -405,7 +257,7 @@ async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,
         raise UpstreamFailed("bad_response", f"{target.host}:{target.port} switched "
                              "protocols unasked")
     encoding = answer.headers.get("Content-Encoding", "identity").strip().lower()
-    if target.routed and encoding not in ("identity", "", *decodable):
+    if target.routed and encoding not in ("identity", "") and encoding not in answer.decoded:
         ctx.metrics.upstream_errors.labels("encoding").inc()
         raise _refused_encoding(target, encoding)
     redactor = target.redactor() if target.routed else None
@@ -463,23 +315,6 @@ async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) ->
     return data
 
 
-def _seen(task: asyncio.Task) -> None:
-    """A body copy that failed is answered for by the exchange (the client's stream is closed
-    after the answer); its exception needs no log line of its own."""
-    if not task.cancelled():
-        task.exception()
-
-
-async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes] | bytes,
-                     chunked: bool) -> None:
-    """Copy the client's body upstream, pausing while the upstream's socket is full."""
-    async for data in body:
-        conn.write(chunk(data) if chunked else data)
-        await conn.drain()
-    if chunked:
-        conn.write(LAST_CHUNK)
-
-
 async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
                   headers: list[tuple[str, str]], redactor: Redactor | None, record: AuditRecord,
                   length: int | None) -> None:
@@ -502,7 +337,7 @@ async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
             if tail:
                 record.bytes_out += len(tail)
                 await reply.write(tail)
-    except (HttpProcessingError, ConnectionError, TimeoutError):
+    except (ConnectionError, TimeoutError):  # BadResponse and UpstreamClosed among them
         ctx.metrics.upstream_errors.labels("mid_body").inc()
         record.reason = "upstream_mid_body"
         reply.abort()
@@ -572,7 +407,7 @@ async def _answer_whole(ctx: ProxyContext, reply, answer: Answer, target: Target
             body = payload.read_nowait(-1)  # it came with the head (the usual case): no await
         else:
             body = await payload.read()
-    except (HttpProcessingError, ConnectionError, TimeoutError):
+    except (ConnectionError, TimeoutError):
         ctx.metrics.upstream_errors.labels("mid_body").inc()
         raise UpstreamFailed("upstream_mid_body", f"{target.host}:{target.port} closed the "
                              "connection before sending the whole response") from None

@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.inject import forwarded_headers
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.errors import ProxyError, UpstreamFailed, error_response
+from keyhole_sidecar.proxy.errors import ProxyError, UpstreamFailed
 from keyhole_sidecar.proxy.exchange import Request
 from keyhole_sidecar.proxy.forward import Target, _authorize, check_target, connect_failure
 
@@ -36,7 +36,7 @@ async def forward_websocket(ctx: ProxyContext, request: Request, target: Target,
             return await _relay(ctx, web_request, target, record)
         except ProxyError as error:
             failure.append(error)
-            return error_response(error)
+            return _error_response(error)
 
     await request.reply.hand_over(serve)
     if failure:
@@ -100,3 +100,13 @@ async def _relay(ctx: ProxyContext, request: web.BaseRequest, target: Target,
         await upstream.close()
         await client.close()
     return client
+
+
+def _error_response(error: ProxyError) -> web.Response:
+    """The same answer through aiohttp's server (a WebSocket upgrade's)."""
+    return web.Response(
+        status=error.status,
+        text=f"keyhole: {error.message}\n",
+        headers={"X-Keyhole-Error": error.reason, "Connection": "close"}
+        if error.status == 400 else {"X-Keyhole-Error": error.reason},
+    )

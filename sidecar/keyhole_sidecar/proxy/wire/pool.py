@@ -1,11 +1,12 @@
-"""The upstream's side of the relay: kept-alive connections, each an asyncio protocol whose
-responses llhttp (aiohttp's C ``HttpResponseParser``) parses.
+"""The upstream's side of the wire: connections by (scheme, host, port), in the protocol each
+upstream picks by ALPN, and the one entry the policy calls (:meth:`UpstreamPool.exchange`).
 
 A connection is opened only to an address the egress policy passed (``--resolve`` and the
 resolver's checks, as for every connection the proxy opens), with the one verified
-``SSLContext``; it goes back to the pool only when its last response ended exactly where its
-framing said and the upstream did not ask to close. Idle connections are bounded in number
-(per host and in all) and in age.
+``SSLContext`` (offering ``h2`` and ``http/1.1``). An HTTP/1.1 connection goes back to the pool
+only when its last answer ended exactly where its framing said and the upstream did not ask to
+close; idle ones are bounded in number (per host and in all) and in age. An HTTP/2 connection
+is shared by every request to its upstream (:mod:`upstream_http2`).
 """
 
 from __future__ import annotations
@@ -13,154 +14,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections import deque
-
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.helpers import set_exception
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
-from aiohttp.streams import StreamReader
 
 from keyhole_common.spec import is_ip_literal
-from keyhole_sidecar.proxy.exchange import UpstreamClosed
-from keyhole_sidecar.proxy.h2client import H2Upstream
+from keyhole_sidecar.proxy.exchange import Answer, Leg, Outbound, ResolveFailed
+from keyhole_sidecar.proxy.wire import upstream_http1, upstream_http2
+from keyhole_sidecar.proxy.wire.upstream_http1 import UpstreamConnection
+from keyhole_sidecar.proxy.wire.upstream_http2 import H2Upstream
 from keyhole_sidecar.upstream import OverridingResolver
 
-BODY_BUFFER = 2**16  # the response reader pauses the upstream socket at twice this
-MAX_LINE = 16384  # an upstream's status line or header line
-MAX_HEADERS = 128
 Key = tuple[str, str, int]  # scheme, host, port
-
-
-class ResolveFailed(OSError):
-    """The name did not resolve (the resolver's own error is the cause)."""
-
-
-class UpstreamConnection(BaseProtocol):
-    """One connection to an upstream, carrying one request at a time."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: Key):
-        super().__init__(loop)
-        self.key = key
-        self.reused = False
-        self.heard = False  # any byte of the current response arrived
-        self.idle_since = 0.0
-        self._responses: deque[tuple[RawResponseMessage, StreamReader]] = deque()
-        self._waiter: asyncio.Future | None = None
-        self._body: StreamReader | None = None
-        self._lost = False
-        self._clean = True  # nothing arrived that the current response did not account for
-        self._final = False
-
-    # -- one exchange ----------------------------------------------------------------------
-    def expect(self, method: str, *, decode: bool) -> None:
-        """Get ready to parse the answer to a ``method`` request (``decode``: undo gzip,
-        deflate or br so the body can be redacted)."""
-        self._parser = HttpResponseParser(
-            self, self._loop, BODY_BUFFER, max_line_size=MAX_LINE, max_field_size=MAX_LINE,
-            max_headers=MAX_HEADERS, response_with_body=method != "HEAD", read_until_eof=True,
-            auto_decompress=decode)
-        self.heard = False
-        self._final = False
-        self._body = None
-
-    async def response(self, timeout: float) -> tuple[RawResponseMessage, StreamReader]:
-        """The final response's head (interim 1xx answers are skipped) and its body; raises
-        TimeoutError after ``timeout`` seconds without one."""
-        if self._responses:
-            return self._responses.popleft()
-        timer = self._loop.call_later(timeout, self._time_out)  # cheaper than asyncio.timeout
-        try:
-            while not self._responses:
-                if self._lost:
-                    raise UpstreamClosed(self.heard)
-                self._waiter = self._loop.create_future()
-                await self._waiter
-        finally:
-            timer.cancel()
-        return self._responses.popleft()
-
-    def _time_out(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(TimeoutError())
-
-    def reusable(self) -> bool:
-        """After a response was read to its end: may this connection carry another?"""
-        return (not self._lost and self._clean and self._body is not None
-                and self._body.is_eof() and self._body.exception() is None
-                and self.transport is not None and not self.transport.is_closing())
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    # -- transport events ------------------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        if not data and self._parser is None:
-            return  # a resume after the exchange ended
-        if data:
-            self.heard = True
-        if self._parser is None or (self._final and data and self._body.is_eof()):
-            self._clean = False  # bytes nobody asked for: this connection is not reused
-            self.close()
-            return
-        try:
-            messages, upgraded, _tail = self._parser.feed_data(data)
-        except HttpProcessingError as exc:
-            self._clean = False
-            self._fail(exc)
-            self.close()
-            return
-        for message, body in messages:
-            if self._final:
-                self._clean = False  # a second answer to one request
-                self.close()
-                return
-            if 100 <= message.code < 200 and message.code != 101:
-                continue  # interim (100 Continue, 103 Early Hints): not passed on
-            self._final = True
-            self._body = body
-            self._responses.append((message, body))
-            if upgraded or message.code == 101:
-                self._clean = False
-        self._wake()
-
-    def eof_received(self) -> bool | None:
-        return None  # close; connection_lost ends a body that runs to the close
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        self._lost = True
-        if self._parser is not None:
-            try:
-                self._parser.feed_eof()
-            except HttpProcessingError as error:  # a framed body cut short
-                if self._body is not None:
-                    set_exception(self._body, UpstreamClosed(True), error)
-        self._wake()
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._body is not None and not self._body.is_eof():
-            set_exception(self._body, exc)
-        elif not self._responses and self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(exc)
-            self._waiter = None
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # -- writing ---------------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            raise UpstreamClosed(self.heard)
-        self.transport.write(data)
-
-    async def drain(self) -> None:
-        if self._paused:
-            await self._drain_helper()
 
 
 class _Door(asyncio.Protocol):
@@ -201,6 +63,15 @@ class UpstreamPool:
         self._idle: dict[Key, list[UpstreamConnection]] = {}
         self._idle_count = 0
         self._sweeper: asyncio.TimerHandle | None = None
+
+    async def exchange(self, out: Outbound, timeout: float) -> tuple[Answer, Leg]:
+        """Send ``out`` on a connection to its upstream and wait for the answer's head."""
+        conn = await self.acquire(out.scheme, out.host, out.port)
+        if isinstance(conn, H2Upstream):
+            return await upstream_http2.exchange(conn, out, timeout)
+        return await upstream_http1.exchange(
+            conn, out, timeout, lambda: self.acquire(out.scheme, out.host, out.port),
+            self.release)
 
     async def acquire(self, scheme: str, host: str, port: int) -> Connection:
         """A connection to the upstream: a shared HTTP/2 one when the upstream picked h2, else

@@ -21,11 +21,11 @@ from aiohttp.http_parser import HttpRequestParser
 from keyhole_common.spec import normalise_hostname
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.downstream import ClientConnection
 from keyhole_sidecar.proxy.errors import parser_complaint
-from keyhole_sidecar.proxy.h2server import PREFACE, H2ClientConnection
 from keyhole_sidecar.proxy.handlers import handle_intercepted, handle_plain
-from keyhole_sidecar.proxy.tunnel import open_blind_tunnel
+from keyhole_sidecar.proxy.wire.http1 import ClientConnection
+from keyhole_sidecar.proxy.wire.http2 import PREFACE, H2ClientConnection
+from keyhole_sidecar.proxy.wire.tunnel import open_blind_tunnel
 from keyhole_sidecar.upstream import parse_connect_target
 
 log = logging.getLogger("keyhole.proxy")

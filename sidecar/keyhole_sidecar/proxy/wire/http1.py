@@ -4,7 +4,7 @@ llhttp (aiohttp's C ``HttpRequestParser``) parses every request; this module kee
 (pipelined requests are answered one after another), flow control (a body the handler does not
 read fast enough pauses the socket; a full socket pauses the handler) and the connection's
 life (keep-alive, its idle timeout, close after anything that leaves the stream unclear). It
-writes only heads built by :mod:`keyhole_sidecar.proxy.heads` and the bodies handlers give it.
+writes only heads built by :mod:`keyhole_sidecar.proxy.wire.heads` and the bodies handlers give it.
 
 A WebSocket upgrade is the one request handed to aiohttp's server, which owns the connection
 from then on (:meth:`Reply.hand_over`).
@@ -25,15 +25,16 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
-from keyhole_sidecar.proxy import heads
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import parser_complaint
 from keyhole_sidecar.proxy.exchange import Request, Trailers
+from keyhole_sidecar.proxy.wire import heads
 
 log = logging.getLogger("keyhole.proxy")
 PIPELINE_DEPTH = 16  # parsed requests waiting for their turn before the socket is paused
 BODY_BUFFER = 2**16  # the body reader pauses the socket at twice this
 _NO_BODY = frozenset({204, 304})
+_INTERIM = {100: "Continue", 103: "Early Hints"}
 
 
 class Reply:
@@ -60,10 +61,10 @@ class Reply:
         self.close = message.should_close
         self._handed_over: asyncio.Future | None = None
 
-    def interim(self, status_line: bytes) -> None:
+    def interim(self, status: int) -> None:
         """A 1xx answer before the final one (``100 Continue``)."""
         if self._version >= (1, 1) and not self.started:
-            self._conn.write(status_line)
+            self._conn.write(heads.response_head(status, _INTERIM.get(status, "Continue"), []))
 
     def start(self, status: int, reason: str, headers: list[tuple[str, str]], *,
               length: int | None = None, body: bytes = b"") -> None:

@@ -37,9 +37,9 @@ from keyhole_common.spec import normalise_hostname, split_authority
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.clienthello import MAX_CLIENT_HELLO, Verdict, read_sni
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.frontdoor import FrontDoor, Relay
 from keyhole_sidecar.proxy.handlers import handle_transparent_http
-from keyhole_sidecar.proxy.tunnel import open_blind_tunnel
+from keyhole_sidecar.proxy.wire.frontdoor import FrontDoor, Relay
+from keyhole_sidecar.proxy.wire.tunnel import open_blind_tunnel
 
 log = logging.getLogger("keyhole.proxy")
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same number

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from keyhole_sidecar.proxy.exchange import UnsafeHead
+
 # RFC 9110 §5.6.2: a token; header names and methods are tokens.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # What a field value may not hold: CR, LF and NUL (which end it or the line) and every other
@@ -22,10 +24,6 @@ _NOT_FIELD_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"  # llhttp's bytes come back byte for byte
-
-
-class UnsafeHead(ValueError):
-    """A part of a head would break the message framing; nothing was written."""
 
 
 Fields = Iterable[tuple[str, str]]

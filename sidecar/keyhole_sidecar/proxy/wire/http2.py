@@ -26,10 +26,10 @@ import h2.settings
 from multidict import CIMultiDict
 from yarl import URL
 
-from keyhole_sidecar.proxy import heads
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.exchange import Request, Trailers
-from keyhole_sidecar.proxy.h2peer import CONNECTION_WINDOW, MAX_FRAME, H2Body, H2Peer, StreamGone
+from keyhole_sidecar.proxy.wire import heads
+from keyhole_sidecar.proxy.wire.h2peer import CONNECTION_WINDOW, MAX_FRAME, H2Body, H2Peer, StreamGone
 
 log = logging.getLogger("keyhole.proxy")
 MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS we advertise
@@ -60,7 +60,7 @@ class H2Reply:
         self.close = False  # one stream cannot close the connection
         self._head: list[tuple[bytes, bytes]] | None = None
 
-    def interim(self, status_line: bytes) -> None:
+    def interim(self, status: int) -> None:
         """HTTP/2 clients do not wait for 100 Continue; nothing to send."""
 
     def start(self, status: int, reason: str, headers: list[tuple[str, str]], *,

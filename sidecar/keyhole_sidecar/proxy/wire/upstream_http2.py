@@ -20,8 +20,9 @@ import h2.exceptions
 import h2.settings
 from multidict import CIMultiDict
 
-from keyhole_sidecar.proxy.exchange import Answer, UpstreamClosed
-from keyhole_sidecar.proxy.h2peer import CONNECTION_WINDOW, H2Body, H2Peer
+from keyhole_sidecar.proxy.exchange import Answer, Outbound, UpstreamClosed
+from keyhole_sidecar.proxy.wire.h2peer import CONNECTION_WINDOW, H2Body, H2Peer
+from keyhole_sidecar.proxy.wire.heads import h2_fields, header_block
 
 MAX_HEADER_LIST = 2**16  # what we accept from an upstream, decoded
 
@@ -37,7 +38,7 @@ def reason(status: int) -> str:
 class UpstreamStream:
     """One request on an :class:`H2Upstream`."""
 
-    __slots__ = ("_answer", "_conn", "_waiter", "body", "ended", "stream_id")
+    __slots__ = ("_answer", "_conn", "_waiter", "body", "ended", "sending", "stream_id")
 
     def __init__(self, conn: H2Upstream, stream_id: int):
         self._conn, self.stream_id = conn, stream_id
@@ -45,6 +46,7 @@ class UpstreamStream:
         self._answer: Answer | None = None
         self._waiter: asyncio.Future | None = None
         self.ended = False  # the upstream ended its side (END_STREAM or reset)
+        self.sending: asyncio.Task | None = None  # the request body on its way
 
     async def send(self, data: bytes, end_stream: bool = False) -> None:
         await self._conn.send_data(self.stream_id, data, end_stream)
@@ -58,10 +60,18 @@ class UpstreamStream:
         assert self._answer is not None
         return self._answer
 
-    def close(self) -> None:
-        """The exchange is over: reset the stream unless both sides ended it."""
+    def sent_whole(self) -> bool:
+        sending = self.sending
+        return sending is None or (sending.done() and not sending.cancelled()
+                                   and sending.exception() is None)
+
+    def finish(self) -> None:
+        """The exchange is over: reset the stream unless both sides ended it (a call the
+        client cancelled is cancelled upstream)."""
+        if self.sending is not None and not self.sending.done():
+            self.sending.cancel()
         self._conn.forget(self.stream_id)
-        if not self.ended:
+        if not self.ended or not self.sent_whole():
             self._conn.reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
 
     # -- the connection's side ---------------------------------------------------------------
@@ -73,7 +83,7 @@ class UpstreamStream:
             elif not name.startswith(b":"):
                 fields.add(name.decode("ascii", "surrogateescape"),
                            value.decode("utf-8", "surrogateescape"))
-        self._answer = Answer(status, reason(status), fields, self.body, ended_with_head=ended)
+        self._answer = Answer(status, reason(status), fields, self.body)
         if ended:
             self.body.feed_eof()
             self.ended = True
@@ -212,3 +222,50 @@ class H2Upstream(H2Peer):
                     stream.failed(UpstreamClosed(False))
             if not self._streams:
                 self.close()
+
+
+async def exchange(conn: H2Upstream, out: Outbound, timeout: float
+                   ) -> tuple[Answer, UpstreamStream]:
+    """Send ``out`` as a stream on ``conn``; its body (if any) is sent alongside while the
+    answer's head is awaited, so calls that stream both ways do."""
+    fields = h2_fields(out.headers)
+    body = out.body
+    if isinstance(body, bytes):
+        if body:
+            fields.append(("content-length", str(len(body))))
+    elif body is not None and out.length is not None:
+        fields.append(("content-length", str(out.length)))
+    if out.trailers:
+        fields.append(("te", "trailers"))  # gRPC asks for trailers; HTTP/2 carries them
+    if out.readable:  # nothing is decoded here: ask for bodies (and gRPC messages) as they are
+        fields = [(n, v) for n, v in fields if n not in ("accept-encoding", "grpc-accept-encoding")]
+        fields.append(("accept-encoding", "identity"))
+        if any(n == "grpc-accept-encoding" for n, _ in h2_fields(out.headers)):
+            fields.append(("grpc-accept-encoding", "identity"))
+    block = header_block("request", [(":method", out.method), (":scheme", out.scheme),
+                                     (":authority", out.authority), (":path", out.target)],
+                         fields)  # UnsafeHead before anything is sent
+    stream = conn.open(block, end_stream=not body)
+    if body:
+        stream.sending = asyncio.ensure_future(
+            stream.send(body, end_stream=True) if isinstance(body, bytes)
+            else _send_body(stream, body))
+        stream.sending.add_done_callback(_seen)
+    try:
+        answer = await stream.answer(timeout)
+    except BaseException:
+        stream.finish()
+        raise
+    return answer, stream
+
+
+async def _send_body(stream: UpstreamStream, body) -> None:
+    async for data in body:
+        await stream.send(data)
+    await stream.send(b"", end_stream=True)
+
+
+def _seen(task: asyncio.Task) -> None:
+    """A body copy that failed is accounted for by the exchange, not logged on its own."""
+    if not task.cancelled():
+        task.exception()
