@@ -1,9 +1,14 @@
-"""The protocol that owns every accepted socket on the proxy port.
+"""The door of the proxy port: it owns each accepted socket only until it knows who should.
 
-It looks at the first bytes only. A ``CONNECT`` head is parsed by aiohttp's llhttp parser
-and answered here: a blind tunnel, a 403, or TLS interception, after which the decrypted
-stream is served by the relay (:class:`~sidecar.proxy.downstream.ClientConnection`).
-Anything else is served by the relay directly. No HTTP message is parsed by hand anywhere.
+It looks at the first bytes. A ``CONNECT`` head is parsed by aiohttp's llhttp parser and
+answered here: a blind tunnel, a 403, or TLS interception; the HTTP/2 preface means HTTP/2 with
+prior knowledge (h2c); anything else is HTTP/1.1. Then the transport is handed, once, to its
+owner (``set_protocol``): the HTTP/1.1 or HTTP/2 connection (after TLS, the protocol the client
+picked by ALPN) or the tunnel, which get every event from then on. No HTTP message is parsed by
+hand anywhere.
+
+The transparent port (:mod:`transparent`) uses the same pieces — :class:`Life`,
+:func:`serve_tls`, :func:`hand_over` — for connections it accepted itself.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import functools
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
@@ -43,107 +49,167 @@ def _status_line(status: int, reason: str, body: str = "") -> bytes:
     return head.encode() + payload
 
 
-class Relay(asyncio.Protocol):
-    """Passes a transport's events to the protocol serving it, and tells us when it closes.
+# -- handing a transport over ----------------------------------------------------------------
+class Pending(asyncio.Protocol):
+    """Holds what arrives on a connection whose owner is not chosen yet: after a TLS handshake
+    asyncio delivers decrypted bytes before ``start_tls`` returns, and the owner depends on the
+    protocol the handshake picked."""
 
-    Buffers whatever arrives before the protocol is attached: after ``start_tls`` asyncio
-    delivers decrypted data before it would call ``connection_made``.
-    """
-
-    def __init__(self, on_lost):
-        self._target: asyncio.Protocol | None = None
-        self._pending: list[bytes] = []
-        self._eof = False
-        self._on_lost = on_lost
-
-    def attach(self, target: asyncio.Protocol, transport: asyncio.BaseTransport,
-               initial: bytes = b"") -> None:
-        self._target = target
-        target.connection_made(transport)
-        if initial:
-            target.data_received(initial)
-        for chunk in self._pending:
-            target.data_received(chunk)
-        self._pending.clear()
-        if self._eof:
-            target.eof_received()
+    def __init__(self):
+        self.data: list[bytes] = []
+        self.eof = False
+        self.lost: tuple[BaseException | None] | None = None
 
     def data_received(self, data: bytes) -> None:
-        if self._target is None:
-            self._pending.append(data)
-        else:
-            self._target.data_received(data)
+        self.data.append(data)
 
-    def eof_received(self) -> bool | None:
-        if self._target is None:
-            self._eof = True
-            return True
-        return self._target.eof_received()
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the owner decides
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._on_lost()
-        if self._target is not None:
-            self._target.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._target is not None:
-            self._target.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._target is not None:
-            self._target.resume_writing()
+        self.lost = (exc,)
 
 
+def hand_over(transport: asyncio.Transport, owner: asyncio.Protocol,
+              pending: Pending | None = None, initial: bytes = b"") -> None:
+    """Give ``transport`` to ``owner`` for the rest of its life, with what already arrived."""
+    transport.set_protocol(owner)
+    owner.connection_made(transport)
+    if initial:
+        owner.data_received(initial)
+    if pending is not None:
+        for data in pending.data:
+            owner.data_received(data)
+        pending.data.clear()
+        if pending.eof and not owner.eof_received():
+            transport.close()
+        if pending.lost is not None:
+            owner.connection_lost(pending.lost[0])
+
+
+# -- what every client connection is accounted for ---------------------------------------------
+class Life:
+    """One client connection, whoever owns its transport: counted open until it closes, and
+    closed when no complete request arrives within the header timeout (again after TLS)."""
+
+    def __init__(self, ctx: ProxyContext, transport: asyncio.BaseTransport):
+        self.ctx = ctx
+        self.transport = transport
+        self.request_seen = False
+        self.intercepted: str | None = None  # the host of a terminated TLS connection
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+        ctx.metrics.open_connections.inc()
+        self._timer = self._loop.call_later(ctx.settings.header_timeout, self._head_timeout)
+
+    def seen(self) -> None:
+        self.request_seen = True
+
+    def rearm(self, transport: asyncio.BaseTransport) -> None:
+        """A new layer (TLS) on the same connection: wait for its first request anew."""
+        self.transport = transport
+        self.request_seen = False
+        self._timer.cancel()
+        self._timer = self._loop.call_later(self.ctx.settings.header_timeout, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        if not self.request_seen and not self._closed and not self.transport.is_closing():
+            log.info("closing a connection that sent no complete request in %ss",
+                     self.ctx.settings.header_timeout)
+            self.transport.close()
+
+    def closed(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._timer.cancel()
+        self.ctx.metrics.open_connections.dec()
+        if self.intercepted is not None:
+            self.ctx.metrics.open_tunnels.labels("intercepted").dec()
+            if not self.request_seen:
+                log.info("client closed the tunnel to %s right after the TLS handshake without "
+                         "a request; if it rejected the keyhole CA: %s", self.intercepted,
+                         CA_HINT)
+
+
+def http_owner(ctx: ProxyContext, life: Life, handler: Callable, *, h2: bool,
+               server_kwargs: dict[str, Any]) -> asyncio.Protocol:
+    """The connection that serves requests with ``handler``: HTTP/2 (``h2``) or HTTP/1.1."""
+    if h2:
+        return H2ClientConnection(ctx, handler, on_request=life.seen, on_lost=life.closed)
+    return ClientConnection(ctx, handler, on_request=life.seen, on_lost=life.closed,
+                            server_kwargs=server_kwargs)
+
+
+# -- TLS termination, shared with the transparent port -------------------------------------------
+def leaf_context(ctx: ProxyContext, host: str) -> ssl.SSLContext | None:
+    """The server context with a leaf for ``host``; None (logged) when the CA cannot sign."""
+    try:
+        return ctx.leaves.context_for(host)
+    except Exception:
+        log.exception("cannot mint a certificate for %s", host)
+        return None
+
+
+def serve_tls(ctx: ProxyContext, life: Life, host: str, port: int, pending: Pending,
+              tls_transport: asyncio.Transport, mode: str, server_kwargs: dict[str, Any]) -> None:
+    """After the client's TLS handshake: hand the decrypted stream to the protocol the client
+    picked by ALPN; every request on it goes to :func:`handle_intercepted` for ``host:port``
+    (``mode``: intercept or transparent)."""
+    ctx.metrics.open_tunnels.labels("intercepted").inc()
+    life.intercepted = host
+    life.rearm(tls_transport)
+    tls = tls_transport.get_extra_info("ssl_object")
+    owner = http_owner(ctx, life, functools.partial(handle_intercepted, ctx, host, port,
+                                                    mode=mode),
+                       h2=tls is not None and tls.selected_alpn_protocol() == "h2",
+                       server_kwargs=server_kwargs)
+    hand_over(tls_transport, owner, pending)
+
+
+def handshake_failed(ctx: ProxyContext, host: str, port: int, exc: BaseException,
+                     mode: str) -> None:
+    text = f"{getattr(exc, 'reason', '')} {exc}".upper()
+    if any(code in text for code in _CA_REJECTED):
+        reason = "client_rejected_ca"
+        log.warning("client rejected the keyhole CA for %s: %s", host, CA_HINT)
+    else:
+        reason = "client_tls_failed"
+        log.info("TLS handshake with the client for %s failed: %s", host,
+                 getattr(exc, "reason", None) or type(exc).__name__)
+    ctx.metrics.decisions.labels("error", reason).inc()
+    ctx.audit.write(AuditRecord(mode=mode, method="CONNECT" if mode == "intercept" else "TLS",
+                                host=f"{host}:{port}", decision="error", reason=reason))
+
+
+# -- the proxy port's door ---------------------------------------------------------------------
 class FrontDoor(asyncio.Protocol):
-    """One client connection to the proxy port, from accept to close."""
+    """One client connection to the proxy port, until its owner takes it."""
 
     def __init__(self, ctx: ProxyContext, server_kwargs: dict[str, Any]):
         self.ctx = ctx
         self._server_kwargs = server_kwargs
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
-        self._state = "sniff"  # sniff → connect-head → connecting → tunnel | tls; or plain
+        self._state = "sniff"  # sniff → connect-head → connecting → handed over
         self._parser: HttpRequestParser | None = None
-        self._relay: Relay | None = None
-        self._tunnel = None
-        self._closed = False
-        self._intercepted = False  # a TLS tunnel is up (counted in open_tunnels)
-        self.request_seen = False
+        self._life: Life | None = None
         self.transport: asyncio.Transport | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.ctx.metrics.open_connections.inc()
-        self._timer = self._loop.call_later(self.ctx.settings.header_timeout, self._head_timeout)
-
-    def _head_timeout(self) -> None:
-        if not self.request_seen and not self._closed and self.transport is not None:
-            log.info("closing a connection that sent no complete request in %ss",
-                     self.ctx.settings.header_timeout)
-            self.transport.close()
-
-    def _on_closed(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._timer.cancel()
-            self.ctx.metrics.open_connections.dec()
+        self._life = Life(self.ctx, transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._on_closed()
-        if self._relay is not None:
-            self._relay.connection_lost(exc)
-        elif self._tunnel is not None:
-            self._tunnel.client_lost()
+        """Lost before an owner took the transport (after, the owner hears of it)."""
+        self.transport = None
+        self._life.closed()
 
-    # -- bytes in --------------------------------------------------------------------------
+    def eof_received(self) -> bool | None:
+        return None
+
     def data_received(self, data: bytes) -> None:
-        if self._relay is not None:
-            self._relay.data_received(data)
-            return
-        if self._tunnel is not None:
-            self._tunnel.from_client(data)
-            return
         if self._state == "connecting":
             self._buffer += data  # early bytes before the CONNECT was answered
             return
@@ -160,44 +226,14 @@ class FrontDoor(asyncio.Protocol):
             data, self._buffer = bytes(self._buffer), bytearray()
         self._feed_connect_head(data)
 
-    def eof_received(self) -> bool | None:
-        if self._relay is not None:
-            return self._relay.eof_received()
-        if self._tunnel is not None:
-            return self._tunnel.client_eof()
-        return None
-
-    def pause_writing(self) -> None:
-        if self._relay is not None:
-            self._relay.pause_writing()
-        elif self._tunnel is not None:
-            self._tunnel.client_pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._relay is not None:
-            self._relay.resume_writing()
-        elif self._tunnel is not None:
-            self._tunnel.client_resume_writing()
-
     # -- plain HTTP ------------------------------------------------------------------------
-    def _http_server(self, handler, h2: bool = False) -> ClientConnection | H2ClientConnection:
-        """The connection that serves requests with ``handler``: HTTP/2 (``h2``) or HTTP/1.1."""
-        def first_seen() -> None:
-            self.request_seen = True
-
-        if h2:
-            return H2ClientConnection(self.ctx, handler, on_request=first_seen)
-        return ClientConnection(self.ctx, handler, on_request=first_seen,
-                                server_kwargs=self._server_kwargs)
-
     def _hand_to_http(self, initial: bytes) -> None:
         """Plain requests: HTTP/1.1, or HTTP/2 with prior knowledge (h2c, base-URL mode)."""
-        self._state = "plain"
+        self._state = "handed over"
         self._buffer = bytearray()
-        self._relay = Relay(on_lost=lambda: None)
-        server = self._http_server(functools.partial(handle_plain, self.ctx),
-                                   h2=initial.startswith(PREFACE))
-        self._relay.attach(server, self.transport, initial)
+        owner = http_owner(self.ctx, self._life, functools.partial(handle_plain, self.ctx),
+                           h2=initial.startswith(PREFACE), server_kwargs=self._server_kwargs)
+        hand_over(self.transport, owner, initial=initial)
 
     # -- CONNECT ---------------------------------------------------------------------------
     def _feed_connect_head(self, data: bytes) -> None:
@@ -215,7 +251,7 @@ class FrontDoor(asyncio.Protocol):
             return
         if not messages:
             return
-        self.request_seen = True
+        self._life.seen()
         self._state = "connecting"
         self._buffer = bytearray(tail)
         self.transport.pause_reading()
@@ -223,17 +259,14 @@ class FrontDoor(asyncio.Protocol):
         self._loop.create_task(self._connect(message.path))
 
     def refuse(self, status: int, reason: str, message: str, code: str,
-                host: str = "") -> None:
-        self.request_seen = True
-        self._audit(AuditRecord(mode="tunnel", method="CONNECT", host=host, status=status,
-                                decision="denied", reason=code))
+               host: str = "") -> None:
+        self._life.seen()
+        self.ctx.audit.write(AuditRecord(mode="tunnel", method="CONNECT", host=host,
+                                         status=status, decision="denied", reason=code))
         self.ctx.metrics.decisions.labels("denied", code).inc()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_status_line(status, reason, f"keyhole: {message}\n"))
             self.transport.close()
-
-    def _audit(self, record: AuditRecord) -> None:
-        self.ctx.audit.write(record)
 
     async def _connect(self, target: str) -> None:
         try:
@@ -252,77 +285,36 @@ class FrontDoor(asyncio.Protocol):
             self.refuse(403, "Forbidden", f"{host}:{port} is not routed by any injection and "
                          "this proxy runs with --unmatched deny", "unrouted", f"{host}:{port}")
         else:
-            self._tunnel = await open_blind_tunnel(self, host, port)
-
-    def leaf_context(self, host: str, port: int) -> ssl.SSLContext | None:
-        """The server context with a leaf for ``host``; refuses the connection when the CA
-        cannot sign."""
-        try:
-            return self.ctx.leaves.context_for(host)
-        except Exception:
-            log.exception("cannot mint a certificate for %s", host)
-            self.refuse(502, "Bad Gateway", "the keyhole CA cannot sign certificates; see the "
-                         "sidecar log", "ca_error", f"{host}:{port}")
-            return None
+            tunnel = await open_blind_tunnel(self, host, port)
+            if tunnel is not None and self.transport is not None:
+                self._state = "handed over"
+                transport = self.transport
+                hand_over(transport, tunnel.client_side(self._life.closed),
+                          initial=bytes(self._buffer))
+                transport.resume_reading()
 
     async def _intercept(self, host: str, port: int) -> None:
         """Answer the CONNECT, terminate the client's TLS with a leaf for ``host``, serve."""
         ctx = self.ctx
-        tls = self.leaf_context(host, port)
+        tls = leaf_context(ctx, host)
         if tls is None:
+            self.refuse(502, "Bad Gateway", "the keyhole CA cannot sign certificates; see the "
+                         "sidecar log", "ca_error", f"{host}:{port}")
+            return
+        if self.transport is None:
             return
         self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        relay = self.tls_relay(host, port)
-        self._relay = relay  # events now reach the relay until start_tls swaps protocols
-        self._state = "tls"
+        pending = Pending()
+        self._state = "handed over"  # start_tls takes the transport from here on
+        life = self._life
         try:
             tls_transport = await self._loop.start_tls(
-                self.transport, relay, tls, server_side=True,
+                self.transport, pending, tls, server_side=True,
                 ssl_handshake_timeout=ctx.settings.header_timeout,
             )
         except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
-            self.handshake_failed(host, port, exc, "intercept")
-            self._on_closed()
+            handshake_failed(ctx, host, port, exc, "intercept")
+            life.closed()
             return
-        self.serve_tls(host, port, relay, tls_transport, "intercept")
-
-    def tls_relay(self, host: str, port: int) -> Relay:
-        return Relay(on_lost=functools.partial(self._tls_closed, host, port))
-
-    def serve_tls(self, host: str, port: int, relay: Relay, tls_transport: asyncio.Transport,
-                  mode: str) -> None:
-        """After the client's TLS handshake: every request it sends goes to
-        :func:`handle_intercepted` for ``host:port`` (``mode``: intercept or transparent)."""
-        ctx = self.ctx
-        ctx.metrics.open_tunnels.labels("intercepted").inc()
-        self._intercepted = True
-        self.request_seen = False
-        self._timer.cancel()
-        self._timer = self._loop.call_later(ctx.settings.header_timeout, self._head_timeout)
-        tls = tls_transport.get_extra_info("ssl_object")
-        server = self._http_server(functools.partial(handle_intercepted, ctx, host, port,
-                                                     mode=mode),
-                                   h2=tls is not None and tls.selected_alpn_protocol() == "h2")
-        relay.attach(server, tls_transport)
-
-    def handshake_failed(self, host: str, port: int, exc: BaseException, mode: str) -> None:
-        text = f"{getattr(exc, 'reason', '')} {exc}".upper()
-        if any(code in text for code in _CA_REJECTED):
-            reason = "client_rejected_ca"
-            log.warning("client rejected the keyhole CA for %s: %s", host, CA_HINT)
-        else:
-            reason = "client_tls_failed"
-            log.info("TLS handshake with the client for %s failed: %s", host,
-                     getattr(exc, "reason", None) or type(exc).__name__)
-        self.ctx.metrics.decisions.labels("error", reason).inc()
-        self._audit(AuditRecord(mode=mode, method="CONNECT" if mode == "intercept" else "TLS",
-                                host=f"{host}:{port}", decision="error", reason=reason))
-
-    def _tls_closed(self, host: str, port: int) -> None:
-        if self._intercepted:
-            self.ctx.metrics.open_tunnels.labels("intercepted").dec()
-            self._intercepted = False
-            if not self.request_seen:
-                log.info("client closed the tunnel to %s right after the TLS handshake without a "
-                         "request; if it rejected the keyhole CA: %s", host, CA_HINT)
-        self._on_closed()
+        serve_tls(ctx, life, host, port, pending, tls_transport, "intercept",
+                  self._server_kwargs)

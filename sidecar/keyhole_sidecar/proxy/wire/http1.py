@@ -129,7 +129,8 @@ class ClientConnection(BaseProtocol):
     """One client connection (plain, or decrypted from a terminated TLS tunnel)."""
 
     def __init__(self, ctx: ProxyContext, handler: Handler, *,
-                 on_request: Callable[[], None], server_kwargs: dict[str, Any]):
+                 on_request: Callable[[], None], on_lost: Callable[[], None],
+                 server_kwargs: dict[str, Any]):
         loop = asyncio.get_running_loop()
         s = ctx.settings
         parser = HttpRequestParser(self, loop, BODY_BUFFER, max_line_size=s.max_line_size,
@@ -139,6 +140,7 @@ class ClientConnection(BaseProtocol):
         self._ctx = ctx
         self._handler = handler
         self._on_request = on_request
+        self._on_lost = on_lost
         self._server_kwargs = server_kwargs
         self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
         self._task: asyncio.Task | None = None
@@ -199,6 +201,7 @@ class ClientConnection(BaseProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        self._on_lost()
         if self._other is not None:
             self._other.connection_lost(exc)
         if self._idle is not None:

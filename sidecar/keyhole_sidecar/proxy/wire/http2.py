@@ -120,7 +120,8 @@ class H2Reply:
 class H2ClientConnection(H2Peer):
     """One client connection speaking HTTP/2 (``h2`` by ALPN, or ``h2c`` by prior knowledge)."""
 
-    def __init__(self, ctx: ProxyContext, handler: Handler, *, on_request: Callable[[], None]):
+    def __init__(self, ctx: ProxyContext, handler: Handler, *, on_request: Callable[[], None],
+                 on_lost: Callable[[], None]):
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=True,
                                            normalize_inbound_headers=True)
@@ -128,6 +129,7 @@ class H2ClientConnection(H2Peer):
         self._ctx = ctx
         self._handler = handler
         self._on_request = on_request
+        self._on_lost = on_lost
         self._streams: dict[int, tuple[H2Body, asyncio.Task]] = {}
         self._spent = dict.fromkeys(BUDGETS, 0)
         self._window_start = self._loop.time()
@@ -167,6 +169,7 @@ class H2ClientConnection(H2Peer):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        self._on_lost()
         if self._idle is not None:
             self._idle.cancel()
         if self._lingering is not None:

@@ -12,8 +12,9 @@ what a CONNECT to that name would get:
   the egress policy applied) or reset (``deny``).
 
 A plain request to a routed host goes upstream over HTTPS, as an absolute-form one does. From
-the chosen route on, the code is the one every mode shares (:class:`FrontDoor`,
-:func:`handle_intercepted`, the blind tunnel).
+the chosen route on, the code is the one every mode shares (:mod:`frontdoor`'s TLS termination
+and hand-over, :func:`handle_intercepted`, the blind tunnel); a client that picks ``h2`` by
+ALPN is served over HTTP/2, as through a CONNECT tunnel.
 """
 
 from __future__ import annotations
@@ -38,7 +39,15 @@ from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.clienthello import MAX_CLIENT_HELLO, Verdict, read_sni
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.handlers import handle_transparent_http
-from keyhole_sidecar.proxy.wire.frontdoor import FrontDoor, Relay
+from keyhole_sidecar.proxy.wire.frontdoor import (
+    Life,
+    Pending,
+    hand_over,
+    handshake_failed,
+    http_owner,
+    leaf_context,
+    serve_tls,
+)
 from keyhole_sidecar.proxy.wire.tunnel import open_blind_tunnel
 
 log = logging.getLogger("keyhole.proxy")
@@ -64,45 +73,41 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-class TransparentDoor(FrontDoor):
-    """A captured connection whose route is already chosen; a client that asked for no proxy
-    is refused with a reset, never an HTTP answer."""
+class _TunnelDoor(asyncio.Protocol):
+    """A captured connection to an unrouted destination, until its blind tunnel is up (bytes
+    that arrive meanwhile are kept); a client that asked for no proxy is refused with a
+    reset, never an HTTP answer."""
 
-    def __init__(self, ctx: ProxyContext, server_kwargs: dict[str, Any], plan: tuple):
-        super().__init__(ctx, server_kwargs)
-        self._plan = plan  # ("http", host, port) or ("tunnel", address, port, record)
-        self._state = "connecting"  # bytes that arrive before the tunnel is up are kept
+    def __init__(self, ctx: ProxyContext, address: str, port: int, record: AuditRecord):
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self._plan = (address, port, record)
+        self._buffer = bytearray()
+        self._life: Life | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self._plan[0] == "http":
-            _, host, port = self._plan
-            self._state = "plain"
-            self._relay = Relay(on_lost=lambda: None)
-            server = self._http_server(functools.partial(handle_transparent_http, self.ctx, host,
-                                                         port))
-            self._relay.attach(server, self.transport)
-        else:
-            self.request_seen = True
-            transport.pause_reading()
-            self._loop.create_task(self._open_tunnel(*self._plan[1:]))
+        self.transport = transport  # type: ignore[assignment]
+        self._life = Life(self.ctx, transport)
+        self._life.seen()
+        transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._open())
 
-    async def _open_tunnel(self, address: str, port: int, record: AuditRecord) -> None:
-        tunnel = await open_blind_tunnel(self, address, port, record=record)
-        if tunnel is not None:
-            self._tunnel = tunnel
-            if self._buffer:
-                tunnel.from_client(bytes(self._buffer))
-                self._buffer.clear()
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
 
-    def adopt(self, tls_transport: asyncio.Transport) -> None:
-        """For a connection whose TLS was terminated as it was accepted."""
-        self.transport = tls_transport
-        self.ctx.metrics.open_connections.inc()
-        self._timer = self._loop.call_later(self.ctx.settings.header_timeout, self._head_timeout)
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        self._life.closed()
+
+    async def _open(self) -> None:
+        tunnel = await open_blind_tunnel(self, *self._plan[:2], record=self._plan[2])
+        if tunnel is not None and self.transport is not None:
+            transport = self.transport
+            hand_over(transport, tunnel.client_side(self._life.closed),
+                      initial=bytes(self._buffer))
+            transport.resume_reading()
 
     def refuse(self, status: int, reason: str, message: str, code: str, host: str = "") -> None:
-        self.request_seen = True
         _refused(self.ctx, host, code, message)
         if self.transport is not None and not self.transport.is_closing():
             _reset(self.transport.get_extra_info("socket"))
@@ -230,22 +235,23 @@ class TransparentPort:
         if not (name and self.ctx.routes().match(name, port)):
             await self._pass(conn, address, port, name, "unrouted" if name else "no_sni")
             return
-        door = TransparentDoor(self.ctx, self._server_kwargs, ("tls", name, port))
-        tls = door.leaf_context(name, port)
+        tls = leaf_context(self.ctx, name)
         if tls is None:
+            _refused(self.ctx, f"{name}:{port}", "ca_error", "the keyhole CA cannot sign "
+                     "certificates; see the sidecar log")
             _reset(conn)
             return
-        relay = door.tls_relay(name, port)
+        pending = Pending()
         try:
             tls_transport, _ = await self._loop.connect_accepted_socket(
-                lambda: relay, conn, ssl=tls,
+                lambda: pending, conn, ssl=tls,
                 ssl_handshake_timeout=self.ctx.settings.header_timeout)
         except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
-            door.handshake_failed(name, port, exc, "transparent")
+            handshake_failed(self.ctx, name, port, exc, "transparent")
             conn.close()
             return
-        door.adopt(tls_transport)
-        door.serve_tls(name, port, relay, tls_transport, "transparent")
+        serve_tls(self.ctx, Life(self.ctx, tls_transport), name, port, pending, tls_transport,
+                  "transparent", self._server_kwargs)
 
     async def _plain(self, conn: socket.socket, peeked: bytes, address: str, port: int) -> None:
         host = _host_of(peeked, self.ctx.settings)
@@ -255,8 +261,12 @@ class TransparentPort:
             _reset(conn)
             return
         if host and self.ctx.routes().match(host, port, plain_http=True):
-            await self._loop.connect_accepted_socket(
-                lambda: TransparentDoor(self.ctx, self._server_kwargs, ("http", host, port)), conn)
+            pending = Pending()
+            transport, _ = await self._loop.connect_accepted_socket(lambda: pending, conn)
+            life = Life(self.ctx, transport)
+            hand_over(transport, http_owner(
+                self.ctx, life, functools.partial(handle_transparent_http, self.ctx, host, port),
+                h2=False, server_kwargs=self._server_kwargs), pending)
             return
         await self._pass(conn, address, port, host, "unrouted" if host else "no_host")
 
@@ -271,8 +281,7 @@ class TransparentPort:
         record = AuditRecord(mode="transparent", method="TCP", host=label,
                              decision="passthrough", reason=reason)
         await self._loop.connect_accepted_socket(
-            lambda: TransparentDoor(self.ctx, self._server_kwargs,
-                                    ("tunnel", address, port, record)), conn)
+            lambda: _TunnelDoor(self.ctx, address, port, record), conn)
 
 
 def _settle(future: asyncio.Future) -> None:

@@ -17,8 +17,8 @@ from keyhole_sidecar.proxy.context import ProxyContext
 
 
 class Door(Protocol):
-    """What a blind tunnel needs of the client connection it pipes (a front door or the
-    transparent port's): the transport, the proxy's context, and a way to refuse the CONNECT."""
+    """What a blind tunnel needs of the door that accepted the client (the proxy port's or the
+    transparent port's): the transport, the proxy's context, and a way to refuse."""
 
     ctx: ProxyContext
     transport: asyncio.Transport | None
@@ -51,6 +51,32 @@ class _UpstreamSide(asyncio.Protocol):
         self.tunnel.door.transport.resume_reading()
 
 
+class _ClientSide(asyncio.Protocol):
+    """Owns the client's transport once the tunnel is up (handed over by the door)."""
+
+    def __init__(self, tunnel: BlindTunnel, on_lost):
+        self.tunnel, self._on_lost = tunnel, on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # the door's transport, which the tunnel already writes to
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.from_client(data)
+
+    def eof_received(self) -> bool:
+        return self.tunnel.client_eof()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.tunnel.client_lost()
+        self._on_lost()
+
+    def pause_writing(self) -> None:
+        self.tunnel.client_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.tunnel.client_resume_writing()
+
+
 class BlindTunnel:
     def __init__(self, door: Door, record: AuditRecord):
         self.door = door
@@ -60,6 +86,10 @@ class BlindTunnel:
         self._finished = False
         self._last_activity = time.monotonic()
         self._idle_handle: asyncio.TimerHandle | None = None
+
+    def client_side(self, on_lost) -> asyncio.Protocol:
+        """The protocol the door hands the client's transport to; ``on_lost`` when it closes."""
+        return _ClientSide(self, on_lost)
 
     # client → upstream
     def from_client(self, data: bytes) -> None:
@@ -178,6 +208,5 @@ async def open_blind_tunnel(door: Door, host: str, port: int,
     record.status = 200
     if answer:
         door.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-    door.transport.resume_reading()
     tunnel.watch_idle(ctx.settings.tunnel_idle_timeout)
-    return tunnel
+    return tunnel  # the door hands its transport over, then resumes reading
