@@ -154,10 +154,11 @@ def grpc_upstream(test_ca):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream):
+def _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream,
+                      grpc_limits: dict | None = None) -> Sidecar:
     grpc_methods = [f"/echo.Echo/{m}" for m in ("Unary", "ServerStream", "ClientStream", "Chat",
                                                   "Hang")]
+    extra = {"limits": grpc_limits} if grpc_limits else {}
     injections = [
         injection("h2", hosts=[f"h2.routed.test:{h2_upstream.port}"],
                   headers=[{"name": "Authorization", "valueFrom": ref("h2", "key"),
@@ -165,13 +166,28 @@ def h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream):
         injection("grpc", hosts=[f"grpc.routed.test:{grpc_upstream.port}"],
                   headers=[{"name": "Authorization", "valueFrom": ref("grpc", "key"),
                             "format": "Bearer {value}"}],
-                  rules=[{"methods": ["POST"], "paths": grpc_methods}]),
+                  rules=[{"methods": ["POST"], "paths": grpc_methods}], **extra),
     ]
-    sidecar = start_sidecar(
+    return start_sidecar(
         tmp_path_factory.mktemp("h2-sidecar"), injections,
         {"h2": {"key": H2_KEY}, "grpc": {"key": GRPC_KEY}},
         resolve=[f"h2.routed.test:{h2_upstream.port}:127.0.0.1",
                  f"grpc.routed.test:{grpc_upstream.port}:127.0.0.1"],
         upstream_ca=test_ca[1])
+
+
+@pytest.fixture(scope="module")
+def h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream):
+    """A sidecar routing h2.routed.test and grpc.routed.test (its methods by rules)."""
+    sidecar = _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream)
+    yield sidecar
+    sidecar.stop()
+
+
+@pytest.fixture
+def limited_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream):
+    """The same, with one gRPC call at a time (spec.limits.concurrentRequests: 1)."""
+    sidecar = _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream,
+                                grpc_limits={"concurrentRequests": 1})
     yield sidecar
     sidecar.stop()

@@ -30,6 +30,7 @@ class AuditRecord:
     status: int = 0
     bytes_in: int = 0  # from the client, towards the upstream
     bytes_out: int = 0  # to the client
+    protocol: str | None = None  # the client's: "http/1.1" or "h2" (none for tunnels)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -58,7 +59,7 @@ class AuditLog:
             "injection": record.injection, "source": record.source,
             "decision": record.decision,
             "reason": record.reason, "status": record.status, "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
+            "bytes_out": record.bytes_out, "protocol": record.protocol,
             "duration_ms": round((time.monotonic() - record.started) * 1000, 3),
         }
         self._stream.write(_ENCODE(line) + "\n")

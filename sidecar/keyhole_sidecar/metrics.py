@@ -52,9 +52,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("keyhole_requests", "Requests answered, by injection, method and "
-                                "status class.", ["injection", "method", "status_class"],
-                                registry=r)
+        self.requests = Counter("keyhole_requests", "Requests answered, by injection, method, "
+                                "status class and the client's protocol (http/1.1 or h2).",
+                                ["injection", "method", "status_class", "protocol"], registry=r)
         self.decisions = Counter("keyhole_decisions", "Routing decisions: injected, passthrough "
                                  "or denied, with the reason.", ["decision", "reason"], registry=r)
         self.duration = Histogram("keyhole_request_duration_seconds", "Time from request to the "
@@ -142,16 +142,18 @@ class Metrics:
         self._expiry_labels = labels
 
     def request_done(self, injection: str, method: str, status: int, decision: str, reason: str,
-                     seconds: float, bytes_in: int, bytes_out: int) -> None:
+                     seconds: float, bytes_in: int, bytes_out: int,
+                     protocol: str = "http/1.1") -> None:
         """Account for one answered request. Label lookups are memoised (the label sets are
         bounded, see the module docstring): prometheus-client's ``labels()`` locks and
         validates on every call, which showed in the request path's profile."""
         children = self._injection_children(injection)
-        outcome = (injection, method_label(method), f"{status // 100}xx", decision, reason)
+        outcome = (injection, method_label(method), f"{status // 100}xx", protocol, decision,
+                   reason)
         counters = self._per_outcome.get(outcome)
         if counters is None:
             counters = self._per_outcome[outcome] = (
-                self.requests.labels(*outcome[:3]), self.decisions.labels(decision, reason))
+                self.requests.labels(*outcome[:4]), self.decisions.labels(decision, reason))
         counters[0].inc()
         counters[1].inc()
         children[0].observe(seconds)

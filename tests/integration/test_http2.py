@@ -105,12 +105,16 @@ def test_a_large_h2_download_streams_through(h2_sidecar, h2_upstream, marker):
 
 
 # -- gRPC --------------------------------------------------------------------------------
+def _channel(sidecar, grpc_upstream) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(root_certificates=sidecar.ca_cert.read_bytes())
+    return grpc.secure_channel(f"grpc.routed.test:{grpc_upstream.port}", credentials,
+                               options=[("grpc.http_proxy", sidecar.url),
+                                        ("grpc.enable_retries", 0)])
+
+
 @pytest.fixture
 def grpc_channel(h2_sidecar, grpc_upstream):
-    credentials = grpc.ssl_channel_credentials(root_certificates=h2_sidecar.ca_cert.read_bytes())
-    channel = grpc.secure_channel(f"grpc.routed.test:{grpc_upstream.port}", credentials,
-                                  options=[("grpc.http_proxy", h2_sidecar.url),
-                                           ("grpc.enable_retries", 0)])
+    channel = _channel(h2_sidecar, grpc_upstream)
     yield channel
     channel.close()
 
@@ -212,8 +216,33 @@ def test_a_grpc_deadline_ends_the_call_on_both_sides(grpc_channel, grpc_upstream
     assert upstream_call.cancelled.wait(20), "the upstream call outlived its deadline"
 
 
-def test_grpc_calls_are_audited_with_their_method_path(h2_sidecar, grpc_channel, marker):
+def test_grpc_calls_are_audited_and_counted_as_h2(h2_sidecar, grpc_channel, marker):
+    before = h2_sidecar.metric("keyhole_requests_total", injection="grpc", protocol="h2")
     _call(grpc_channel, "unary_unary", "Unary")(b"hi", metadata=[("x-marker", marker)],
                                                 timeout=20)
     line = h2_sidecar.wait_audit(lambda r: r.get("path") == "/echo.Echo/Unary")
-    assert (line["injection"], line["method"], line["status"]) == ("grpc", "POST", 200)
+    assert (line["injection"], line["method"], line["status"], line["protocol"]) == (
+        "grpc", "POST", 200, "h2")
+    assert h2_sidecar.metric("keyhole_requests_total", injection="grpc",
+                             protocol="h2") == before + 1
+
+
+def test_a_long_grpc_stream_holds_its_concurrency_slot(limited_h2_sidecar, grpc_upstream,
+                                                        marker):
+    """One stream is one request: a server-streaming call that is still open holds the only
+    slot of concurrentRequests: 1, so a second call is refused (HTTP 429, gRPC UNAVAILABLE)
+    until the first ends."""
+    with _channel(limited_h2_sidecar, grpc_upstream) as channel:
+        hanging = _call(channel, "unary_stream", "Hang")(b"", metadata=[("x-marker", marker)],
+                                                         timeout=30)
+        assert next(hanging) == b"started"
+        with pytest.raises(grpc.RpcError) as refused:
+            _call(channel, "unary_unary", "Unary")(b"x", metadata=[("x-marker", marker + "b")],
+                                                   timeout=20)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert grpc_upstream.find(marker + "b") == []
+        hanging.cancel()
+        limited_h2_sidecar.wait_audit(lambda r: r.get("path") == "/echo.Echo/Hang")
+        answer = _call(channel, "unary_unary", "Unary")(b"y", metadata=[("x-marker", marker)],
+                                                        timeout=20)
+    assert answer == b"unary:y"

@@ -114,8 +114,10 @@ class Sidecar:
                 return exc.code, exc.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample on /metrics (0 when absent)."""
+        """The sum of the samples on /metrics with these labels (whatever their others are);
+        0 when there is none."""
         _, text = self.admin("/metrics")
+        total = 0.0
         for line in text.splitlines():
             if not line.startswith(name):
                 continue
@@ -123,8 +125,8 @@ class Sidecar:
             if sample.split("{")[0] != name:
                 continue
             if all(f'{k}="{v}"' in sample for k, v in labels.items()):
-                return float(value)
-        return 0.0
+                total += float(value)
+        return total
 
     def wait_for_log(self, text: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout

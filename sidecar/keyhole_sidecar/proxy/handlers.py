@@ -87,6 +87,7 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
     """Decide, forward, and account for the request whatever happens."""
     label = "-"
     started = time.monotonic()
+    record.protocol = request.protocol
     try:
         if tuple(request.version) not in ((1, 0), (1, 1), (2, 0)):
             major, minor = request.version
@@ -123,7 +124,7 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
     finally:
         ctx.metrics.request_done(label, request.method, record.status, record.decision,
                                  record.reason, time.monotonic() - started, record.bytes_in,
-                                 record.bytes_out)  # reasons are short codes: bounded labels
+                                 record.bytes_out, request.protocol)  # reasons are short codes: bounded labels
         ctx.audit.write(record)
 
 
