@@ -79,6 +79,18 @@ def test_an_http11_client_is_served_by_an_h2_only_upstream(h2_sidecar, h2_upstre
     assert_no_key(reply.everything())
 
 
+def test_a_stream_the_upstream_refused_unprocessed_is_sent_again(h2_sidecar, h2_upstream,
+                                                                 marker):
+    """REFUSED_STREAM means the upstream did nothing with it (RFC 9113 §8.7): the request is
+    sent once more (any method whose body is in hand), and the client sees only the answer."""
+    reply = curl(h2_sidecar, f"https://h2.routed.test:{h2_upstream.port}/{marker}/refuse-once",
+                 http2=True)
+    assert reply.status == 200
+    first, second = h2_upstream.find(marker)
+    assert first.reset and not second.reset
+    assert second.header("authorization") == [f"Bearer {H2_KEY}"]
+
+
 def test_base_url_mode_takes_h2c_with_prior_knowledge(h2_sidecar, h2_upstream, marker):
     reply = curl(h2_sidecar, "--http2-prior-knowledge", "--noproxy", "*",
                  f"{h2_sidecar.url}/h2/{marker}?q=1")

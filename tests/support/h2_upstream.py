@@ -4,7 +4,8 @@ server (grpcio), each recording what it received, each with a certificate from t
 The echo server answers every request with JSON naming what it got (headers included, so a
 credential the proxy added is reflected back and must come out redacted) and, to a client that
 sent ``te: trailers``, trailers that reflect the Authorization header too. ``/big?n=N``
-streams N bytes; ``/hang`` sends headers and then nothing until the client resets.
+streams N bytes; ``/hang`` sends headers and then nothing until the client resets;
+``/refuse-once`` is refused (RST_STREAM REFUSED_STREAM) the first time it is asked.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import trustme
@@ -44,6 +46,7 @@ class H2Upstream:
     connections: int = 0
     sent: dict[str, int] = field(default_factory=dict)  # body bytes sent, by path
     stalled: set[str] = field(default_factory=set)  # paths waiting for the peer's window
+    refused: set[str] = field(default_factory=set)  # /refuse-once paths refused already
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
     def find(self, marker: str) -> list[H2Received]:
@@ -120,6 +123,12 @@ class _EchoProtocol(asyncio.Protocol):
         stream = self.streams[stream_id]
         pseudo = dict(h for h in stream["headers"] if h[0].startswith(":"))
         path = pseudo[":path"]
+        if "/refuse-once" in path and path not in self.state.refused:
+            self.state.refused.add(path)
+            self._record(stream, reset=True)
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.transport.write(self.conn.data_to_send())
+            return
         if "/hang" in path:
             self.conn.send_headers(stream_id, [(":status", "200")])
             self.transport.write(self.conn.data_to_send())

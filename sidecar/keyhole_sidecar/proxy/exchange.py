@@ -55,6 +55,14 @@ class UpstreamClosed(ConnectionError):
         self.answered = answered
 
 
+class Unprocessed(UpstreamClosed):
+    """The upstream said it did not process the request at all (HTTP/2 REFUSED_STREAM, or a
+    stream above a GOAWAY's last stream id): safe to send again, whatever the method."""
+
+    def __init__(self):
+        super().__init__(answered=False)
+
+
 class BodyReader(Protocol):
     """A body arriving in pieces, with back-pressure: what is not read is not acknowledged
     (HTTP/1.1: the socket pauses; HTTP/2: no WINDOW_UPDATE)."""

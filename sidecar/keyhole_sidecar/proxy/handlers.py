@@ -121,10 +121,10 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
         record.decision, record.reason, record.status = "error", "internal_error", 502
         await _answer_error(request, UpstreamFailed("internal_error", "the proxy failed on this "
                                                     "request; see the sidecar log"))
-    finally:
+    finally:  # reasons are short codes: bounded labels
         ctx.metrics.request_done(label, request.method, record.status, record.decision,
-                                 record.reason, time.monotonic() - started, record.bytes_in,
-                                 record.bytes_out, request.protocol)  # reasons are short codes: bounded labels
+                                 record.reason, time.monotonic() - started,
+                                 record.bytes_in, record.bytes_out, request.protocol)
         ctx.audit.write(record)
 
 

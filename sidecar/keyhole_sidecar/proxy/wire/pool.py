@@ -16,7 +16,7 @@ import ssl
 import time
 
 from keyhole_common.spec import is_ip_literal
-from keyhole_sidecar.proxy.exchange import Answer, Leg, Outbound, ResolveFailed
+from keyhole_sidecar.proxy.exchange import Answer, Leg, Outbound, ResolveFailed, Unprocessed
 from keyhole_sidecar.proxy.wire import upstream_http1, upstream_http2
 from keyhole_sidecar.proxy.wire.upstream_http1 import UpstreamConnection
 from keyhole_sidecar.proxy.wire.upstream_http2 import H2Upstream
@@ -68,7 +68,14 @@ class UpstreamPool:
         """Send ``out`` on a connection to its upstream and wait for the answer's head."""
         conn = await self.acquire(out.scheme, out.host, out.port)
         if isinstance(conn, H2Upstream):
-            return await upstream_http2.exchange(conn, out, timeout)
+            try:
+                return await upstream_http2.exchange(conn, out, timeout)
+            except Unprocessed:
+                if not isinstance(out.body, bytes | None):
+                    raise  # part of a streamed body is gone: it cannot be sent again
+            conn = await self.acquire(out.scheme, out.host, out.port)  # once more (RFC 9113 §8.7)
+            if isinstance(conn, H2Upstream):
+                return await upstream_http2.exchange(conn, out, timeout)
         return await upstream_http1.exchange(
             conn, out, timeout, lambda: self.acquire(out.scheme, out.host, out.port),
             self.release)

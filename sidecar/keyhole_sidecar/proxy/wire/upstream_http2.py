@@ -20,7 +20,7 @@ import h2.exceptions
 import h2.settings
 from multidict import CIMultiDict
 
-from keyhole_sidecar.proxy.exchange import Answer, Outbound, UpstreamClosed
+from keyhole_sidecar.proxy.exchange import Answer, Outbound, Unprocessed, UpstreamClosed
 from keyhole_sidecar.proxy.wire.h2peer import CONNECTION_WINDOW, H2Body, H2Peer
 from keyhole_sidecar.proxy.wire.heads import h2_fields, header_block
 
@@ -211,7 +211,9 @@ class H2Upstream(H2Peer):
         elif isinstance(event, h2.events.StreamReset):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream.failed(UpstreamClosed(stream.body.is_eof()))
+                refused = event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                stream.failed(Unprocessed() if refused and stream._answer is None
+                              else UpstreamClosed(stream.body.is_eof()))
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self.window_opened(getattr(event, "stream_id", None))
         elif isinstance(event, h2.events.ConnectionTerminated):
@@ -219,7 +221,7 @@ class H2Upstream(H2Peer):
             last = event.last_stream_id or 0
             for stream_id, stream in list(self._streams.items()):
                 if stream_id > last:  # never processed: safe to say so
-                    stream.failed(UpstreamClosed(False))
+                    stream.failed(Unprocessed())
             if not self._streams:
                 self.close()
 
