@@ -138,6 +138,22 @@ def go_client(tmp_path_factory):
     return binary
 
 
+@pytest.fixture(scope="session")
+def grpc_go_client():
+    """The Go gRPC client (grpc-go from the Go module proxy), built once per source version."""
+    source = Path(__file__).resolve().parent / "clients" / "grpcgo"
+    digest = hashlib.sha256(b"".join((source / name).read_bytes()
+                                     for name in ("main.go", "go.mod", "go.sum"))).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
+    binary = cache / f"grpcgo-{digest}"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["go", "build", "-o", str(binary), "."], check=True, cwd=source,
+                       capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod"},
+                       timeout=600)
+    return binary
+
+
 # -- HTTP/2 and gRPC upstreams, and a sidecar routing to them --------------------------------
 @pytest.fixture(scope="module")
 def h2_upstream(test_ca):

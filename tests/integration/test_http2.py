@@ -239,6 +239,27 @@ def test_grpc_calls_are_audited_and_counted_as_h2(h2_sidecar, grpc_channel, mark
                              protocol="h2") == before + 1
 
 
+def test_go_grpc_client_makes_every_kind_of_call(h2_sidecar, grpc_upstream, grpc_go_client,
+                                                 marker):
+    """grpc-go, configured by HTTPS_PROXY and SSL_CERT_FILE alone."""
+    done = subprocess.run([str(grpc_go_client), f"grpc.routed.test:{grpc_upstream.port}", marker],
+                          env=h2_sidecar.client_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["unary"] == "unary:hello"
+    assert result["unary_trailer"]["x-echo-authorization"] == "[REDACTED]"
+    assert result["server"] == ["part-0", "part-1", "part-2"]
+    assert result["client"] == "a+b+c"
+    assert result["bidi"] == ["echo:x", "echo:y"]
+    assert (result["fail_code"], result["fail_message"]) == ("FailedPrecondition",
+                                                             "refused; you sent [REDACTED]")
+    calls = grpc_upstream.find(marker)
+    assert sorted(c.method for c in calls) == ["Chat", "ClientStream", "ServerStream", "Unary",
+                                               "Unary"]
+    assert {c.metadata["authorization"] for c in calls} == {f"Bearer {GRPC_KEY}"}
+    assert_no_key(done.stdout)
+
+
 def test_a_long_grpc_stream_holds_its_concurrency_slot(limited_h2_sidecar, grpc_upstream,
                                                         marker):
     """One stream is one request: a server-streaming call that is still open holds the only
