@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from tests.capture.conftest import (
+    GRPC_SECRET,
     HOST_IP,
     HOST_IP6,
     NS,
@@ -94,6 +95,24 @@ def test_every_client_gets_its_key_with_no_proxy_variable(capture, clients, clie
     assert SECRET not in done.stdout + done.stderr
     line = capture.wait_audit(lambda a: marker in a["path"])
     assert line["mode"] == "transparent" and line["decision"] == "injected"
+
+
+def test_a_grpc_client_gets_its_key_with_no_proxy_variable(capture, grpc_go_client):
+    """grpc-go, told nothing of a proxy: the ClientHello's name routes it, ALPN gives it h2,
+    and all four kinds of call carry the key."""
+    binary = world_readable_copy(grpc_go_client, capture.shared)
+    marker = _marker()
+    done = capture.agent(str(binary), "grpc.routed.test:443", marker)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["unary"] == "unary:hello" and result["bidi"] == ["echo:x", "echo:y"]
+    assert result["unary_trailer"]["x-echo-authorization"] == "[REDACTED]"
+    calls = capture.grpc.find(marker)
+    assert len(calls) == 5
+    assert {c.metadata["authorization"] for c in calls} == {f"Bearer {GRPC_SECRET}"}
+    assert GRPC_SECRET not in done.stdout + done.stderr
+    line = capture.wait_audit(lambda a: a["path"] == "/echo.Echo/Chat")
+    assert (line["mode"], line["protocol"], line["injection"]) == ("transparent", "h2", "grpc")
 
 
 def test_git_gets_its_key(capture):

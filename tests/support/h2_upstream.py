@@ -245,7 +245,7 @@ class GrpcUpstream:
     each answers with what it was sent and puts the Authorization it received in its trailing
     metadata (which the proxy must redact)."""
 
-    def __init__(self, ca: trustme.CA, hostname: str):
+    def __init__(self, ca: trustme.CA, hostname: str, address: str = "127.0.0.1", port: int = 0):
         cert = ca.issue_cert(hostname)
         self.calls: list[GrpcCall] = []
         self._lock = threading.Lock()
@@ -261,7 +261,7 @@ class GrpcUpstream:
             [grpc.method_handlers_generic_handler("echo.Echo", handlers)])
         credentials = grpc.ssl_server_credentials(
             [(cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes())])
-        self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
+        self.port = self.server.add_secure_port(f"{address}:{port}", credentials)
 
     def start(self) -> GrpcUpstream:
         self.server.start()
