@@ -140,18 +140,40 @@ def go_client(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def grpc_go_client():
-    """The Go gRPC client (grpc-go from the Go module proxy), built once per source version."""
-    source = Path(__file__).resolve().parent / "clients" / "grpcgo"
-    digest = hashlib.sha256(b"".join((source / name).read_bytes()
-                                     for name in ("main.go", "go.mod", "go.sum"))).hexdigest()[:12]
+    """The Go gRPC client (grpc-go from the Go module proxy)."""
+    return _go_binary("grpcgo")
+
+
+def _go_binary(name: str) -> Path:
+    """A Go program under tests/clients/``name``, built once per source version into the
+    user's cache (Go only builds test infrastructure)."""
+    source = Path(__file__).resolve().parent / "clients" / name
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(source.iterdir())
+                                     if p.suffix in (".go", ".mod", ".sum"))).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
-    binary = cache / f"grpcgo-{digest}"
+    binary = cache / f"{name}-{digest}"
     if not binary.exists():
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run(["go", "build", "-o", str(binary), "."], check=True, cwd=source,
                        capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod"},
                        timeout=600)
     return binary
+
+
+@pytest.fixture(scope="session")
+def dual_upstream(test_ca, tmp_path_factory):
+    """A Go server (net/http) speaking HTTP/2 and HTTP/1.1, as most public APIs do; its port."""
+    folder = tmp_path_factory.mktemp("dual")
+    cert = test_ca[0].issue_cert("dual.routed.test")
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    process = subprocess.Popen([str(_go_binary("dual")), str(folder / "cert.pem"),
+                                str(folder / "key.pem")], stdout=subprocess.PIPE, text=True)
+    port = int(process.stdout.readline())
+    yield port
+    process.kill()
+    process.wait()
+    process.stdout.close()
 
 
 # -- HTTP/2 and gRPC upstreams, and a sidecar routing to them --------------------------------
@@ -171,7 +193,7 @@ def grpc_upstream(test_ca):
 
 
 def _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream,
-                      grpc_limits: dict | None = None) -> Sidecar:
+                      dual: int, grpc_limits: dict | None = None) -> Sidecar:
     grpc_methods = [f"/echo.Echo/{m}" for m in ("Unary", "ServerStream", "ClientStream", "Chat",
                                                   "Hang")]
     extra = {"limits": grpc_limits} if grpc_limits else {}
@@ -183,27 +205,42 @@ def _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream,
                   headers=[{"name": "Authorization", "valueFrom": ref("grpc", "key"),
                             "format": "Bearer {value}"}],
                   rules=[{"methods": ["POST"], "paths": grpc_methods}], **extra),
+        injection("dual", hosts=[f"dual.routed.test:{dual}"],
+                  headers=[{"name": "Authorization", "valueFrom": ref("h2", "key"),
+                            "format": "Bearer {value}"}]),
     ]
     return start_sidecar(
         tmp_path_factory.mktemp("h2-sidecar"), injections,
         {"h2": {"key": H2_KEY}, "grpc": {"key": GRPC_KEY}},
         resolve=[f"h2.routed.test:{h2_upstream.port}:127.0.0.1",
-                 f"grpc.routed.test:{grpc_upstream.port}:127.0.0.1"],
+                 f"grpc.routed.test:{grpc_upstream.port}:127.0.0.1",
+                 f"dual.routed.test:{dual}:127.0.0.1"],
         upstream_ca=test_ca[1])
 
 
 @pytest.fixture(scope="module")
-def h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream):
-    """A sidecar routing h2.routed.test and grpc.routed.test (its methods by rules)."""
-    sidecar = _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream)
+def h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream, dual_upstream):
+    """A sidecar routing h2.routed.test, grpc.routed.test (its methods by rules) and
+    dual.routed.test."""
+    sidecar = _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream,
+                                dual_upstream)
     yield sidecar
     sidecar.stop()
 
 
 @pytest.fixture
-def limited_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream):
+def fresh_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream, dual_upstream):
+    """The same, started for one test: no upstream connection is open yet."""
+    sidecar = _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream,
+                                dual_upstream)
+    yield sidecar
+    sidecar.stop()
+
+
+@pytest.fixture
+def limited_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream, dual_upstream):
     """The same, with one gRPC call at a time (spec.limits.concurrentRequests: 1)."""
     sidecar = _start_h2_sidecar(tmp_path_factory, test_ca, h2_upstream, grpc_upstream,
-                                grpc_limits={"concurrentRequests": 1})
+                                dual_upstream, grpc_limits={"concurrentRequests": 1})
     yield sidecar
     sidecar.stop()

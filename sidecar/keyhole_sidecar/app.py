@@ -118,7 +118,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                              header_timeout=options.header_timeout,
                              idle_timeout=options.idle_timeout,
                              upstream_timeout=options.upstream_timeout)
-    pool = UpstreamPool(resolver, upstream_tls_h2)
+    pool = UpstreamPool(resolver, upstream_tls, upstream_tls_h2)
     limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused)
     metrics.watch_windows(limiter.windows_left)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,

@@ -71,11 +71,31 @@ def test_node_http2_gets_its_trailers_redacted(h2_sidecar, h2_upstream, marker):
     assert_no_key(done.stdout)
 
 
-def test_an_http11_client_is_served_by_an_h2_only_upstream(h2_sidecar, h2_upstream, marker):
-    reply = curl(h2_sidecar, f"https://h2.routed.test:{h2_upstream.port}/{marker}")
+@pytest.mark.parametrize(("http2", "upstream_speaks"), [(False, "HTTP/1.1"), (True, "HTTP/2.0")])
+def test_an_upstream_speaking_both_is_spoken_to_as_the_client_speaks(fresh_h2_sidecar,
+                                                                      dual_upstream, marker,
+                                                                      http2, upstream_speaks):
+    """An HTTP/2 client's request offers the upstream h2; an HTTP/1.1 client's offers
+    http/1.1 alone (llhttp's path is the faster: docs/performance.md)."""
+    reply = curl(fresh_h2_sidecar, f"https://dual.routed.test:{dual_upstream}/{marker}",
+                 http2=http2)
     assert reply.status == 200
-    assert reply.protocol == "HTTP/1.1"
+    assert reply.protocol == ("HTTP/2" if http2 else "HTTP/1.1")
+    seen = reply.json()
+    assert seen["proto"] == upstream_speaks and seen["path"] == f"/{marker}"
+    assert seen["authorization"] == "[REDACTED]"  # the key reached it, and was echoed back
+    assert_no_key(reply.everything())
+
+
+def test_an_http11_client_is_served_over_an_h2_upstream_connection(h2_sidecar, h2_upstream,
+                                                                    dual_upstream, marker):
+    """The exchange knows no protocol: an HTTP/1.1 request rides an HTTP/2 upstream connection
+    when one is open to its upstream (an HTTP/2 client opened it)."""
+    curl(h2_sidecar, f"https://h2.routed.test:{h2_upstream.port}/opener", http2=True)
+    reply = curl(h2_sidecar, f"https://h2.routed.test:{h2_upstream.port}/{marker}")
+    assert reply.status == 200 and reply.protocol == "HTTP/1.1"
     assert _echo(h2_upstream, marker).header("authorization") == [f"Bearer {H2_KEY}"]
+    assert reply.json()["protocol"] == "h2"
     assert_no_key(reply.everything())
 
 

@@ -40,7 +40,7 @@ def test_rapid_reset_is_cut_off(h2_sidecar, h2_upstream, bystander, marker):
                 stream_id = 1 + 2 * (batch * 100 + i)
                 frames += [attacker.headers(stream_id, f"/h2/{marker}/hang"),
                            attacker.rst(stream_id)]
-            if not attacker.send(*frames):
+            if not attacker.send(*frames) or attacker.goaway(timeout=0.01):
                 break
         goaway = attacker.goaway()
     assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
@@ -84,7 +84,7 @@ def test_a_control_frame_flood_is_cut_off(h2_sidecar, h2_upstream, bystander, ma
         for n in range(20):
             frames = [attacker.ping(n * 100 + i) if kind == "ping" else attacker.settings()
                       for i in range(100)]
-            if not attacker.send(*frames):
+            if not attacker.send(*frames) or attacker.goaway(timeout=0.01):
                 break
         goaway = attacker.goaway()
     assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM

@@ -139,6 +139,7 @@ class Outbound:
     length: int | None  # the body's length when known
     readable: bool  # the answer's body must be readable (redacted): undo or refuse encodings
     trailers: bool  # the client asked for trailers (``te: trailers``, gRPC)
+    client_protocol: str = "http/1.1"  # the wire offers the upstream what the client speaks
 
 
 class Leg(Protocol):

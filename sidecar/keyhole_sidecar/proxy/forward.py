@@ -212,7 +212,8 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         f"{target.path}?{query}" if query else target.path, list(headers.items()), body,
         content_length(request.headers) if request.length_known and not isinstance(body, bytes)
         else None, readable=target.routed,
-        trailers="trailers" in request.headers.get("TE", "").lower())
+        trailers="trailers" in request.headers.get("TE", "").lower(),
+        client_protocol=request.protocol)
     started = time.monotonic()
     answer, leg = await _exchange(ctx, out, target)
     try:

@@ -39,10 +39,11 @@ MAX_HEADER_LIST = 2**16  # SETTINGS_MAX_HEADER_LIST_SIZE: decoded bytes, HPACK b
 BUDGET_WINDOW = 10.0
 BUDGETS = {"reset": 200, "ping": 100, "settings": 100}
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# After a GOAWAY the connection reads and drops what the client still sends for this long
-# before closing: closing a socket with unread bytes resets it, and the reset can overtake the
-# GOAWAY that says why.
+# After a GOAWAY the connection reads and drops what the client still sends until it has been
+# quiet this long (at most LINGER_MAX in all) before closing: closing a socket with unread
+# bytes resets it, and the reset can overtake the GOAWAY that says why.
 LINGER = 1.0
+LINGER_MAX = 5.0
 
 Handler = Callable[[Request], Awaitable[None]]
 
@@ -135,6 +136,7 @@ class H2ClientConnection(H2Peer):
         self._window_start = self._loop.time()
         self._idle: asyncio.TimerHandle | None = None
         self._lingering: asyncio.TimerHandle | None = None
+        self._linger_until = self._linger_end = 0.0
 
     # -- transport events --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -152,6 +154,7 @@ class H2ClientConnection(H2Peer):
 
     def data_received(self, data: bytes) -> None:
         if self._lingering is not None:
+            self._linger_until = self._loop.time() + LINGER  # still talking: not yet
             return
         try:
             events = self.h2.receive_data(data)
@@ -194,7 +197,19 @@ class H2ClientConnection(H2Peer):
             return
         if transport.can_write_eof():
             transport.write_eof()
-        self._lingering = self._loop.call_later(LINGER, transport.close)
+        self._linger_until = self._loop.time() + LINGER
+        self._linger_end = self._loop.time() + LINGER_MAX
+        self._lingering = self._loop.call_later(LINGER, self._linger)
+
+    def _linger(self) -> None:
+        now = self._loop.time()
+        if self.transport is None:
+            return
+        if now >= min(self._linger_until, self._linger_end):
+            self.transport.close()
+            return
+        self._lingering = self._loop.call_later(min(self._linger_until, self._linger_end) - now,
+                                                self._linger)
 
     # -- events --------------------------------------------------------------------------------
     def _on_event(self, event: h2.events.Event) -> None:

@@ -47,14 +47,17 @@ Connection = UpstreamConnection | H2Upstream
 class UpstreamPool:
     """Idle kept-alive connections by (scheme, host, port); opens new ones when none is idle.
 
-    ``tls`` offers ``h2`` and ``http/1.1``: an upstream that picks ``h2`` gets one shared
-    connection carrying many streams; one that picks HTTP/1.1 is remembered and gets a kept-alive
-    connection per request in flight, as an upstream over plain HTTP does."""
+    An HTTP/2 client's request offers the upstream ``h2`` and ``http/1.1`` (``tls_h2``): an
+    upstream that picks ``h2`` gets one shared connection carrying many streams; one that picks
+    HTTP/1.1 is remembered. An HTTP/1.1 client's request rides an HTTP/2 connection already
+    open to its upstream, and otherwise offers ``http/1.1`` alone (``tls``): llhttp's path is
+    the faster one (docs/performance.md), and upstreams that speak HTTP/2 speak HTTP/1.1 too."""
 
-    def __init__(self, resolver: OverridingResolver, tls: ssl.SSLContext, *,
+    def __init__(self, resolver: OverridingResolver, tls: ssl.SSLContext,
+                 tls_h2: ssl.SSLContext | None = None, *,
                  idle_per_host: int = 32, idle_total: int = 512, idle_seconds: float = 30.0,
                  connect_seconds: float = 15.0):
-        self.resolver, self.tls = resolver, tls
+        self.resolver, self.tls, self.tls_h2 = resolver, tls, tls_h2 or tls
         self._h2: dict[Key, list[H2Upstream]] = {}
         self._h2_opening: dict[Key, asyncio.Future] = {}
         self._http11: set[Key] = set()  # upstreams that answered h2 with http/1.1
@@ -66,28 +69,36 @@ class UpstreamPool:
 
     async def exchange(self, out: Outbound, timeout: float) -> tuple[Answer, Leg]:
         """Send ``out`` on a connection to its upstream and wait for the answer's head."""
-        conn = await self.acquire(out.scheme, out.host, out.port)
+        h2 = out.client_protocol == "h2"
+        conn = await self.acquire(out.scheme, out.host, out.port, h2=h2)
         if isinstance(conn, H2Upstream):
             try:
                 return await upstream_http2.exchange(conn, out, timeout)
             except Unprocessed:
                 if not isinstance(out.body, bytes | None):
                     raise  # part of a streamed body is gone: it cannot be sent again
-            conn = await self.acquire(out.scheme, out.host, out.port)  # once more (RFC 9113 §8.7)
+            conn = await self.acquire(out.scheme, out.host, out.port, h2=h2)  # RFC 9113 §8.7
             if isinstance(conn, H2Upstream):
                 return await upstream_http2.exchange(conn, out, timeout)
         return await upstream_http1.exchange(
-            conn, out, timeout, lambda: self.acquire(out.scheme, out.host, out.port),
+            conn, out, timeout, lambda: self.acquire(out.scheme, out.host, out.port, h2=h2),
             self.release)
 
-    async def acquire(self, scheme: str, host: str, port: int) -> Connection:
-        """A connection to the upstream: a shared HTTP/2 one when the upstream picked h2, else
-        an HTTP/1.1 one for this request alone."""
+    async def acquire(self, scheme: str, host: str, port: int, *, h2: bool = False
+                      ) -> Connection:
+        """A connection to the upstream: a shared HTTP/2 one when one is open, or when ``h2`` (an
+        HTTP/2 client's request) is offered and the upstream picks it; else an HTTP/1.1 one for
+        this request alone."""
         key = (scheme, host, port)
         if scheme == "https" and key not in self._http11:
-            shared = await self._shared(key)
-            if shared is not None:
-                return shared
+            if h2:
+                shared = await self._shared(key)
+                if shared is not None:
+                    return shared
+            else:
+                for conn in self._h2.get(key, ()):
+                    if conn.available():
+                        return conn
         stack = self._idle.get(key)
         horizon = time.monotonic() - self.idle_seconds
         while stack:
@@ -98,7 +109,7 @@ class UpstreamPool:
                 conn._parser = None
                 return conn
             conn.close()
-        return await self._connect(key)
+        return await self._connect(key, self.tls)
 
     def release(self, conn: UpstreamConnection) -> None:
         """Keep ``conn`` for the next request to its host, or close it."""
@@ -160,7 +171,7 @@ class UpstreamPool:
         opening = self._h2_opening[key] = asyncio.get_running_loop().create_future()
         speaks_h2 = False
         try:
-            conn = await self._connect(key)
+            conn = await self._connect(key, self.tls_h2)
             if isinstance(conn, H2Upstream):
                 speaks_h2 = True
                 live = [c for c in self._h2.get(key, ()) if not c.closed]
@@ -175,7 +186,7 @@ class UpstreamPool:
             del self._h2_opening[key]
             opening.set_result(speaks_h2)
 
-    async def _connect(self, key: Key) -> Connection:
+    async def _connect(self, key: Key, tls_context: ssl.SSLContext) -> Connection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         bare = host.strip("[]")
@@ -189,7 +200,7 @@ class UpstreamPool:
             except OSError as exc:
                 raise ResolveFailed(f"cannot resolve {host}") from exc
             addresses = [a["host"] for a in answers]
-        tls = self.tls if scheme == "https" else None
+        tls = tls_context if scheme == "https" else None
         error: BaseException | None = None
         for address in addresses:
             try:

@@ -1,0 +1,3 @@
+module keyhole.test/dual
+
+go 1.26
