@@ -11,7 +11,15 @@ from aiohttp.http_parser import HttpRequestParser, HttpResponseParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyhole_sidecar.proxy.wire.heads import LAST_CHUNK, UnsafeHead, chunk, request_head, response_head
+from keyhole_sidecar.proxy.wire.heads import (
+    LAST_CHUNK,
+    UnsafeHead,
+    chunk,
+    h2_fields,
+    header_block,
+    request_head,
+    response_head,
+)
 
 names = st.sampled_from(["Authorization", "X-A", "Content-Type", "x-b"]) | st.text(max_size=12)
 values = st.text(max_size=30) | st.sampled_from(["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\x00b",
@@ -76,3 +84,55 @@ def test_a_name_that_is_not_a_token_is_refused():
 
 def test_chunks_frame_their_bytes():
     assert chunk(b"hello") + LAST_CHUNK == b"5\r\nhello\r\n0\r\n\r\n"
+
+
+# -- HTTP/2 header blocks: refused, or accepted by h2's own checks and decoded back exactly ----
+h2_names = st.sampled_from(["authorization", "x-a", "content-type", "X-Upper", "connection",
+                            "te", ":path"]) | st.text(max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["200", "404", "2 0", "200\r\n"]),
+       st.lists(st.tuples(h2_names, values), max_size=5))
+def test_a_header_block_is_refused_or_h2_sends_exactly_its_parts(status, headers):
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    try:
+        block = header_block("response", [(":status", status)], headers)
+    except UnsafeHead:
+        return
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "a"),
+                            (":path", "/")], end_stream=True)
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, block, end_stream=True)  # h2 validates outbound blocks too
+    events = client.receive_data(server.data_to_send())
+    [answer] = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert answer.headers == block
+
+
+@pytest.mark.parametrize(("kind", "pseudo", "headers", "named"), [
+    ("response", [], [("x-a", "a\r\nx-injected: 1")], "control character"),
+    ("response", [], [("X-A", "1")], "lowercase token"),
+    ("response", [], [("connection", "close")], "connection-specific"),
+    ("response", [], [("te", "gzip")], "connection-specific"),
+    ("response", [(":path", "/")], [], "no place"),
+    ("trailers", [(":status", "200")], [], "no place"),
+    ("request", [(":path", "/a b")], [], "whitespace"),
+])
+def test_a_header_block_that_would_break_http2_is_refused_and_named(kind, pseudo, headers,
+                                                                    named):
+    with pytest.raises(UnsafeHead, match=named):
+        header_block(kind, pseudo, headers)
+
+
+def test_fields_crossing_into_http2_leave_the_hops_behind():
+    assert h2_fields([("Connection", "close"), ("Keep-Alive", "5"), ("Transfer-Encoding",
+                      "chunked"), ("Upgrade", "h2c"), ("Proxy-Connection", "x"),
+                      ("TE", "gzip"), ("TE", "trailers"), ("X-Keep", "Yes")]) == [
+        ("te", "trailers"), ("x-keep", "Yes")]
