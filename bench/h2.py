@@ -122,7 +122,7 @@ def start_nghttpx(ws: Workspace, name: str, upstream_port: int) -> peers.Process
 
 def h2load(url: str, seconds: float, *, clients: int, streams: int,
            grpc: Path | None = None) -> dict:
-    command = pinned(0, ["h2load", "-c", str(clients), "-m", str(streams), "-D", str(seconds),
+    command = pinned(0, ["h2load", "-c", str(clients), "-m", str(streams), "-D", str(int(seconds)),
                          "-t", "1"])
     if grpc is not None:
         command += ["-d", str(grpc), "-H", "content-type: application/grpc",
@@ -171,7 +171,7 @@ def check_injection(ws: Workspace, keyhole: peers.Process, web_port: int) -> Non
     done = subprocess.run(["curl", "-sS", "-i", "--http2-prior-knowledge",
                            f"http://127.0.0.1:{keyhole.extra['port']}/web/1k"],
                           capture_output=True, text=True, timeout=30)
-    if "x-seen-authorization: [REDACTED]" not in done.stdout.lower():
+    if "x-seen-authorization: [redacted]" not in done.stdout.lower():
         raise RuntimeError(f"keyhole did not inject over HTTP/2:\n{done.stdout[:500]}")
 
 

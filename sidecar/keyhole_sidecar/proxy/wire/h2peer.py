@@ -108,6 +108,7 @@ class H2Peer(asyncio.Protocol):
         self._paused = False
         self._drained: asyncio.Future | None = None
         self._windows: dict[int, asyncio.Future] = {}  # stream id → waiting for a window
+        self._flush_pending = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -119,6 +120,14 @@ class H2Peer(asyncio.Protocol):
         self._wake_all()
 
     def flush(self) -> None:
+        """Write what ``h2`` has framed — once per turn of the event loop, however many frames
+        were made in it (one TLS record and one send, not one per frame)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)

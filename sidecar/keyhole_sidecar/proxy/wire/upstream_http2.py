@@ -118,7 +118,9 @@ class H2Upstream(H2Peer):
 
     def __init__(self, key: tuple[str, str, int]):
         config = h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                           validate_inbound_headers=True)
+                                           validate_inbound_headers=True,
+                                           validate_outbound_headers=False,  # heads did
+                                           normalize_outbound_headers=False)
         super().__init__(h2.connection.H2Connection(config=config))
         self.key = key
         self.idle_since = self._loop.time()
@@ -173,7 +175,7 @@ class H2Upstream(H2Peer):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:  # h2 queued the GOAWAY
-            self.flush()
+            self.flush_now()
             self.close()
             return
         for event in events:
