@@ -86,8 +86,10 @@ class Peer:
         return f"http://127.0.0.1:{self.proxy}" if self.proxy else None
 
     def _curl(self, *flags: str) -> list[str]:
-        """curl, through this peer's proxy if it is one (-k: the peers' CAs are not the point)."""
-        return ["curl", "-sS", "-k", *flags, *(["-x", self.proxy_url] if self.proxy else [])]
+        """curl, through this peer's proxy if it is one (-k: the peers' CAs are not the point),
+        in HTTP/1.1: these are the HTTP/1.1 figures (bench/h2.py measures HTTP/2)."""
+        return ["curl", "-sS", "-k", "--http1.1", *flags,
+                *(["-x", self.proxy_url] if self.proxy else [])]
 
     def hey(self, path: str, **kwargs) -> dict:
         return hey(self.url + path, proxy=self.proxy, host=self.host, **kwargs)

@@ -30,12 +30,12 @@ from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import parser_complaint
 from keyhole_sidecar.proxy.handlers import handle_intercepted, handle_plain
 from keyhole_sidecar.proxy.wire.http1 import ClientConnection
-from keyhole_sidecar.proxy.wire.http2 import PREFACE, H2ClientConnection
 from keyhole_sidecar.proxy.wire.tunnel import open_blind_tunnel
 from keyhole_sidecar.upstream import parse_connect_target
 
 log = logging.getLogger("keyhole.proxy")
 _CONNECT = b"CONNECT "
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what an HTTP/2 client sends first (h2c)
 _CA_REJECTED = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR",
                 "UNSUPPORTED_CERTIFICATE", "ACCESS_DENIED")
 CA_HINT = ("point the client at the keyhole CA: SSL_CERT_FILE / REQUESTS_CA_BUNDLE / "
@@ -136,7 +136,9 @@ class Life:
 def http_owner(ctx: ProxyContext, life: Life, handler: Callable, *, h2: bool,
                server_kwargs: dict[str, Any]) -> asyncio.Protocol:
     """The connection that serves requests with ``handler``: HTTP/2 (``h2``) or HTTP/1.1."""
-    if h2:
+    if h2:  # imported when first needed: an HTTP/1.1-only pod never loads the HTTP/2 stack
+        from keyhole_sidecar.proxy.wire.http2 import H2ClientConnection
+
         return H2ClientConnection(ctx, handler, on_request=life.seen, on_lost=life.closed)
     return ClientConnection(ctx, handler, on_request=life.seen, on_lost=life.closed,
                             server_kwargs=server_kwargs)

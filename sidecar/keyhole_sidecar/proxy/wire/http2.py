@@ -38,7 +38,6 @@ MAX_HEADER_LIST = 2**16  # SETTINGS_MAX_HEADER_LIST_SIZE: decoded bytes, HPACK b
 # real client sends, far below what an attacker needs.
 BUDGET_WINDOW = 10.0
 BUDGETS = {"reset": 200, "ping": 100, "settings": 100}
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # After a GOAWAY the connection reads and drops what the client still sends until it has been
 # quiet this long (at most LINGER_MAX in all) before closing: closing a socket with unread
 # bytes resets it, and the reset can overtake the GOAWAY that says why.

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from typing import Any
 
 from keyhole_common.spec import is_ip_literal
 from keyhole_sidecar.proxy.exchange import Answer, Leg, Outbound, ResolveFailed, Unprocessed
-from keyhole_sidecar.proxy.wire import upstream_http1, upstream_http2
+from keyhole_sidecar.proxy.wire import upstream_http1
 from keyhole_sidecar.proxy.wire.upstream_http1 import UpstreamConnection
-from keyhole_sidecar.proxy.wire.upstream_http2 import H2Upstream
 from keyhole_sidecar.upstream import OverridingResolver
 
 Key = tuple[str, str, int]  # scheme, host, port
@@ -35,13 +35,26 @@ class _Door(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tls = transport.get_extra_info("ssl_object")
         chosen = tls.selected_alpn_protocol() if tls is not None else None
-        owner: asyncio.Protocol = (H2Upstream(self._key) if chosen == "h2"
-                                   else UpstreamConnection(self._loop, self._key))
+        owner: asyncio.Protocol
+        if chosen == "h2":
+            from keyhole_sidecar.proxy.wire.upstream_http2 import H2Upstream  # see _h2_exchange
+
+            owner = H2Upstream(self._key)
+        else:
+            owner = UpstreamConnection(self._loop, self._key)
         transport.set_protocol(owner)
         owner.connection_made(transport)
 
 
-Connection = UpstreamConnection | H2Upstream
+Connection = Any  # UpstreamConnection, or upstream_http2.H2Upstream (its .multiplexed is True)
+
+
+async def _h2_exchange(conn, out: Outbound, timeout: float) -> tuple[Answer, Leg]:
+    """The HTTP/2 exchange, imported when first needed: a sidecar whose upstreams all speak
+    HTTP/1.1 never loads the HTTP/2 stack (its memory counts in figure (d))."""
+    from keyhole_sidecar.proxy.wire import upstream_http2
+
+    return await upstream_http2.exchange(conn, out, timeout)
 
 
 class UpstreamPool:
@@ -58,7 +71,7 @@ class UpstreamPool:
                  idle_per_host: int = 32, idle_total: int = 512, idle_seconds: float = 30.0,
                  connect_seconds: float = 15.0):
         self.resolver, self.tls, self.tls_h2 = resolver, tls, tls_h2 or tls
-        self._h2: dict[Key, list[H2Upstream]] = {}
+        self._h2: dict[Key, list[Connection]] = {}  # shared HTTP/2 connections
         self._h2_opening: dict[Key, asyncio.Future] = {}
         self._http11: set[Key] = set()  # upstreams that answered h2 with http/1.1
         self.idle_per_host, self.idle_total = idle_per_host, idle_total
@@ -71,15 +84,15 @@ class UpstreamPool:
         """Send ``out`` on a connection to its upstream and wait for the answer's head."""
         h2 = out.client_protocol == "h2"
         conn = await self.acquire(out.scheme, out.host, out.port, h2=h2)
-        if isinstance(conn, H2Upstream):
+        if conn.multiplexed:
             try:
-                return await upstream_http2.exchange(conn, out, timeout)
+                return await _h2_exchange(conn, out, timeout)
             except Unprocessed:
                 if not isinstance(out.body, bytes | None):
                     raise  # part of a streamed body is gone: it cannot be sent again
             conn = await self.acquire(out.scheme, out.host, out.port, h2=h2)  # RFC 9113 §8.7
-            if isinstance(conn, H2Upstream):
-                return await upstream_http2.exchange(conn, out, timeout)
+            if conn.multiplexed:
+                return await _h2_exchange(conn, out, timeout)
         return await upstream_http1.exchange(
             conn, out, timeout, lambda: self.acquire(out.scheme, out.host, out.port, h2=h2),
             self.release)
@@ -172,7 +185,7 @@ class UpstreamPool:
         speaks_h2 = False
         try:
             conn = await self._connect(key, self.tls_h2)
-            if isinstance(conn, H2Upstream):
+            if conn.multiplexed:
                 speaks_h2 = True
                 live = [c for c in self._h2.get(key, ()) if not c.closed]
                 self._h2[key] = [*live, conn]

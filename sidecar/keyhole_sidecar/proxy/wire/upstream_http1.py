@@ -43,6 +43,8 @@ def _bad_response(exc: HttpProcessingError) -> BadResponse:
 class UpstreamConnection(BaseProtocol):
     """One connection to an upstream, carrying one request at a time."""
 
+    multiplexed = False
+
     def __init__(self, loop: asyncio.AbstractEventLoop, key: Key):
         super().__init__(loop)
         self.key = key

@@ -116,6 +116,8 @@ class UpstreamStream:
 class H2Upstream(H2Peer):
     """One HTTP/2 connection to an upstream, shared by the requests to its host."""
 
+    multiplexed = True
+
     def __init__(self, key: tuple[str, str, int]):
         config = h2.config.H2Configuration(client_side=True, header_encoding=None,
                                            validate_inbound_headers=True,
