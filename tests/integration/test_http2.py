@@ -99,6 +99,21 @@ def test_an_http11_client_is_served_over_an_h2_upstream_connection(h2_sidecar, h
     assert_no_key(reply.everything())
 
 
+def test_a_stream_the_upstream_resets_mid_answer_is_reset_for_the_client(h2_sidecar,
+                                                                          h2_upstream, marker):
+    """RST_STREAM from the upstream crosses the proxy: the client's stream is reset, not ended
+    as if the answer were whole, and the connection carries on."""
+    context = ssl.create_default_context(cafile=str(h2_sidecar.bundle))
+    base = f"https://h2.routed.test:{h2_upstream.port}"
+    with httpx.Client(http2=True, proxy=h2_sidecar.url, verify=context, trust_env=False) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.get(f"{base}/{marker}/reset-mid").read()
+        after = client.get(f"{base}/{marker}-after")  # the same connection, still serving
+    assert after.status_code == 200 and after.http_version == "HTTP/2"
+    line = h2_sidecar.wait_audit(lambda r: f"{marker}/reset-mid" in r.get("path", ""))
+    assert line["reason"] == "upstream_mid_body"
+
+
 def test_a_stream_the_upstream_refused_unprocessed_is_sent_again(h2_sidecar, h2_upstream,
                                                                  marker):
     """REFUSED_STREAM means the upstream did nothing with it (RFC 9113 §8.7): the request is

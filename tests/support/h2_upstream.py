@@ -5,7 +5,8 @@ The echo server answers every request with JSON naming what it got (headers incl
 credential the proxy added is reflected back and must come out redacted) and, to a client that
 sent ``te: trailers``, trailers that reflect the Authorization header too. ``/big?n=N``
 streams N bytes; ``/hang`` sends headers and then nothing until the client resets;
-``/refuse-once`` is refused (RST_STREAM REFUSED_STREAM) the first time it is asked.
+``/refuse-once`` is refused (RST_STREAM REFUSED_STREAM) the first time it is asked;
+``/reset-mid`` starts an answer and then resets the stream (RST_STREAM CANCEL).
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ class _EchoProtocol(asyncio.Protocol):
             self._record(stream, reset=True)
             self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             self.transport.write(self.conn.data_to_send())
+            return
+        if "/reset-mid" in path:  # an answer begun, then cancelled by the upstream
+            self.conn.send_headers(stream_id, [(":status", "200")])
+            self.conn.send_data(stream_id, b"partial answer")
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.transport.write(self.conn.data_to_send())
+            self._record(stream)
             return
         if "/hang" in path:
             self.conn.send_headers(stream_id, [(":status", "200")])

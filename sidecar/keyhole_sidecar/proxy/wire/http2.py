@@ -48,8 +48,10 @@ Handler = Callable[[Request], Awaitable[None]]
 
 
 class H2Reply:
-    """Answers one stream. Headers go out with the first DATA, or alone with END_STREAM when
-    no body follows (so a gRPC trailers-only answer keeps its shape)."""
+    """Answers one stream. Headers go out at the end of the turn of the event loop that
+    started them — with END_STREAM when the answer ended in that turn, so a gRPC
+    trailers-only answer keeps its shape; alone otherwise, so a client sees the head of a
+    stream whose first message is late (gRPC's initial metadata, SSE) as it comes."""
 
     __slots__ = ("_conn", "_head", "_stream_id", "close", "ended", "started")
 
@@ -70,6 +72,11 @@ class H2Reply:
             fields.append(("content-length", str(length)))
         self._head = heads.header_block("response", [(":status", str(status))], fields)
         self.started = True
+        self._conn._loop.call_soon(self._head_now)
+
+    def _head_now(self) -> None:
+        with contextlib.suppress(StreamGone):  # reset meanwhile: the task hears of it
+            self._send_head(False)
 
     def _send_head(self, end_stream: bool) -> None:
         head, self._head = self._head, None
@@ -140,6 +147,7 @@ class H2ClientConnection(H2Peer):
         self._idle: asyncio.TimerHandle | None = None
         self._lingering: asyncio.TimerHandle | None = None
         self._linger_until = self._linger_end = 0.0
+        self._draining = False
 
     # -- transport events --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -237,7 +245,9 @@ class H2ClientConnection(H2Peer):
         elif isinstance(event, h2.events.PingReceived):
             self._spend("ping")
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._close()
+            self._draining = True  # the client's GOAWAY: finish what it asked, then close
+            if not self._streams:
+                self._close()
 
     def _spend(self, kind: str) -> None:
         now = self._loop.time()
@@ -320,6 +330,8 @@ class H2ClientConnection(H2Peer):
                     self.reset(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
                 elif not body.is_eof():  # answered before the body was read: stop its sender
                     self.reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                if self._draining and not self._streams:
+                    self._close()
                 self._arm_idle()
 
     # -- idle ------------------------------------------------------------------------------------

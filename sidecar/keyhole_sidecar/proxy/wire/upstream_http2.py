@@ -38,12 +38,14 @@ def reason(status: int) -> str:
 class UpstreamStream:
     """One request on an :class:`H2Upstream`."""
 
-    __slots__ = ("_answer", "_conn", "_waiter", "body", "ended", "sending", "stream_id")
+    __slots__ = ("_answer", "_conn", "_failure", "_waiter", "body", "ended", "sending",
+                 "stream_id")
 
     def __init__(self, conn: H2Upstream, stream_id: int):
         self._conn, self.stream_id = conn, stream_id
         self.body = H2Body(lambda size: conn.acknowledge(stream_id, size))
         self._answer: Answer | None = None
+        self._failure: BaseException | None = None  # reset or lost before the answer's head
         self._waiter: asyncio.Future | None = None
         self.ended = False  # the upstream ended its side (END_STREAM or reset)
         self.sending: asyncio.Task | None = None  # the request body on its way
@@ -54,6 +56,8 @@ class UpstreamStream:
     async def answer(self, timeout: float) -> Answer:
         """The final answer's head (1xx skipped by ``h2``); TimeoutError after ``timeout``."""
         if self._answer is None:
+            if self._failure is not None:
+                raise self._failure
             self._waiter = self._conn._loop.create_future()
             async with asyncio.timeout(timeout):
                 await self._waiter
@@ -102,6 +106,8 @@ class UpstreamStream:
     def failed(self, exc: BaseException) -> None:
         self.ended = True
         self.body.set_exception(exc)
+        if self._answer is None:
+            self._failure = exc
         self._wake(exc)
 
     def _wake(self, exc: BaseException | None) -> None:
