@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from bench import peers
@@ -92,15 +91,7 @@ def start_keyhole(ws: Workspace, web_port: int, grpc_port: int) -> peers.Process
         "--resolve", f"{HOST}:{web_port}:127.0.0.1", "--resolve", f"{HOST}:{grpc_port}:127.0.0.1",
         "--upstream-ca", str(ws.root / "upstream-ca.pem"), "--log-level", "warning",
     ]), ws.root / "keyhole-h2.log", quiet_stdout=True)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError((ws.root / "keyhole-h2.log").read_text()) from None
-            time.sleep(0.05)
+    peers.wait_ready(admin, ws.root / "keyhole-h2.log")
     process.extra["port"] = port
     return process
 

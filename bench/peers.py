@@ -207,17 +207,22 @@ spec:
         "--upstream-ca", str(ws.root / "upstream-ca.pem"), "--log-level", "warning",
         "--state-dir", str(ws.root / "keyhole-state"),
     ]), ws.root / "keyhole.log", quiet_stdout=True)  # the audit log: one line per request
-    deadline = time.monotonic() + 20
+    wait_ready(admin, ws.root / "keyhole.log")
+    process.extra.update(port=port, admin=admin, ready_s=time.monotonic() - started)
+    return process
+
+
+def wait_ready(admin: int, log: Path, timeout: float = 20) -> None:
+    """Until keyhole's /readyz answers (its log is the error when it never does)."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1):
-                break
+                return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError((ws.root / "keyhole.log").read_text()) from None
+                raise RuntimeError(log.read_text()) from None
             time.sleep(0.01)
-    process.extra.update(port=port, admin=admin, ready_s=time.monotonic() - started)
-    return process
 
 
 def nginx_reverse(ws: Workspace, upstream_port: int, impostor_port: int) -> Process:

@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.config import API_TOKEN, SECRETS, injection, ref
+from tests.support.fuzzing import mutate, pieces
 from tests.support.h2_raw import PREFACE
 from tests.support.sidecar import start_sidecar
 from tests.support.tls_server import BlockingTLSServer
@@ -240,30 +241,11 @@ def upstream_answers(draw) -> tuple:
     return status, headers, body, trailers, draw(edits), draw(splits)
 
 
-def mutate(data: bytes, changes: list[tuple[int, bytes]]) -> bytes:
-    for position, insert in changes:
-        at = position % (len(data) + 1)
-        data = data[:at] + insert + data[at + len(insert):]
-    return data
-
-
 # Half the examples are left whole, so that streams get through and the answers are judged.
 edits = st.just([]) | st.lists(st.tuples(st.integers(0, 10_000),
                                          st.binary(min_size=1, max_size=4)), min_size=1,
                                max_size=2)
 splits = st.lists(st.integers(1, 300), min_size=1, max_size=5)
-
-
-def pieces(data: bytes, sizes: list[int]) -> list[bytes]:
-    out, at = [], 0
-    for size in sizes:
-        if at >= len(data):
-            break
-        out.append(data[at:at + size])
-        at += size
-    if at < len(data):
-        out.append(data[at:])
-    return out
 
 
 @FUZZ

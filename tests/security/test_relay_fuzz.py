@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.config import ALL_SECRETS, API_TOKEN, SECRETS, injection, ref
+from tests.support.fuzzing import mutate, pieces
 from tests.support.raw import open_tunnel
 from tests.support.sidecar import start_sidecar
 from tests.support.tls_server import BlockingTLSServer
@@ -165,30 +166,11 @@ def responses(draw) -> bytes:
     return head.encode() + body
 
 
-def mutate(data: bytes, edits: list[tuple[int, bytes]]) -> bytes:
-    for position, insert in edits:
-        at = position % (len(data) + 1)
-        data = data[:at] + insert + data[at + len(insert):]
-    return data
-
-
 edits = st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(
     [b"\r\n", b"\n", b"\r", b"\x00", b" ", b":", b"\r\n\r\n", b"Transfer-Encoding: chunked\r\n",
      b"Content-Length: 5\r\n", b"\xff", b"0\r\n\r\n"]) | st.binary(min_size=1, max_size=4)),
     max_size=3)
 splits = st.lists(st.integers(1, 400), min_size=1, max_size=6)
-
-
-def pieces(data: bytes, sizes: list[int]) -> list[bytes]:
-    out, at = [], 0
-    for size in sizes:
-        if at >= len(data):
-            break
-        out.append(data[at:at + size])
-        at += size
-    if at < len(data):
-        out.append(data[at:])
-    return out
 
 
 @FUZZ

@@ -114,6 +114,9 @@ class H2Peer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def eof_received(self) -> bool | None:
+        return None  # a half-closed HTTP/2 connection is over: close it
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self.transport = None

@@ -178,9 +178,6 @@ class H2ClientConnection(H2Peer):
             self._on_event(event)
         self.flush()
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._on_lost()

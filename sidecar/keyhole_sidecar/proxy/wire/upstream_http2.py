@@ -190,9 +190,6 @@ class H2Upstream(H2Peer):
             self._on_event(event)
         self.flush()
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         streams, self._streams = self._streams, {}
