@@ -286,6 +286,24 @@ def test_aws_requests_are_signed_and_the_agents_own_signature_replaced(start, id
     _never_leaked(sidecar, idp, reply.everything())
 
 
+def test_credential_sources_serve_http2_clients_too(start, idp):
+    """The same exchange, whatever the client speaks: an HTTP/2 client's request is minted for
+    (OAuth 2.0) and signed (SigV4, the body hashed) exactly as an HTTP/1.1 client's."""
+    sidecar = start(_oauth(idp), _aws(idp))
+    reply = curl(sidecar, f"https://{_at(idp, 'api.oauth.test')}/v1/things", http2=True)
+    assert (reply.status, reply.protocol) == (200, "HTTP/2")
+    assert reply.json()["you_sent"] == "Bearer [REDACTED]"
+    body = "Action=SendMessage&MessageBody=over%20h2"
+    reply = curl(sidecar, "-X", "POST", "--data", body,
+                 "-H", "Content-Type: application/x-www-form-urlencoded",
+                 f"https://{_at(idp, 'aws.test')}/123456789012/queue?Version=2012-11-05",
+                 http2=True)
+    assert (reply.status, reply.protocol) == (200, "HTTP/2"), reply.body
+    assert idp.aws_seen[-1]["headers"]["X-Amz-Content-Sha256"] == hashlib.sha256(
+        body.encode()).hexdigest()
+    _never_leaked(sidecar, idp, reply.everything())
+
+
 def test_a_signature_made_with_other_keys_is_refused_by_the_service(start, idp):
     """The control for the test above: the service's check is real."""
     wrong = _secrets(idp)

@@ -38,7 +38,7 @@ def test_the_base_protocols_write_flow_control_is_where_the_relay_reads_it(loop)
 def test_the_request_parser_takes_the_relays_arguments_and_answers_as_it_reads(loop):
     parser = http_parser.HttpRequestParser(
         base_protocol.BaseProtocol(loop), loop, 2**16, max_line_size=8190, max_field_size=8190,
-        max_headers=100, max_msg_queue_size=16)  # as downstream.py and frontdoor.py build it
+        max_headers=100, max_msg_queue_size=16)  # as wire/http1.py and wire/frontdoor.py build it
     messages, upgraded, tail = parser.feed_data(
         b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /c HTTP/1.1\r\nHost: x\r\n"
         b"Content-Length: 2\r\n\r\nok")
