@@ -1,5 +1,6 @@
-"""The admin port: ``/healthz`` (the process answers), ``/readyz`` (config loaded, CA usable),
-``/metrics`` (Prometheus). Never exposes a secret, a path or a header value."""
+"""The admin port: ``/healthz`` (the process answers), ``/readyz`` (config loaded, the one on
+disk not rejected, CA usable), ``/metrics`` (Prometheus). Never exposes a secret, a path or a
+header value."""
 
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ class Options:
     upstream_ca: Path | None = None
     signing_key: Path | None = None
     reload_interval: float = 1.0
+    drain_timeout: float = 20.0
     header_timeout: float = 15.0
     idle_timeout: float = 120.0
     egress: Egress = Egress.PRIVATE
@@ -55,26 +56,36 @@ class Options:
     state_dir: Path | None = None  # spec.limits.window counts, kept across restarts
 
 
-async def watch_ca(ca_dir: Path, leaves: LeafCache, metrics: Metrics, interval: float) -> None:
-    """Follow a rotated CA (the operator replaces it before it expires) without a restart."""
-    seen = ca_fingerprint(ca_dir)
-    while True:
-        await asyncio.sleep(interval)
-        current = ca_fingerprint(ca_dir)
-        if current == seen:
-            continue
-        seen = current
+class CAWatch:
+    """Follows a rotated CA (the operator replaces it before it expires) without a restart."""
+
+    def __init__(self, ca_dir: Path, leaves: LeafCache, metrics: Metrics):
+        self.ca_dir, self.leaves, self.metrics = ca_dir, leaves, metrics
+        self.seen = ca_fingerprint(ca_dir)
+
+    def check(self) -> str:
+        """Load the CA if its files changed; what happened, in a few words."""
+        current = ca_fingerprint(self.ca_dir)
+        if current == self.seen:
+            return "CA unchanged"
+        self.seen = current
         try:
-            ca = CertificateAuthority.load(ca_dir)
+            ca = CertificateAuthority.load(self.ca_dir)
         except CAError as exc:
-            metrics.reloads.labels("error").inc()
+            self.metrics.reloads.labels("error").inc()
             log.error("the CA in %s changed but cannot be used (%s); still signing with the "
-                      "previous one", ca_dir, exc)
-            continue
-        leaves.replace_ca(ca)
-        metrics.reloads.labels("success").inc()
-        log.info("CA in %s changed: new leaf certificates are signed by %s", ca_dir,
+                      "previous one", self.ca_dir, exc)
+            return "CA rejected"
+        self.leaves.replace_ca(ca)
+        self.metrics.reloads.labels("success").inc()
+        log.info("CA in %s changed: new leaf certificates are signed by %s", self.ca_dir,
                  ca.cert.subject.rfc4514_string())
+        return "CA reloaded"
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.check()
 
 
 class StartupError(RuntimeError):
@@ -135,6 +146,9 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     def readiness() -> str | None:
         if config.table is None:
             return "no configuration loaded"
+        if config.last_error is not None:  # the problems name files: they go to the log only
+            return ("the configuration on disk was rejected (the sidecar's log names each "
+                    "problem); still serving the last good one")
         try:
             leaves.check()
         except CAError as exc:
@@ -160,9 +174,9 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         await admin_runner.cleanup()
         await session.close()
         raise StartupError(f"cannot listen: {exc.strerror} ({exc})") from None
+    ca_watch = CAWatch(options.ca_dir, leaves, metrics)
     watchers = [asyncio.create_task(config.watch(options.reload_interval)),
-                asyncio.create_task(watch_ca(options.ca_dir, leaves, metrics,
-                                             options.reload_interval))]
+                asyncio.create_task(ca_watch.watch(options.reload_interval))]
     host, port = proxy_server.sockets[0].getsockname()[:2]
     admin_host, admin_port = admin_runner.addresses[0][:2]
     log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",
@@ -170,13 +184,43 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     if options.transparent_listen:
         log.info("transparent port on %s:%s", *options.transparent_listen)
     stop = stop or asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    force = asyncio.Event()  # a second TERM or INT: stop draining
+    stopping: list[int] = []
+
+    def on_stop(sig: int) -> None:
+        stopping.append(sig)
+        if len(stopping) > 1:
+            log.warning("%s again: not waiting for requests in flight", signal.Signals(sig).name)
+            force.set()
+        stop.set()
+
+    def on_hup() -> None:
+        ok = config.load()
+        log.info("SIGHUP: configuration %s; %s", "reloaded" if ok else "rejected (see above; "
+                 "still serving the last good one)", ca_watch.check())
+
+    def on_ignored(sig: int) -> None:
+        log.info("%s ignored (SIGHUP reloads, SIGTERM drains and stops)",
+                 signal.Signals(sig).name)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(sig, on_ignored, sig)
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
+        for server in servers:  # stop accepting; let what is in flight finish
+            server.close()
+        if stopping and ctx.inflight.count:
+            log.info("draining: %d request(s) in flight, waiting up to %gs",
+                     ctx.inflight.count, options.drain_timeout)
+            if not await ctx.inflight.wait_idle(options.drain_timeout, force):
+                log.warning("%d request(s) still in flight after %gs; stopping anyway",
+                            ctx.inflight.count, options.drain_timeout)
     finally:
         log.info("shutting down")
         for watcher in watchers:

@@ -22,6 +22,17 @@ DEFAULT_LISTEN = "127.0.0.1:15080"
 DEFAULT_ADMIN = "127.0.0.1:15090"
 
 
+def _seconds(text: str) -> float:
+    """A duration on the command line: a number of seconds, more than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -99,14 +110,19 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
         parser.add_argument("--resolve", type=_resolve, action="append", default=[],
                             metavar="HOST:PORT:ADDR", help="connect to ADDR for HOST:PORT "
                                                            "(repeatable, like curl)")
-        parser.add_argument("--header-timeout", type=float, default=15.0, metavar="SECONDS",
+        parser.add_argument("--header-timeout", type=_seconds, default=15.0, metavar="SECONDS",
                             help="close connections that send no complete request head in "
                                  "time (default 15)")
-        parser.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
+        parser.add_argument("--idle-timeout", type=_seconds, default=120.0, metavar="SECONDS",
                             help="close keep-alive connections idle this long (default 120)")
-        parser.add_argument("--upstream-timeout", type=float, default=300.0, metavar="SECONDS",
+        parser.add_argument("--upstream-timeout", type=_seconds, default=300.0, metavar="SECONDS",
                             help="wait this long for an upstream's response headers, then 504 "
                                  "(default 300; bodies may stream for longer)")
+        parser.add_argument("--drain-timeout", type=_seconds, default=20.0, metavar="SECONDS",
+                            help="on SIGTERM or SIGINT, stop accepting and wait this long for "
+                                 "requests in flight before exiting (default 20; a second "
+                                 "signal stops at once). SIGHUP reloads the configuration and "
+                                 "the CA at once")
         parser.add_argument("--log-level", default="info",
                             choices=("debug", "info", "warning", "error"))
         parser.add_argument("--version", action="version", version=f"keyhole {__version__}")
@@ -180,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
         egress=Egress(args.egress), upstream_timeout=args.upstream_timeout,
         transparent_listen=args.transparent_listen, state_dir=args.state_dir,
+        drain_timeout=args.drain_timeout,
     )
     try:
         _event_loop_runner()(run(options))

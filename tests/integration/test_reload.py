@@ -120,7 +120,8 @@ def test_invalid_yaml_on_reload_is_named(make_sidecar):
     proc = make_sidecar()
     proc.injections.write_text("apiVersion: [unclosed\n")
     proc.wait_for_log("not valid YAML or JSON")
-    assert proc.admin("/readyz")[0] == 200  # still serving the last good config
+    # Still serving the last good config, and saying so: not ready until the file is fixed.
+    assert proc.admin("/readyz")[0] == 503
 
 
 def test_a_secret_with_a_control_character_is_refused(make_sidecar):

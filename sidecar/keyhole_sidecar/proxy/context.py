@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import aiohttp
@@ -41,6 +43,37 @@ class ProxySettings:
     """Most header lines in one request (more: 400)."""
 
 
+class InFlight:
+    """The requests being answered now: what a drain (SIGTERM) waits for."""
+
+    def __init__(self):
+        self.count = 0
+        self._idle: asyncio.Future | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def wait_idle(self, timeout: float, interrupt: asyncio.Event) -> bool:
+        """Wait until none is in flight (True), ``timeout`` passes or ``interrupt`` is set."""
+        if self.count == 0:
+            return True
+        self._idle = asyncio.get_running_loop().create_future()
+        interrupted = asyncio.ensure_future(interrupt.wait())
+        try:
+            await asyncio.wait([self._idle, interrupted], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupted.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await interrupted
+        return self.count == 0
+
+
 @dataclass
 class ProxyContext:
     settings: ProxySettings
@@ -56,3 +89,5 @@ class ProxyContext:
     audit: AuditLog
     limiter: Limiter
     """spec.limits' counters, kept across reloads."""
+    inflight: InFlight = field(default_factory=InFlight)
+    """Requests being answered, for the drain on SIGTERM."""

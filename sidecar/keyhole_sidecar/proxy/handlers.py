@@ -88,6 +88,7 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
     label = "-"
     started = time.monotonic()
     record.protocol = request.protocol
+    ctx.inflight.enter()
     try:
         if tuple(request.version) not in ((1, 0), (1, 1), (2, 0)):
             major, minor = request.version
@@ -122,6 +123,7 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
         await _answer_error(request, UpstreamFailed("internal_error", "the proxy failed on this "
                                                     "request; see the sidecar log"))
     finally:  # reasons are short codes: bounded labels
+        ctx.inflight.leave()
         ctx.metrics.request_done(label, request.method, record.status, record.decision,
                                  record.reason, time.monotonic() - started,
                                  record.bytes_in, record.bytes_out, request.protocol)
