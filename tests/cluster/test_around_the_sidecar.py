@@ -56,8 +56,19 @@ class Cluster:
         return self.kube.kubectl("-n", NS, *args, input=input, check=False,
                                  kubeconfig=self.attacker_config)
 
-    def create(self, obj: dict) -> subprocess.CompletedProcess:
-        return self.as_attacker("create", "-f", "-", input=yaml.safe_dump(obj))
+    def create(self, obj: dict, *, dry_run: bool = False) -> subprocess.CompletedProcess:
+        return self.as_attacker("create", "-f", "-", *(["--dry-run=server"] if dry_run else []),
+                                input=yaml.safe_dump(obj))
+
+    def wait_until_the_policy_enforces(self) -> None:
+        """The API server applies the policy with the parameter its informer has, a moment
+        after the ConfigMap changed: wait until it refuses a reader of a managed Secret and
+        admits a pod that reads none (server-side dry runs: nothing is created)."""
+        spec, expected = UNTAGGED_READERS[0]
+        self.kube.wait_for(lambda: expected in self.create(pod("probe", **spec),
+                                                           dry_run=True).stderr
+                           and self.create(pod("probe"), dry_run=True).returncode == 0,
+                           30, "the policy enforcing the published parameter")
 
 
 def chart_admission(port: int, ca_pem: bytes) -> list[dict]:
@@ -111,6 +122,7 @@ def cluster(tmp_path_factory) -> Cluster:
         kube.wait_for(lambda: "openai-credentials" in (kube.get(
             "configmap", "keyhole-protected-secrets", RELEASE_NAMESPACE).get("data") or {}
         ).get(NS, ""), what="the operator publishing the managed Secrets")
+        state.wait_until_the_policy_enforces()
         yield state
     finally:
         if "state" in locals() and state.operator is not None:
@@ -312,6 +324,7 @@ def test_the_operator_restores_the_policys_parameter(cluster):
     cluster.kube.wait_for(lambda: "openai-credentials" in (cluster.kube.get(
         "configmap", "keyhole-protected-secrets", RELEASE_NAMESPACE).get("data") or {}
     ).get(NS, ""), 30, "the operator restoring the policy's parameter")
+    cluster.wait_until_the_policy_enforces()  # the tests after this one rely on it
 
 
 # -- hosts too broad to be safe, and conflicts found at admission -----------------------------
