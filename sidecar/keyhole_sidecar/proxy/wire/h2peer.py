@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 
 import h2.connection
+import h2.events
 import h2.exceptions
 
 # Our receive window for the whole connection: large, so one stream whose reader stopped does
@@ -113,6 +114,25 @@ class H2Peer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes in, ``h2``'s events out, each to :meth:`on_event`, and what they made us
+        frame written; a protocol error goes to :meth:`protocol_error` (``h2`` has queued the
+        GOAWAY that says why)."""
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.protocol_error(exc)
+            return
+        for event in events:
+            self.on_event(event)
+        self.flush()
+
+    def on_event(self, event: h2.events.Event) -> None:
+        raise NotImplementedError
+
+    def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        raise NotImplementedError
 
     def eof_received(self) -> bool | None:
         return None  # a half-closed HTTP/2 connection is over: close it

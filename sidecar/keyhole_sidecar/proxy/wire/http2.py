@@ -167,16 +167,12 @@ class H2ClientConnection(H2Peer):
         if self._lingering is not None:
             self._linger_until = self._loop.time() + LINGER  # still talking: not yet
             return
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:  # h2 has queued the GOAWAY
-            log.info("closing an HTTP/2 connection: %s", type(exc).__name__)
-            self._ctx.metrics.decisions.labels("denied", "malformed").inc()
-            self._close()
-            return
-        for event in events:
-            self._on_event(event)
-        self.flush()
+        super().data_received(data)
+
+    def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        log.info("closing an HTTP/2 connection: %s", type(exc).__name__)
+        self._ctx.metrics.decisions.labels("denied", "malformed").inc()
+        self._close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -220,7 +216,7 @@ class H2ClientConnection(H2Peer):
                                                 self._linger)
 
     # -- events --------------------------------------------------------------------------------
-    def _on_event(self, event: h2.events.Event) -> None:
+    def on_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
             self._start_stream(event)
         elif isinstance(event, h2.events.DataReceived):

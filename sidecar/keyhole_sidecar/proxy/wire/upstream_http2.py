@@ -179,16 +179,9 @@ class H2Upstream(H2Peer):
             self.transport.close()
 
     # -- transport events --------------------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:  # h2 queued the GOAWAY
-            self.flush_now()
-            self.close()
-            return
-        for event in events:
-            self._on_event(event)
-        self.flush()
+    def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        self.flush_now()  # the GOAWAY, before the close
+        self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -196,7 +189,7 @@ class H2Upstream(H2Peer):
         for stream in streams.values():
             stream.failed(UpstreamClosed(stream.body.is_eof()))
 
-    def _on_event(self, event: h2.events.Event) -> None:
+    def on_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.ResponseReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
@@ -247,9 +240,10 @@ async def exchange(conn: H2Upstream, out: Outbound, timeout: float
     if out.trailers:
         fields.append(("te", "trailers"))  # gRPC asks for trailers; HTTP/2 carries them
     if out.readable:  # nothing is decoded here: ask for bodies (and gRPC messages) as they are
+        grpc = any(n == "grpc-accept-encoding" for n, _ in fields)
         fields = [(n, v) for n, v in fields if n not in ("accept-encoding", "grpc-accept-encoding")]
         fields.append(("accept-encoding", "identity"))
-        if any(n == "grpc-accept-encoding" for n, _ in h2_fields(out.headers)):
+        if grpc:
             fields.append(("grpc-accept-encoding", "identity"))
     block = header_block("request", [(":method", out.method), (":scheme", out.scheme),
                                      (":authority", out.authority), (":path", out.target)],
