@@ -15,7 +15,6 @@ long run:
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import ssl
 import threading
@@ -37,18 +36,15 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support.config import API_TOKEN, SECRETS, injection, ref
-from tests.support.fuzzing import mutate, pieces
+from tests.support.config import API_TOKEN
+from tests.support.fuzzing import fuzz_settings, mutate, pieces, start_fuzz_sidecar
 from tests.support.h2_raw import PREFACE
-from tests.support.sidecar import start_sidecar
 from tests.support.tls_server import BlockingTLSServer
 
-EXAMPLES = int(os.environ.get("KEYHOLE_FUZZ_EXAMPLES", "80"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(80)
 HOST = "h2fuzz.routed.test"
 ANSWER_BOUND = 8.0  # seconds: upstream timeout (2) plus slack; longer is a hang
 QUIET = 0.5  # seconds without a byte after which a connection that need not close is done
@@ -166,13 +162,8 @@ def fuzz_upstream(test_ca):
 
 @pytest.fixture(scope="module")
 def fuzz_sidecar(tmp_path_factory, fuzz_upstream, test_ca):
-    sidecar = start_sidecar(
-        tmp_path_factory.mktemp("h2-fuzz"),
-        [injection("fuzz", hosts=[f"{HOST}:{fuzz_upstream.port}"],
-                   headers=[{"name": "Authorization",
-                             "valueFrom": ref("api-credentials", "token")}])],
-        SECRETS, upstream_ca=test_ca[1], resolve=[f"{HOST}:{fuzz_upstream.port}:127.0.0.1"],
-        args=["--upstream-timeout", "2", "--idle-timeout", "2"])
+    sidecar = start_fuzz_sidecar(tmp_path_factory.mktemp("h2-fuzz"), HOST, fuzz_upstream.port,
+                                 test_ca[1], "--idle-timeout", "2")
     yield sidecar
     sidecar.stop()
 

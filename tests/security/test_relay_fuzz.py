@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import ssl
 import time
@@ -23,18 +22,15 @@ import pytest
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support.config import ALL_SECRETS, API_TOKEN, SECRETS, injection, ref
-from tests.support.fuzzing import mutate, pieces
+from tests.support.config import ALL_SECRETS, API_TOKEN
+from tests.support.fuzzing import fuzz_settings, mutate, pieces, start_fuzz_sidecar
 from tests.support.raw import open_tunnel
-from tests.support.sidecar import start_sidecar
 from tests.support.tls_server import BlockingTLSServer
 
-EXAMPLES = int(os.environ.get("KEYHOLE_FUZZ_EXAMPLES", "120"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(120)
 HOST = "fuzz.routed.test"
 ANSWER_BOUND = 8.0  # seconds: upstream timeout (2) plus slack; longer is a hang
 
@@ -108,12 +104,8 @@ def fuzz_upstream(test_ca):
 
 @pytest.fixture(scope="module")
 def fuzz_sidecar(tmp_path_factory, fuzz_upstream, test_ca):
-    sidecar = start_sidecar(
-        tmp_path_factory.mktemp("relay-fuzz"),
-        [injection("fuzz", hosts=[f"{HOST}:{fuzz_upstream.port}"],
-                   headers=[{"name": "Authorization", "valueFrom": ref("api-credentials", "token")}])],
-        SECRETS, upstream_ca=test_ca[1], resolve=[f"{HOST}:{fuzz_upstream.port}:127.0.0.1"],
-        args=["--upstream-timeout", "2"])
+    sidecar = start_fuzz_sidecar(tmp_path_factory.mktemp("relay-fuzz"), HOST, fuzz_upstream.port,
+                                 test_ca[1])
     yield sidecar
     sidecar.stop()
 
