@@ -49,6 +49,24 @@ def test_rapid_reset_is_cut_off(h2_sidecar, h2_upstream, bystander, marker):
     assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
 
 
+def test_frames_after_the_cause_of_a_goaway_are_not_acted_on(h2_sidecar, h2_upstream,
+                                                               bystander, marker):
+    """Resets past the budget, PINGs and new streams all in one write: the first reset over
+    the budget closes the connection; what follows it in the same read is neither answered
+    nor served (writing after the GOAWAY once crashed the connection's handler)."""
+    with RawH2(h2_sidecar.proxy_port) as attacker:
+        frames = []
+        for i in range(300):
+            stream_id = 1 + 2 * i
+            frames += [attacker.headers(stream_id, f"/h2/{marker}/hang"), attacker.rst(stream_id),
+                       attacker.ping(i)]
+        attacker.send(*frames)
+        goaway = attacker.goaway()
+    assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+    assert "Traceback" not in h2_sidecar.stderr()
+    assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
+
+
 def test_continuation_flood_is_refused(h2_sidecar, h2_upstream, bystander, marker):
     """CVE-2024-27316: a header block that never ends, CONTINUATION after CONTINUATION."""
     with RawH2(h2_sidecar.proxy_port) as attacker:

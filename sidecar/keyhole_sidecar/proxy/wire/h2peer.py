@@ -111,6 +111,7 @@ class H2Peer(asyncio.Protocol):
         self._windows: dict[int, asyncio.Future] = {}  # stream id → waiting for a window
         self._flush_pending = False
         self.closed = False
+        self.done_writing = False  # the GOAWAY went out and our side is shut: write nothing more
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -152,7 +153,8 @@ class H2Peer(asyncio.Protocol):
     def flush_now(self) -> None:
         self._flush_pending = False
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
+        if data and not self.done_writing and self.transport is not None \
+                and not self.transport.is_closing():
             self.transport.write(data)
 
     # -- back-pressure: the socket -----------------------------------------------------------

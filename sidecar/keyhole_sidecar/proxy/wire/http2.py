@@ -187,7 +187,10 @@ class H2ClientConnection(H2Peer):
         self._streams.clear()
 
     def _close(self, code: int | None = None) -> None:
-        """Send the GOAWAY (``h2`` queued one for a protocol error), then linger and close."""
+        """Send the GOAWAY (``h2`` queued one for a protocol error), then linger and close.
+        Once: the events after the one that closed the connection are not acted on."""
+        if self.done_writing:
+            return
         if code is not None:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.close_connection(code)
@@ -199,6 +202,7 @@ class H2ClientConnection(H2Peer):
         transport = self.transport
         if transport is None or self._lingering is not None:
             return
+        self.done_writing = True
         if transport.can_write_eof():
             transport.write_eof()
         self._linger_until = self._loop.time() + LINGER
@@ -217,6 +221,8 @@ class H2ClientConnection(H2Peer):
 
     # -- events --------------------------------------------------------------------------------
     def on_event(self, event: h2.events.Event) -> None:
+        if self.done_writing:
+            return  # closing: what came after the GOAWAY's cause is not served
         if isinstance(event, h2.events.RequestReceived):
             self._start_stream(event)
         elif isinstance(event, h2.events.DataReceived):
