@@ -3,7 +3,9 @@
 Reload is by polling: every second the injection files and the referenced secret files are
 read and compared with what is being served. Polling follows Kubernetes' ``..data`` symlink
 swaps, editors that replace files and ConfigMap updates alike, with no platform quirks.
-A broken new configuration is logged and counted, and the last good one keeps serving.
+A broken new configuration is logged and counted, and the last good one keeps serving (and
+``/readyz`` says so). A Secret or key that disappears is different: removal is how users
+revoke, so its injection stops at once, even while the rest of the configuration is rejected.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from keyhole_common.spec import (
 )
 from keyhole_sidecar.credentials import CredentialRegistry
 from keyhole_sidecar.metrics import Metrics
-from keyhole_sidecar.routes import RouteTable, build_route_table
+from keyhole_sidecar.routes import RouteTable, build_route_table, require_usable
 from keyhole_sidecar.secrets import SecretsDir
 
 log = logging.getLogger("keyhole.config")
@@ -72,8 +74,8 @@ def load_injections(sources: Sources) -> list[SecretInjection]:
 def load_route_table(sources: Sources) -> RouteTable:
     """Everything a proxy needs from disk, or :class:`SpecError` naming every problem."""
     injections = load_injections(sources)
-    return build_route_table(injections, SecretsDir(sources.secrets_dir).read,
-                             CredentialRegistry().source)
+    return require_usable(build_route_table(injections, SecretsDir(sources.secrets_dir).read,
+                                            CredentialRegistry().source))
 
 
 def _fingerprint(sources: Sources, injections: list[SecretInjection]) -> str:
@@ -91,9 +93,9 @@ def _fingerprint(sources: Sources, injections: list[SecretInjection]) -> str:
     for path in paths:
         digest.update(str(path).encode() + b"\0")
         try:
-            digest.update(path.read_bytes() if path.is_file() else b"<not a file>")
-        except OSError as exc:
-            digest.update(f"<{exc.errno}>".encode())
+            digest.update(path.read_bytes())
+        except OSError as exc:  # a missing key and a missing Secret are told apart
+            digest.update(f"<{exc.errno} {path.parent.is_dir()}>".encode())
         digest.update(b"\0")
     return digest.hexdigest()
 
@@ -116,31 +118,58 @@ class LiveConfig:
         return self.table
 
     def load(self) -> bool:
-        """(Re)load from disk. On failure keep the old table, log every problem, return False."""
+        """(Re)load from disk; True when what serves is exactly what the files say.
+
+        A document that does not parse keeps the last good injections (False); their Secrets
+        are still read again, so a removed one stops injecting either way. Before anything has
+        loaded, any problem but a missing Secret is fatal (False, nothing to serve)."""
+        rejected: SpecError | None = None
         try:
             injections = load_injections(self.sources)
         except SpecError as exc:
-            self._fingerprint = _fingerprint(self.sources, self._injections)
-            return self._rejected(exc)
-        self._injections = injections
+            if self.table is None:
+                self._fingerprint = _fingerprint(self.sources, self._injections)
+                return self._rejected(exc)
+            rejected, injections = exc, self._injections
         fingerprint = _fingerprint(self.sources, injections)
-        try:
-            table = build_route_table(injections, SecretsDir(self.sources.secrets_dir).read,
-                                      self.credentials.source)
-        except SpecError as exc:
+        table = build_route_table(injections, SecretsDir(self.sources.secrets_dir).read,
+                                  self.credentials.source, previous=self.table)
+        broken = [u for u in table.unusable if not u.missing]
+        if self.table is None and broken:
             self._fingerprint = fingerprint
-            return self._rejected(exc)
+            return self._rejected(SpecError([u.as_problem() for u in broken]))
         self.credentials.keep_only_used()  # tokens of unchanged sources are kept
         self.metrics.follow_credentials(self.credentials.sources())
+        self._injections = injections
         self._fingerprint = fingerprint
         first = self.table is None
         self.table = table
+        self.metrics.routes.set(len(table))
+        self.metrics.follow_injections(table)
+        self.metrics.config_timestamp.set(time.time())
+        for unusable in table.unusable:
+            if unusable.missing:
+                log.warning("injection %r stopped injecting, its requests are refused (503) "
+                            "until it returns: %s", unusable.injection, unusable.problem)
+            elif unusable.kept_previous:
+                log.error("injection %r: %s; still injecting its last good value",
+                          unusable.injection, unusable.problem)
+            else:
+                log.error("injection %r is unavailable: %s", unusable.injection,
+                          unusable.problem)
+        if rejected is not None:
+            return self._rejected(rejected)
+        if broken:
+            self.last_error = "; ".join(f"{u.injection}: {u.problem}" for u in broken)
+            self.metrics.reloads.labels("error").inc()
+            return False
         self.last_error = None
         self.metrics.reloads.labels("success").inc()
-        self.metrics.routes.set(len(table))
-        self.metrics.config_timestamp.set(time.time())
-        log.info("%s configuration: %d injection(s): %s", "loaded" if first else "reloaded",
-                 len(table), ", ".join(r.name for r in table.routes) or "none")
+        available = [r.name for r in table.routes if r.unavailable is None]
+        missing = [r.name for r in table.routes if r.unavailable is not None]
+        log.info("%s configuration: %d injection(s): %s%s", "loaded" if first else "reloaded",
+                 len(available), ", ".join(available) or "none",
+                 f"; unavailable: {', '.join(missing)}" if missing else "")
         return True
 
     def _rejected(self, exc: SpecError) -> bool:

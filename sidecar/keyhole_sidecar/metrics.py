@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 
 UNROUTED = "-"
@@ -92,7 +92,14 @@ class Metrics:
                                         "injection's spec.limits (nothing was sent upstream), "
                                         "by injection and limit.", ["injection", "limit"],
                                         registry=r)
+        self.available = Gauge("keyhole_injection_available", "1 while an injection injects; "
+                               "0 while its Secret or key is missing or its value unusable "
+                               "(requests to its hosts are refused).", ["injection"],
+                               registry=r)
+        self.build = Info("keyhole_build", "The running sidecar: version, Python, event loop.",
+                          registry=r)
         self._expiry_labels: set[tuple[str, str]] = set()
+        self._available_labels: set[str] = set()
         for decision in ("injected", "passthrough", "denied"):
             self.decisions.labels(decision, "-")
         for result in ("success", "error"):
@@ -140,6 +147,16 @@ class Metrics:
         for stale in self._expiry_labels - labels:
             self.credential_expiry.remove(*stale)
         self._expiry_labels = labels
+
+    def follow_injections(self, table) -> None:
+        """``keyhole_injection_available`` for each injection of ``table`` (a RouteTable)."""
+        names = set()
+        for route in table.routes:
+            names.add(route.name)
+            self.available.labels(route.name).set(0 if route.unavailable else 1)
+        for stale in self._available_labels - names:
+            self.available.remove(stale)
+        self._available_labels = names
 
     def request_done(self, injection: str, method: str, status: int, decision: str, reason: str,
                      seconds: float, bytes_in: int, bytes_out: int,

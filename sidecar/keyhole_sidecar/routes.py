@@ -14,6 +14,7 @@ from typing import Protocol
 from keyhole_common.spec import HostPattern, Problem, SecretInjection, SecretKeyRef, SpecError
 from keyhole_common.spec.model import VALUE_PLACEHOLDER, credential_refs
 from keyhole_sidecar.redact import Redactor, secret_forms
+from keyhole_sidecar.secrets import SecretMissing
 
 MIN_SECRET_LENGTH = 8
 
@@ -40,6 +41,7 @@ class Route:
     query: tuple[tuple[str, str], ...] = field(repr=False)
     redactor: Redactor = field(repr=False)
     credential: LiveCredential | None = field(default=None, repr=False)
+    unavailable: str | None = None  # why requests routed here are refused (its Secret is gone)
     _combined: list = field(default_factory=lambda: [None, None], repr=False, compare=False)
 
     @property
@@ -121,14 +123,35 @@ def _require_length(value: str, ref: SecretKeyRef) -> None:
                          "too short to be a credential or to redact reliably")
 
 
+def unavailable_route(injection: SecretInjection, why: str) -> Route:
+    """A route that still claims its hosts (so their requests are refused, not passed through
+    without the key) but injects nothing."""
+    return Route(injection=injection, headers=(), query=(), redactor=Redactor(()),
+                 unavailable=why)
+
+
+@dataclass(frozen=True, slots=True)
+class Unusable:
+    """An injection whose credential could not be built from the files as they are now."""
+
+    injection: str
+    problem: str  # names files; for the log and ``check``
+    missing: bool  # its Secret or key is gone (revoked), rather than present but broken
+    kept_previous: bool  # broken: the last good value goes on serving
+
+    def as_problem(self) -> Problem:
+        return Problem(self.injection, "secrets", self.problem)
+
+
 MATCH_CACHE_SIZE = 4096
 
 
 class RouteTable:
     """All routes of one configuration, looked up by host or by injection name."""
 
-    def __init__(self, routes: Iterable[Route]):
+    def __init__(self, routes: Iterable[Route], unusable: Iterable[Unusable] = ()):
         self.routes: tuple[Route, ...] = tuple(routes)
+        self.unusable: tuple[Unusable, ...] = tuple(unusable)
         self._by_name = {r.name: r for r in self.routes}
         self._matches: dict[tuple[str, int, bool], tuple[Route, ...]] = {}
 
@@ -163,14 +186,41 @@ class RouteTable:
 
 
 def build_route_table(injections: Iterable[SecretInjection], read: Callable[..., str],
-                      credentials: CredentialFactory | None = None) -> RouteTable:
-    """Resolve every injection; raise :class:`SpecError` naming each one that failed."""
-    routes, problems = [], []
+                      credentials: CredentialFactory | None = None,
+                      previous: RouteTable | None = None) -> RouteTable:
+    """Resolve every injection. One whose Secret or key is gone becomes unavailable: removal
+    is how users revoke, so it must stop injecting. One whose value is present but unusable
+    (empty, a control character, ...) keeps its route from ``previous`` when the injection is
+    unchanged — a half-done edit does not cut an agent off — and is unavailable otherwise.
+    :attr:`RouteTable.unusable` says which and why."""
+    routes, unusable = [], []
     for injection in injections:
         try:
             routes.append(resolve_route(injection, read, credentials))
-        except ValueError as exc:  # SecretUnavailable is a ValueError
-            problems.append(Problem(injection.name, "secrets", str(exc)))
-    if problems:
-        raise SpecError(problems)
-    return RouteTable(routes)
+            continue
+        except SecretMissing as exc:
+            routes.append(unavailable_route(injection, f"injection {injection.name!r} is "
+                                                       f"unavailable: {exc.summary}"))
+            unusable.append(Unusable(injection.name, str(exc), missing=True,
+                                     kept_previous=False))
+            continue
+        except ValueError as exc:  # SecretUnavailable and every other value problem
+            problem = str(exc)
+        last = previous.by_name(injection.name) if previous is not None else None
+        if last is not None and last.unavailable is None and last.injection == injection:
+            routes.append(last)
+            unusable.append(Unusable(injection.name, problem, missing=False, kept_previous=True))
+        else:
+            routes.append(unavailable_route(injection, f"injection {injection.name!r} is "
+                                                       "unavailable: its Secret's value cannot "
+                                                       "be used (the sidecar's log says why)"))
+            unusable.append(Unusable(injection.name, problem, missing=False,
+                                     kept_previous=False))
+    return RouteTable(routes, unusable)
+
+
+def require_usable(table: RouteTable) -> RouteTable:
+    """``table``, or :class:`SpecError` naming every injection that cannot inject."""
+    if table.unusable:
+        raise SpecError([u.as_problem() for u in table.unusable])
+    return table

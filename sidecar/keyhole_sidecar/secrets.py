@@ -15,6 +15,16 @@ class SecretUnavailable(ValueError):
     """A referenced Secret key cannot be used. The message names the file, never a value."""
 
 
+class SecretMissing(SecretUnavailable):
+    """The Secret's folder or its key's file is not there: the Secret or the key was removed,
+    which is how users revoke. ``summary`` names the Secret and key but no path (it is what a
+    refused agent reads)."""
+
+    def __init__(self, message: str, summary: str):
+        super().__init__(message)
+        self.summary = summary
+
+
 _MULTILINE_ALLOWED = frozenset("\n\r\t")
 
 
@@ -53,11 +63,14 @@ class SecretsDir:
             raw = path.read_bytes()
         except FileNotFoundError:
             if not (self.root / ref.name).is_dir():
-                raise SecretUnavailable(
-                    f"Secret {ref.name!r} not found: expected folder {self.root / ref.name}"
+                raise SecretMissing(
+                    f"Secret {ref.name!r} not found: expected folder {self.root / ref.name}",
+                    f"Secret {ref.name!r} is missing",
                 ) from None
-            raise SecretUnavailable(
-                f"Secret {ref.name!r} has no key {ref.key!r}: expected file {path}"
+            raise SecretMissing(
+                f"Secret {ref.name!r} has no key {ref.key!r}: expected file {path}",
+                f"Secret {ref.name!r} has no key {ref.key!r} (the Secret or the key was "
+                "removed)",
             ) from None
         except IsADirectoryError:
             raise SecretUnavailable(f"{path} is a folder, expected a file") from None

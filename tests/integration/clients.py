@@ -24,6 +24,10 @@ class Reply:
     def json(self) -> dict:
         return json.loads(self.body)
 
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), or None."""
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
     def everything(self) -> str:
         """All a client got: what a leak check must search."""
         return f"{self.status}\n" + "\n".join(f"{k}: {v}" for k, v in self.headers) + self.body

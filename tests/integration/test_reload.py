@@ -1,8 +1,10 @@
 """Hot reload: edits to injections and secrets apply to the next requests without a restart;
-a broken edit is refused with a log line naming the problem, and the last good config serves."""
+a broken edit is refused with a log line naming the problem, and the last good config serves;
+a removed Secret or key stops its injection at once."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -106,14 +108,51 @@ def test_a_broken_edit_is_refused_and_the_last_good_config_keeps_serving(make_si
     assert sent_authorization(proc, upstream, marker) == f"Bearer {API_TOKEN}"
 
 
-def test_a_missing_secret_on_reload_is_named_and_the_old_value_keeps_serving(make_sidecar, upstream,
-                                                                           marker):
+def test_a_removed_secret_stops_injection_at_once_and_its_return_restores_it(
+        make_sidecar, upstream, marker):
+    """Removal is how users revoke: the last good value must not go on being sent."""
     proc = make_sidecar()
-    (proc.secrets_dir / "api-credentials" / "token").unlink()
-    proc.wait_for_log("configuration rejected")
+    token = proc.secrets_dir / "api-credentials" / "token"
+    token.unlink()
+    proc.wait_for_log("injection 'api' stopped injecting")
     assert "Secret 'api-credentials' has no key 'token'" in proc.stderr()
-    assert sent_authorization(proc, upstream, marker) == f"Bearer {API_TOKEN}"
+    reply = curl(proc, f"https://api.routed.test/{marker}")
+    assert reply.status == 503
+    assert reply.header("X-Keyhole-Error") == "secret_unavailable"
+    assert "Secret 'api-credentials' has no key 'token'" in reply.body
+    assert upstream.find(marker) == []
+    assert proc.metric("keyhole_injection_available", injection="api") == 0
+    assert proc.metric("keyhole_injection_available", injection="query") == 1
+    # The rest of the configuration serves on, and the running one is what the disk says.
+    assert curl(proc, f"https://query.routed.test/{marker}-other").status == 200
+    assert proc.admin("/readyz")[0] == 200
+    audit = proc.wait_audit(lambda r: r["path"] == f"/{marker}")
+    assert (audit["injection"], audit["decision"], audit["reason"], audit["status"]) == (
+        "api", "denied", "secret_unavailable", 503)
+
+    shutil.rmtree(proc.secrets_dir / "api-credentials")  # the whole Secret, too
+    proc.wait_for_log("Secret 'api-credentials' not found")
+    assert "Secret 'api-credentials' is missing" in curl(
+        proc, f"https://api.routed.test/{marker}-gone").body
+
+    token.parent.mkdir()
+    token.write_text(API_TOKEN + "\n")
+    proc.wait_for_log("reloaded configuration: 6 injection(s)")
+    assert sent_authorization(proc, upstream, marker + "-back") == f"Bearer {API_TOKEN}"
     assert API_TOKEN not in proc.stderr()
+
+
+def test_a_removed_secret_stops_injection_even_while_the_file_is_rejected(make_sidecar,
+                                                                         upstream, marker):
+    """A broken injections file keeps the last good injections, not their removed keys."""
+    proc = make_sidecar()
+    proc.injections.write_text("apiVersion: [unclosed\n")
+    proc.wait_for_log("not valid YAML or JSON")
+    (proc.secrets_dir / "api-credentials" / "token").unlink()
+    proc.wait_for_log("injection 'api' stopped injecting")
+    assert curl(proc, f"https://api.routed.test/{marker}").status == 503
+    assert upstream.find(marker) == []
+    assert proc.admin("/readyz")[0] == 503  # and the file is still rejected
 
 
 def test_invalid_yaml_on_reload_is_named(make_sidecar):

@@ -190,16 +190,21 @@ def test_a_corrupt_ca_at_reload_is_refused_and_signing_continues(make_sidecar, m
 
 
 def test_a_valid_file_naming_a_missing_secret_is_refused_naming_it(make_sidecar, upstream, marker):
+    """The file now says to use another Secret, which is not there yet: the old one is not
+    what the user asked for any more, so the host is refused (503) until it appears."""
     proc = make_sidecar()
     write_injections(proc.injections, [injection(
         "api", hosts=["api.routed.test"],
         headers=[{"name": "Authorization", "valueFrom": ref("brand-new", "token")}])])
     proc.wait_for_log("Secret 'brand-new' not found")
-    curl(proc, f"https://api.routed.test/{marker}")
-    assert upstream.one(marker).header("Authorization") == [f"Bearer {API_TOKEN}"]
+    reply = curl(proc, f"https://api.routed.test/{marker}")
+    assert reply.status == 503
+    assert reply.header("X-Keyhole-Error") == "secret_unavailable"
+    assert "injection 'api' is unavailable: Secret 'brand-new' is missing" in reply.body
+    assert upstream.find(marker) == []
     (proc.secrets_dir / "brand-new").mkdir()
     (proc.secrets_dir / "brand-new" / "token").write_text("sk-brand-NEW-0000111\n")
-    proc.wait_for_log("reloaded configuration")
+    proc.wait_for_log("reloaded configuration: 1 injection(s): api\n")
     curl(proc, f"https://api.routed.test/{marker}-new")
     assert upstream.one(f"{marker}-new").header("Authorization") == ["sk-brand-NEW-0000111"]
 

@@ -25,9 +25,12 @@ def secret_keys(injections: list[Injection]) -> dict[str, list[str]]:
 
 def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dict]:
     mode = layout.FILE_MODE
+    # optional: a deleted Secret (or a key removed from it) then empties the files on the
+    # kubelet's next sync of the pod, and the sidecar stops injecting it: deletion revokes.
+    # Without it the kubelet keeps the last files it wrote and the sidecar the key.
     volumes = [
         {"name": layout.secret_volume_name(name),
-         "secret": {"secretName": name, "defaultMode": mode,
+         "secret": {"secretName": name, "defaultMode": mode, "optional": True,
                     "items": [{"key": key, "path": key} for key in keys]}}
         for name, keys in secret_keys(injections).items()
     ]

@@ -18,10 +18,12 @@ class ProxyError(Exception):
     status = 502
     decision = "error"
 
-    def __init__(self, reason: str, message: str, *, status: int | None = None):
+    def __init__(self, reason: str, message: str, *, status: int | None = None,
+                 injection: str | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.injection = injection  # the injection the decision concerned, for the audit line
         if status is not None:
             self.status = status
 
@@ -30,6 +32,14 @@ class Denied(ProxyError):
     """Policy said no: an unrouted host under ``--unmatched deny``, or a rule."""
 
     status = 403
+    decision = "denied"
+
+
+class Unavailable(ProxyError):
+    """The host's injection cannot inject now (its Secret or key is gone): refused rather than
+    sent without the key."""
+
+    status = 503
     decision = "denied"
 
 

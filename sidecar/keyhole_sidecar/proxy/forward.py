@@ -54,6 +54,13 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _DEFAULT_PORT = {"https": 443, "http": 80}
 
 
+def routes_label(routes: tuple[Route, ...]) -> str:
+    """The injections a decision concerned, as one bounded label: ``a+b``, or ``-`` for none."""
+    if len(routes) == 1:  # the common case, asked several times per request
+        return routes[0].injection.name
+    return "+".join(sorted(r.name for r in routes)) or "-"
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where a request goes and which injections apply (none: passthrough)."""
@@ -74,9 +81,7 @@ class Target:
     @property
     def label(self) -> str:
         """Bounded metric label: the injection names, or '-' when unrouted."""
-        if len(self.routes) == 1:  # the common case, asked several times per request
-            return self.routes[0].injection.name
-        return "+".join(sorted(r.name for r in self.routes)) or "-"
+        return routes_label(self.routes)
 
     @property
     def authority(self) -> str:
@@ -119,9 +124,10 @@ def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
                           "which keyhole cannot inspect for secrets")
 
 
-def connect_failure(exc: BaseException, target: Target) -> ProxyError:
-    """What the client is told when no connection to the upstream could be opened."""
-    where = f"{target.host}:{target.port}"
+def connect_failure(exc: BaseException, host: str, port: int) -> ProxyError:
+    """What the client is told when no connection to the upstream could be opened: one cause,
+    one reason code, whichever mode (CONNECT tunnel, intercepted, plain) met it."""
+    where = f"{host}:{port}"
     if isinstance(exc, TargetRefused):
         return Denied(exc.reason, str(exc))
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -135,11 +141,11 @@ def connect_failure(exc: BaseException, target: Target) -> ProxyError:
         refused = exc.__cause__
         if isinstance(refused, TargetRefused):
             return Denied(refused.reason, str(refused))
-        return UpstreamFailed("dns", f"cannot resolve {target.host}")
+        return UpstreamFailed("dns", f"cannot resolve {host}")
     if isinstance(exc, TimeoutError):
         return UpstreamFailed("timeout", f"{where} did not answer in time", status=504)
     if isinstance(exc, UnicodeError | ValueError):
-        return UpstreamFailed("bad_request", f"{target.host} is not a host name or address the "
+        return UpstreamFailed("bad_host", f"{host} is not a host name or address the "
                               "proxy can connect to", status=400)
     if isinstance(exc, OSError):
         return UpstreamFailed("connect", f"cannot connect to {where} "
@@ -243,7 +249,7 @@ async def _exchange(ctx: ProxyContext, out: Outbound, target: Target):
         ctx.metrics.upstream_errors.labels("bad_response").inc()
         raise UpstreamFailed("bad_response", f"{where} sent a malformed response") from None
     except (TimeoutError, OSError, ValueError, TargetRefused) as exc:
-        failure = connect_failure(exc, target)
+        failure = connect_failure(exc, target.host, target.port)
         if not isinstance(failure, Denied):
             ctx.metrics.upstream_errors.labels(failure.reason).inc()
         raise failure from None

@@ -28,11 +28,18 @@ from keyhole_sidecar.proxy.errors import (
     Denied,
     LimitExceeded,
     ProxyError,
+    Unavailable,
     UpstreamFailed,
     error_parts,
 )
 from keyhole_sidecar.proxy.exchange import Request
-from keyhole_sidecar.proxy.forward import Target, content_length, forward, is_websocket
+from keyhole_sidecar.proxy.forward import (
+    Target,
+    content_length,
+    forward,
+    is_websocket,
+    routes_label,
+)
 from keyhole_sidecar.proxy.websocket import forward_websocket
 from keyhole_sidecar.routes import Route
 
@@ -44,20 +51,26 @@ log = logging.getLogger("keyhole.proxy")
 def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_port: int,
                   raw_path: str, raw_query: str) -> Target:
     """The target for a routed request, after every applicable injection's rules agreed."""
+    concerned = routes_label(routes)
     if method in ECHO_METHODS:
         raise Denied("echo_method", f"{method} echoes the request back, credentials included; "
-                                    "keyhole never sends it to a routed host", status=405)
+                                    "keyhole never sends it to a routed host", status=405,
+                     injection=concerned)
     try:
         path = normalise_path(raw_path or "/")
     except PathRejected as exc:
-        raise BadRequest("bad_path", str(exc)) from None
+        raise BadRequest("bad_path", str(exc), injection=concerned) from None
+    for route in routes:
+        if route.unavailable is not None:
+            raise Unavailable("secret_unavailable", f"{route.unavailable}; nothing was sent",
+                              injection=route.name)
     limits = []
     for route in routes:
         verdict = check_rules(route.injection.rules, method, path)
         if not verdict.allowed:
             status = 405 if verdict.reason.startswith("method") else 403
             raise Denied("rule", f"injection {route.name!r} refuses this request: "
-                                 f"{verdict.reason}", status=status)
+                                 f"{verdict.reason}", status=status, injection=route.name)
         rule = route.injection.rules[verdict.index] if verdict.index is not None else None
         if rule is not None and rule.limits is not None:  # the rule's own replace the spec's
             limits.append((route.name, verdict.reason, rule.limits))
@@ -112,6 +125,8 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
             ctx.limiter.release(ticket)
     except ProxyError as error:
         record.decision, record.reason, record.status = error.decision, error.reason, error.status
+        if error.injection is not None:  # refused before a target existed: still name it
+            label = record.injection = error.injection
         await _answer_error(request, error)
     except asyncio.CancelledError:
         record.reason = "client_closed"
@@ -163,9 +178,12 @@ async def _answer_error(request: Request, error: ProxyError) -> None:
 async def handle_plain(ctx: ProxyContext, request: Request) -> None:
     """Requests on the proxy port that are not CONNECT: absolute-form or base-URL."""
     url = request.url
+    host = ""
+    if url.absolute and url.raw_host:
+        host = f"{url.raw_host}:{url.port}" if url.port is not None else url.raw_host
     record = AuditRecord(mode="absolute" if url.absolute else "base-url", method=request.method,
-                         host=(url.raw_host or "") if url.absolute else "",
-                         path=url.raw_path, query_keys=_query_keys(url.raw_query_string))
+                         host=host, path=url.raw_path,
+                         query_keys=_query_keys(url.raw_query_string))
 
     def decide() -> Target:
         if request.method == "CONNECT":
@@ -173,7 +191,7 @@ async def handle_plain(ctx: ProxyContext, request: Request) -> None:
                                             "connection to the proxy")
         if url.absolute:
             return _decide_absolute(ctx, request, url)
-        return _decide_base_url(ctx, request.method, url.raw_path, url.raw_query_string)
+        return _decide_base_url(ctx, record, url.raw_path, url.raw_query_string)
 
     await _serve(ctx, request, record, decide)
 
@@ -196,7 +214,8 @@ def _decide_absolute(ctx: ProxyContext, request: Request, url) -> Target:
                          url.raw_query_string)
 
 
-def _decide_base_url(ctx: ProxyContext, method: str, raw_path: str, raw_query: str) -> Target:
+def _decide_base_url(ctx: ProxyContext, record: AuditRecord, raw_path: str,
+                     raw_query: str) -> Target:
     try:
         name, rest = split_base_url(raw_path)
     except BaseUrlError as exc:
@@ -210,9 +229,11 @@ def _decide_base_url(ctx: ProxyContext, method: str, raw_path: str, raw_query: s
     upstream = route.injection.base_url_upstream
     if upstream is None:
         raise Denied("not_found", f"injection {name!r} lists only wildcard hosts; base-URL "
-                                  "mode needs an exact host", status=404)
+                                  "mode needs an exact host", status=404, injection=name)
+    record.host = f"{upstream.name}:{upstream.upstream_port}"
     routes = table.match(upstream.name, upstream.upstream_port)
-    return routed_target(method, routes, upstream.name, upstream.upstream_port, rest, raw_query)
+    return routed_target(record.method, routes, upstream.name, upstream.upstream_port, rest,
+                         raw_query)
 
 
 async def handle_intercepted(ctx: ProxyContext, host: str, port: int,

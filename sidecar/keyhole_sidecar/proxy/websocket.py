@@ -64,7 +64,7 @@ async def _relay(ctx: ProxyContext, request: web.BaseRequest, target: Target,
                              f"with status {exc.status}", status=502) from None
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         cause = getattr(exc, "os_error", None) or getattr(exc, "certificate_error", None) or exc
-        failure = connect_failure(cause, target)
+        failure = connect_failure(cause, target.host, target.port)
         ctx.metrics.upstream_errors.labels(failure.reason).inc()
         raise failure from None
     redactor = target.redactor()

@@ -18,6 +18,7 @@ import functools
 import logging
 import ssl
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
@@ -27,7 +28,14 @@ from aiohttp.http_parser import HttpRequestParser
 from keyhole_common.spec import normalise_hostname
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.errors import parser_complaint
+from keyhole_sidecar.proxy.errors import (
+    BadRequest,
+    Denied,
+    ProxyError,
+    UpstreamFailed,
+    parser_complaint,
+)
+from keyhole_sidecar.proxy.forward import routes_label
 from keyhole_sidecar.proxy.handlers import handle_intercepted, handle_plain
 from keyhole_sidecar.proxy.wire.http1 import ClientConnection
 from keyhole_sidecar.proxy.wire.tunnel import open_blind_tunnel
@@ -42,10 +50,12 @@ CA_HINT = ("point the client at the keyhole CA: SSL_CERT_FILE / REQUESTS_CA_BUND
            "CURL_CA_BUNDLE to a bundle holding it, or NODE_EXTRA_CA_CERTS for Node")
 
 
-def _status_line(status: int, reason: str, body: str = "") -> bytes:
+def _status_line(status: int, reason: str, body: str, code: str) -> bytes:
+    """A refusal of a CONNECT: ``code`` is one of our reason codes (a constant, never input)."""
     payload = body.encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n")
+            f"X-Keyhole-Error: {code}\r\nContent-Length: {len(payload)}\r\n"
+            "Connection: close\r\n\r\n")
     return head.encode() + payload
 
 
@@ -182,7 +192,8 @@ def handshake_failed(ctx: ProxyContext, host: str, port: int, exc: BaseException
                  getattr(exc, "reason", None) or type(exc).__name__)
     ctx.metrics.decisions.labels("error", reason).inc()
     ctx.audit.write(AuditRecord(mode=mode, method="CONNECT" if mode == "intercept" else "TLS",
-                                host=f"{host}:{port}", decision="error", reason=reason))
+                                host=f"{host}:{port}", decision="error", reason=reason,
+                                injection=routes_label(ctx.routes().match(host, port))))
 
 
 # -- the proxy port's door ---------------------------------------------------------------------
@@ -248,8 +259,8 @@ class FrontDoor(asyncio.Protocol):
         try:
             messages, _upgraded, tail = self._parser.feed_data(data)
         except HttpProcessingError as exc:
-            self.refuse(400, "Bad Request", f"malformed CONNECT request: {parser_complaint(exc)}",
-                         "bad_request")
+            self.refuse(BadRequest("bad_request", "malformed CONNECT request: "
+                                                  f"{parser_complaint(exc)}"))
             return
         if not messages:
             return
@@ -260,32 +271,34 @@ class FrontDoor(asyncio.Protocol):
         message = messages[0][0]
         self._loop.create_task(self._connect(message.path))
 
-    def refuse(self, status: int, reason: str, message: str, code: str,
-               host: str = "") -> None:
+    def refuse(self, error: ProxyError, host: str = "", injection: str | None = None) -> None:
+        """Answer the CONNECT with ``error`` (it was not opened), audited as any request."""
         self._life.seen()
         self.ctx.audit.write(AuditRecord(mode="tunnel", method="CONNECT", host=host,
-                                         status=status, decision="denied", reason=code))
-        self.ctx.metrics.decisions.labels("denied", code).inc()
+                                         injection=injection, status=error.status,
+                                         decision=error.decision, reason=error.reason))
+        self.ctx.metrics.decisions.labels(error.decision, error.reason).inc()
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_status_line(status, reason, f"keyhole: {message}\n"))
+            self.transport.write(_status_line(error.status, HTTPStatus(error.status).phrase,
+                                              f"keyhole: {error.message}\n", error.reason))
             self.transport.close()
 
     async def _connect(self, target: str) -> None:
         try:
             host, port = parse_connect_target(target)
         except ValueError as exc:
-            self.refuse(400, "Bad Request", str(exc), "bad_request")
+            self.refuse(BadRequest("bad_request", str(exc)))
             return
         if self._buffer:
-            self.refuse(400, "Bad Request", "the client sent data before the CONNECT was "
-                         "answered", "bad_request", f"{host}:{port}")
+            self.refuse(BadRequest("bad_request", "the client sent data before the CONNECT was "
+                                   "answered"), f"{host}:{port}")
             return
         routes = self.ctx.routes().match(host, port)
         if routes:
             await self._intercept(normalise_hostname(host), port)
         elif self.ctx.settings.unmatched == "deny":
-            self.refuse(403, "Forbidden", f"{host}:{port} is not routed by any injection and "
-                         "this proxy runs with --unmatched deny", "unrouted", f"{host}:{port}")
+            self.refuse(Denied("unrouted", f"{host}:{port} is not routed by any injection and "
+                               "this proxy runs with --unmatched deny"), f"{host}:{port}")
         else:
             tunnel = await open_blind_tunnel(self, host, port)
             if tunnel is not None and self.transport is not None:
@@ -300,8 +313,9 @@ class FrontDoor(asyncio.Protocol):
         ctx = self.ctx
         tls = leaf_context(ctx, host)
         if tls is None:
-            self.refuse(502, "Bad Gateway", "the keyhole CA cannot sign certificates; see the "
-                         "sidecar log", "ca_error", f"{host}:{port}")
+            self.refuse(UpstreamFailed("ca_error", "the keyhole CA cannot sign certificates; see "
+                                       "the sidecar log"), f"{host}:{port}",
+                        routes_label(self.ctx.routes().match(host, port)))
             return
         if self.transport is None:
             return

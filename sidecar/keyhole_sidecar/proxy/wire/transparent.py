@@ -38,6 +38,8 @@ from keyhole_common.spec import normalise_hostname, split_authority
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.clienthello import MAX_CLIENT_HELLO, Verdict, read_sni
 from keyhole_sidecar.proxy.context import ProxyContext
+from keyhole_sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed
+from keyhole_sidecar.proxy.forward import routes_label
 from keyhole_sidecar.proxy.handlers import handle_transparent_http
 from keyhole_sidecar.proxy.wire.frontdoor import (
     Life,
@@ -107,18 +109,21 @@ class _TunnelDoor(asyncio.Protocol):
                       initial=bytes(self._buffer))
             transport.resume_reading()
 
-    def refuse(self, status: int, reason: str, message: str, code: str, host: str = "") -> None:
-        _refused(self.ctx, host, code, message)
+    def refuse(self, error: ProxyError, host: str = "", injection: str | None = None) -> None:
+        """A transparent client asked nothing: it is reset, and the line says why."""
+        _refused(self.ctx, host, error, injection)
         if self.transport is not None and not self.transport.is_closing():
             _reset(self.transport.get_extra_info("socket"))
             self.transport.abort()
 
 
-def _refused(ctx: ProxyContext, host: str, code: str, message: str) -> None:
-    ctx.audit.write(AuditRecord(mode="transparent", method="TCP", host=host, decision="denied",
-                                reason=code))
-    ctx.metrics.decisions.labels("denied", code).inc()
-    log.info("transparent connection to %s reset: %s", host or "?", message)
+def _refused(ctx: ProxyContext, host: str, error: ProxyError,
+             injection: str | None = None) -> None:
+    ctx.audit.write(AuditRecord(mode="transparent", method="TCP", host=host,
+                                injection=injection, decision=error.decision,
+                                reason=error.reason))
+    ctx.metrics.decisions.labels(error.decision, error.reason).inc()
+    log.info("transparent connection to %s reset: %s", host or "?", error.message)
 
 
 class TransparentPort:
@@ -159,16 +164,17 @@ class TransparentPort:
     async def _handle(self, conn: socket.socket) -> None:
         destination = original_destination(conn)
         if destination is None or destination == tuple(self.address):
-            _refused(self.ctx, "", "not_redirected", "not a redirected connection: the "
-                     "transparent port serves only what keyhole-init's rules send it")
+            _refused(self.ctx, "", Denied("not_redirected", "not a redirected connection: the "
+                     "transparent port serves only what keyhole-init's rules send it"))
             _reset(conn)
             return
         address, port = destination
         try:
             peeked, kind = await self._peek(conn)
         except TimeoutError:
-            _refused(self.ctx, f"{address}:{port}", "timeout", "no ClientHello or request head "
-                     f"in {self.ctx.settings.header_timeout}s")
+            _refused(self.ctx, f"{address}:{port}", Denied(
+                "header_timeout", "no ClientHello or request head in "
+                f"{self.ctx.settings.header_timeout}s"))
             _reset(conn)
             return
         except (ConnectionError, OSError):
@@ -227,8 +233,8 @@ class TransparentPort:
     async def _tls(self, conn: socket.socket, peeked: bytes, address: str, port: int) -> None:
         sni = read_sni(peeked)
         if sni.verdict == Verdict.MALFORMED:
-            _refused(self.ctx, f"{address}:{port}", "bad_client_hello",
-                     "a malformed or oversized TLS ClientHello")
+            _refused(self.ctx, f"{address}:{port}", BadRequest(
+                "bad_client_hello", "a malformed or oversized TLS ClientHello"))
             _reset(conn)
             return
         name = normalise_hostname(sni.name) if sni.verdict == Verdict.NAME else ""
@@ -237,8 +243,9 @@ class TransparentPort:
             return
         tls = leaf_context(self.ctx, name)
         if tls is None:
-            _refused(self.ctx, f"{name}:{port}", "ca_error", "the keyhole CA cannot sign "
-                     "certificates; see the sidecar log")
+            _refused(self.ctx, f"{name}:{port}", UpstreamFailed(
+                "ca_error", "the keyhole CA cannot sign certificates; see the sidecar log"),
+                routes_label(self.ctx.routes().match(name, port)))
             _reset(conn)
             return
         pending = Pending()
@@ -256,8 +263,8 @@ class TransparentPort:
     async def _plain(self, conn: socket.socket, peeked: bytes, address: str, port: int) -> None:
         host = _host_of(peeked, self.ctx.settings)
         if host is None:
-            _refused(self.ctx, f"{address}:{port}", "bad_request",
-                     "a malformed plain-HTTP request head")
+            _refused(self.ctx, f"{address}:{port}", BadRequest(
+                "bad_request", "a malformed plain-HTTP request head"))
             _reset(conn)
             return
         if host and self.ctx.routes().match(host, port, plain_http=True):
@@ -274,8 +281,8 @@ class TransparentPort:
                     reason: str) -> None:
         label = f"{name or address}:{port}"
         if self.ctx.settings.unmatched == "deny":
-            _refused(self.ctx, label, reason, f"{label} is not routed and this proxy runs with "
-                     "--unmatched deny")
+            _refused(self.ctx, label, Denied(reason, f"{label} is not routed and this proxy "
+                                                     "runs with --unmatched deny"))
             _reset(conn)
             return
         record = AuditRecord(mode="transparent", method="TCP", host=label,

@@ -12,8 +12,10 @@ import time
 from typing import Protocol
 
 from keyhole_sidecar.audit import AuditRecord
-from keyhole_sidecar.egress import TargetRefused
 from keyhole_sidecar.proxy.context import ProxyContext
+from keyhole_sidecar.proxy.errors import ProxyError
+from keyhole_sidecar.proxy.exchange import ResolveFailed
+from keyhole_sidecar.proxy.forward import connect_failure
 
 
 class Door(Protocol):
@@ -23,8 +25,8 @@ class Door(Protocol):
     ctx: ProxyContext
     transport: asyncio.Transport | None
 
-    def refuse(self, status: int, reason: str, message: str, code: str,
-               host: str = "") -> None: ...
+    def refuse(self, error: ProxyError, host: str = "", injection: str | None = None
+               ) -> None: ...
 
 
 log = logging.getLogger("keyhole.proxy")
@@ -184,20 +186,20 @@ async def open_blind_tunnel(door: Door, host: str, port: int,
     tunnel = BlindTunnel(door, record)
     try:
         # Resolve once through the egress policy, then connect to exactly what was checked.
-        addresses = await asyncio.wait_for(ctx.resolver.resolve(host, port), CONNECT_TIMEOUT)
+        try:
+            addresses = await asyncio.wait_for(ctx.resolver.resolve(host, port),
+                                               CONNECT_TIMEOUT)
+        except OSError as exc:  # TargetRefused and timeouts too: the cause says which
+            raise ResolveFailed(f"cannot resolve {host}") from exc
         transport, _ = await asyncio.wait_for(
             loop.create_connection(lambda: _UpstreamSide(tunnel), addresses[0]["host"], port),
             CONNECT_TIMEOUT,
         )
-    except TargetRefused as refused:
-        door.refuse(403, "Forbidden", str(refused), refused.reason, f"{host}:{port}")
-        return None
-    except (TimeoutError, OSError) as exc:
-        reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
-        ctx.metrics.upstream_errors.labels(reason).inc()
-        detail = "timed out" if reason == "timeout" else (exc.strerror or type(exc).__name__)
-        door.refuse(502, "Bad Gateway", f"cannot connect to {host}:{port} ({detail})",
-                     reason, f"{host}:{port}")
+    except (OSError, ValueError) as exc:  # classified as a plain request's would be
+        failure = connect_failure(exc, host, port)
+        if failure.decision == "error":
+            ctx.metrics.upstream_errors.labels(failure.reason).inc()
+        door.refuse(failure, f"{host}:{port}")
         return None
     if door.transport is None or door.transport.is_closing():
         transport.close()
