@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +13,14 @@ from pathlib import Path
 from aiohttp import web
 
 from keyhole_common.ca import CAError, CertificateAuthority, ca_fingerprint
+from keyhole_sidecar import __version__
 from keyhole_sidecar.admin import admin_app
 from keyhole_sidecar.audit import AuditLog
 from keyhole_sidecar.certs import LeafCache
 from keyhole_sidecar.config import LiveConfig, Sources
 from keyhole_sidecar.egress import Egress, EgressPolicy
 from keyhole_sidecar.httplog import protocol_logger
+from keyhole_sidecar.inventory import inventory
 from keyhole_sidecar.limits import Limiter
 from keyhole_sidecar.metrics import Metrics
 from keyhole_sidecar.proxy.context import ProxyContext, ProxySettings
@@ -108,11 +111,13 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
               stop: asyncio.Event | None = None) -> None:
     raise_file_limit()
     metrics = Metrics()
+    metrics.build.info({"version": __version__, "python": platform.python_version(),
+                        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]})
     config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key),
                         metrics)
-    if not config.load():
-        raise StartupError(f"the configuration has problems, fix them and start again:\n"
-                           f"{config.last_error}")
+    if not config.load():  # the log above names each problem
+        raise StartupError("the configuration has the problems logged above; fix them and "
+                           "start again (keyhole-sidecar check lists them too)")
     try:
         ca = CertificateAuthority.load_or_create(options.ca_dir)
     except CAError as exc:
@@ -155,25 +160,37 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
             return str(exc)
         return None
 
-    admin_runner = web.AppRunner(admin_app(metrics, readiness), access_log=None)
+    def described() -> dict:
+        return inventory(config.current(), leaves.ca.cert, version=__version__,
+                         rejected=readiness() if config.last_error is not None else None)
+
+    admin_runner = web.AppRunner(admin_app(metrics, readiness, described), access_log=None)
     await admin_runner.setup()
+    servers: list = []
+    flag = "--listen"
     try:
-        proxy_server = await loop.create_server(
+        servers.append(await loop.create_server(
             lambda: FrontDoor(ctx, server_kwargs), options.listen[0], options.listen[1],
             reuse_address=True, backlog=1024,
-        )
-        servers = [proxy_server]
+        ))
         if options.transparent_listen:
             from keyhole_sidecar.proxy.wire.transparent import TransparentPort
 
+            flag = "--transparent-listen"
             servers.append(TransparentPort(ctx, server_kwargs, options.transparent_listen))
+        flag = "--admin-listen"
         admin_site = web.TCPSite(admin_runner, options.admin_listen[0], options.admin_listen[1],
                                  reuse_address=True)
         await admin_site.start()
     except OSError as exc:
+        for server in servers:
+            server.close()
         await admin_runner.cleanup()
         await session.close()
-        raise StartupError(f"cannot listen: {exc.strerror} ({exc})") from None
+        await resolver.close()
+        raise StartupError(f"{flag}: cannot listen ({exc.strerror or exc}); choose another "
+                           f"address with {flag} HOST:PORT") from None
+    proxy_server = servers[0]
     ca_watch = CAWatch(options.ca_dir, leaves, metrics)
     watchers = [asyncio.create_task(config.watch(options.reload_interval)),
                 asyncio.create_task(ca_watch.watch(options.reload_interval))]

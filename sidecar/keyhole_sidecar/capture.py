@@ -77,8 +77,12 @@ def _port_list(text: str) -> tuple[int, ...]:
     return ports
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="keyhole-init", description=(
+def build_parser(prog: str = "keyhole-init", printing: bool = False) -> argparse.ArgumentParser:
+    """``keyhole-init`` installs the rules; ``keyhole-sidecar transparent-rules`` (``printing``)
+    prints them for a laptop or VM."""
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "Print the iptables rules that redirect outbound HTTPS/HTTP of every user but the "
+        "sidecar's to its --transparent-listen port (apply them as root)." if printing else
         "Redirect outbound HTTPS/HTTP of every user but the sidecar's to keyhole's "
         "transparent port, in this network namespace."))
     p.add_argument("--uid-owner-exempt", type=int, default=DEFAULT_UID, metavar="UID",
@@ -91,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exempt-cidr", type=parse_cidr, action="append", default=[], metavar="CIDR",
                    help="destinations never captured, e.g. the Service and Pod CIDRs "
                         "(repeatable)")
-    p.add_argument("--print", action="store_true", dest="print_only",
-                   help="print the iptables-restore input instead of installing it")
+    if not printing:
+        p.add_argument("--print", action="store_true", dest="print_only",
+                       help="print the iptables-restore input instead of installing it")
     return p
 
 
@@ -135,11 +140,12 @@ def _install(family: str, restore: str, table: str, parent: str) -> str:
         _run([tool, "-t", table, "-S", parent]).stdout
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "keyhole-init",
+         printing: bool = False) -> int:
+    args = build_parser(prog, printing).parse_args(argv)
     plan = Plan(exempt_uid=args.uid_owner_exempt, to_port=args.to_port,
                 ports=args.capture_ports, exempt_cidrs=tuple(args.exempt_cidr))
-    if args.print_only:
+    if printing or args.print_only:
         print("# iptables-restore --noflush <<EOF")
         print(plan.ipv4(), end="")
         print(f"EOF\niptables -t nat -C OUTPUT -p tcp -j {CHAIN} || "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import logging
 import sys
 from pathlib import Path
 
@@ -15,7 +14,9 @@ from keyhole_sidecar import __version__
 from keyhole_sidecar.app import Options, StartupError, run
 from keyhole_sidecar.config import Sources, load_route_table
 from keyhole_sidecar.egress import Egress
+from keyhole_sidecar.inventory import inventory, render_text
 from keyhole_sidecar.limits import describe
+from keyhole_sidecar.logformat import configure
 from keyhole_sidecar.upstream import ResolveOverride, upstream_tls_context
 
 DEFAULT_LISTEN = "127.0.0.1:15080"
@@ -84,7 +85,12 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                      "Run 'keyhole-sidecar check --help' to validate a configuration."),
     )
     _common(parser)
-    if not check:
+    if check:
+        parser.add_argument("-v", "--verbose", action="store_true",
+                            help="also list each injection's credential kind, Secret keys with a "
+                                 "fingerprint of each value (never the value), rules and limits, "
+                                 "and the CA")
+    else:
         parser.add_argument("--listen", type=_loopback, default=_loopback(DEFAULT_LISTEN),
                             metavar="HOST:PORT", help=f"proxy port (default {DEFAULT_LISTEN}; "
                                                       "loopback only)")
@@ -125,6 +131,10 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                                  "the CA at once")
         parser.add_argument("--log-level", default="info",
                             choices=("debug", "info", "warning", "error"))
+        parser.add_argument("--log-format", default="text", choices=("text", "json"),
+                            help="the sidecar's log on stderr: text lines (default) or one JSON "
+                                 "object per line for log collectors; the audit log on stdout "
+                                 "is JSON either way")
         parser.add_argument("--version", action="version", version=f"keyhole {__version__}")
     return parser
 
@@ -132,14 +142,16 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
 def check(argv: list[str]) -> int:
     args = build_parser(check=True).parse_args(argv)
     problems: list[str] = []
+    skipped: list[str] = []
+    table = ca = None
     try:
-        table = load_route_table(Sources(args.injections, args.secrets_dir, args.signing_key))
+        table, skipped = load_route_table(Sources(args.injections, args.secrets_dir,
+                                                  args.signing_key))
     except SpecError as exc:
         problems.extend(str(p) for p in exc.problems)
-        table = None
     if args.ca_dir.exists():
         try:
-            CertificateAuthority.load(args.ca_dir)
+            ca = CertificateAuthority.load(args.ca_dir).cert
         except CAError as exc:
             problems.append(f"{args.ca_dir}: {exc}")
     if args.upstream_ca:
@@ -147,23 +159,28 @@ def check(argv: list[str]) -> int:
             upstream_tls_context(args.upstream_ca)
         except ValueError as exc:
             problems.append(str(exc))
+    for what in skipped:
+        print(f"skipped {what}: not a SecretInjection", file=sys.stderr)
     if problems:
         print(f"{len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
     assert table is not None
-    for route in table.routes:
-        hosts = ", ".join(str(h) for h in route.injection.hosts)
-        sets = [name for name, _ in route.headers] + [f"?{name}" for name, _ in route.query]
-        if route.credential is not None:  # minted or signed by the proxy
-            sets.append(f"Authorization ({route.source})")
-        print(f"ok  {route.name}: {hosts} ← {', '.join(sets)}")
-        if route.injection.limits is not None:
-            print(f"    limits: {describe(route.injection.limits)}")
-        for index, rule in enumerate(route.injection.rules or ()):
-            if rule.limits is not None:
-                print(f"    rules[{index}] limits: {describe(rule.limits)}")
+    if args.verbose:
+        print("\n".join(render_text(inventory(table, ca, version=__version__))))
+    else:
+        for route in table.routes:
+            hosts = ", ".join(str(h) for h in route.injection.hosts)
+            sets = [name for name, _ in route.headers] + [f"?{name}" for name, _ in route.query]
+            if route.credential is not None:  # minted or signed by the proxy
+                sets.append(f"Authorization ({route.source})")
+            print(f"ok  {route.name}: {hosts} ← {', '.join(sets)}")
+            if route.injection.limits is not None:
+                print(f"    limits: {describe(route.injection.limits)}")
+            for index, rule in enumerate(route.injection.rules or ()):
+                if rule.limits is not None:
+                    print(f"    rules[{index}] limits: {describe(rule.limits)}")
     print(f"{len(table)} injection(s) ok")
     return 0
 
@@ -177,6 +194,9 @@ def _event_loop_runner():
     return uvloop.run
 
 
+COMMANDS = ("check", "transparent-rules")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check"]:
@@ -184,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["transparent-rules"]:  # the standalone recipe for transparent capture
         from keyhole_sidecar.capture import main as capture_main
 
-        return capture_main(["--print", *argv[1:]])
+        return capture_main(argv[1:], prog="keyhole-sidecar transparent-rules", printing=True)
+    if argv and not argv[0].startswith("-"):
+        print(f"keyhole-sidecar: unknown command {argv[0]!r}: the commands are "
+              f"{', '.join(COMMANDS)}; without one it runs the proxy (keyhole-sidecar --help)",
+              file=sys.stderr)
+        return 2
     args = build_parser(check=False).parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    configure(args.log_level, args.log_format)
     options = Options(
         injections=args.injections, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir,
         listen=args.listen, admin_listen=args.admin_listen, unmatched=args.unmatched,

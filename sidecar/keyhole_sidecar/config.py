@@ -23,6 +23,7 @@ from keyhole_common.spec import (
     SecretInjection,
     SignatureError,
     SpecError,
+    other_kinds,
     parse_injections,
     read_documents,
     verify,
@@ -53,8 +54,9 @@ def read_signing_key(path: Path) -> bytes:
     return key
 
 
-def load_injections(sources: Sources) -> list[SecretInjection]:
-    """Parse the injections, verifying the operator's signature when a key is configured."""
+def load_injections(sources: Sources) -> tuple[list[SecretInjection], list[str]]:
+    """Parse the injections, verifying the operator's signature when a key is configured:
+    (the injections, the documents of other kinds set aside)."""
     documents = read_documents(sources.injections)
     if sources.signing_key is not None:
         key = read_signing_key(sources.signing_key)
@@ -68,14 +70,21 @@ def load_injections(sources: Sources) -> list[SecretInjection]:
             verify(present[0][1], key)
         except SignatureError as exc:
             raise SpecError([Problem(str(sources.injections), "signature", str(exc))]) from None
-    return parse_injections(documents)
+    documents, skipped = other_kinds(documents)
+    if all(document is None for _, document in documents):
+        only = f" (only {'; '.join(skipped)})" if skipped else ""
+        raise SpecError([Problem(str(sources.injections), "", f"holds no SecretInjection{only}: "
+                                 "nothing to serve. Write at least one, or an empty "
+                                 f"{LIST_KIND} (items: []) to serve nothing on purpose")])
+    return parse_injections(documents), skipped
 
 
-def load_route_table(sources: Sources) -> RouteTable:
-    """Everything a proxy needs from disk, or :class:`SpecError` naming every problem."""
-    injections = load_injections(sources)
+def load_route_table(sources: Sources) -> tuple[RouteTable, list[str]]:
+    """Everything a proxy needs from disk and the documents of other kinds set aside, or
+    :class:`SpecError` naming every problem."""
+    injections, skipped = load_injections(sources)
     return require_usable(build_route_table(injections, SecretsDir(sources.secrets_dir).read,
-                                            CredentialRegistry().source))
+                                            CredentialRegistry().source)), skipped
 
 
 def _fingerprint(sources: Sources, injections: list[SecretInjection]) -> str:
@@ -125,7 +134,9 @@ class LiveConfig:
         loaded, any problem but a missing Secret is fatal (False, nothing to serve)."""
         rejected: SpecError | None = None
         try:
-            injections = load_injections(self.sources)
+            injections, skipped = load_injections(self.sources)
+            for what in skipped:
+                log.info("skipped %s: not a SecretInjection", what)
         except SpecError as exc:
             if self.table is None:
                 self._fingerprint = _fingerprint(self.sources, self._injections)
@@ -176,14 +187,16 @@ class LiveConfig:
         self.last_error = str(exc)
         self.metrics.reloads.labels("error").inc()
         keeping = "keeping the last good configuration" if self.table else "nothing to serve yet"
-        log.error("configuration rejected (%s):\n  %s", keeping,
-                  "\n  ".join(str(p) for p in exc.problems))
+        log.error("configuration rejected (%s): %d problem(s) follow", keeping,
+                  len(exc.problems))
+        for problem in exc.problems:  # a line each: log collectors split on newlines
+            log.error("configuration problem: %s", problem)
         return False
 
     def changed(self) -> bool:
         """Cheap check: did any file the configuration depends on change?"""
         try:
-            injections = load_injections(self.sources)
+            injections, _ = load_injections(self.sources)
         except SpecError:
             injections = self._injections
         return _fingerprint(self.sources, injections) != self._fingerprint

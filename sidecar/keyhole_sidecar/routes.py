@@ -7,6 +7,7 @@ so a request always sees one consistent table from start to end.
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -42,6 +43,9 @@ class Route:
     redactor: Redactor = field(repr=False)
     credential: LiveCredential | None = field(default=None, repr=False)
     unavailable: str | None = None  # why requests routed here are refused (its Secret is gone)
+    fingerprints: tuple[tuple[SecretKeyRef, str], ...] = field(default=(), repr=False)
+    """Each Secret key read for this route and a short digest of its value (see
+    :func:`value_fingerprint`): what tells a person which value is being served."""
     _combined: list = field(default_factory=lambda: [None, None], repr=False, compare=False)
 
     @property
@@ -72,17 +76,31 @@ class Route:
         return frozenset(name for name, _ in self.query)
 
 
+def value_fingerprint(value: str) -> str:
+    """The first 8 hex digits of the value's SHA-256: enough to tell a rotated value from the
+    old one (``printf %s "$VALUE" | sha256sum | cut -c1-8``), too few to confirm a guess of a
+    short password — a 32-bit digest matches tens of thousands of 8-character candidates."""
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
 def resolve_route(injection: SecretInjection, read: Callable[..., str],
                   credentials: CredentialFactory | None = None) -> Route:
     """Read the injection's secrets and build its route; raise ValueError naming what failed."""
+    fingerprints: dict[SecretKeyRef, str] = {}
+
+    def remembered(ref: SecretKeyRef, **options) -> str:
+        value = read(ref, **options)
+        fingerprints[ref] = value_fingerprint(value)
+        return value
+
     credential = None
     if injection.credential is not None:
         if credentials is None:
             raise ValueError("this injection has a credential source, which needs the proxy")
-        credential = credentials(injection, read)
+        credential = credentials(injection, remembered)
     static_refs = [r for r in injection.secret_refs() if r not in credential_refs(
         injection.credential)]
-    values: dict[SecretKeyRef, str] = {ref: read(ref) for ref in static_refs}
+    values: dict[SecretKeyRef, str] = {ref: remembered(ref) for ref in static_refs}
     secrets: list[str] = []
     headers: list[tuple[str, str]] = []
     for h in injection.headers:
@@ -114,7 +132,8 @@ def resolve_route(injection: SecretInjection, read: Callable[..., str],
                              "need")
         secrets.append(value)
     return Route(injection=injection, headers=tuple(headers), query=tuple(query),
-                 redactor=Redactor(secret_forms(secrets)), credential=credential)
+                 redactor=Redactor(secret_forms(secrets)), credential=credential,
+                 fingerprints=tuple(fingerprints.items()))
 
 
 def _require_length(value: str, ref: SecretKeyRef) -> None:
@@ -136,6 +155,7 @@ class Unusable:
 
     injection: str
     problem: str  # names files; for the log and ``check``
+    summary: str  # names no file: what an agent refused and the admin port's /config say
     missing: bool  # its Secret or key is gone (revoked), rather than present but broken
     kept_previous: bool  # broken: the last good value goes on serving
 
@@ -185,6 +205,9 @@ class RouteTable:
         raise LookupError(host)
 
 
+_BROKEN = "its Secret's value cannot be used (the sidecar's log says why)"
+
+
 def build_route_table(injections: Iterable[SecretInjection], read: Callable[..., str],
                       credentials: CredentialFactory | None = None,
                       previous: RouteTable | None = None) -> RouteTable:
@@ -201,7 +224,7 @@ def build_route_table(injections: Iterable[SecretInjection], read: Callable[...,
         except SecretMissing as exc:
             routes.append(unavailable_route(injection, f"injection {injection.name!r} is "
                                                        f"unavailable: {exc.summary}"))
-            unusable.append(Unusable(injection.name, str(exc), missing=True,
+            unusable.append(Unusable(injection.name, str(exc), exc.summary, missing=True,
                                      kept_previous=False))
             continue
         except ValueError as exc:  # SecretUnavailable and every other value problem
@@ -209,12 +232,12 @@ def build_route_table(injections: Iterable[SecretInjection], read: Callable[...,
         last = previous.by_name(injection.name) if previous is not None else None
         if last is not None and last.unavailable is None and last.injection == injection:
             routes.append(last)
-            unusable.append(Unusable(injection.name, problem, missing=False, kept_previous=True))
+            unusable.append(Unusable(injection.name, problem, f"{_BROKEN}; the last good value "
+                                     "is still injected", missing=False, kept_previous=True))
         else:
             routes.append(unavailable_route(injection, f"injection {injection.name!r} is "
-                                                       "unavailable: its Secret's value cannot "
-                                                       "be used (the sidecar's log says why)"))
-            unusable.append(Unusable(injection.name, problem, missing=False,
+                                                       f"unavailable: {_BROKEN}"))
+            unusable.append(Unusable(injection.name, problem, _BROKEN, missing=False,
                                      kept_previous=False))
     return RouteTable(routes, unusable)
 

@@ -49,10 +49,46 @@ def test_one_audit_line_per_request_with_the_decision_and_no_query_values(sideca
     assert "private-search-term" not in (sidecar.workdir / "stdout.log").read_text()
 
 
-def test_denied_requests_are_audited_with_the_reason(sidecar, upstream, marker):
-    curl(sidecar, f"https://rules.routed.test/v1/admin/{marker}")
+def test_denied_requests_are_audited_with_the_reason_and_the_injection(sidecar, upstream,
+                                                                       marker):
+    before = sidecar.metric("keyhole_requests_total", injection="rules", method="GET",
+                            status_class="4xx")
+    reply = curl(sidecar, f"https://rules.routed.test/v1/admin/{marker}")
+    assert "injection 'rules' refuses this request" in reply.body
     record = sidecar.wait_audit(lambda r: marker in r["path"])
-    assert (record["decision"], record["reason"], record["status"]) == ("denied", "rule", 403)
+    assert (record["injection"], record["host"], record["decision"], record["reason"],
+            record["status"]) == ("rules", "rules.routed.test:443", "denied", "rule", 403)
+    assert sidecar.metric("keyhole_requests_total", injection="rules", method="GET",
+                          status_class="4xx") == before + 1
+
+
+def test_base_url_lines_name_the_host_the_injection_sends_to(sidecar, upstream, marker):
+    curl(sidecar, f"{sidecar.url}/api/v1/{marker}")
+    curl(sidecar, "-X", "TRACE", f"{sidecar.url}/api/v1/{marker}-trace")
+    sent = sidecar.wait_audit(lambda r: r["path"] == f"/api/v1/{marker}")
+    assert (sent["mode"], sent["host"], sent["injection"]) == ("base-url", "api.routed.test:443",
+                                                              "api")
+    refused = sidecar.wait_audit(lambda r: r["path"] == f"/api/v1/{marker}-trace")
+    assert (refused["host"], refused["injection"], refused["reason"]) == (
+        "api.routed.test:443", "api", "echo_method")
+
+
+def test_one_cause_has_one_reason_code_through_connect_and_as_a_plain_request(sidecar):
+    """A name that does not resolve, reached through a CONNECT tunnel and as a plain request."""
+    import subprocess
+
+    done = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_connect}",
+                           "https://nowhere.unrouted.invalid/"], env=sidecar.client_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "502"
+    plain = curl(sidecar, "http://nowhere.unrouted.invalid/plain")
+    assert plain.status == 502 and plain.header("X-Keyhole-Error") == "dns"
+    tunnel = sidecar.wait_audit(lambda r: r["mode"] == "tunnel"
+                                and r["host"] == "nowhere.unrouted.invalid:443")
+    absolute = sidecar.wait_audit(lambda r: r["path"] == "/plain")
+    assert absolute["host"] == "nowhere.unrouted.invalid:80"
+    for record in (tunnel, absolute):
+        assert (record["decision"], record["reason"], record["status"]) == ("error", "dns", 502)
 
 
 def test_a_client_that_rejects_the_keyhole_ca_is_named_in_the_log(sidecar, upstream, marker):

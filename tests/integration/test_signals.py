@@ -60,14 +60,14 @@ def test_readyz_says_when_the_configuration_on_disk_was_rejected(make_sidecar, u
                                                                    marker):
     sidecar = make_sidecar()
     assert sidecar.admin("/readyz") == (200, "ready\n")
-    write_injections(sidecar.injections, [injection("broken", hosts=["api.routed.test"],
-                                                    headers=[{"name": "X",
-                                                              "valueFrom": ref("nope", "k")}])])
+    write_injections(sidecar.injections, [injection(
+        "broken", hosts=["*.com"], headers=[{"name": "X", "valueFrom": ref("api-credentials",
+                                                                           "token")}])])
     sidecar.process.send_signal(signal.SIGHUP)
     sidecar.wait_for_log("SIGHUP: configuration rejected")
     status, body = sidecar.admin("/readyz")
-    assert status == 503 and "rejected" in body and "nope" not in body  # details: the log
-    sidecar.wait_for_log("nope")
+    assert status == 503 and "rejected" in body and "*.com" not in body  # details: the log
+    sidecar.wait_for_log("'*.com' is too broad")
     assert curl(sidecar, f"https://api.routed.test/{marker}").status == 200  # the last good one
     write_injections(sidecar.injections, INJECTIONS)
     sidecar.process.send_signal(signal.SIGHUP)

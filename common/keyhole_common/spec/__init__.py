@@ -21,6 +21,7 @@ from keyhole_common.spec.parse import (
     Problem,
     SpecError,
     load_injections,
+    other_kinds,
     parse_injection,
     parse_injections,
     read_documents,
@@ -31,5 +32,6 @@ __all__ = [
     "API_VERSION", "KIND", "LIST_KIND", "AgentEnv", "BasicAuth", "HeaderInjection", "HostPattern",
     "Limits", "Problem", "QueryParamInjection", "Rule", "SecretInjection", "SecretKeyRef",
     "SignatureError", "SpecError", "is_ip_literal", "load_injections", "normalise_hostname",
-    "parse_injection", "parse_injections", "read_documents", "sign", "split_authority", "verify",
+    "other_kinds", "parse_injection", "parse_injections", "read_documents", "sign",
+    "split_authority", "verify",
 ]

@@ -18,6 +18,7 @@ import yaml
 
 from keyhole_common.spec.hosts import HostPattern, is_ip_literal
 from keyhole_common.spec.model import (
+    API_GROUP,
     API_VERSION,
     CREDENTIAL_FIELDS,
     KIND,
@@ -637,6 +638,23 @@ def _expand_lists(documents: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, A
                 yield f"{source} items[{i}]", item
         else:
             yield source, doc
+
+
+def other_kinds(documents: Iterable[tuple[str, Any]]
+                ) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Set aside documents of other API groups (a ``v1`` Secret, a Deployment) that share a
+    file with the injections, as ``kubectl apply -f`` allows: (kept, what was skipped).
+    A document of our own group with a wrong kind is kept, so its typo is reported."""
+    kept, skipped = [], []
+    for source, doc in documents:
+        version = doc.get("apiVersion") if isinstance(doc, dict) else None
+        if isinstance(version, str) and version.partition("/")[0] != API_GROUP:
+            name = (doc.get("metadata") or {}).get("name") if isinstance(
+                doc.get("metadata"), dict) else None
+            skipped.append(f"{source}: {doc.get('kind', '?')} {name or ''}".rstrip())
+            continue
+        kept.append((source, doc))
+    return kept, skipped
 
 
 def read_documents(path: Path) -> list[tuple[str, Any]]:

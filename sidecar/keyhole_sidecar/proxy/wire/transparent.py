@@ -133,9 +133,13 @@ class TransparentPort:
         self.ctx, self._server_kwargs = ctx, server_kwargs
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(address)
-        self.sock.listen(1024)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(address)
+            self.sock.listen(1024)
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
         self._loop = asyncio.get_running_loop()
