@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import platform
 import signal
 from dataclasses import dataclass, field
@@ -188,8 +189,9 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         await admin_runner.cleanup()
         await session.close()
         await resolver.close()
-        raise StartupError(f"{flag}: cannot listen ({exc.strerror or exc}); choose another "
-                           f"address with {flag} HOST:PORT") from None
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(f"{flag}: cannot listen ({why}); choose another address with "
+                           f"{flag} HOST:PORT") from None
     proxy_server = servers[0]
     ca_watch = CAWatch(options.ca_dir, leaves, metrics)
     watchers = [asyncio.create_task(config.watch(options.reload_interval)),

@@ -101,3 +101,61 @@ def test_a_client_that_rejects_the_keyhole_ca_is_named_in_the_log(sidecar, upstr
     sidecar.wait_for_log("client rejected the keyhole CA for api.routed.test")
     assert "SSL_CERT_FILE" in sidecar.stderr()
     assert upstream.find(marker) == []
+
+
+def test_config_shows_what_is_served_with_fingerprints_and_never_a_value(sidecar):
+    import hashlib
+    import json
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from keyhole_sidecar import __version__
+    from tests.support.config import ALL_SECRETS, API_TOKEN
+
+    status, text = sidecar.admin("/config")
+    assert status == 200
+    config = json.loads(text)
+    assert config["version"] == __version__
+    assert config["configuration"] == {"matchesDisk": True, "rejected": None, "injections": 6,
+                                       "available": 6}
+    by_name = {i["name"]: i for i in config["injections"]}
+    api = by_name["api"]
+    assert api["hosts"] == ["api.routed.test"] and api["available"] is True
+    assert api["credential"] == ["headers"] and api["sets"]["headers"] == ["Authorization"]
+    assert api["secrets"] == [{"secret": "api-credentials", "key": "token", "fingerprint":
+                               "sha256:" + hashlib.sha256(API_TOKEN.encode()).hexdigest()[:8]}]
+    assert by_name["rules"]["rules"] == [
+        {"methods": ["GET"], "paths": ["/v1/models/*", "/reflect"], "limits": None},
+        {"methods": ["POST"], "paths": ["/v1/chat/completions"], "limits": None}]
+    assert by_name["git"]["credential"] == ["basicAuth"]
+    cert = x509.load_pem_x509_certificate(sidecar.ca_cert.read_bytes())
+    assert config["ca"]["sha256"] == hashlib.sha256(
+        cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert config["ca"]["notAfter"] == cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert all(value not in text for value in ALL_SECRETS)
+    assert str(sidecar.workdir) not in text  # no paths either
+
+
+def test_config_and_metrics_say_which_injection_lost_its_secret(make_sidecar):
+    import json
+
+    proc = make_sidecar()
+    (proc.secrets_dir / "maps" / "api-key").unlink()
+    proc.wait_for_log("injection 'query' stopped injecting")
+    config = json.loads(proc.admin("/config")[1])
+    query = next(i for i in config["injections"] if i["name"] == "query")
+    assert query["available"] is False
+    assert query["problem"] == ("Secret 'maps' has no key 'api-key' (the Secret or the key was "
+                                "removed)")
+    assert query["secrets"] == [{"secret": "maps", "key": "api-key", "fingerprint": None}]
+    assert config["configuration"]["available"] == 5
+    assert proc.metric("keyhole_injection_available", injection="query") == 0
+
+
+def test_build_info_names_the_version(sidecar):
+    from keyhole_sidecar import __version__
+
+    _, text = sidecar.admin("/metrics")
+    line = next(line for line in text.splitlines() if line.startswith("keyhole_build_info{"))
+    assert f'version="{__version__}"' in line and line.endswith(" 1.0")

@@ -147,3 +147,115 @@ def test_the_transparent_rules_recipe_is_printed_for_standalone_use():
                               "--exempt-cidr", "not-a-cidr"], capture_output=True, text=True,
                              timeout=30)
     assert refused.returncode == 2 and "is not a CIDR such as 10.96.0.0/12" in refused.stderr
+
+
+# -- day two: what check and the command line tell an operator --------------------------------
+
+def _fingerprint(value: str) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+def test_check_verbose_lists_secret_keys_rules_limits_and_the_ca_but_never_a_value(tmp_path):
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from keyhole_common.ca import CertificateAuthority
+    from tests.support.config import ALL_SECRETS
+
+    ca = CertificateAuthority.generate(common_name="check CA")
+    ca.save(tmp_path / "ca")
+    limited = [*INJECTIONS[:3], injection(
+        "limited", hosts=["limited.routed.test"],
+        headers=[{"name": "X-Api-Key", "valueFrom": ref("rules", "key")}],
+        limits={"requestsPerMinute": 60, "window": {"perDay": 5000}},
+        rules=[{"methods": ["GET"], "paths": ["/v1/**"], "limits": {"concurrentRequests": 2}}])]
+    done = run_check(tmp_path, limited, SECRETS, "--verbose", "--ca-dir", str(tmp_path / "ca"))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "ok  api: api.routed.test ← Authorization (headers)" in out
+    assert f"secret api-credentials/token: {_fingerprint(API_TOKEN)}" in out
+    assert "ok  limited: limited.routed.test ← X-Api-Key (headers)" in out
+    assert "rules[0]: GET /v1/**; limits 2 in flight" in out
+    assert "limits: 60/min (burst 60), 5000/perDay" in out
+    assert "ok  query: query.routed.test ← ?key (queryParams)" in out
+    der = ca.cert.public_bytes(serialization.Encoding.DER)
+    assert f"CA: CN=check CA,O=keyhole, sha256 {hashlib.sha256(der).hexdigest()[:16]}…" in out
+    assert all(value not in out + done.stderr for value in ALL_SECRETS)
+
+
+def test_check_reads_a_file_with_a_secret_beside_the_injection_and_says_what_it_skipped(
+        tmp_path):
+    """The README's own examples/openai.yaml holds the Secret and the SecretInjection."""
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "openai.yaml"
+    secrets = {"openai-credentials": {"api-key": "sk-proj-example-0123456789"}}
+    done = check_config(tmp_path, example.read_text(), secrets)
+    assert done.returncode == 0, done.stderr
+    assert "ok  openai: api.openai.com ← Authorization" in done.stdout
+    assert "skipped" in done.stderr
+    assert "openai.yaml#1" not in done.stderr  # check names its own copy
+    assert "inj.yaml#1: Secret openai-credentials: not a SecretInjection" in (
+        done.stderr)
+
+
+def test_an_empty_injections_file_is_an_error_and_an_empty_list_is_not(tmp_path):
+    done = run_check(tmp_path, "# nothing yet\n")
+    assert done.returncode == 1
+    assert "holds no SecretInjection: nothing to serve" in done.stderr
+    only_secret = run_check(tmp_path, "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n")
+    assert only_secret.returncode == 1
+    assert "holds no SecretInjection (only" in only_secret.stderr
+    on_purpose = run_check(tmp_path, "apiVersion: keyhole.dev/v1alpha1\n"
+                                     "kind: SecretInjectionList\nitems: []\n")
+    assert on_purpose.returncode == 0, on_purpose.stderr
+    assert "0 injection(s) ok" in on_purpose.stdout
+
+
+def test_a_startup_error_is_printed_once(tmp_path):
+    done = start_sidecar(tmp_path, [injection("x", hosts=["*.com"], headers=[
+        {"name": "X", "valueFrom": ref("api-credentials", "token")}])], SECRETS,
+        expect_failure=True)
+    assert done.returncode == 2
+    assert done.stderr.count("'*.com' is too broad") == 1
+    assert "keyhole-sidecar check lists them too" in done.stderr
+
+
+def test_a_port_in_use_names_the_flag_to_change(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = start_sidecar(tmp_path, INJECTIONS, SECRETS, expect_failure=True,
+                             args=["--admin-listen", f"127.0.0.1:{port}"])
+    assert done.returncode == 2
+    assert "--admin-listen: cannot listen (Address already in use)" in done.stderr
+
+
+def test_an_unknown_command_is_named_and_transparent_rules_has_its_own_usage():
+    unknown = subprocess.run([*SIDECAR, "chek", "--injections", "x"], capture_output=True,
+                             text=True, timeout=30)
+    assert unknown.returncode == 2
+    assert "unknown command 'chek': the commands are check, transparent-rules" in unknown.stderr
+    usage = subprocess.run([*SIDECAR, "transparent-rules", "--help"], capture_output=True,
+                           text=True, timeout=30)
+    assert usage.returncode == 0
+    assert usage.stdout.startswith("usage: keyhole-sidecar transparent-rules")
+    assert "--print" not in usage.stdout  # it only prints
+
+
+def test_json_logs_are_one_object_per_line_even_for_multi_problem_errors(make_sidecar):
+    proc = make_sidecar(args=["--log-format", "json"])
+    proc.injections.write_text("apiVersion: keyhole.dev/v1alpha1\nkind: SecretInjection\n"
+                               "metadata: {name: a}\nspec: {hosts: ['*.com'], surprise: 1}\n")
+    proc.wait_for_log("configuration problem")
+    lines = proc.stderr().splitlines()
+    records = [json.loads(line) for line in lines]  # every line, or this raises
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    problems = [r for r in records if r["message"].startswith("configuration problem")]
+    assert len(problems) >= 2 and all(r["level"] == "error" for r in problems)
