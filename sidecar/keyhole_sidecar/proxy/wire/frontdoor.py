@@ -259,7 +259,7 @@ class FrontDoor(asyncio.Protocol):
         try:
             messages, _upgraded, tail = self._parser.feed_data(data)
         except HttpProcessingError as exc:
-            self.refuse(BadRequest("bad_request", "malformed CONNECT request: "
+            self.refuse(BadRequest("malformed", "malformed CONNECT request: "
                                                   f"{parser_complaint(exc)}"))
             return
         if not messages:

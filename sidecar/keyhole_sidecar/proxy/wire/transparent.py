@@ -268,7 +268,7 @@ class TransparentPort:
         host = _host_of(peeked, self.ctx.settings)
         if host is None:
             _refused(self.ctx, f"{address}:{port}", BadRequest(
-                "bad_request", "a malformed plain-HTTP request head"))
+                "malformed", "a malformed plain-HTTP request head"))
             _reset(conn)
             return
         if host and self.ctx.routes().match(host, port, plain_http=True):
