@@ -339,19 +339,21 @@ def _secret_problems(cluster: Cluster, namespace: str, injection: Injection) -> 
     return problems
 
 
-def _over_privileged(cluster: Cluster, namespace: str, pods: list[dict]) -> dict[str, list[str]]:
-    """"ServiceAccount X (pods a, b)" → each way around keyhole it holds, with its reason."""
+def _over_privileged(cluster: Cluster, namespace: str, pods: list[dict]) -> list[dict]:
+    """Each selected pod's ServiceAccount that holds a way around keyhole: its pods and every
+    such permission with its reason (``status.canBypass``)."""
     by_account: dict[str, list[str]] = {}
     for pod in pods:
         account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
         by_account.setdefault(account, []).append(pod["metadata"]["name"])
-    verdicts: dict[str, list[str]] = {}
+    verdicts = []
     for account, names in sorted(by_account.items()):
         user, groups = service_account_user(namespace, account)
         held = [bypass.describe() for bypass in BYPASSES
                 if cluster.allowed(access_review(namespace, user, groups, bypass))]
         if held:
-            verdicts[f"ServiceAccount {account} (pods {', '.join(sorted(names))})"] = held
+            verdicts.append({"serviceAccount": account, "pods": sorted(names),
+                             "permissions": held})
     return verdicts
 
 

@@ -20,8 +20,8 @@ def condition(kind: str, ok: bool, reason: str, message: str, generation: int | 
 
 
 def injection_status(*, generation: int | None, matched: int, restart_required: int,
-                     secret_problems: list[str], over_privileged: dict[str, list[str]],
-                     # who ("ServiceAccount x (pods a, b)") → the ways around keyhole it holds
+                     secret_problems: list[str], over_privileged: list[dict],
+                     # [{serviceAccount, pods, permissions}]: the ways around keyhole held
                      previous: list[dict] | None) -> dict:
     """The whole ``status`` of one SecretInjection."""
     resolved = not secret_problems
@@ -35,8 +35,8 @@ def injection_status(*, generation: int | None, matched: int, restart_required: 
                   generation, previous),
     ]
     if over_privileged:
-        detail = "; ".join(f"{who}: {', '.join(ways)}"
-                           for who, ways in sorted(over_privileged.items()))
+        detail = "; ".join(f"ServiceAccount {v['serviceAccount']} (pods {', '.join(v['pods'])}): "
+                           f"{', '.join(v['permissions'])}" for v in over_privileged)
         conditions.append(condition(
             "AgentsOverPrivileged", True, "CanBypassKeyhole",
             f"these agents' ServiceAccounts can go around keyhole: {detail}. Remove those "
@@ -48,4 +48,5 @@ def injection_status(*, generation: int | None, matched: int, restart_required: 
                                     "mint tokens or bind roles in this namespace",
                                     generation, previous))
     return {"observedGeneration": generation, "matchedPods": matched,
-            "restartRequired": restart_required, "conditions": conditions}
+            "restartRequired": restart_required, "canBypass": over_privileged,
+            "conditions": conditions}

@@ -101,7 +101,7 @@ def test_opting_out_revokes_everything(injections):
 
 def test_status_names_problems_and_keeps_transition_times():
     first = injection_status(generation=3, matched=2, restart_required=0,
-                             secret_problems=["Secret 'x' not found"], over_privileged={},
+                             secret_problems=["Secret 'x' not found"], over_privileged=[],
                              previous=None)
     by_type = {c["type"]: c for c in first["conditions"]}
     assert by_type["SecretResolved"]["status"] == "False"
@@ -109,21 +109,21 @@ def test_status_names_problems_and_keeps_transition_times():
     assert by_type["Ready"]["status"] == "False"
     assert first["matchedPods"] == 2 and first["observedGeneration"] == 3
     again = injection_status(generation=3, matched=2, restart_required=0,
-                             secret_problems=["Secret 'x' not found"], over_privileged={},
+                             secret_problems=["Secret 'x' not found"], over_privileged=[],
                              previous=first["conditions"])
     assert again["conditions"] == first["conditions"]
 
 
 def test_status_reports_over_privileged_accounts_with_their_ways_around():
-    who = "ServiceAccount agent (pods agent-1, agent-2)"
+    held = [{"serviceAccount": "agent", "pods": ["agent-1", "agent-2"],
+             "permissions": ["read Secrets (the key itself)", "exec into pods (run commands)"]}]
     status = injection_status(generation=1, matched=2, restart_required=0, secret_problems=[],
-                              over_privileged={who: ["read Secrets (the key itself)",
-                                                     "exec into pods (run commands)"]},
-                              previous=None)
+                              over_privileged=held, previous=None)
     flagged = {c["type"]: c for c in status["conditions"]}["AgentsOverPrivileged"]
     assert flagged["status"] == "True"
-    assert (f"{who}: read Secrets (the key itself), exec into pods (run commands)"
-            in flagged["message"])
+    assert ("ServiceAccount agent (pods agent-1, agent-2): read Secrets (the key itself), exec "
+            "into pods (run commands)" in flagged["message"])
+    assert status["canBypass"] == held  # the same, for tools (kubectl keyhole)
 
 
 def test_every_way_around_keyhole_is_asked_with_its_reason():
