@@ -158,6 +158,9 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
                          "periodSeconds": 1, "failureThreshold": 60},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": settings.admin_port},
                            "periodSeconds": 5},
+        # A sidecar that exits on error leaves its last log lines (never a value) in the pod's
+        # status, where kubectl describe and kubectl keyhole explain show them.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": mounts,
     }
     if settings.native_sidecar:

@@ -1,0 +1,179 @@
+"""``kubectl keyhole`` (the ``kubectl-keyhole`` executable kubectl finds on PATH).
+
+  kubectl keyhole status                    injections, readiness, pods, the CA's age
+  kubectl keyhole who-can-use NAME          pods that can use an injection or a Secret
+  kubectl keyhole explain pod POD           why a pod does (not) get each key
+
+with kubectl's ``-n``, ``-A``, ``-o json|yaml|wide``, ``--kubeconfig`` and ``--context``.
+It reads the API only (get/list of secretinjections, pods and configmaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+import yaml
+
+USAGE_EXAMPLES = """examples:
+  kubectl keyhole status -A
+  kubectl keyhole who-can-use openai-credentials -n agents
+  kubectl keyhole explain pod agent-7d9f -n agents -o yaml
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--namespace", help="the namespace (default: the context's)")
+    parser.add_argument("-o", "--output", choices=("json", "yaml", "wide"),
+                        help="json or yaml: the whole answer; wide: more columns")
+    parser.add_argument("--kubeconfig", help="path to the kubeconfig (default: $KUBECONFIG)")
+    parser.add_argument("--context", help="the kubeconfig context to use")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubectl keyhole", epilog=USAGE_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Which pods can use which key, and why a pod "
+                                                 "does or does not get its key.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = commands.add_parser("status", help="injections, readiness, pods, the CA's age")
+    _common(status)
+    status.add_argument("-A", "--all-namespaces", action="store_true",
+                        help="every namespace that holds a SecretInjection")
+    who = commands.add_parser("who-can-use", help="pods that can use an injection or a Secret, "
+                                                  "and who could go around keyhole")
+    _common(who)
+    who.add_argument("name", metavar="SECRET|INJECTION",
+                     help="a SecretInjection or Secret name (or si/NAME, secret/NAME)")
+    explain = commands.add_parser("explain", help="why a pod does or does not get each key")
+    _common(explain)
+    explain.add_argument("kind", choices=("pod", "po", "pods"), metavar="pod")
+    explain.add_argument("pod", metavar="POD")
+    return parser
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    """kubectl's layout: upper-case headers, columns three spaces apart."""
+    cells = [headers, *rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(headers))]
+    return "\n".join("   ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)
+                                ).rstrip() for row in cells)
+
+
+def _dash(values) -> str:
+    return ",".join(values) if values else "<none>"
+
+
+def render_status(answer: dict, wide: bool, all_namespaces: bool) -> str:
+    headers = ["NAME", "HOSTS", "READY", "SELECTED", "WITH-KEY", "RESTART", "CAN-BYPASS"]
+    rows = [[i["name"], _dash(i["hosts"]), i["ready"], i["selectedPods"], i["withKey"],
+             i["restartRequired"], len(i["canBypass"])] for i in answer["injections"]]
+    if wide:
+        headers.append("MESSAGE")
+        for row, item in zip(rows, answer["injections"], strict=True):
+            row.append(item["readyMessage"] or "")
+    if all_namespaces:
+        headers.insert(0, "NAMESPACE")
+        for row, item in zip(rows, answer["injections"], strict=True):
+            row.insert(0, item["namespace"])
+    out = [table(rows, headers) if rows else "No SecretInjections found.", ""]
+    spaces = [[s["namespace"], s["pods"], s["podsWithSidecar"],
+               f"{s['ca']['ageDays']}d" if s["ca"] else "<none>",
+               s["ca"]["expires"] if s["ca"] else "<none>"] for s in answer["namespaces"]]
+    out.append(table(spaces, ["NAMESPACE", "PODS", "WITH-SIDECAR", "CA-AGE", "CA-EXPIRES"]))
+    return "\n".join(out)
+
+
+def render_who(answer: dict, wide: bool) -> str:
+    target = answer["target"]
+    headers = ["POD", "SERVICEACCOUNT", "INJECTION", "ACCESS"]
+    rows = [[p["pod"], p["serviceAccount"], p["injection"], p["access"]]
+            for p in answer["pods"]]
+    if wide:
+        headers += ["NODE", "WHY"]
+        for row, pod in zip(rows, answer["pods"], strict=True):
+            row += [pod["node"] or "<none>", pod["why"]]
+    out = [f"{target['kind']} {target['name']} in namespace {answer['namespace']}:",
+           table(rows, headers) if rows else "no pod is selected"]
+    if answer["canBypass"]:
+        out += ["", "could go around keyhole (the operator's report; remove these permissions):"]
+        for item in answer["canBypass"]:
+            out.append(f"  ServiceAccount {item['serviceAccount']} (pods "
+                       f"{', '.join(item['pods'])}): {'; '.join(item['permissions'])}")
+    return "\n".join(out)
+
+
+def render_explain(answer: dict, wide: bool) -> str:
+    sidecar = answer["sidecar"]
+    out = [f"pod {answer['namespace']}/{answer['pod']} (ServiceAccount "
+           f"{answer['serviceAccount']})"]
+    if answer["optedOut"]:
+        out.append('  opted out: keyhole.dev/inject: "false"')
+    if sidecar["present"] and sidecar["ready"] is None:
+        out.append("  sidecar: injected; the kubelet has not reported it yet (is the pod "
+                   "scheduled?)")
+    elif sidecar["present"]:
+        out.append(f"  sidecar: ready={sidecar['ready']}, restarts={sidecar['restarts']}, "
+                   f"state={sidecar['state']}")
+        last = sidecar["lastTermination"]
+        if last:
+            out.append(f"  last exit: {last['exitCode']} {last['reason'] or ''}".rstrip())
+            if last["message"]:
+                out += [f"    {line}" for line in last["message"].splitlines()[-5:]]
+    if sidecar["present"]:
+        out.append(f"  mounted Secrets: {', '.join(answer['mountedSecrets']) or 'none'}")
+    else:
+        out.append("  sidecar: none (the webhook did not inject this pod)")
+    rows = [[i["injection"], i["verdict"], i["why"]] for i in answer["injections"]]
+    headers = ["INJECTION", "VERDICT", "WHY"]
+    if wide:
+        headers.insert(1, "HOSTS")
+        for row, item in zip(rows, answer["injections"], strict=True):
+            row.insert(1, _dash(item["hosts"]))
+    out += ["", table(rows, headers) if rows else "no SecretInjection in this namespace"]
+    return "\n".join(out)
+
+
+def _emit(answer: dict, output: str | None, render: Callable[[], str]) -> None:
+    if output == "json":
+        print(json.dumps(answer, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(answer, sort_keys=False), end="")
+    else:
+        print(render())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from keyhole_kubectl import cluster, report
+    except ImportError as exc:  # the kubernetes client is the operator extra's
+        print(f"kubectl-keyhole: {exc.name} is missing: pip install 'keyhole[operator]'",
+              file=sys.stderr)
+        return 1
+    try:
+        api, default_namespace = cluster.connect(args.kubeconfig, args.context)
+        all_namespaces = getattr(args, "all_namespaces", False)
+        namespace = None if all_namespaces else (args.namespace or default_namespace)
+        with api:
+            spaces = cluster.read(api, namespace)
+        wide = args.output == "wide"
+        if args.command == "status":
+            answer = report.status(spaces)
+            _emit(answer, args.output, lambda: render_status(answer, wide, all_namespaces))
+        elif args.command == "who-can-use":
+            answer = report.who_can_use(spaces[0], args.name)
+            _emit(answer, args.output, lambda: render_who(answer, wide))
+        else:
+            answer = report.explain_pod(spaces[0], args.pod)
+            _emit(answer, args.output, lambda: render_explain(answer, wide))
+    except (cluster.ClusterError, report.NotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

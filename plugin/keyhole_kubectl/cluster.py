@@ -1,0 +1,80 @@
+"""Every API read the plugin makes, in one place: SecretInjections, pods and the CA bundle
+ConfigMap of a namespace (or of every namespace with ``-A``). Nothing is written, and no
+Secret is read: the plugin needs only ``get``/``list`` on those three, as ``kubectl get``."""
+
+from __future__ import annotations
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from keyhole_kubectl.snapshot import Namespace
+from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
+
+GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
+
+
+class ClusterError(RuntimeError):
+    """The API server refused or could not be reached; the message says which and why."""
+
+
+def connect(kubeconfig: str | None, context: str | None) -> tuple[kubernetes.client.ApiClient,
+                                                                  str]:
+    """An API client as kubectl would make it, and the context's namespace (or default)."""
+    try:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context)
+        _, active = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+        if context:
+            contexts, _ = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+            active = next(c for c in contexts if c["name"] == context)
+        namespace = (active.get("context") or {}).get("namespace") or "default"
+    except (kubernetes.config.ConfigException, FileNotFoundError, StopIteration) as exc:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            raise ClusterError(f"no usable kubeconfig ({exc}); pass --kubeconfig or set "
+                               "KUBECONFIG") from None
+        namespace = "default"
+    return kubernetes.client.ApiClient(), namespace
+
+
+def _call(what: str, method, *args, **kwargs):
+    try:
+        return method(*args, **kwargs)
+    except ApiException as exc:
+        if exc.status == 403:
+            raise ClusterError(f"the API server refused to {what} (403): you need get/list on "
+                               "secretinjections.keyhole.dev, pods and configmaps") from None
+        if exc.status == 404 and "secretinjections" in what:
+            raise ClusterError("the SecretInjection API is not installed in this cluster "
+                               "(helm install keyhole charts/keyhole)") from None
+        raise ClusterError(f"cannot {what}: {exc.status} {exc.reason}") from None
+    except OSError as exc:  # urllib3's connection errors among them
+        raise ClusterError(f"cannot reach the API server to {what}: {exc}") from None
+
+
+def read(api: kubernetes.client.ApiClient, namespace: str | None) -> list[Namespace]:
+    """One namespace, or (``None``) every namespace holding a SecretInjection."""
+    custom = kubernetes.client.CustomObjectsApi(api)
+    core = kubernetes.client.CoreV1Api(api)
+    if namespace is None:
+        found = _call("list secretinjections", custom.list_cluster_custom_object,
+                      GROUP, VERSION, PLURAL)["items"]
+        names = sorted({i["metadata"]["namespace"] for i in found})
+        spaces = {name: Namespace(name) for name in names}
+        for item in found:
+            spaces[item["metadata"]["namespace"]].injections.append(item)
+    else:
+        spaces = {namespace: Namespace(namespace, _call(
+            "list secretinjections", custom.list_namespaced_custom_object, GROUP, VERSION,
+            namespace, PLURAL)["items"])}
+    for space in spaces.values():
+        pods = _call("list pods", core.list_namespaced_pod, space.name)
+        space.pods = [api.sanitize_for_serialization(p) for p in pods.items]
+        try:
+            bundle = core.read_namespaced_config_map(CA_BUNDLE_CONFIGMAP, space.name)
+            space.ca_bundle = dict(bundle.data or {})
+        except ApiException as exc:
+            if exc.status not in (403, 404):  # absent or not ours to read: no CA shown
+                raise ClusterError(f"cannot read ConfigMap {CA_BUNDLE_CONFIGMAP}: "
+                                   f"{exc.status} {exc.reason}") from None
+    return list(spaces.values())

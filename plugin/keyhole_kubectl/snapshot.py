@@ -1,0 +1,13 @@
+"""What the plugin read of one namespace: plain data, no client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Namespace:
+    name: str
+    injections: list[dict] = field(default_factory=list)
+    pods: list[dict] = field(default_factory=list)
+    ca_bundle: dict[str, str] | None = None  # keyhole-ca-bundle's data; None when absent
