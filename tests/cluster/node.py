@@ -50,7 +50,6 @@ API_PORT = 6443
 CGROUP_ROOT = "keyhole-node"
 STATE = Path("/run/keyhole-node")  # sockets and containerd's state; short paths for sockets
 CONTAINERD_SOCKET = STATE / "containerd.sock"
-SYNC_SECONDS = 5  # the kubelet's sync period: how soon a Secret's update reaches the pod
 _CGROUP_FS = Path("/sys/fs/cgroup")
 _CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer",
                 "systemd")
@@ -337,7 +336,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "failSwapOn": False, "failCgroupV1": False,
             "resolvConf": str(resolv),
             "podLogsDir": str(self.root / "pod-logs"),
-            "syncFrequency": f"{SYNC_SECONDS}s",
+            # syncFrequency: the default (1 min), as on a stock node: what revocation and
+            # rotation are measured against. Tests that wait for a Secret's update change the
+            # pod (tests/node/test_node.py: nudge), which syncs it at once, as a user can.
             "fileCheckFrequency": "20s", "nodeStatusUpdateFrequency": "4s",
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
             "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%",

@@ -39,6 +39,14 @@ def curl(agents, pod, marker: str, *flags: str) -> str:
                        f"https://api.routed.test/v1/models?m={marker}", check=False).stdout
 
 
+def nudge(agents, pod) -> None:
+    """Change the pod (an annotation of no meaning): the kubelet syncs a changed pod at once,
+    refreshing its Secret and ConfigMap volumes, instead of at its next periodic sync (1 min
+    by default, as here). What a user can do too; revocation never needs it."""
+    agents.kube.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", agents.namespace,
+                        f"example.test/nudge={uuid.uuid4().hex[:8]}", "--overwrite")
+
+
 def restarts(pod: dict) -> dict[str, int]:
     return {name: s.get("restartCount", 0) for name, s in statuses(pod).items()}
 
@@ -185,38 +193,91 @@ def test_the_sidecar_runs_unprivileged_on_a_read_only_root_and_reads_its_secret(
 # -- live changes ----------------------------------------------------------------------------------
 
 def _wait_for_request(agents, pod, node_upstream, *flags: str, want_key: bool,
-                      timeout: float = 30) -> None:
-    """Send requests until the upstream sees one with (or without) the key."""
-    deadline = time.monotonic() + timeout
+                      timeout: float = 30, nudging: bool = False) -> float:
+    """Send requests until the upstream sees one with (or without) the key; the seconds it
+    took (a request every 0.2 s or so: the figure is that precise)."""
+    started = time.monotonic()
+    deadline = started + timeout
     last = None
     while time.monotonic() < deadline:
+        if nudging:
+            nudge(agents, pod)
         marker = _marker()
         curl(agents, pod, marker, *flags)
         found = node_upstream.find(marker)
         if found:
             last = found[0].header("authorization")
             if (last == [BEARER]) == want_key:
-                return
-        time.sleep(0.5)
+                return time.monotonic() - started
+        time.sleep(0.2)
     raise AssertionError(f"no request {'with' if want_key else 'without'} the key reached the "
                          f"upstream in {timeout}s (last Authorization: {last})")
 
 
+def _refused_503(agents, pod) -> bool:
+    return curl(agents, pod, _marker()) == "503"
+
+
 def test_removing_the_tag_revokes_at_once_and_putting_it_back_grants_without_restarts(
         agents, node_upstream):
+    """On a kubelet with its default sync period (1 min): a label change is a change to the
+    pod, which the kubelet syncs at once, refreshing the routes file; the figure goes to
+    docs/operator.md."""
     pod = agents.pod("agent")
     before = restarts(pod)
     name = pod["metadata"]["name"]
     agents.kube.kubectl("label", "pod", name, "-n", agents.namespace, "keyhole.dev/openai-")
     # Unrouted now: the tunnel is blind, so the agent sees the upstream's own certificate
     # (-k accepts it) and the upstream sees the request exactly as the agent sent it.
-    _wait_for_request(agents, pod, node_upstream, "-k", want_key=False)
+    revoked = _wait_for_request(agents, pod, node_upstream, "-k", want_key=False)
     marker = _marker()
     assert curl(agents, pod, marker) != "200"  # the namespace CA no longer vouches for it
     assert node_upstream.find(marker) == []
     agents.kube.kubectl("label", "pod", name, "-n", agents.namespace, "keyhole.dev/openai=true")
-    _wait_for_request(agents, pod, node_upstream, want_key=True)
+    granted = _wait_for_request(agents, pod, node_upstream, want_key=True)
     assert restarts(agents.pod("agent")) == before
+    print(f"\n[node] default kubelet sync: the key stopped {revoked:.1f}s after the label was "
+          f"removed and came back {granted:.1f}s after it was put back")
+
+
+def test_deleting_the_injection_revokes_at_once(agents, node_upstream):
+    pod = agents.pod("agent")
+    before = restarts(pod)
+    agents.kube.kubectl("delete", "secretinjection", "openai", "-n", agents.namespace)
+    try:
+        revoked = _wait_for_request(agents, pod, node_upstream, "-k", want_key=False)
+    finally:
+        agents.kube.apply([openai_injection()], agents.namespace)
+    granted = _wait_for_request(agents, pod, node_upstream, want_key=True)
+    assert restarts(agents.pod("agent")) == before
+    print(f"\n[node] default kubelet sync: the key stopped {revoked:.1f}s after the injection "
+          f"was deleted and came back {granted:.1f}s after it was applied again")
+
+
+def test_deleting_the_secret_stops_injection_and_its_return_restores_it(agents, node_upstream):
+    """The sidecar mounts Secrets optional: the kubelet empties a deleted one on its next sync
+    of the pod (here at once: the test changes the pod) and the sidecar refuses the host with
+    503 rather than go on sending the last value."""
+    pod = agents.pod("agent")
+    before = restarts(pod)
+    ns = agents.namespace
+    agents.kube.kubectl("delete", "secret", "openai-credentials", "-n", ns)
+    try:
+        started = time.monotonic()
+        while not _refused_503(agents, pod):
+            assert time.monotonic() - started < 90, "the deleted Secret was still injected"
+            nudge(agents, pod)
+            time.sleep(0.2)
+        refused = time.monotonic() - started
+        marker = _marker()
+        assert curl(agents, pod, marker) == "503" and node_upstream.find(marker) == []
+    finally:
+        agents.kube.kubectl("create", "secret", "generic", "openai-credentials", "-n", ns,
+                            f"--from-literal=api-key={SECRET_VALUE}")
+    _wait_for_request(agents, pod, node_upstream, want_key=True, timeout=90, nudging=True)
+    assert restarts(agents.pod("agent")) == before
+    print(f"\n[node] a deleted Secret was refused {refused:.1f}s after the deletion (the pod "
+          "changed at once; otherwise at the kubelet's next sync)")
 
 
 def test_an_updated_secret_reaches_the_running_sidecar_without_a_restart(agents, node_upstream):
@@ -233,8 +294,9 @@ def test_an_updated_secret_reaches_the_running_sidecar_without_a_restart(agents,
     started = time.monotonic()
     put(rotated)
     try:
-        deadline = time.monotonic() + 90  # the kubelet's sync period is 5 s here
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
+            nudge(agents, pod)
             marker = _marker()
             assert curl(agents, pod, marker) == "200"
             if node_upstream.one(marker).header("authorization") == [f"Bearer {rotated}"]:
@@ -245,7 +307,8 @@ def test_an_updated_secret_reaches_the_running_sidecar_without_a_restart(agents,
         print(f"\n[node] the kubelet delivered the new Secret in {time.monotonic() - started:.1f}s")
     finally:
         put(SECRET_VALUE)
-    _wait_for_request(agents, pod, node_upstream, want_key=True, timeout=90)
+        nudge(agents, pod)
+    _wait_for_request(agents, pod, node_upstream, want_key=True, timeout=90, nudging=True)
     assert restarts(agents.pod("agent")) == before
 
 
@@ -285,7 +348,11 @@ def test_agents_keep_working_while_the_namespace_ca_rotates(agents, node_upstrea
     def keep_requesting_until(done, seconds: float, what: str) -> None:
         nonlocal sent
         deadline = time.monotonic() + seconds
+        nudged = 0.0
         while time.monotonic() < deadline:
+            if time.monotonic() - nudged > 2:  # the bundles and the CA Secret, delivered now
+                nudge(agents, pod)
+                nudged = time.monotonic()
             status = curl(agents, pod, _marker())
             sent += 1
             if status != "200":
