@@ -44,7 +44,7 @@ def trees() -> dict[str, tuple[set[str], set[str]]]:
 
 def test_the_architecture_doc_draws_every_package():
     assert set(trees()) == {"common/keyhole_common/", "sidecar/keyhole_sidecar/",
-                            "operator/keyhole_operator/"}
+                            "operator/keyhole_operator/", "plugin/keyhole_kubectl/"}
 
 
 @pytest.mark.parametrize("root", sorted(trees()))

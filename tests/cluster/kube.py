@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,17 @@ class Kube:
                               input=input, capture_output=True, text=True, timeout=60)
         if check and done.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{done.stderr}")
+        return done
+
+    def keyhole(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """``kubectl keyhole ...``: kubectl itself finds the plugin (``kubectl-keyhole``, in
+        this interpreter's bin folder) on PATH, as a user's kubectl would."""
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "KUBECONFIG": str(self.kubeconfig)}  # kubectl takes no flag before a plugin
+        done = subprocess.run([self.kubectl_binary, "keyhole", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+        if check and done.returncode != 0:
+            raise AssertionError(f"kubectl keyhole {' '.join(args)} failed:\n{done.stderr}")
         return done
 
     def apply(self, documents: list[dict] | str, namespace: str | None = None,

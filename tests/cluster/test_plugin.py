@@ -6,10 +6,7 @@ ServiceAccount could go around keyhole."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -48,14 +45,7 @@ def scene(kube, operator, namespace):
 
 
 def plugin(kube, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``kubectl keyhole ...``: kubectl itself finds the plugin on PATH."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "KUBECONFIG": str(kube.kubeconfig)}  # kubectl allows no flag before a plugin's name
-    done = subprocess.run([kube.kubectl_binary, "keyhole", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
-    if check:
-        assert done.returncode == 0, done.stderr
-    return done
+    return kube.keyhole(*args, check=check)
 
 
 def test_status_lists_injections_readiness_and_pods(kube, scene):

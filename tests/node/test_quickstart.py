@@ -53,6 +53,15 @@ def test_the_readme_quick_start_works_on_a_real_node(release, kube, node, node_u
     row = listed[1].split()
     assert row[0] == "openai" and row[2] == "1" and row[3] == "True", listed
 
+    status = kube.keyhole("status", "-n", NAMESPACE).stdout  # kubectl keyhole status
+    row = next(line.split() for line in status.splitlines() if line.startswith("openai"))
+    assert row[2:5] == ["True", "1", "1"], status  # ready, selected, with the key
+    [agent] = kube.get_all("pods", NAMESPACE)
+    explained = kube.keyhole("explain", "pod", agent["metadata"]["name"], "-n",
+                             NAMESPACE).stdout  # what a user asks of a pod
+    assert "sidecar: ready=True, restarts=0, state=running" in explained, explained
+    assert any(line.split()[:3] == ["openai", "has", "key"] for line in explained.splitlines())
+
     audit = [json.loads(line) for line in kube.kubectl(  # kubectl logs … -c keyhole-proxy
         "logs", "deploy/agent", "-c", "keyhole-proxy", "-n", NAMESPACE).stdout.splitlines()
         if line.startswith("{")]
