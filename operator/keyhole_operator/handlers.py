@@ -301,17 +301,19 @@ def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list
 
 
 def publish_managed_secrets(cluster: Cluster, runtime: Runtime, namespace: str,
-                            injections: list[Injection]) -> None:
+                            injections: list[Injection], index: kopf.Index) -> None:
     """Tell the API server's policy which Secrets of ``namespace`` no pod but the sidecar may
     read (one key of the ConfigMap it takes as its parameter). Written on every reconcile, not
     cached: a merge patch that changes nothing writes nothing, and a ConfigMap someone deleted
-    (the policy then refuses pods in agent namespaces) is back within a resync."""
+    (the policy then refuses pods in agent namespaces) is back within a resync — with every
+    namespace's key at once, from the index, so none is unprotected until its own reconcile."""
     target = runtime.settings.protected_secrets_configmap
     if not target:
         return
     config_namespace, config_name = target.split("/", 1)
+    whole = {ns: ",".join(managed_secrets(list(index.get(ns, [])))) or None for ns in index}
     cluster.set_config_map_key(config_namespace, config_name, namespace,
-                               ",".join(managed_secrets(injections)) or None)
+                               ",".join(managed_secrets(injections)) or None, whole=whole)
 
 
 def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dict],
@@ -382,7 +384,7 @@ def _reconcile(body, namespace: str, name: str, meta, status, patch: kopf.Patch,
         kopf.event(body, type="Normal", reason="NamespaceTrust", message=change)
     others = [i for i in _injections(injection_index, namespace) if i.name != name]
     injections = [*others, injection]
-    publish_managed_secrets(cluster, runtime, namespace, injections)
+    publish_managed_secrets(cluster, runtime, namespace, injections, injection_index)
     pods = cluster.list_pods(namespace)
     sync_pods(cluster, runtime, namespace, pods, injections)
 
@@ -421,7 +423,7 @@ def revoke_on_delete(type: str, namespace: str, name: str, injection_index: kopf
         return
     runtime = _runtime(memo)
     remaining = _injections(injection_index, namespace, without=name)
-    publish_managed_secrets(runtime.cluster, runtime, namespace, remaining)
+    publish_managed_secrets(runtime.cluster, runtime, namespace, remaining, injection_index)
     sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace), remaining)
 
 

@@ -66,17 +66,20 @@ class Cluster:
     def read_config_map(self, namespace: str, name: str) -> dict | None:
         return _read_json(self.core.read_namespaced_config_map, namespace, name)
 
-    def set_config_map_key(self, namespace: str, name: str, key: str, value: str | None) -> None:
-        """Set (or, with None, remove) one key of a ConfigMap, creating it when missing."""
+    def set_config_map_key(self, namespace: str, name: str, key: str, value: str | None, *,
+                           whole: dict[str, str | None] | None = None) -> None:
+        """Set (or, with None, remove) one key of a ConfigMap; when the ConfigMap is missing,
+        create it with every key of ``whole`` (what it should hold), not this one alone."""
         try:
             self.core.patch_namespaced_config_map(name, namespace, {"data": {key: value}})
         except ApiException as exc:
             if exc.status != 404:
                 raise
+            data = {k: v for k, v in {**(whole or {}), key: value}.items() if v is not None}
             body = {"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": name, "namespace": namespace,
                                  "labels": _labels("protected-secrets")},
-                    "data": {} if value is None else {key: value}}
+                    "data": data}
             self.core.create_namespaced_config_map(namespace, body)
 
     @staticmethod

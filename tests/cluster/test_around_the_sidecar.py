@@ -318,12 +318,30 @@ def test_the_policies_hold_with_the_operator_stopped_and_other_pods_start(cluste
         cluster.start_operator()
 
 
-def test_the_operator_restores_the_policys_parameter(cluster):
-    cluster.kube.kubectl("delete", "configmap", "keyhole-protected-secrets", "-n",
-                         RELEASE_NAMESPACE)
-    cluster.kube.wait_for(lambda: "openai-credentials" in (cluster.kube.get(
-        "configmap", "keyhole-protected-secrets", RELEASE_NAMESPACE).get("data") or {}
-    ).get(NS, ""), 30, "the operator restoring the policy's parameter")
+def test_the_operator_restores_the_policys_parameter_for_every_namespace_at_once(cluster):
+    """Whichever namespace's reconcile brings the deleted ConfigMap back writes every
+    namespace's Secrets: none stays unprotected until its own turn comes."""
+    kube, other = cluster.kube, f"{NS}-other"
+    kube.kubectl("create", "namespace", other)
+    kube.kubectl("create", "serviceaccount", "default", "-n", other)
+    secret(kube, other)
+    apply_injections(kube, other, openai_injection())
+
+    def published() -> dict:
+        return kube.get("configmap", "keyhole-protected-secrets", RELEASE_NAMESPACE).get(
+            "data") or {}
+
+    try:
+        kube.wait_for(lambda: published().get(other), what="the second namespace's key")
+        kube.kubectl("delete", "configmap", "keyhole-protected-secrets", "-n", RELEASE_NAMESPACE)
+        first = kube.wait_for(lambda: kube.kubectl(
+            "get", "configmap", "keyhole-protected-secrets", "-n", RELEASE_NAMESPACE, "-o",
+            "json", check=False).returncode == 0 and published(), 30,
+            "the operator restoring the policy's parameter")
+        assert "openai-credentials" in first.get(NS, "") and "openai-credentials" in first.get(
+            other, "")
+    finally:
+        kube.kubectl("delete", "si", "--all", "-n", other, check=False)
     cluster.wait_until_the_policy_enforces()  # the tests after this one rely on it
 
 
