@@ -31,6 +31,7 @@ class AuditRecord:
     bytes_in: int = 0  # from the client, towards the upstream
     bytes_out: int = 0  # to the client
     protocol: str | None = None  # the client's: "http/1.1" or "h2" (none for tunnels)
+    llm: dict | None = None  # model and tokens of a model API's answer (spec.llm)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -59,7 +60,7 @@ class AuditLog:
             "injection": record.injection, "source": record.source,
             "decision": record.decision,
             "reason": record.reason, "status": record.status, "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out, "protocol": record.protocol,
+            "bytes_out": record.bytes_out, "protocol": record.protocol, "llm": record.llm,
             "duration_ms": round((time.monotonic() - record.started) * 1000, 3),
         }
         self._stream.write(_ENCODE(line) + "\n")

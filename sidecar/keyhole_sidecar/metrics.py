@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 
 UNROUTED = "-"
+MAX_MODELS = 32  # distinct model labels per injection; more are counted as "other"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT"})
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                     10, 30, 60, 120)
@@ -92,6 +93,15 @@ class Metrics:
                                         "injection's spec.limits (nothing was sent upstream), "
                                         "by injection and limit.", ["injection", "limit"],
                                         registry=r)
+        self.llm_tokens = Counter("keyhole_llm_tokens", "Tokens of model API answers "
+                                  "(spec.llm), by injection, model and kind: input and output "
+                                  "(all of them), cached_input and reasoning (of which); "
+                                  "estimated=true where the answer reported no usage.",
+                                  ["injection", "model", "kind", "estimated"], registry=r)
+        self.llm_answers = Counter("keyhole_llm_answers", "Model API answers counted, by "
+                                   "injection, model and whether their usage was estimated.",
+                                   ["injection", "model", "estimated"], registry=r)
+        self._models: dict[str, set[str]] = {}
         self.available = Gauge("keyhole_injection_available", "1 while an injection injects; "
                                "0 while its Secret or key is missing or its value unusable "
                                "(requests to its hosts are refused).", ["injection"],
@@ -147,6 +157,30 @@ class Metrics:
         for stale in self._expiry_labels - labels:
             self.credential_expiry.remove(*stale)
         self._expiry_labels = labels
+
+    def model_label(self, injection: str, model: str | None) -> str:
+        """The model as a label: at most MAX_MODELS per injection (an upstream names them),
+        the rest ``other``; ``unknown`` when the answer named none."""
+        if not model:
+            return "unknown"
+        seen = self._models.setdefault(injection, set())
+        if model in seen:
+            return model
+        if len(seen) >= MAX_MODELS:
+            return "other"
+        seen.add(model)
+        return model
+
+    def llm_used(self, injection: str, usage) -> None:
+        """Count one answer's usage (a keyhole_sidecar.usage.meter.Usage)."""
+        model = self.model_label(injection, usage.model)
+        estimated = "true" if usage.estimated else "false"
+        self.llm_answers.labels(injection, model, estimated).inc()
+        for kind, count in (("input", usage.input), ("output", usage.output),
+                            ("cached_input", usage.cached_input),
+                            ("reasoning", usage.reasoning)):
+            if count:
+                self.llm_tokens.labels(injection, model, kind, estimated).inc(count)
 
     def follow_injections(self, table) -> None:
         """``keyhole_injection_available`` for each injection of ``table`` (a RouteTable)."""

@@ -170,6 +170,15 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Llm:
+    """``spec.llm``: the model API the injection's hosts speak (``openai``, ``anthropic`` or
+    ``gemini``), stated rather than guessed from the host: proxies and private endpoints
+    speak them under any name. The proxy reads the model and token usage of each answer."""
+
+    api: str
+
+
+@dataclass(frozen=True, slots=True)
 class AgentEnv:
     """A variable the operator sets in agent containers: a fixed placeholder or a base URL."""
 
@@ -193,9 +202,10 @@ class SecretInjection:
     pod_selector: dict | None = field(default=None, compare=False, hash=False)
     credential: Credential | None = None
     capture: str | None = None
-    limits: Limits | None = None
     """``proxy`` (clients use the proxy variables), ``transparent`` (keyhole-init redirects the
     pod's outbound traffic too), or None: the operator's default."""
+    limits: Limits | None = None
+    llm: Llm | None = None
 
     def secret_refs(self) -> tuple[SecretKeyRef, ...]:
         """Every Secret key this injection reads, in spec order, without repeats."""

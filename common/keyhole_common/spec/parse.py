@@ -33,6 +33,7 @@ from keyhole_common.spec.model import (
     GitHubApp,
     HeaderInjection,
     Limits,
+    Llm,
     OAuth2ClientCredentials,
     QueryParamInjection,
     Rule,
@@ -52,9 +53,10 @@ _RESERVED_HEADERS = frozenset(
 )
 _SPEC_FIELDS = frozenset(
     {"podSelector", "hosts", "headers", "basicAuth", "queryParams", "rules", "agentEnv",
-     "capture", "limits", *CREDENTIAL_FIELDS}
+     "capture", "limits", "llm", *CREDENTIAL_FIELDS}
 )
 CAPTURE_MODES = ("proxy", "transparent")
+LLM_APIS = ("openai", "anthropic", "gemini")
 _INJECTING_FIELDS = ("headers", "basicAuth", "queryParams", *CREDENTIAL_FIELDS)
 _GITHUB_ID = re.compile(r"^[0-9]+$")
 _GITHUB_APP_ID = re.compile(r"^[A-Za-z0-9.]+$")  # the numeric App ID, or its client ID
@@ -519,6 +521,19 @@ def _pod_selector(c: _Collector, value: Any) -> dict | None:
     return selector
 
 
+def _llm(c: _Collector, value: Any) -> Llm | None:
+    """``spec.llm``: which model API the hosts speak, so the proxy can count its tokens."""
+    entry = c.mapping(value, "spec.llm", {"api"})
+    if entry is None:
+        return None
+    api = entry.get("api")
+    if api not in LLM_APIS:
+        c.add("spec.llm.api", f"{api!r}: say which API the hosts speak: "
+                              f"{', '.join(LLM_APIS)} (an OpenAI-compatible endpoint is openai)")
+        return None
+    return Llm(api=api)
+
+
 def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None, list[Problem]]:
     """Parse one ``SecretInjection`` document; return it (or None) and its problems."""
     c = _Collector(source)
@@ -558,6 +573,7 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     selector = _pod_selector(c, spec["podSelector"]) if "podSelector" in spec else None
     credential = _credential(c, spec, headers, basic_auth, hosts)
     limits = _limits(c, spec["limits"], "spec.limits") if "limits" in spec else None
+    llm = _llm(c, spec["llm"]) if "llm" in spec else None
     capture = spec.get("capture")
     if capture is not None and capture not in CAPTURE_MODES:
         c.add("spec.capture", f"{capture!r}: capture is proxy (clients use the proxy "
@@ -578,7 +594,7 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     return SecretInjection(
         name=name, namespace=namespace, hosts=tuple(hosts), headers=headers,
         basic_auth=basic_auth, query_params=query, rules=rules, agent_env=agent_env,
-        pod_selector=selector, credential=credential, capture=capture, limits=limits,
+        pod_selector=selector, credential=credential, capture=capture, limits=limits, llm=llm,
     ), []
 
 

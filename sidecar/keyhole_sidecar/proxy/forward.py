@@ -41,6 +41,7 @@ from keyhole_sidecar.proxy.exchange import (
 )
 from keyhole_sidecar.redact import GrpcBodyError, GrpcStreamRedactor, Redactor, StreamRedactor
 from keyhole_sidecar.routes import Route
+from keyhole_sidecar.usage.meter import Meter, request_model
 
 log = logging.getLogger("keyhole.proxy")
 # A body announced at most this long is read whole and answered with one write (with its
@@ -220,11 +221,12 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         else None, readable=target.routed,
         trailers="trailers" in request.headers.get("TE", "").lower(),
         client_protocol=request.protocol)
+    llm = _llm_request(target, body)
     started = time.monotonic()
     answer, leg = await _exchange(ctx, out, target)
     try:
         ctx.metrics.upstream_answered(target.label, time.monotonic() - started)
-        await _relay_answer(ctx, request, target, record, answer)
+        await _relay_answer(ctx, request, target, record, answer, llm)
         if not leg.sent_whole():
             request.reply.close = True  # the client's body was not all sent: its stream is unclear
     finally:
@@ -255,10 +257,37 @@ async def _exchange(ctx: ProxyContext, out: Outbound, target: Target):
         raise failure from None
 
 
+def _llm_request(target: Target, body: Body) -> tuple[str, str | None] | None:
+    """(the API, the model the request names) when an injection of the target states
+    ``spec.llm``; None otherwise."""
+    api = next((r.injection.llm.api for r in target.routes if r.injection.llm), None)
+    if api is None:
+        return None
+    return api, request_model(api, target.path, body if isinstance(body, bytes) else None)
+
+
+def _meter(llm: tuple[str, str | None] | None, answer: Answer,
+           record: AuditRecord) -> Meter | None:
+    """A meter for a successful answer of a model API (errors are not billed)."""
+    if llm is None or not 200 <= answer.code < 300:
+        return None
+    api, model = llm
+    return Meter(api, answer.headers.get("Content-Type", ""), request_model=model,
+                 request_bytes=record.bytes_in)
+
+
+def _settle(ctx: ProxyContext, target: Target, record: AuditRecord, meter: Meter) -> None:
+    meter.request_bytes = record.bytes_in  # all of it was sent by the answer's end
+    usage = meter.finish()
+    record.llm = usage.as_record()
+    ctx.metrics.llm_used(target.label, usage)
+
+
 async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,
-                        record: AuditRecord, answer: Answer) -> None:
+                        record: AuditRecord, answer: Answer,
+                        llm: tuple[str, str | None] | None = None) -> None:
     """Pass the upstream's answer to the client: headers filtered, body and trailers redacted
-    on a routed request."""
+    on a routed request; a model API's answer metered on the way (``llm``)."""
     if answer.code == 101:
         ctx.metrics.upstream_errors.labels("bad_response").inc()
         raise UpstreamFailed("bad_response", f"{target.host}:{target.port} switched "
@@ -273,6 +302,7 @@ async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,
     record.status = answer.code
     length = content_length(answer.headers)
     no_body = request.method == "HEAD" or answer.code in _NO_BODY_STATUSES
+    meter = None if no_body else _meter(llm, answer, record)
     try:
         if no_body:
             if length is not None and request.method == "HEAD" and (
@@ -281,10 +311,10 @@ async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,
             reply.start(answer.code, answer.reason, headers)
             await reply.end(_trailers(answer, target, redactor))
         elif length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity", ""):
-            await _answer_whole(ctx, reply, answer, target, headers, redactor, record)
+            await _answer_whole(ctx, reply, answer, target, headers, redactor, record, meter)
         else:
             await _stream(ctx, reply, answer, target, headers, redactor, record,
-                          length if not target.routed else None)
+                          length if not target.routed else None, meter)
     except UnsafeHead as exc:  # raised before the head's first byte was written
         ctx.metrics.upstream_errors.labels("bad_response").inc()
         raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a head the "
@@ -324,7 +354,7 @@ async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) ->
 
 async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
                   headers: list[tuple[str, str]], redactor: Redactor | None, record: AuditRecord,
-                  length: int | None) -> None:
+                  length: int | None, meter: Meter | None = None) -> None:
     """Relay a body as it arrives; a break after the head aborts the client's connection
     (HTTP/2: resets the stream)."""
     payload = answer.body
@@ -338,11 +368,15 @@ async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
             out = stream.feed(data) if stream else data
             if out:
                 record.bytes_out += len(out)
+                if meter is not None:
+                    meter.feed(out)
                 await reply.write(out)
         if stream:
             tail = stream.flush()
             if tail:
                 record.bytes_out += len(tail)
+                if meter is not None:
+                    meter.feed(tail)
                 await reply.write(tail)
     except (ConnectionError, TimeoutError):  # BadResponse and UpstreamClosed among them
         ctx.metrics.upstream_errors.labels("mid_body").inc()
@@ -355,6 +389,9 @@ async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
         record.reason = "grpc_uninspectable"
         reply.abort()
         return
+    finally:  # an answer cut short is counted too: what passed, estimated
+        if meter is not None:
+            _settle(ctx, target, record, meter)
     await reply.end(_trailers(answer, target, redactor))
 
 
@@ -405,7 +442,7 @@ async def _authorize(ctx: ProxyContext, request, target: Target,
 
 async def _answer_whole(ctx: ProxyContext, reply, answer: Answer, target: Target,
                         headers: list[tuple[str, str]], redactor: Redactor | None,
-                        record: AuditRecord) -> None:
+                        record: AuditRecord, meter: Meter | None = None) -> None:
     """Read a small body whole, redact it, answer in one write. Nothing has been sent to the
     client yet, so an upstream failing mid-body becomes a clean 502 here."""
     payload = answer.body
@@ -421,5 +458,8 @@ async def _answer_whole(ctx: ProxyContext, reply, answer: Answer, target: Target
     if redactor:
         body = redactor.redact(body)
     record.bytes_out = len(body)
+    if meter is not None:
+        meter.feed(body)
+        _settle(ctx, target, record, meter)
     await reply.send(answer.code, answer.reason, headers, body,
                      _trailers(answer, target, redactor))

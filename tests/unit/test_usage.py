@@ -1,0 +1,88 @@
+"""The usage meter on the three APIs' answers, however the bytes are cut."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from keyhole_sidecar.usage.meter import WHOLE_JSON, Meter, Usage, request_model
+from keyhole_sidecar.usage.sse import MAX_EVENT, EventSplitter
+from tests.support import llm_upstream as api
+
+SSE = "text/event-stream; charset=utf-8"
+
+
+def metered(answer: list[bytes] | dict | list, api_name: str, cuts: int | None = None,
+            content_type: str | None = None) -> Usage:
+    if isinstance(answer, list) and answer and isinstance(answer[0], bytes):
+        body, kind = b"".join(answer), content_type or SSE
+    else:
+        body, kind = json.dumps(answer).encode(), content_type or "application/json"
+    meter = Meter(api_name, kind, request_bytes=400)
+    step = cuts or len(body)
+    for start in range(0, len(body), step):
+        meter.feed(body[start:start + step])
+    return meter.finish()
+
+
+STREAMS = {
+    "openai-chat": (lambda: api.openai_chat("gpt-4o", True, True), "openai",
+                    Usage("openai", "gpt-4o", 24, 29, 8, 0)),
+    "openai-responses": (lambda: api.openai_responses("o4-mini", True), "openai",
+                         Usage("openai", "o4-mini", 31, 93, 0, 64)),
+    "anthropic": (lambda: api.anthropic_messages("claude-x", True), "anthropic",
+                  Usage("anthropic", "claude-x", 1043, 30, 1024, 0)),
+    "gemini-sse": (lambda: [api.sse(a) for a in api.gemini("gemini-x", True)], "gemini",
+                   Usage("gemini", "gemini-x", 11, 42, 0, 14)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+@pytest.mark.parametrize("cut", [1, 7, 64, None])
+def test_streams_give_the_reported_usage_however_they_are_cut(name, cut):
+    make, api_name, want = STREAMS[name]
+    assert metered(make(), api_name, cut) == want
+
+
+def test_whole_answers_and_a_streamed_gemini_array():
+    assert metered(api.openai_chat("gpt-4o", False, False), "openai") == Usage(
+        "openai", "gpt-4o", 24, 29, 8, 0)
+    assert metered(api.anthropic_messages("claude-x", False), "anthropic") == Usage(
+        "anthropic", "claude-x", 1043, 30, 1024, 0)
+    assert metered(api.gemini("gemini-x", True), "gemini") == Usage(
+        "gemini", "gemini-x", 11, 42, 0, 14)
+
+
+def test_a_json_answer_too_large_to_hold_is_read_at_its_head_and_tail():
+    whole = api.openai_chat("gpt-4o", False, False)
+    whole["choices"][0]["message"]["content"] = "x" * (WHOLE_JSON * 2)
+    assert metered(whole, "openai", cuts=65536) == Usage("openai", "gpt-4o", 24, 29, 8, 0)
+
+
+def test_a_stream_without_usage_is_estimated_from_its_text_and_the_request():
+    usage = metered(api.openai_chat("gpt-4o", True, False), "openai")
+    assert usage == Usage("openai", "gpt-4o", 100, math.ceil(len(api.TEXT) / 4), 0, 0,
+                          estimated=True)
+
+
+def test_a_stream_that_never_reached_its_end_is_estimated_not_taken_at_its_word():
+    """message_start reports 1 output token; the cut answer had more."""
+    events = api.anthropic_messages("claude-x", True)[:12]
+    usage = metered(events, "anthropic")
+    assert usage.estimated and usage.input == 1043 and usage.output > 1
+
+
+def test_an_oversized_event_is_dropped_not_held():
+    splitter = EventSplitter()
+    assert list(splitter.feed(b"data: " + b"x" * (MAX_EVENT + 10))) == []
+    assert list(splitter.feed(b"\n\ndata: {}\n\n")) == [("message", "{}")]
+    assert splitter.dropped == 1
+
+
+def test_the_model_a_request_names():
+    assert request_model("openai", "/v1/chat/completions", b'{"model":"gpt-4o"}') == "gpt-4o"
+    assert request_model("gemini", "/v1beta/models/gemini-2.5-pro:generateContent",
+                         None) == "gemini-2.5-pro"
+    assert request_model("anthropic", "/v1/messages", b"not json") is None
