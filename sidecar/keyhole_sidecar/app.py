@@ -33,6 +33,7 @@ from keyhole_sidecar.upstream import (
     make_session,
     upstream_tls_context,
 )
+from keyhole_sidecar.usage.budgets import Budgets
 
 log = logging.getLogger("keyhole")
 
@@ -138,9 +139,11 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     pool = UpstreamPool(resolver, upstream_tls, upstream_tls_h2)
     limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused)
     metrics.watch_windows(limiter.windows_left)
+    budgets = Budgets(options.state_dir, clock=limiter.clock, on_refused=metrics.budget_refused)
+    metrics.watch_budgets(budgets.remaining)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, pool=pool, session=session, metrics=metrics,
-                       audit=AuditLog(), limiter=limiter)
+                       audit=AuditLog(), limiter=limiter, budgets=budgets)
     server_kwargs = dict(
         logger=protocol_logger(metrics.decisions.labels("denied", "malformed").inc),
         keepalive_timeout=settings.idle_timeout, max_line_size=settings.max_line_size,

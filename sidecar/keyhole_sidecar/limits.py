@@ -71,18 +71,24 @@ def period_start(now: float, period: str) -> float:
 class WindowStore:
     """Window counts in a small JSON file, rewritten atomically on every change."""
 
+    what = "limit windows"
+
     def __init__(self, path: Path | None):
         self.path = path
         self._pending = False
         self._saved = 0.0
-        self.counts: dict[str, tuple[float, int]] = {}
+        self.counts: dict = {}
         if path is not None and path.exists():
             try:
-                raw = json.loads(path.read_text())
-                self.counts = {k: (float(v[0]), int(v[1])) for k, v in raw["windows"].items()}
+                self.counts = self.parse(json.loads(path.read_text())["windows"])
             except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-                log.error("cannot read the limit windows in %s (%s); counting from zero",
+                log.error("cannot read the %s in %s (%s); counting from zero", self.what,
                           path, type(exc).__name__)
+
+    @staticmethod
+    def parse(windows: dict) -> dict:
+        """The counts as stored: window → (its start, requests)."""
+        return {k: (float(v[0]), int(v[1])) for k, v in windows.items()}
 
     def save_soon(self) -> None:
         """At once if the file was last written over a second ago, else a second after that:
@@ -108,7 +114,7 @@ class WindowStore:
             temporary.write_text(json.dumps({"version": 1, "windows": self.counts}))
             os.replace(temporary, self.path)
         except OSError as exc:
-            log.error("cannot write the limit windows to %s: %s", self.path, exc.strerror)
+            log.error("cannot write the %s to %s: %s", self.what, self.path, exc.strerror)
 
 
 class Ticket:

@@ -48,6 +48,25 @@ class _WindowsLeft:
         yield family
 
 
+class _BudgetsLeft:
+    """A collector: what is left of each spec.llm budget in its current window."""
+
+    def __init__(self, remaining: Callable[[], Iterable[tuple[str, str, float]]]):
+        self._remaining = remaining
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("keyhole_llm_budget_remaining", "What is left of a "
+                                   "spec.llm budget in its current UTC window, in this pod: "
+                                   "tokens, or USD for spend budgets.",
+                                   labels=["injection", "budget"])
+        for injection, budget, left in self._remaining():
+            family.add_metric([injection, budget], left)
+        yield family
+
+
 class Metrics:
     """The sidecar's metrics, on a registry of their own (so tests can make several)."""
 
@@ -101,6 +120,15 @@ class Metrics:
         self.llm_answers = Counter("keyhole_llm_answers", "Model API answers counted, by "
                                    "injection, model and whether their usage was estimated.",
                                    ["injection", "model", "estimated"], registry=r)
+        self.llm_cost = Counter("keyhole_llm_cost", "USD spent on model APIs by injection "
+                                "and model, at spec.llm.prices or the shipped table.",
+                                ["injection", "model", "estimated"], registry=r)
+        self.llm_unpriced = Counter("keyhole_llm_unpriced_answers", "Answers of a model no "
+                                    "price is known for: counted in tokens, not in USD.",
+                                    ["injection", "model"], registry=r)
+        self.budget_refusals = Counter("keyhole_llm_budget_refusals", "Requests refused by a "
+                                       "spec.llm budget (nothing was sent upstream).",
+                                       ["injection", "budget"], registry=r)
         self._models: dict[str, set[str]] = {}
         self.available = Gauge("keyhole_injection_available", "1 while an injection injects; "
                                "0 while its Secret or key is missing or its value unusable "
@@ -130,6 +158,13 @@ class Metrics:
 
     def limit_refused(self, injection: str, limit: str) -> None:
         self.limit_rejections.labels(injection, limit).inc()
+
+    def budget_refused(self, injection: str, budget: str) -> None:
+        self.budget_refusals.labels(injection, budget).inc()
+
+    def watch_budgets(self, remaining: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+        """``keyhole_llm_budget_remaining``, computed at each scrape from the budgets."""
+        self.registry.register(_BudgetsLeft(remaining))
 
     def watch_windows(self, windows_left: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """``keyhole_limit_window_remaining``, computed at each scrape from the limiter."""
@@ -171,11 +206,15 @@ class Metrics:
         seen.add(model)
         return model
 
-    def llm_used(self, injection: str, usage) -> None:
-        """Count one answer's usage (a keyhole_sidecar.usage.meter.Usage)."""
+    def llm_used(self, injection: str, usage, spent: float | None) -> None:
+        """Count one answer's usage (a keyhole_sidecar.usage.meter.Usage) and its cost."""
         model = self.model_label(injection, usage.model)
         estimated = "true" if usage.estimated else "false"
         self.llm_answers.labels(injection, model, estimated).inc()
+        if spent is None:
+            self.llm_unpriced.labels(injection, model).inc()
+        elif spent:
+            self.llm_cost.labels(injection, model, estimated).inc(spent)
         for kind, count in (("input", usage.input), ("output", usage.output),
                             ("cached_input", usage.cached_input),
                             ("reasoning", usage.reasoning)):

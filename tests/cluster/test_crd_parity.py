@@ -69,6 +69,12 @@ CEL_RULES = {  # case → (change to a valid spec, what both messages say)
     "a placeholder that is false": (
         lambda s: s.update(agentEnv=[{"name": "X", "placeholder": False}]),
         "must be true (or leave the entry out)"),
+    "a budget of both tokens and spend": (
+        lambda s: s.update(llm={"api": "openai", "budgets": [
+            {"per": "day", "tokens": 5, "spend": 1}]}), "give exactly one of tokens"),
+    "a spend budget of 0": (
+        lambda s: s.update(llm={"api": "openai", "budgets": [{"per": "day", "spend": 0}]}),
+        "a spend budget of 0 allows nothing"),
 }
 
 SCHEMA_RULES = {  # case → (change, the field both messages name)
@@ -79,6 +85,11 @@ SCHEMA_RULES = {  # case → (change, the field both messages name)
                        "spec.limits.requestsPerMinute"),
     "an unknown capture mode": (lambda s: s.update(capture="sometimes"), "spec.capture"),
     "no hosts": (lambda s: s.pop("hosts"), "spec.hosts"),
+    "an unknown model API": (lambda s: s.update(llm={"api": "cohere"}), "spec.llm.api"),
+    "a budget per week": (lambda s: s.update(llm={"api": "openai", "budgets": [
+        {"per": "week", "tokens": 5}]}), "spec.llm.budgets[0].per"),
+    "a price below zero": (lambda s: s.update(llm={"api": "openai", "prices": [
+        {"model": "x", "input": -1, "output": 1}]}), "spec.llm.prices[0].input"),
 }
 
 

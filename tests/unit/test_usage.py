@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from keyhole_sidecar.usage.meter import WHOLE_JSON, Meter, Usage, request_model
+from keyhole_sidecar.usage.meter import WHOLE_JSON, Meter, Usage, read_request
 from keyhole_sidecar.usage.sse import MAX_EVENT, EventSplitter
 from tests.support import llm_upstream as api
 
@@ -81,8 +81,15 @@ def test_an_oversized_event_is_dropped_not_held():
     assert splitter.dropped == 1
 
 
-def test_the_model_a_request_names():
-    assert request_model("openai", "/v1/chat/completions", b'{"model":"gpt-4o"}') == "gpt-4o"
-    assert request_model("gemini", "/v1beta/models/gemini-2.5-pro:generateContent",
-                         None) == "gemini-2.5-pro"
-    assert request_model("anthropic", "/v1/messages", b"not json") is None
+def test_the_model_and_the_output_ceiling_a_request_states():
+    assert read_request("openai", "/v1/chat/completions",
+                        b'{"model":"gpt-4o","max_completion_tokens":300}') == ("gpt-4o", 300)
+    assert read_request("openai", "/v1/responses",
+                        b'{"model":"o3","max_output_tokens":50}') == ("o3", 50)
+    assert read_request("anthropic", "/v1/messages",
+                        b'{"model":"claude-x","max_tokens":1024}') == ("claude-x", 1024)
+    assert read_request("gemini", "/v1beta/models/gemini-2.5-pro:generateContent",
+                        b'{"generationConfig":{"maxOutputTokens":64}}') == ("gemini-2.5-pro", 64)
+    assert read_request("anthropic", "/v1/messages", b"not json") == (None, None)
+    assert read_request("openai", "/v1/chat/completions",
+                        b'{"model":"gpt-4o","max_tokens":true}') == ("gpt-4o", None)

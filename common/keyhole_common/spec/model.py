@@ -169,13 +169,51 @@ class Rule:
     limits: Limits | None = None
 
 
+BUDGET_PERIODS = ("hour", "day", "month")
+"""``spec.llm.budgets[].per``: UTC hours, days and calendar months."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens for the models matching ``model`` (a glob, e.g. ``gpt-4o*``).
+    ``cached_input`` and ``cache_write`` default to ``input``."""
+
+    model: str
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_write: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """At most ``tokens`` (input and output together) or ``spend`` USD per UTC ``per``, for
+    this pod's requests of the injection — of the models matching ``models`` (globs), or of
+    every model when it is None."""
+
+    per: str
+    tokens: int | None = None
+    spend: float | None = None
+    models: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        """A stable, readable identity: ``tokens/day``, ``spend/month[gpt-4*,o*]``."""
+        kind = "tokens" if self.tokens is not None else "spend"
+        return f"{kind}/{self.per}" + (f"[{','.join(self.models)}]" if self.models else "")
+
+
 @dataclass(frozen=True, slots=True)
 class Llm:
     """``spec.llm``: the model API the injection's hosts speak (``openai``, ``anthropic`` or
     ``gemini``), stated rather than guessed from the host: proxies and private endpoints
-    speak them under any name. The proxy reads the model and token usage of each answer."""
+    speak them under any name. The proxy reads the model and token usage of each answer,
+    prices it (``prices`` first, then the table shipped with keyhole) and holds this pod to
+    the ``budgets``."""
 
     api: str
+    prices: tuple[Price, ...] = ()
+    budgets: tuple[Budget, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from keyhole_common.spec.hosts import HostPattern, is_ip_literal
 from keyhole_common.spec.model import (
     API_GROUP,
     API_VERSION,
+    BUDGET_PERIODS,
     CREDENTIAL_FIELDS,
     KIND,
     LIST_KIND,
@@ -29,12 +30,14 @@ from keyhole_common.spec.model import (
     AgentEnv,
     AwsSigV4,
     BasicAuth,
+    Budget,
     Credential,
     GitHubApp,
     HeaderInjection,
     Limits,
     Llm,
     OAuth2ClientCredentials,
+    Price,
     QueryParamInjection,
     Rule,
     SecretInjection,
@@ -57,6 +60,7 @@ _SPEC_FIELDS = frozenset(
 )
 CAPTURE_MODES = ("proxy", "transparent")
 LLM_APIS = ("openai", "anthropic", "gemini")
+_MODEL_PATTERN = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9._:/@*?\-]{0,199}$")
 _INJECTING_FIELDS = ("headers", "basicAuth", "queryParams", *CREDENTIAL_FIELDS)
 _GITHUB_ID = re.compile(r"^[0-9]+$")
 _GITHUB_APP_ID = re.compile(r"^[A-Za-z0-9.]+$")  # the numeric App ID, or its client ID
@@ -522,8 +526,8 @@ def _pod_selector(c: _Collector, value: Any) -> dict | None:
 
 
 def _llm(c: _Collector, value: Any) -> Llm | None:
-    """``spec.llm``: which model API the hosts speak, so the proxy can count its tokens."""
-    entry = c.mapping(value, "spec.llm", {"api"})
+    """``spec.llm``: which model API the hosts speak, what its models cost, and the budgets."""
+    entry = c.mapping(value, "spec.llm", {"api", "prices", "budgets"})
     if entry is None:
         return None
     api = entry.get("api")
@@ -531,7 +535,78 @@ def _llm(c: _Collector, value: Any) -> Llm | None:
         c.add("spec.llm.api", f"{api!r}: say which API the hosts speak: "
                               f"{', '.join(LLM_APIS)} (an OpenAI-compatible endpoint is openai)")
         return None
-    return Llm(api=api)
+    prices = []
+    for i, raw in enumerate(c.sequence(entry.get("prices", []), "spec.llm.prices") or []):
+        price = _price(c, raw, f"spec.llm.prices[{i}]")
+        if price is not None:
+            prices.append(price)
+    budgets = []
+    for i, raw in enumerate(c.sequence(entry.get("budgets", []), "spec.llm.budgets") or []):
+        budget = _budget(c, raw, f"spec.llm.budgets[{i}]")
+        if budget is not None:
+            budgets.append(budget)
+    names = [b.name for b in budgets]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        c.add("spec.llm.budgets", f"two budgets are {name}: keep one")
+    return Llm(api=api, prices=tuple(prices), budgets=tuple(budgets))
+
+
+def _usd(c: _Collector, value: Any, path: str, *, required: bool) -> float | None:
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 <= value < 1e9) or value != value:
+        c.add(path, f"{value!r}: give USD per million tokens, a number from 0")
+        return None
+    return float(value)
+
+
+def _models(c: _Collector, value: Any, path: str) -> tuple[str, ...] | None:
+    patterns = []
+    for i, raw in enumerate(c.sequence(value, path, non_empty=True) or []):
+        pattern = c.string(raw, f"{path}[{i}]", _MODEL_PATTERN,
+                           "a model name, or a glob such as gpt-4o* or claude-*")
+        if pattern:
+            patterns.append(pattern)
+    return tuple(patterns) or None
+
+
+def _price(c: _Collector, value: Any, path: str) -> Price | None:
+    entry = c.mapping(value, path, {"model", "input", "output", "cachedInput", "cacheWrite"})
+    if entry is None:
+        return None
+    model = c.string(entry.get("model"), f"{path}.model", _MODEL_PATTERN,
+                     "a model name, or a glob such as gpt-4o* or claude-*")
+    figures = [_usd(c, entry.get(field), f"{path}.{field}", required=field in ("input",
+                                                                                "output"))
+               for field in ("input", "output", "cachedInput", "cacheWrite")]
+    if model is None or figures[0] is None or figures[1] is None:
+        return None
+    return Price(model, figures[0], figures[1], figures[2], figures[3])
+
+
+def _budget(c: _Collector, value: Any, path: str) -> Budget | None:
+    entry = c.mapping(value, path, {"per", "tokens", "spend", "models"})
+    if entry is None:
+        return None
+    per = entry.get("per")
+    if per not in BUDGET_PERIODS:
+        c.add(f"{path}.per", f"{per!r}: budgets are per {', '.join(BUDGET_PERIODS)} (UTC)")
+    if ("tokens" in entry) == ("spend" in entry):
+        c.add(path, "give exactly one of tokens (input and output together) or spend (USD)")
+        return None
+    tokens = _count(c, entry["tokens"], f"{path}.tokens") if "tokens" in entry else None
+    spend = None
+    if "spend" in entry:
+        spend = _usd(c, entry["spend"], f"{path}.spend", required=True)
+        if spend == 0:
+            c.add(f"{path}.spend", "a spend budget of 0 allows nothing: remove the hosts "
+                                   "instead")
+            spend = None
+    models = _models(c, entry["models"], f"{path}.models") if "models" in entry else None
+    if per not in BUDGET_PERIODS or (tokens is None and spend is None):
+        return None
+    return Budget(per=per, tokens=tokens, spend=spend, models=models)
 
 
 def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None, list[Problem]]:

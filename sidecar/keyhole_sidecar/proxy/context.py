@@ -17,6 +17,7 @@ from keyhole_sidecar.metrics import Metrics
 from keyhole_sidecar.proxy.exchange import Upstreams
 from keyhole_sidecar.routes import RouteTable
 from keyhole_sidecar.upstream import OverridingResolver
+from keyhole_sidecar.usage.budgets import Budgets
 
 Unmatched = Literal["passthrough", "deny"]
 
@@ -89,5 +90,7 @@ class ProxyContext:
     audit: AuditLog
     limiter: Limiter
     """spec.limits' counters, kept across reloads."""
+    budgets: Budgets = field(default_factory=Budgets)
+    """spec.llm.budgets' counts and reservations, kept across reloads."""
     inflight: InFlight = field(default_factory=InFlight)
     """Requests being answered, for the drain on SIGTERM."""

@@ -7,6 +7,7 @@ sentence a human reads in the response body. Neither ever holds a secret value.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from http import HTTPStatus
@@ -96,9 +97,41 @@ class LimitExceeded(ProxyError):
         return headers, (json.dumps(body) + "\n").encode()
 
 
+class BudgetExceeded(ProxyError):
+    """Over one of ``spec.llm.budgets``: 429 until the window ends, in the model API's own
+    error shape, so the agent's SDK reports a quota error (and, told ``x-should-retry:
+    false``, does not retry it); nothing was sent upstream."""
+
+    decision = "denied"
+    status = 429
+    # What each API answers when a quota is spent (its SDKs map a 429 to RateLimitError).
+    SHAPES = {
+        "openai": lambda text: {"error": {"message": text, "type": "insufficient_quota",
+                                          "param": None, "code": "insufficient_quota"}},
+        "anthropic": lambda text: {"type": "error", "error": {"type": "rate_limit_error",
+                                                              "message": text}},
+        "gemini": lambda text: {"error": {"code": 429, "message": text,
+                                          "status": "RESOURCE_EXHAUSTED"}},
+    }
+
+    def __init__(self, refusal, api: str):
+        super().__init__("budget_exhausted", refusal.detail, injection=refusal.injection)
+        self.refusal, self.api = refusal, api
+
+    def parts(self) -> tuple[list[tuple[str, str]], bytes]:
+        refusal = self.refusal
+        resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(refusal.resets_at))
+        text = (f"keyhole: {self.message}; the budget resets at {resets}")
+        body = self.SHAPES[self.api](text)
+        headers = [("Content-Type", "application/json"), ("X-Keyhole-Error", self.reason),
+                   ("Retry-After", str(max(1, math.ceil(refusal.retry_after)))),
+                   ("x-should-retry", "false")]
+        return headers, (json.dumps(body) + "\n").encode()
+
+
 def error_parts(error: ProxyError) -> tuple[int, str, list[tuple[str, str]], bytes]:
     """Status, reason, headers and body of the answer to ``error``."""
-    if isinstance(error, LimitExceeded):
+    if isinstance(error, LimitExceeded | BudgetExceeded):
         headers, body = error.parts()
         return error.status, HTTPStatus(error.status).phrase, headers, body
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("X-Keyhole-Error", error.reason)]

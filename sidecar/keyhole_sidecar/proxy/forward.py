@@ -22,13 +22,21 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from keyhole_common.spec import Limits
+from keyhole_common.spec.model import Llm
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.credentials import CredentialError, CredentialSource, Outgoing
 from keyhole_sidecar.egress import TargetRefused
 from keyhole_sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
 from keyhole_sidecar.limits import Refusal
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.errors import BadRequest, Denied, LimitExceeded, ProxyError, UpstreamFailed
+from keyhole_sidecar.proxy.errors import (
+    BadRequest,
+    BudgetExceeded,
+    Denied,
+    LimitExceeded,
+    ProxyError,
+    UpstreamFailed,
+)
 from keyhole_sidecar.proxy.exchange import (
     Answer,
     BadResponse,
@@ -41,7 +49,9 @@ from keyhole_sidecar.proxy.exchange import (
 )
 from keyhole_sidecar.redact import GrpcBodyError, GrpcStreamRedactor, Redactor, StreamRedactor
 from keyhole_sidecar.routes import Route
-from keyhole_sidecar.usage.meter import Meter, request_model
+from keyhole_sidecar.usage.budgets import Asked, BudgetRefusal, BudgetTicket, input_estimate
+from keyhole_sidecar.usage.meter import Meter, read_request
+from keyhole_sidecar.usage.prices import cost, price_of
 
 log = logging.getLogger("keyhole.proxy")
 # A body announced at most this long is read whole and answered with one write (with its
@@ -50,6 +60,7 @@ log = logging.getLogger("keyhole.proxy")
 WHOLE_BODY_LIMIT = 64 * 1024
 # A body whose hash goes into a signature (SigV4, payload: signed) is read whole first.
 SIGNED_BODY_LIMIT = 16 * 1024 * 1024
+WHOLE_REQUEST_LIMIT = 1 << 20  # a model API request up to this size is read before it is sent
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _DEFAULT_PORT = {"https": 443, "http": 80}
@@ -118,6 +129,23 @@ async def _client_body(request: Request, record: AuditRecord) -> AsyncIterator[b
             return
         record.bytes_in += len(data)
         yield data
+
+
+async def _gathered(body: AsyncIterator[bytes], limit: int) -> Body:
+    """A model API request's body, whole when it is at most ``limit`` bytes (its JSON names
+    the model and the output ceiling the budgets need); else streamed on as it came."""
+    parts, size = [], 0
+    async for data in body:
+        parts.append(data)
+        size += len(data)
+        if size > limit:
+            async def rest() -> AsyncIterator[bytes]:
+                for part in parts:
+                    yield part
+                async for more in body:
+                    yield more
+            return rest()
+    return b"".join(parts)
 
 
 def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
@@ -209,6 +237,9 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
     if limit is not None and body is not None and (
             isinstance(body, bytes) or not request.length_known):  # announced lengths: judged
         body = await _bounded(ctx, body, limit, target)
+    if body is not None and not isinstance(body, bytes) and any(
+            r.injection.llm for r in target.routes):
+        body = await _gathered(body, WHOLE_REQUEST_LIMIT)  # its model and ceiling decide
     query = None
     if target.credentials:
         body, query = await _authorize(ctx, request, target, headers, body)
@@ -221,16 +252,20 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         else None, readable=target.routed,
         trailers="trailers" in request.headers.get("TE", "").lower(),
         client_protocol=request.protocol)
-    llm = _llm_request(target, body)
-    started = time.monotonic()
-    answer, leg = await _exchange(ctx, out, target)
+    llm = _llm_call(ctx, request, target, body)
     try:
-        ctx.metrics.upstream_answered(target.label, time.monotonic() - started)
-        await _relay_answer(ctx, request, target, record, answer, llm)
-        if not leg.sent_whole():
-            request.reply.close = True  # the client's body was not all sent: its stream is unclear
+        started = time.monotonic()
+        answer, leg = await _exchange(ctx, out, target)
+        try:
+            ctx.metrics.upstream_answered(target.label, time.monotonic() - started)
+            await _relay_answer(ctx, request, target, record, answer, llm)
+            if not leg.sent_whole():
+                request.reply.close = True  # the client's body was not all sent: unclear
+        finally:
+            leg.finish()
     finally:
-        leg.finish()
+        if llm is not None and llm.ticket is not None:
+            ctx.budgets.release(llm.ticket)  # settled by the answer, or never spent
 
 
 async def _exchange(ctx: ProxyContext, out: Outbound, target: Target):
@@ -257,35 +292,59 @@ async def _exchange(ctx: ProxyContext, out: Outbound, target: Target):
         raise failure from None
 
 
-def _llm_request(target: Target, body: Body) -> tuple[str, str | None] | None:
-    """(the API, the model the request names) when an injection of the target states
-    ``spec.llm``; None otherwise."""
-    api = next((r.injection.llm.api for r in target.routes if r.injection.llm), None)
-    if api is None:
+@dataclass(slots=True)
+class LlmCall:
+    """A request to a model API (its injection states ``spec.llm``): what it asked for, and
+    what it reserved of the budgets until its answer is counted."""
+
+    injection: str
+    spec: Llm
+    model: str | None
+    ticket: BudgetTicket | None = None
+
+
+def _llm_call(ctx: ProxyContext, request: Request, target: Target,
+              body: Body) -> LlmCall | None:
+    """The model API call ``request`` is, admitted by its budgets; None for other requests.
+    Raises BudgetExceeded (nothing is sent) when a budget has no room left."""
+    route = next((r for r in target.routes if r.injection.llm), None)
+    if route is None:
         return None
-    return api, request_model(api, target.path, body if isinstance(body, bytes) else None)
+    spec = route.injection.llm
+    whole = body if isinstance(body, bytes) else None
+    model, ceiling = read_request(spec.api, target.path, whole)
+    call = LlmCall(route.name, spec, model)
+    if spec.budgets:
+        size = len(whole) if whole is not None else content_length(request.headers) or 0
+        admitted = ctx.budgets.admit(route.name, spec, Asked(model, input_estimate(size),
+                                                             ceiling))
+        if isinstance(admitted, BudgetRefusal):
+            raise BudgetExceeded(admitted, spec.api)
+        call.ticket = admitted
+    return call
 
 
-def _meter(llm: tuple[str, str | None] | None, answer: Answer,
-           record: AuditRecord) -> Meter | None:
+def _meter(llm: LlmCall | None, answer: Answer, record: AuditRecord) -> Meter | None:
     """A meter for a successful answer of a model API (errors are not billed)."""
     if llm is None or not 200 <= answer.code < 300:
         return None
-    api, model = llm
-    return Meter(api, answer.headers.get("Content-Type", ""), request_model=model,
+    return Meter(llm.spec.api, answer.headers.get("Content-Type", ""), request_model=llm.model,
                  request_bytes=record.bytes_in)
 
 
-def _settle(ctx: ProxyContext, target: Target, record: AuditRecord, meter: Meter) -> None:
+def _settle(ctx: ProxyContext, llm: LlmCall, record: AuditRecord, meter: Meter) -> None:
+    """Count the answer: the audit line, the metrics, the budgets."""
     meter.request_bytes = record.bytes_in  # all of it was sent by the answer's end
     usage = meter.finish()
-    record.llm = usage.as_record()
-    ctx.metrics.llm_used(target.label, usage)
+    spent = cost(usage, price_of(usage.model, llm.spec.prices))
+    record.llm = {**usage.as_record(), "cost_usd": round(spent, 8) if spent is not None
+                  else None, "priced": spent is not None}
+    ctx.metrics.llm_used(llm.injection, usage, spent)
+    ctx.budgets.charge(llm.injection, llm.spec, usage, spent)
 
 
 async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,
-                        record: AuditRecord, answer: Answer,
-                        llm: tuple[str, str | None] | None = None) -> None:
+                        record: AuditRecord, answer: Answer, llm: LlmCall | None = None) -> None:
     """Pass the upstream's answer to the client: headers filtered, body and trailers redacted
     on a routed request; a model API's answer metered on the way (``llm``)."""
     if answer.code == 101:
@@ -311,10 +370,11 @@ async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,
             reply.start(answer.code, answer.reason, headers)
             await reply.end(_trailers(answer, target, redactor))
         elif length is not None and length <= WHOLE_BODY_LIMIT and encoding in ("identity", ""):
-            await _answer_whole(ctx, reply, answer, target, headers, redactor, record, meter)
+            await _answer_whole(ctx, reply, answer, target, headers, redactor, record,
+                                llm, meter)
         else:
             await _stream(ctx, reply, answer, target, headers, redactor, record,
-                          length if not target.routed else None, meter)
+                          length if not target.routed else None, llm, meter)
     except UnsafeHead as exc:  # raised before the head's first byte was written
         ctx.metrics.upstream_errors.labels("bad_response").inc()
         raise UpstreamFailed("bad_response", f"{target.host}:{target.port} sent a head the "
@@ -354,7 +414,8 @@ async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) ->
 
 async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
                   headers: list[tuple[str, str]], redactor: Redactor | None, record: AuditRecord,
-                  length: int | None, meter: Meter | None = None) -> None:
+                  length: int | None, llm: LlmCall | None = None,
+                  meter: Meter | None = None) -> None:
     """Relay a body as it arrives; a break after the head aborts the client's connection
     (HTTP/2: resets the stream)."""
     payload = answer.body
@@ -390,8 +451,8 @@ async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
         reply.abort()
         return
     finally:  # an answer cut short is counted too: what passed, estimated
-        if meter is not None:
-            _settle(ctx, target, record, meter)
+        if llm is not None and meter is not None:
+            _settle(ctx, llm, record, meter)
     await reply.end(_trailers(answer, target, redactor))
 
 
@@ -442,7 +503,8 @@ async def _authorize(ctx: ProxyContext, request, target: Target,
 
 async def _answer_whole(ctx: ProxyContext, reply, answer: Answer, target: Target,
                         headers: list[tuple[str, str]], redactor: Redactor | None,
-                        record: AuditRecord, meter: Meter | None = None) -> None:
+                        record: AuditRecord, llm: LlmCall | None = None,
+                        meter: Meter | None = None) -> None:
     """Read a small body whole, redact it, answer in one write. Nothing has been sent to the
     client yet, so an upstream failing mid-body becomes a clean 502 here."""
     payload = answer.body
@@ -458,8 +520,8 @@ async def _answer_whole(ctx: ProxyContext, reply, answer: Answer, target: Target
     if redactor:
         body = redactor.redact(body)
     record.bytes_out = len(body)
-    if meter is not None:
+    if llm is not None and meter is not None:
         meter.feed(body)
-        _settle(ctx, target, record, meter)
+        _settle(ctx, llm, record, meter)
     await reply.send(answer.code, answer.reason, headers, body,
                      _trailers(answer, target, redactor))

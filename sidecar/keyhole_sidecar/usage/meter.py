@@ -41,13 +41,15 @@ class Usage:
     output: int
     cached_input: int = 0
     reasoning: int = 0
+    cache_write: int = 0  # of the input: written to the provider's prompt cache (Anthropic)
     estimated: bool = False
 
     def as_record(self) -> dict:
-        """The audit line's ``llm`` field."""
+        """The audit line's ``llm`` field (the proxy adds the cost)."""
         return {"api": self.api, "model": self.model, "input_tokens": self.input,
                 "output_tokens": self.output, "cached_input_tokens": self.cached_input,
-                "reasoning_tokens": self.reasoning, "estimated": self.estimated}
+                "cache_write_tokens": self.cache_write, "reasoning_tokens": self.reasoning,
+                "estimated": self.estimated}
 
 
 def _int(value) -> int:
@@ -67,6 +69,7 @@ class _Counts:
         self.output: int | None = None
         self.cached_input = 0
         self.reasoning = 0
+        self.cache_write = 0
         self.chars = 0  # generated text and tool arguments seen (for an estimate)
         self.done = False  # the API's own end-of-answer marker was seen
 
@@ -88,10 +91,10 @@ class _Counts:
 
     def anthropic_usage(self, usage: dict) -> None:
         cache_read = _int(usage.get("cache_read_input_tokens"))
+        cache_write = _int(usage.get("cache_creation_input_tokens"))
         if "input_tokens" in usage:
-            self.input = (_int(usage.get("input_tokens")) + cache_read
-                          + _int(usage.get("cache_creation_input_tokens")))
-            self.cached_input = cache_read
+            self.input = _int(usage.get("input_tokens")) + cache_read + cache_write
+            self.cached_input, self.cache_write = cache_read, cache_write
         if "output_tokens" in usage:
             self.output = _int(usage.get("output_tokens"))  # cumulative in message_delta
 
@@ -224,12 +227,12 @@ class Meter:
         complete = counts.done or self._events is None  # a stream must reach its end marker
         if counts.input is not None and counts.output is not None and complete:
             return Usage(self.api, model, counts.input, counts.output, counts.cached_input,
-                         counts.reasoning)
+                         counts.reasoning, counts.cache_write)
         estimated_input = counts.input if counts.input is not None else math.ceil(
             self.request_bytes / CHARS_PER_TOKEN)
         estimated_output = max(counts.output or 0, math.ceil(counts.chars / CHARS_PER_TOKEN))
         return Usage(self.api, model, estimated_input, estimated_output, counts.cached_input,
-                     counts.reasoning, estimated=True)
+                     counts.reasoning, counts.cache_write, estimated=True)
 
     def _read_json(self) -> None:
         body = b"".join(self._body)
@@ -270,17 +273,31 @@ def _last_value(text: bytes, key: bytes):
                 pass
 
 
-def request_model(api: str, path: str, body: bytes | None) -> str | None:
-    """The model a request asks for: in its JSON body (OpenAI, Anthropic) or its path
-    (Gemini: ``/v1beta/models/<model>:generateContent``)."""
+_CEILINGS = {"openai": ("max_completion_tokens", "max_tokens", "max_output_tokens"),
+             "anthropic": ("max_tokens",)}
+
+
+def read_request(api: str, path: str, body: bytes | None) -> tuple[str | None, int | None]:
+    """The model a request asks for — in its JSON body (OpenAI, Anthropic) or its path
+    (Gemini: ``/v1beta/models/<model>:generateContent``) — and the output ceiling it states
+    (``max_tokens`` and its kin; Gemini's ``generationConfig.maxOutputTokens``)."""
+    model = None
     if api == "gemini":
         _, found, rest = path.partition("/models/")
-        return rest.split(":", 1)[0].split("?", 1)[0] or None if found else None
+        model = (rest.split(":", 1)[0].split("?", 1)[0] or None) if found else None
     if not body or len(body) > WHOLE_JSON:
-        return None
+        return model, None
     try:
         data = json.loads(body)
     except ValueError:
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
+        return model, None
+    if not isinstance(data, dict):
+        return model, None
+    if api != "gemini":
+        model = data.get("model") if isinstance(data.get("model"), str) else None
+        fields = [data.get(name) for name in _CEILINGS[api]]
+    else:
+        fields = [(data.get("generationConfig") or {}).get("maxOutputTokens")]
+    ceiling = next((f for f in fields if isinstance(f, int) and not isinstance(f, bool)
+                    and f > 0), None)
+    return model, ceiling
