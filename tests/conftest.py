@@ -66,6 +66,18 @@ def upstream(test_ca) -> Upstream:
 
 
 @pytest.fixture(scope="session")
+def llm_upstream(test_ca):
+    """A stand-in of the OpenAI, Anthropic and Gemini APIs on 127.0.0.3:443."""
+    from tests.support.llm_upstream import LlmServer
+
+    ca, ca_file = test_ca
+    server = LlmServer(ca, ca_file)
+    state = server.start()
+    yield state
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def plain_upstream(test_ca) -> Upstream:
     """A plain-HTTP twin of the upstream on a free port, for forwarding unrouted http://."""
     ca, ca_file = test_ca

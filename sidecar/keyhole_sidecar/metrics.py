@@ -30,40 +30,21 @@ def method_label(method: str) -> str:
     return method if method in _METHODS else "OTHER"
 
 
-class _WindowsLeft:
-    """A collector: what is left of each spec.limits window, asked of the limiter per scrape."""
+class _Computed:
+    """A gauge family computed when Prometheus scrapes, from ``rows()``: (labels..., value)."""
 
-    def __init__(self, windows_left: Callable[[], Iterable[tuple[str, str, int]]]):
-        self._windows_left = windows_left
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        family = GaugeMetricFamily("keyhole_limit_window_remaining", "Requests left in the "
-                                   "current window of an injection's spec.limits.window (or a "
-                                   "rule's).", labels=["injection", "window"])
-        for injection, window, left in self._windows_left():
-            family.add_metric([injection, window], left)
-        yield family
-
-
-class _BudgetsLeft:
-    """A collector: what is left of each spec.llm budget in its current window."""
-
-    def __init__(self, remaining: Callable[[], Iterable[tuple[str, str, float]]]):
-        self._remaining = remaining
+    def __init__(self, name: str, documentation: str, labels: list[str],
+                 rows: Callable[[], Iterable[tuple]]):
+        self._name, self._documentation, self._labels, self._rows = (
+            name, documentation, labels, rows)
 
     def describe(self):
         return []
 
     def collect(self):
-        family = GaugeMetricFamily("keyhole_llm_budget_remaining", "What is left of a "
-                                   "spec.llm budget in its current UTC window, in this pod: "
-                                   "tokens, or USD for spend budgets.",
-                                   labels=["injection", "budget"])
-        for injection, budget, left in self._remaining():
-            family.add_metric([injection, budget], left)
+        family = GaugeMetricFamily(self._name, self._documentation, labels=self._labels)
+        for *labels, value in self._rows():
+            family.add_metric(labels, value)
         yield family
 
 
@@ -164,11 +145,17 @@ class Metrics:
 
     def watch_budgets(self, remaining: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
         """``keyhole_llm_budget_remaining``, computed at each scrape from the budgets."""
-        self.registry.register(_BudgetsLeft(remaining))
+        self.registry.register(_Computed(
+            "keyhole_llm_budget_remaining", "What is left of a spec.llm budget in its current "
+            "UTC window, in this pod: tokens, or USD for spend budgets.",
+            ["injection", "budget"], remaining))
 
     def watch_windows(self, windows_left: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """``keyhole_limit_window_remaining``, computed at each scrape from the limiter."""
-        self.registry.register(_WindowsLeft(windows_left))
+        self.registry.register(_Computed(
+            "keyhole_limit_window_remaining", "Requests left in the current window of an "
+            "injection's spec.limits.window (or a rule's).", ["injection", "window"],
+            windows_left))
 
     def upstream_answered(self, injection: str, seconds: float) -> None:
         self._injection_children(injection)[3].observe(seconds)

@@ -18,12 +18,8 @@ PER_ANSWER = OPENAI_USAGE["prompt_tokens"] + OPENAI_USAGE["completion_tokens"]  
 
 
 @pytest.fixture(scope="module")
-def llm(test_ca):
-    ca, ca_file = test_ca
-    server = LlmServer(ca, ca_file)
-    state = server.start()
-    yield state
-    server.stop()
+def llm(llm_upstream):
+    return llm_upstream
 
 
 @pytest.fixture

@@ -44,12 +44,8 @@ INJECTIONS = [
 
 
 @pytest.fixture(scope="module")
-def llm(test_ca):
-    ca, ca_file = test_ca
-    server = LlmServer(ca, ca_file)
-    state = server.start()
-    yield state
-    server.stop()
+def llm(llm_upstream):
+    return llm_upstream
 
 
 @pytest.fixture(scope="module")
