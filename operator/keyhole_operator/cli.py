@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-pull-policy", default=Settings.image_pull_policy)
     p.add_argument("--unmatched", choices=("passthrough", "deny"), default=Settings.unmatched,
                    help="what sidecars do with hosts no injection routes")
+    p.add_argument("--sidecar-otlp-endpoint", metavar="URL",
+                   help="OTLP/HTTP collector every sidecar sends its request spans to, e.g. "
+                        "http://otel-collector.monitoring:4318")
     p.add_argument("--no-native-sidecar", action="store_true",
                    help="inject a regular container (for Kubernetes < 1.29)")
     p.add_argument("--sidecar-upstream-ca", type=Path, metavar="FILE",
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         sidecar_image=args.sidecar_image, image_pull_policy=args.image_pull_policy,
         unmatched=args.unmatched, native_sidecar=not args.no_native_sidecar,
+        otlp_endpoint=args.sidecar_otlp_endpoint,
         no_proxy=tuple(no_proxy), operator_service_account=args.operator_service_account,
         resources=SidecarResources(cpu_request=args.sidecar_cpu_request,
                                    memory_request=args.sidecar_memory_request,

@@ -32,6 +32,8 @@ class Settings:
     """Health and metrics port of the sidecar."""
     unmatched: str = "passthrough"
     """What sidecars do with hosts no injection routes: ``passthrough`` or ``deny``."""
+    otlp_endpoint: str | None = None
+    """An OTLP/HTTP collector every sidecar sends a span per request to (None: no traces)."""
     native_sidecar: bool = True
     """Inject an init container with ``restartPolicy: Always`` (Kubernetes >= 1.29); else a
     regular container (then init containers run before the proxy and cannot use it)."""

@@ -57,6 +57,7 @@ class Options:
     idle_timeout: float = 120.0
     egress: Egress = Egress.PRIVATE
     upstream_timeout: float = 300.0
+    otlp_endpoint: str | None = None  # traces: an OTLP/HTTP collector's base URL
     transparent_listen: tuple[str, int] | None = None  # keyhole-init redirects here
     state_dir: Path | None = None  # spec.limits.window counts, kept across restarts
 
@@ -140,10 +141,16 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused)
     metrics.watch_windows(limiter.windows_left)
     budgets = Budgets(options.state_dir, clock=limiter.clock, on_refused=metrics.budget_refused)
-    metrics.watch_budgets(budgets.remaining)
+    metrics.watch_budgets(budgets.remaining, budgets.limits)
+    tracing = None
+    if options.otlp_endpoint:
+        from keyhole_sidecar.tracing import Tracing
+
+        tracing = Tracing(options.otlp_endpoint)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, pool=pool, session=session, metrics=metrics,
-                       audit=AuditLog(), limiter=limiter, budgets=budgets)
+                       audit=AuditLog(), limiter=limiter, budgets=budgets,
+                       traces=tracing.request_done if tracing else None)
     server_kwargs = dict(
         logger=protocol_logger(metrics.decisions.labels("denied", "malformed").inc),
         keepalive_timeout=settings.idle_timeout, max_line_size=settings.max_line_size,
@@ -250,6 +257,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         for server in servers:
             server.close()
         ctx.audit.flush()
+        if tracing is not None:  # sends what is queued (the exporter's timeout bounds it)
+            await loop.run_in_executor(None, tracing.shutdown)
         pool.close()
         await admin_runner.cleanup()
         await session.close()

@@ -34,6 +34,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _otlp_endpoint(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.split("/", 1)[0]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the collector's OTLP/HTTP base URL, "
+                                         "e.g. http://otel-collector:4318")
+    return text
+
+
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -129,6 +137,10 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                                  "requests in flight before exiting (default 20; a second "
                                  "signal stops at once). SIGHUP reloads the configuration and "
                                  "the CA at once")
+        parser.add_argument("--otlp-endpoint", type=_otlp_endpoint, default=None,
+                            metavar="URL", help="send a span per request (GenAI semantic "
+                                                "conventions for model APIs) to this OTLP/HTTP "
+                                                "collector, e.g. http://otel-collector:4318")
         parser.add_argument("--log-level", default="info",
                             choices=("debug", "info", "warning", "error"))
         parser.add_argument("--log-format", default="text", choices=("text", "json"),
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
         egress=Egress(args.egress), upstream_timeout=args.upstream_timeout,
         transparent_listen=args.transparent_listen, state_dir=args.state_dir,
-        drain_timeout=args.drain_timeout,
+        drain_timeout=args.drain_timeout, otlp_endpoint=args.otlp_endpoint,
     )
     try:
         _event_loop_runner()(run(options))

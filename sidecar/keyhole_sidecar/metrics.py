@@ -143,12 +143,16 @@ class Metrics:
     def budget_refused(self, injection: str, budget: str) -> None:
         self.budget_refusals.labels(injection, budget).inc()
 
-    def watch_budgets(self, remaining: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
-        """``keyhole_llm_budget_remaining``, computed at each scrape from the budgets."""
+    def watch_budgets(self, remaining: Callable[[], Iterable[tuple[str, str, float]]],
+                      limits: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+        """``keyhole_llm_budget_remaining`` and ``_limit``, computed at each scrape."""
         self.registry.register(_Computed(
             "keyhole_llm_budget_remaining", "What is left of a spec.llm budget in its current "
             "UTC window, in this pod: tokens, or USD for spend budgets.",
             ["injection", "budget"], remaining))
+        self.registry.register(_Computed(
+            "keyhole_llm_budget_limit", "A spec.llm budget's figure per window: tokens, or USD "
+            "for spend budgets.", ["injection", "budget"], limits))
 
     def watch_windows(self, windows_left: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """``keyhole_limit_window_remaining``, computed at each scrape from the limiter."""

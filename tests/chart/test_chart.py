@@ -22,7 +22,8 @@ COMBINATIONS = {
                                     "webhook.certManager.issuerRef.kind": "ClusterIssuer"},
     "monitoring": {"monitoring.serviceMonitor.enabled": "true",
                    "monitoring.podMonitor.enabled": "true", "monitoring.dashboard.enabled": "true",
-                   "monitoring.prometheusRule.enabled": "true"},
+                   "monitoring.prometheusRule.enabled": "true",
+                   "sidecar.otlpEndpoint": "http://otel-collector.monitoring:4318"},
     "network-policy": {"networkPolicy.enabled": "true"},
     "no-crds": {"crds.enabled": "false"},
     "deny-unmatched-classic-sidecar": {"sidecar.unmatched": "deny", "sidecar.nativeSidecar": "false",
@@ -147,3 +148,30 @@ def test_no_rbac_rule_lists_or_watches_secrets():
     for rule in role["rules"]:
         if "secrets" in rule["resources"]:
             assert not {"list", "watch", "delete", "*"} & set(rule["verbs"])
+
+
+def test_the_alerts_and_the_dashboard_ask_for_metrics_keyhole_exports():
+    """A renamed metric must not leave a silent panel or an alert that never fires."""
+    import json
+
+    from keyhole_sidecar.limits import Limiter
+    from keyhole_sidecar.metrics import Metrics
+    from keyhole_sidecar.usage.budgets import Budgets
+
+    metrics = Metrics()
+    metrics.watch_windows(Limiter().windows_left)
+    budgets = Budgets()
+    metrics.watch_budgets(budgets.remaining, budgets.limits)
+    families = {m.name for m in metrics.registry.collect()}
+    exported = {f"{name}{suffix}" for name in families
+                for suffix in ("", "_total", "_bucket", "_count", "_sum", "_info")}
+    rendered = render(COMBINATIONS["monitoring"])
+    rules = next(d for d in rendered if d["kind"] == "PrometheusRule")
+    dashboard = json.loads(next(d for d in rendered if d["kind"] == "ConfigMap"
+                                and "keyhole.json" in (d.get("data") or {}))["data"]["keyhole.json"])
+    expressions = [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]]
+    expressions += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    asked = {name for expr in expressions for name in re.findall(r"\bkeyhole_[a-z0-9_]+", expr)}
+    sidecar_asked = {name for name in asked if not name.startswith("keyhole_operator_")}
+    assert sidecar_asked - exported == set()
+    assert {"keyhole_llm_budget_remaining", "keyhole_llm_cost_total"} <= asked

@@ -77,11 +77,32 @@ def test_a_token_budget_stops_the_agent_within_one_answer_and_the_sdk_sees_a_quo
     assert used - 100 <= PER_ANSWER  # the overshoot: at most one answer
     assert proxy.metric("keyhole_llm_budget_remaining", injection="openai",
                         budget="tokens/day") == 0
+    assert proxy.metric("keyhole_llm_budget_limit", injection="openai",
+                        budget="tokens/day") == 100
     assert proxy.metric("keyhole_llm_budget_refusals_total", injection="openai",
                         budget="tokens/day") == 1
     line = proxy.wait_audit(lambda r: r["status"] == 429)
     assert (line["injection"], line["decision"], line["reason"]) == (
         "openai", "denied", "budget_exhausted")
+
+
+def test_the_openai_node_sdk_sees_the_refusal_as_a_rate_limit_error(budgeted):
+    import subprocess
+    from pathlib import Path
+
+    proxy = budgeted({"budgets": [{"per": "hour", "tokens": 1}]})
+    clients = Path(__file__).parents[1] / "clients"
+
+    def run() -> dict:
+        done = subprocess.run(["node", "openai.mjs", f"{proxy.url}/openai/v1", "gpt-4o",
+                               "json"], cwd=clients, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert "text" in run()
+    assert run() == {"error": {"name": "RateLimitError", "status": 429,
+                               "code": "insufficient_quota"}}
 
 
 def test_spend_is_priced_and_a_spend_budget_refuses_what_is_over_it(budgeted):

@@ -167,6 +167,22 @@ def test_metrics_count_tokens_by_injection_model_and_kind(proxy):
                             kind=kind, estimated="false") == 2 * per_answer
 
 
+@pytest.mark.parametrize("how", ["json", "stream"])
+def test_the_openai_node_sdk_is_counted_alike(proxy, how):
+    import subprocess
+    from pathlib import Path
+
+    clients = Path(__file__).parents[1] / "clients"
+    model = f"gpt-4o-mini-node-{how}"
+    done = subprocess.run(["node", "openai.mjs", f"{proxy.url}/openai/v1", model, how],
+                          cwd=clients, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"text": TEXT}
+    assert audit_llm(proxy, "/openai/v1/chat/completions", model) == expected(
+        "openai", model, OPENAI_USAGE["prompt_tokens"], OPENAI_USAGE["completion_tokens"],
+        cached=8)
+
+
 # -- Anthropic ----------------------------------------------------------------------------------
 
 def anthropic_client(proxy):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from keyhole_sidecar.usage.meter import WHOLE_JSON, Meter, Usage, read_request
+from keyhole_sidecar.usage.meter import WHOLE_JSON, Meter, Usage, is_metered, read_request
 from keyhole_sidecar.usage.sse import MAX_EVENT, EventSplitter
 from tests.support import llm_upstream as api
 
@@ -93,3 +93,13 @@ def test_the_model_and_the_output_ceiling_a_request_states():
     assert read_request("anthropic", "/v1/messages", b"not json") == (None, None)
     assert read_request("openai", "/v1/chat/completions",
                         b'{"model":"gpt-4o","max_tokens":true}') == ("gpt-4o", None)
+
+
+def test_only_the_endpoints_that_bill_tokens_are_metered():
+    assert is_metered("openai", "/v1/chat/completions")
+    assert is_metered("openai", "/v1/responses?stream=true")
+    assert not is_metered("openai", "/v1/models")
+    assert not is_metered("openai", "/v1/responses/resp_123")
+    assert is_metered("anthropic", "/v1/messages") and not is_metered("anthropic", "/v1/models")
+    assert is_metered("gemini", "/v1beta/models/gemini-2.5-pro:streamGenerateContent")
+    assert not is_metered("gemini", "/v1beta/models/gemini-2.5-pro")

@@ -23,6 +23,17 @@ def secret_keys(injections: list[Injection]) -> dict[str, list[str]]:
     return {name: sorted(found) for name, found in sorted(keys.items())}
 
 
+def _trace_env() -> list[dict]:
+    """Which pod a sidecar's spans come from: the OpenTelemetry SDK reads the resource."""
+    return [
+        {"name": "KEYHOLE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KEYHOLE_POD_NAMESPACE",
+         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "OTEL_RESOURCE_ATTRIBUTES",
+         "value": "k8s.pod.name=$(KEYHOLE_POD_NAME),k8s.namespace.name=$(KEYHOLE_POD_NAMESPACE)"},
+    ]
+
+
 def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dict]:
     mode = layout.FILE_MODE
     # optional: a deleted Secret (or a key removed from it) then empties the files on the
@@ -144,6 +155,7 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
             *upstream_ca,
             *(["--transparent-listen", f"127.0.0.1:{settings.transparent_port}"]
               if wants_transparent(injections, settings) else []),
+            *(["--otlp-endpoint", settings.otlp_endpoint] if settings.otlp_endpoint else []),
         ],
         "ports": [{"name": "keyhole-admin", "containerPort": settings.admin_port,
                    "protocol": "TCP"}],
@@ -161,6 +173,7 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
         # A sidecar that exits on error leaves its last log lines (never a value) in the pod's
         # status, where kubectl describe and kubectl keyhole explain show them.
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        **({"env": _trace_env()} if settings.otlp_endpoint else {}),
         "volumeMounts": mounts,
     }
     if settings.native_sidecar:

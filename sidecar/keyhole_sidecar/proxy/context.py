@@ -10,7 +10,7 @@ from typing import Literal
 
 import aiohttp
 
-from keyhole_sidecar.audit import AuditLog
+from keyhole_sidecar.audit import AuditLog, AuditRecord
 from keyhole_sidecar.certs import LeafCache
 from keyhole_sidecar.limits import Limiter
 from keyhole_sidecar.metrics import Metrics
@@ -94,3 +94,5 @@ class ProxyContext:
     """spec.llm.budgets' counts and reservations, kept across reloads."""
     inflight: InFlight = field(default_factory=InFlight)
     """Requests being answered, for the drain on SIGTERM."""
+    traces: Callable[[AuditRecord], None] | None = None
+    """Where each answered request's record goes as a span (--otlp-endpoint), if anywhere."""

@@ -50,7 +50,7 @@ from keyhole_sidecar.proxy.exchange import (
 from keyhole_sidecar.redact import GrpcBodyError, GrpcStreamRedactor, Redactor, StreamRedactor
 from keyhole_sidecar.routes import Route
 from keyhole_sidecar.usage.budgets import Asked, BudgetRefusal, BudgetTicket, input_estimate
-from keyhole_sidecar.usage.meter import Meter, read_request
+from keyhole_sidecar.usage.meter import Meter, is_metered, read_request
 from keyhole_sidecar.usage.prices import cost, price_of
 
 log = logging.getLogger("keyhole.proxy")
@@ -238,7 +238,8 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
             isinstance(body, bytes) or not request.length_known):  # announced lengths: judged
         body = await _bounded(ctx, body, limit, target)
     if body is not None and not isinstance(body, bytes) and any(
-            r.injection.llm for r in target.routes):
+            r.injection.llm and is_metered(r.injection.llm.api, target.path)
+            for r in target.routes):
         body = await _gathered(body, WHOLE_REQUEST_LIMIT)  # its model and ceiling decide
     query = None
     if target.credentials:
@@ -308,7 +309,7 @@ def _llm_call(ctx: ProxyContext, request: Request, target: Target,
     """The model API call ``request`` is, admitted by its budgets; None for other requests.
     Raises BudgetExceeded (nothing is sent) when a budget has no room left."""
     route = next((r for r in target.routes if r.injection.llm), None)
-    if route is None:
+    if route is None or not is_metered(route.injection.llm.api, target.path):
         return None
     spec = route.injection.llm
     whole = body if isinstance(body, bytes) else None

@@ -143,6 +143,8 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
                                  record.reason, time.monotonic() - started,
                                  record.bytes_in, record.bytes_out, request.protocol)
         ctx.audit.write(record)
+        if ctx.traces is not None:
+            ctx.traces(record)
 
 
 async def _send(ctx: ProxyContext, request: Request, target: Target,

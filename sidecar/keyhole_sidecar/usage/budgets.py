@@ -171,6 +171,12 @@ class Budgets:
         if llm.budgets:
             self._store.save_soon()
 
+    def limits(self) -> list[tuple[str, str, float]]:
+        """(injection, budget name, its figure: tokens or USD) for the metrics."""
+        return [(injection, budget.name, float(budget.tokens if budget.tokens is not None
+                                               else budget.spend or 0.0))
+                for injection, budget in self._known.values()]
+
     def remaining(self) -> list[tuple[str, str, float]]:
         """(injection, budget name, what is left: tokens or USD) for the metrics."""
         now = self.clock()

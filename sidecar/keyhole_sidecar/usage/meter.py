@@ -273,6 +273,19 @@ def _last_value(text: bytes, key: bytes):
                 pass
 
 
+_METERED = {  # the endpoints that bill tokens; listing models or uploading files does not
+    "openai": ("/chat/completions", "/responses", "/embeddings", "/completions"),
+    "anthropic": ("/messages",),
+    "gemini": (":generateContent", ":streamGenerateContent", ":embedContent",
+               ":batchEmbedContents"),
+}
+
+
+def is_metered(api: str, path: str) -> bool:
+    """Does a request to ``path`` of ``api`` spend tokens (and so meet the budgets)?"""
+    return path.split("?", 1)[0].rstrip("/").endswith(_METERED[api])
+
+
 _CEILINGS = {"openai": ("max_completion_tokens", "max_tokens", "max_output_tokens"),
              "anthropic": ("max_tokens",)}
 
