@@ -157,7 +157,6 @@ class LiveConfig:
         self.table = table
         self.metrics.routes.set(len(table))
         self.metrics.follow_injections(table)
-        self.metrics.config_timestamp.set(time.time())
         for unusable in table.unusable:
             if unusable.missing:
                 log.warning("injection %r stopped injecting, its requests are refused (503) "
@@ -176,6 +175,7 @@ class LiveConfig:
             return False
         self.last_error = None
         self.metrics.reloads.labels("success").inc()
+        self.metrics.config_timestamp.set(time.time())
         available = [r.name for r in table.routes if r.unavailable is None]
         missing = [r.name for r in table.routes if r.unavailable is not None]
         log.info("%s configuration: %d injection(s): %s%s", "loaded" if first else "reloaded",
