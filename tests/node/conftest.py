@@ -128,8 +128,10 @@ def image_values(images: dict) -> list[str]:
     values = []
     for which in ("operator", "sidecar"):
         repository, tag = images[which].name.rsplit(":", 1)
-        values += ["--set", f"{which}.image.repository={repository}",
-                   "--set", f"{which}.image.tag={tag}",
+        # --set-string: a tag is a content hash, and one of only digits (or digits around an
+        # "e") is a number to --set, which the chart's schema refuses (found by a clean run).
+        values += ["--set-string", f"{which}.image.repository={repository}",
+                   "--set-string", f"{which}.image.tag={tag}",
                    "--set", f"{which}.image.pullPolicy=Never"]
     return values
 
