@@ -153,7 +153,7 @@ def nginx_upstream(ws: Workspace, source_port: int) -> Process:
     ssl_certificate_key {ws.root}/upstream.pem; root {ws.root}/www;
     location = /1k {{ default_type text/plain; add_header X-Seen-Authorization $http_authorization; }}
     location = /big {{ default_type application/octet-stream; }}
-    location ~ ^/(upload|events)$ {{
+    location ~ ^/(upload|events|v1/chat/completions)$ {{
       proxy_pass http://127.0.0.1:{source_port}; proxy_buffering off;
       proxy_request_buffering off; client_max_body_size 0;
     }}
@@ -179,8 +179,16 @@ LIMITS = """
     window: {perHour: 1000000000, perDay: 1000000000}"""
 
 
+# --budgets: spec.llm with a token budget too high to refuse anything, so (f) shows what reading
+# every streamed event's usage and holding the budget cost.
+BUDGETS = """
+  llm:
+    api: openai
+    budgets: [{per: day, tokens: 1000000000000}]"""
+
+
 def keyhole(ws: Workspace, upstream_port: int, impostor_port: int, *,
-            limits: bool = False) -> Process:
+            limits: bool = False, budgets: bool = False) -> Process:
     """The real keyhole-sidecar, every security feature on; the impostor is routed too, so
     keyhole itself is what must refuse its certificate."""
     (ws.root / "secrets" / "bench").mkdir(parents=True, exist_ok=True)
@@ -194,7 +202,7 @@ spec:
   headers:
     - name: Authorization
       valueFrom: {{secretKeyRef: {{name: bench, key: token}}}}
-      format: "Bearer {{value}}"{LIMITS if limits else ""}
+      format: "Bearer {{value}}"{LIMITS if limits else ""}{BUDGETS if budgets else ""}
 """)
     port, admin = free_port(), free_port()
     started = time.monotonic()

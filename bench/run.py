@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run --figure a --rounds 1 --seconds 3   # one figure, quickly
     .venv/bin/python -m bench.run --only keyhole --figure b --rounds 1 # one peer (and direct)
     .venv/bin/python -m bench.run --only keyhole --figure a --limits   # with spec.limits on
+    .venv/bin/python -m bench.run --only keyhole --figure f --budgets  # with spec.llm budgets
 
 Peers (all on 127.0.0.1; proxies pinned to CPU 1, upstream and load generator to CPU 0):
 direct (the limit), keyhole (CONNECT + interception + injection), keyhole-base-url,
@@ -105,7 +106,8 @@ class Peer:
         return done.stdout.split()
 
     def sse(self) -> dict:
-        command = [sys.executable, "-m", "bench.source", "measure", self.url + "/events"]
+        command = [sys.executable, "-m", "bench.source", "measure",
+                   self.url + "/v1/chat/completions"]  # a path keyhole meters with spec.llm
         if self.proxy:
             command += ["--proxy", self.proxy_url]
         if self.host:
@@ -133,12 +135,12 @@ class Peer:
                                f" the answer was:\n{headers}")
 
 
-def start(ws: Workspace, others: list[str], limits: bool = False,
+def start(ws: Workspace, others: list[str], limits: bool = False, budgets: bool = False,
           ) -> tuple[list[peers.Process], dict[str, Peer]]:
     source = peers.dynamic_source(ws)
     upstream = peers.nginx_upstream(ws, source.extra["port"])
     up, impostor = upstream.extra["port"], upstream.extra["impostor_port"]
-    keyhole = peers.keyhole(ws, up, impostor, limits=limits)
+    keyhole = peers.keyhole(ws, up, impostor, limits=limits, budgets=budgets)
     reverse = peers.nginx_reverse(ws, up, impostor)
     table = {
         "direct": Peer("direct", f"https://127.0.0.1:{up}", host=HOST),
@@ -253,6 +255,9 @@ def main() -> None:
     parser.add_argument("--limits", action="store_true",
                         help="run keyhole with every kind of spec.limits on (too high to refuse "
                              "anything): what checking and counting them costs")
+    parser.add_argument("--budgets", action="store_true",
+                        help="run keyhole with spec.llm and a token budget (too high to refuse "
+                             "anything): what reading usage from each SSE event costs, in (f)")
     parser.add_argument("--only", action="append", choices=[*CORE_PEERS[1:], *EXTRA_PEERS],
                         help="measure only these peers (repeatable), and direct, which every "
                              "ratio needs: the quick loop while iterating")
@@ -265,7 +270,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="keyhole-bench-") as folder:
         for number in range(args.rounds):
             ws = Workspace(Path(folder) / f"round-{number}")
-            upstreams, table = start(ws, others, limits=args.limits)
+            upstreams, table = start(ws, others, limits=args.limits, budgets=args.budgets)
             if args.only:
                 table = {name: peer for name, peer in table.items()
                          if name == "direct" or name in args.only}

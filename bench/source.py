@@ -3,8 +3,10 @@
     python -m bench.source serve PORT     # plain HTTP behind nginx's TLS: /events, /upload
     python -m bench.source measure URL [--proxy P] [--host H]   # figure (f): event delays
 
-``/events`` streams Server-Sent Events, each stamped with CLOCK_MONOTONIC (one clock for every
-process on the machine); ``measure`` reads each event as soon as it arrives and subtracts, so a
+``/events`` (also served as ``/v1/chat/completions``) streams Server-Sent Events shaped as
+OpenAI's streamed chat chunks, each stamped with CLOCK_MONOTONIC (one clock for every process
+on the machine; field ``t``) — so a keyhole with ``spec.llm`` reads them as it would a model's;
+``measure`` reads each event as soon as it arrives and subtracts, so a
 proxy's added delay is its median minus direct's, per round. ``/upload`` reads the whole body
 before it answers: nginx's own ``return`` answers at once and discards the rest, and a proxy
 that sees an answer before the upload ended may fairly stop sending it.
@@ -21,6 +23,9 @@ import time
 
 EVENTS = 200
 INTERVAL_S = 0.01
+CHUNK = ('data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1741569952,'
+         '"model":"gpt-4o-mini","t":%d,"choices":[{"index":0,"delta":{"content":" word"},'
+         '"logprobs":null,"finish_reason":null}]}\n\n')
 
 
 async def serve(port: int) -> None:
@@ -28,7 +33,7 @@ async def serve(port: int) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                      b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(EVENTS):
-            event = f"data: {time.monotonic_ns()}\n\n".encode()
+            event = (CHUNK % time.monotonic_ns()).encode()
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             await writer.drain()
             await asyncio.sleep(INTERVAL_S)
@@ -76,7 +81,7 @@ def measure(url: str, proxy: str | None, host: str | None) -> dict:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: "):
-                delays.append((time.monotonic_ns() - int(line[6:])) / 1e6)
+                delays.append((time.monotonic_ns() - json.loads(line[6:])["t"]) / 1e6)
     if len(delays) != EVENTS:
         raise RuntimeError(f"{url}: {len(delays)} of {EVENTS} events arrived")
     return {"events": len(delays), "median_ms": statistics.median(delays),
