@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
 
 from cryptography import x509
 
@@ -103,14 +104,29 @@ def _rules_summary(parsed: Injection | None) -> str | None:
     return "; ".join(allowed)
 
 
-def explain_injection(raw: dict, pod: dict, sidecar: dict) -> dict:
-    """Does this injection apply to this pod, does the pod have it, and if not, why not."""
+@dataclass(frozen=True)
+class PodFacts:
+    """What a pod says of keyhole, read from it once however many injections ask."""
+
+    pod: dict
+    sidecar: dict
+    routes: tuple[str, ...]
+    restart: tuple[str, ...]
+
+
+def pod_facts(pod: dict) -> PodFacts:
+    return PodFacts(pod, sidecar_state(pod), tuple(routes_of(pod)), tuple(restart_for(pod)))
+
+
+def explain_injection(raw: dict, parsed: Injection | None, facts: PodFacts) -> dict:
+    """Does this injection (``parsed`` from ``raw``, None if it does not parse) apply to this
+    pod, does the pod have it, and if not, why not."""
+    pod, sidecar = facts.pod, facts.sidecar
     name = _meta(raw).get("name", "")
-    parsed = _parsed(raw)
     selector = (raw.get("spec") or {}).get("podSelector")
     selects = not opted_out(pod) and selector_matches(selector, _meta(pod).get("labels"))
-    has = name in routes_of(pod)
-    restart = name in restart_for(pod)
+    has = name in facts.routes
+    restart = name in facts.restart
     resolved = _conditions(raw).get("SecretResolved") or {}
     rules = _rules_summary(parsed)
     if parsed is None:
@@ -150,15 +166,15 @@ def explain_pod(space: Namespace, pod_name: str) -> dict:
     pod = next((p for p in space.pods if _meta(p).get("name") == pod_name), None)
     if pod is None:
         raise NotFound(f"pod {pod_name!r} not found in namespace {space.name!r}")
-    sidecar = sidecar_state(pod)
+    facts = pod_facts(pod)
     record = injected(pod)
     return {
         "pod": pod_name, "namespace": space.name,
         "serviceAccount": (pod.get("spec") or {}).get("serviceAccountName") or "default",
         "optedOut": opted_out(pod),
         "mountedSecrets": sorted((record or {}).get("secrets") or []),
-        "sidecar": sidecar,
-        "injections": [explain_injection(raw, pod, sidecar) for raw in
+        "sidecar": facts.sidecar,
+        "injections": [explain_injection(raw, _parsed(raw), facts) for raw in
                        sorted(space.injections, key=lambda i: _meta(i).get("name", ""))],
     }
 
@@ -189,9 +205,12 @@ def who_can_use(space: Namespace, target: str) -> dict:
     else:
         raise NotFound(f"{target!r}: name a SecretInjection or a Secret (si/NAME, secret/NAME)")
     pods = []
+    every_pod = [pod_facts(pod) for pod in space.pods]
     for raw in chosen:
-        for pod in space.pods:
-            entry = explain_injection(raw, pod, sidecar_state(pod))
+        parsed = _parsed(raw)
+        for facts in every_pod:
+            pod = facts.pod
+            entry = explain_injection(raw, parsed, facts)
             if entry["selects"] or entry["has"]:
                 pods.append({"pod": _meta(pod).get("name"),
                              "serviceAccount": (pod.get("spec") or {}).get(
@@ -227,6 +246,7 @@ def status(spaces: list[Namespace], now: dt.datetime | None = None) -> dict:
     now = now or dt.datetime.now(dt.UTC)
     injections = []
     for space in spaces:
+        routes = [routes_of(p) for p in space.pods]
         for raw in sorted(space.injections, key=lambda i: _meta(i).get("name", "")):
             name = _meta(raw).get("name", "")
             state = raw.get("status") or {}
@@ -238,7 +258,7 @@ def status(spaces: list[Namespace], now: dt.datetime | None = None) -> dict:
                 "ready": ready.get("status", "Unknown"),
                 "readyMessage": ready.get("message"),
                 "selectedPods": state.get("matchedPods", 0),
-                "withKey": sum(name in routes_of(p) for p in space.pods),
+                "withKey": sum(name in served for served in routes),
                 "restartRequired": state.get("restartRequired", 0),
                 "canBypass": [b["serviceAccount"] for b in state.get("canBypass") or []],
             })

@@ -131,21 +131,34 @@ async def _client_body(request: Request, record: AuditRecord) -> AsyncIterator[b
         yield data
 
 
-async def _gathered(body: AsyncIterator[bytes], limit: int) -> Body:
-    """A model API request's body, whole when it is at most ``limit`` bytes (its JSON names
-    the model and the output ceiling the budgets need); else streamed on as it came."""
+async def _read_up_to(body: bytes | AsyncIterator[bytes], limit: int
+                      ) -> tuple[list[bytes], bool]:
+    """The body's pieces, read until it ends or passes ``limit`` bytes (the piece that passed
+    it included), and whether it passed: what every "read it whole, up to a size" needs."""
+    if isinstance(body, bytes):
+        return [body], len(body) > limit
     parts, size = [], 0
     async for data in body:
         parts.append(data)
         size += len(data)
         if size > limit:
-            async def rest() -> AsyncIterator[bytes]:
-                for part in parts:
-                    yield part
-                async for more in body:
-                    yield more
-            return rest()
-    return b"".join(parts)
+            return parts, True
+    return parts, False
+
+
+async def _gathered(body: AsyncIterator[bytes], limit: int) -> Body:
+    """A model API request's body, whole when it is at most ``limit`` bytes (its JSON names
+    the model and the output ceiling the budgets need); else streamed on as it came."""
+    parts, over = await _read_up_to(body, limit)
+    if not over:
+        return b"".join(parts)
+
+    async def rest() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+        async for more in body:
+            yield more
+    return rest()
 
 
 def _refused_encoding(target: Target, encoding: str) -> UpstreamFailed:
@@ -237,9 +250,8 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
     if limit is not None and body is not None and (
             isinstance(body, bytes) or not request.length_known):  # announced lengths: judged
         body = await _bounded(ctx, body, limit, target)
-    if body is not None and not isinstance(body, bytes) and any(
-            r.injection.llm and is_metered(r.injection.llm.api, target.path)
-            for r in target.routes):
+    llm_route = _metered_route(target)
+    if llm_route is not None and body is not None and not isinstance(body, bytes):
         body = await _gathered(body, WHOLE_REQUEST_LIMIT)  # its model and ceiling decide
     query = None
     if target.credentials:
@@ -253,7 +265,7 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         else None, readable=target.routed,
         trailers="trailers" in request.headers.get("TE", "").lower(),
         client_protocol=request.protocol)
-    llm = _llm_call(ctx, request, target, body)
+    llm = _llm_call(ctx, request, target, llm_route, body) if llm_route is not None else None
     try:
         started = time.monotonic()
         answer, leg = await _exchange(ctx, out, target)
@@ -304,13 +316,19 @@ class LlmCall:
     ticket: BudgetTicket | None = None
 
 
-def _llm_call(ctx: ProxyContext, request: Request, target: Target,
-              body: Body) -> LlmCall | None:
-    """The model API call ``request`` is, admitted by its budgets; None for other requests.
-    Raises BudgetExceeded (nothing is sent) when a budget has no room left."""
+def _metered_route(target: Target) -> Route | None:
+    """The route whose ``spec.llm`` meters this request: its injection states the API and the
+    path is one that bills tokens."""
     route = next((r for r in target.routes if r.injection.llm), None)
     if route is None or not is_metered(route.injection.llm.api, target.path):
         return None
+    return route
+
+
+def _llm_call(ctx: ProxyContext, request: Request, target: Target, route: Route,
+              body: Body) -> LlmCall:
+    """The model API call ``request`` is, admitted by its budgets. Raises BudgetExceeded
+    (nothing is sent) when a budget has no room left."""
     spec = route.injection.llm
     whole = body if isinstance(body, bytes) else None
     model, ceiling = read_request(spec.api, target.path, whole)
@@ -394,23 +412,14 @@ async def _bounded(ctx: ProxyContext, body: Body, limit: int, target: Target) ->
     """A body of unannounced length under ``requestBodyBytes``: read it (up to the limit, so a
     chunked body is held in memory up to that size) before anything is sent, so one over it is
     a 413 with nothing upstream. Bodies with a Content-Length were judged before and stream."""
-    if isinstance(body, bytes):
-        data, size = body, len(body)
-    else:
-        parts, size = [], 0
-        async for piece in body:
-            size += len(piece)
-            if size > limit:
-                break
-            parts.append(piece)
-        data = b"".join(parts)
-    if size > limit:
+    parts, over = await _read_up_to(body, limit)
+    if over:
         name = next(n for n, _, lim in target.limits if lim.request_body_bytes == limit)
         ctx.metrics.limit_refused(name, "requestBodyBytes")
         raise LimitExceeded(Refusal(name, "requestBodyBytes", 413, None, None,
                                     f"the body is over injection {name!r}'s requestBodyBytes "
                                     f"({limit})"))
-    return data
+    return b"".join(parts)
 
 
 async def _stream(ctx: ProxyContext, reply, answer: Answer, target: Target,
@@ -477,18 +486,13 @@ async def _authorize(ctx: ProxyContext, request, target: Target,
     sources = target.credentials
     if any(source.hashes_payload for source in sources):
         whole = b""
-        if isinstance(body, bytes):
-            whole = body
-        elif body is not None:
-            parts, size = [], 0
-            async for data in body:
-                size += len(data)
-                if size > SIGNED_BODY_LIMIT:
-                    raise BadRequest("body_too_large", f"a body over {SIGNED_BODY_LIMIT >> 20} "
-                                     "MiB cannot be hashed for its signature; for services that "
-                                     "accept it (S3), set spec.awsSigV4.payload: unsigned",
-                                     status=413)
-                parts.append(data)
+        if body is not None:
+            parts, over = await _read_up_to(body, SIGNED_BODY_LIMIT)
+            if over:
+                raise BadRequest("body_too_large", f"a body over {SIGNED_BODY_LIMIT >> 20} "
+                                 "MiB cannot be hashed for its signature; for services that "
+                                 "accept it (S3), set spec.awsSigV4.payload: unsigned",
+                                 status=413)
             whole = b"".join(parts)
         out.payload_hash, body = hashlib.sha256(whole).hexdigest(), whole
     try:

@@ -162,11 +162,9 @@ class Budgets:
                 continue
             key = self.key(injection, budget)
             self._known[key] = (injection, budget)
-            start, _ = window(now, budget.per)
-            begun, tokens, spend = self._store.counts.get(key, [start, 0, 0.0])
-            if begun != start:
-                tokens, spend = 0, 0.0
-            self._store.counts[key] = [start, tokens + usage.input + usage.output,
+            tokens, spend = self._used(key, budget, now)
+            self._store.counts[key] = [window(now, budget.per)[0],
+                                       tokens + usage.input + usage.output,
                                        spend + (spent or 0.0)]
         if llm.budgets:
             self._store.save_soon()
