@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manage-webhook-configurations", action="store_true",
                    help="let the operator create its webhook configurations (development; the "
                         "Helm chart creates them itself)")
+    p.add_argument("--channel-listen", type=_address, metavar="HOST:PORT",
+                   help="serve the operator channel (sidecars lease shared budgets) here, over "
+                        "TLS with the webhook's certificate, e.g. 0.0.0.0:9445; off by default")
+    p.add_argument("--channel-url", metavar="URL",
+                   help="where sidecars reach the channel, e.g. "
+                        "https://keyhole-webhook.keyhole-system.svc:9445")
+    p.add_argument("--channel-ca", type=Path, metavar="FILE",
+                   help="the CA that signed the channel's certificate, delivered to sidecars "
+                        "(default: --webhook-ca)")
+    p.add_argument("--channel-lease-seconds", type=float, default=120.0, metavar="SECONDS",
+                   help="how long a sidecar may spend a slice of a shared budget without "
+                        "hearing from the operator (default 120)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--standalone", action="store_true",
                        help="no peering: for a single replica or development")
@@ -141,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"keyhole-operator: {exc}", file=sys.stderr)
             return 2
+    if (args.channel_listen is None) != (args.channel_url is None):
+        print("keyhole-operator: give both --channel-listen and --channel-url, or neither",
+              file=sys.stderr)
+        return 2
+    if args.channel_url and not args.channel_url.startswith("https://"):
+        print(f"keyhole-operator: --channel-url {args.channel_url!r}: the channel is HTTPS "
+              "(https://HOST:PORT)", file=sys.stderr)
+        return 2
     from keyhole_operator.guard import check_allowed_host_paths
 
     try:
@@ -166,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                    memory_limit=args.sidecar_memory_limit,
                                    cpu_limit=args.sidecar_cpu_limit),
         upstream_ca=upstream_ca, ca_promote_after=args.ca_promote_after,
+        channel_url=args.channel_url,
         capture=args.capture, capture_exempt_cidrs=tuple(args.capture_exempt_cidr),
         allowed_host_paths=tuple(args.allow_host_path),
         protected_secrets_configmap=args.protected_secrets_configmap,
@@ -202,6 +223,26 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"keyhole-operator: {exc}", file=sys.stderr)
             return 2
+    if args.channel_url:
+        from dataclasses import replace
+
+        from keyhole_operator.channel import Channel, serve
+        from keyhole_operator.kube import Cluster
+        from keyhole_operator.trust import read_upstream_ca
+
+        channel_ca = args.channel_ca or ca
+        if channel_ca is None:
+            print("keyhole-operator: --channel-url needs the CA of the webhook certificate: "
+                  "give --channel-ca or --webhook-ca", file=sys.stderr)
+            return 2
+        try:
+            settings = replace(settings, channel_ca=read_upstream_ca(Path(channel_ca),
+                                                                     "--channel-ca"))
+        except ValueError as exc:
+            print(f"keyhole-operator: {exc}", file=sys.stderr)
+            return 2
+        serve(Channel(Cluster(), master_key, lease_seconds=args.channel_lease_seconds),
+              *args.channel_listen, str(cert), str(key))
     from keyhole_operator.webhook_server import ReviewCheckingWebhookServer
 
     server = ReviewCheckingWebhookServer(addr=addr, port=port, host=host, certfile=str(cert),

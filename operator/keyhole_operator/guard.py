@@ -182,8 +182,14 @@ def container_refusal(container: dict, spec: dict, protected: Protected,
                 "with it an agent can trace the sidecar or enter its mounts. Remove those "
                 "capabilities.")
     exposed = secret_volumes(spec, protected.secrets)
+    channel_tokens = channel_token_volumes(spec)
     for mount in container.get("volumeMounts") or []:
         volume = mount.get("name")
+        if volume in channel_tokens:
+            return (f"container {name!r} mounts volume {volume!r}, a ServiceAccount token for "
+                    f"audience {layout.CHANNEL_AUDIENCE!r}: with it an agent could lease its "
+                    "injections' shared budgets as if it were the sidecar. Remove that mount "
+                    "(or give the token another audience).")
         if volume in protected.volumes:
             return (f"container {name!r} mounts keyhole's volume {volume!r}: only the keyhole "
                     "sidecar mounts it. Remove that mount (names starting with "
@@ -215,6 +221,14 @@ def container_refusal(container: dict, spec: dict, protected: Protected,
                     f"{settings.admin_port}, transparent {settings.transparent_port}). Change "
                     "the port.")
     return None
+
+
+def channel_token_volumes(spec: dict) -> set[str]:
+    """Volumes holding a projected ServiceAccount token meant for the operator channel."""
+    return {volume.get("name") for volume in spec.get("volumes") or []
+            for source in (volume.get("projected") or {}).get("sources") or []
+            if (source.get("serviceAccountToken") or {}).get("audience")
+            == layout.CHANNEL_AUDIENCE}
 
 
 def secret_volumes(spec: dict, secrets: Iterable[str] | None = None) -> dict[str, str]:

@@ -285,7 +285,7 @@ def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list
     trusted = b"".join(ca_data.get(k, b"") for k in ("tls.crt", NEXT_CERT, PREVIOUS_KEY))
     if runtime.bundles_written.get(namespace) != trusted:
         data, binary = bundle_data(ca_data, runtime.settings.java_truststore_password,
-                                   runtime.settings.upstream_ca)
+                                   runtime.settings.upstream_ca, runtime.settings.channel_ca)
         current = cluster.read_config_map(namespace, CA_BUNDLE_CONFIGMAP)
         if plan.changed or current is None or current.get("data") != data:
             cluster.put_config_map(namespace, CA_BUNDLE_CONFIGMAP, data, binary,

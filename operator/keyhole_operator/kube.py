@@ -28,6 +28,7 @@ class Cluster:
             api_client = kubernetes.client.ApiClient()
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.authz = kubernetes.client.AuthorizationV1Api(api_client)
+        self.authn = kubernetes.client.AuthenticationV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
 
     # -- Secrets and ConfigMaps the operator owns ----------------------------------------------
@@ -146,6 +147,42 @@ class Cluster:
     def allowed(self, review: dict) -> bool:
         result = self.authz.create_subject_access_review(review)
         return bool(result.status and result.status.allowed)
+
+    def review_token(self, token: str, audience: str) -> dict:
+        """The API server's word on a bearer token meant for ``audience``: the TokenReview's
+        status (``authenticated``, ``user`` with the pod it is bound to in ``extra``)."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token, "audiences": [audience]}}
+        response = self.authn.create_token_review(body, _preload_content=False,
+                                                  _request_timeout=5)
+        return json.loads(response.data).get("status") or {}
+
+    # -- the shared budgets' ledger ----------------------------------------------------------
+    def read_injection(self, namespace: str, name: str) -> dict | None:
+        try:
+            response = self.custom.get_namespaced_custom_object(
+                "keyhole.dev", "v1alpha1", namespace, "secretinjections", name,
+                _preload_content=False, _request_timeout=5)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return json.loads(response.data)
+
+    def write_ledger(self, namespace: str, name: str, resource_version: str,
+                     status: dict) -> bool:
+        """Patch the injection's status if nobody changed the object since
+        ``resource_version`` was read; False when somebody did (read again and redo)."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                "keyhole.dev", "v1alpha1", namespace, "secretinjections", name, body,
+                _request_timeout=5)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
 
 
 def _read_json(read, namespace: str, name: str) -> dict | None:

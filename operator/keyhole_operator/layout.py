@@ -18,6 +18,10 @@ ROUTES_FILE = "injections.json"
 TRUST_DIR = f"{ROOT}/trust"
 UPSTREAM_CA_DIR = f"{ROOT}/upstream-ca"
 STATE_DIR = f"{ROOT}/state"  # the sidecar's spec.limits.window counts (an emptyDir)
+CHANNEL_DIR = f"{ROOT}/channel"  # the operator channel: the pod-bound token and the CA
+CHANNEL_TOKEN = "token"  # noqa: S105 - a file name
+CHANNEL_AUDIENCE = "keyhole.dev"
+CHANNEL_TOKEN_SECONDS = 600  # the shortest the API server issues; the kubelet renews it
 
 # Keys of the keyhole-ca-bundle ConfigMap, mounted at TRUST_DIR in agent containers.
 CA_CERT = "ca.crt"
@@ -25,6 +29,7 @@ CA_BUNDLE = "ca-bundle.crt"
 WGETRC = "wgetrc"
 TRUSTSTORE = "truststore.p12"
 UPSTREAM_CA = "upstream-ca.crt"  # only with Settings.upstream_ca; mounted into the sidecar
+CHANNEL_CA = "operator-ca.crt"  # only with Settings.channel_url; mounted into the sidecar
 
 VOLUME_PREFIX = "keyhole-"
 CA_VOLUME = "keyhole-ca"
@@ -33,6 +38,7 @@ ROUTES_VOLUME = "keyhole-routes"
 TRUST_VOLUME = "keyhole-trust"
 UPSTREAM_CA_VOLUME = "keyhole-upstream-ca"
 STATE_VOLUME = "keyhole-state"
+CHANNEL_VOLUME = "keyhole-channel"
 
 # Files in Secret, ConfigMap and downward-API volumes keyhole adds. Readable by the
 # non-root sidecar: the kubelet makes these files root-owned unless the pod sets fsGroup,

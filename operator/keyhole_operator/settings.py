@@ -64,6 +64,13 @@ class Settings:
     protected_secrets_configmap: str = ""
     """``NAMESPACE/NAME`` of the ConfigMap the chart's ValidatingAdmissionPolicy takes as its
     parameter: one key per namespace, the Secrets its injections use (empty: not published)."""
+    channel_url: str | None = None
+    """Where sidecars reach the operator channel (shared budgets), e.g.
+    ``https://keyhole-webhook.keyhole-system.svc:9445``; None: no channel, and a budget
+    ``for: injection`` refuses its requests (fail closed)."""
+    channel_ca: str = ""
+    """PEM of the CA that signed the channel's certificate: public material, delivered to
+    sidecars in each namespace's trust ConfigMap."""
     upstream_ca: str = ""
     """PEM certificates sidecars trust for upstream TLS besides the public roots (an internal
     CA for private APIs). Public material: it travels in each namespace's trust ConfigMap."""

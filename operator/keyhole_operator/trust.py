@@ -165,10 +165,11 @@ def public_roots() -> list[tuple[bytes, x509.Certificate | None]]:
     return roots
 
 
-def bundle_data(secret_data: dict[str, bytes], truststore_password: str, upstream_ca: str = ""
-                ) -> tuple[dict[str, str], dict[str, bytes]]:
+def bundle_data(secret_data: dict[str, bytes], truststore_password: str, upstream_ca: str = "",
+                channel_ca: str = "") -> tuple[dict[str, str], dict[str, bytes]]:
     """The ``keyhole-ca-bundle`` ConfigMap: (data, binaryData). ``upstream_ca`` (the
-    operator's ``--sidecar-upstream-ca``) rides along for the sidecars to mount."""
+    operator's ``--sidecar-upstream-ca``) and ``channel_ca`` (the CA of the operator
+    channel's certificate) ride along for the sidecars to mount."""
     cas = trusted_cas(secret_data)
     roots = public_roots()
     ca_pem = _pem(cas)
@@ -186,18 +187,20 @@ def bundle_data(secret_data: dict[str, bytes], truststore_password: str, upstrea
     }
     if upstream_ca:
         data[layout.UPSTREAM_CA] = upstream_ca
+    if channel_ca:
+        data[layout.CHANNEL_CA] = channel_ca
     return data, {layout.TRUSTSTORE: store}
 
 
-def read_upstream_ca(path) -> str:
-    """The PEM certificates of ``--sidecar-upstream-ca``, checked; ValueError names the file."""
+def read_upstream_ca(path, flag: str = "--sidecar-upstream-ca") -> str:
+    """The PEM certificates of ``flag``'s file, checked; ValueError names the file."""
     try:
         text = path.read_bytes()
     except OSError as exc:
-        raise ValueError(f"--sidecar-upstream-ca {path}: cannot read it ({exc.strerror})") from None
+        raise ValueError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
     try:
         certs = x509.load_pem_x509_certificates(text)
     except ValueError:
-        raise ValueError(f"--sidecar-upstream-ca {path}: not a PEM bundle of certificates "
+        raise ValueError(f"{flag} {path}: not a PEM bundle of certificates "
                          "(-----BEGIN CERTIFICATE----- blocks)") from None
     return _pem(certs).decode()

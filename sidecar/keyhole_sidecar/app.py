@@ -24,6 +24,7 @@ from keyhole_sidecar.httplog import protocol_logger
 from keyhole_sidecar.inventory import inventory
 from keyhole_sidecar.limits import Limiter
 from keyhole_sidecar.metrics import Metrics
+from keyhole_sidecar.operator_channel import OperatorChannel
 from keyhole_sidecar.proxy.context import ProxyContext, ProxySettings
 from keyhole_sidecar.proxy.wire.frontdoor import FrontDoor
 from keyhole_sidecar.proxy.wire.pool import UpstreamPool
@@ -34,6 +35,7 @@ from keyhole_sidecar.upstream import (
     upstream_tls_context,
 )
 from keyhole_sidecar.usage.budgets import Budgets
+from keyhole_sidecar.usage.shared import SharedBudgets
 
 log = logging.getLogger("keyhole")
 
@@ -60,6 +62,10 @@ class Options:
     otlp_endpoint: str | None = None  # traces: an OTLP/HTTP collector's base URL
     transparent_listen: tuple[str, int] | None = None  # keyhole-init redirects here
     state_dir: Path | None = None  # spec.limits.window counts, kept across restarts
+    operator_url: str | None = None  # the operator channel: budgets shared by an injection's pods
+    operator_ca: Path | None = None
+    operator_token: Path | None = None
+    operator_report_seconds: float = 10.0
 
 
 class CAWatch:
@@ -141,7 +147,14 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused)
     metrics.watch_windows(limiter.windows_left)
     budgets = Budgets(options.state_dir, clock=limiter.clock, on_refused=metrics.budget_refused)
-    metrics.watch_budgets(budgets.remaining, budgets.limits)
+    channel = None
+    if options.operator_url and options.operator_ca and options.operator_token:
+        channel = OperatorChannel(options.operator_url, options.operator_ca,
+                                  options.operator_token)
+    shared = SharedBudgets(channel, limiter.clock, options.operator_report_seconds,
+                           on_refused=metrics.budget_refused)
+    metrics.watch_budgets(lambda: budgets.remaining() + shared.remaining(),
+                          lambda: budgets.limits() + shared.limits())
     tracing = None
     if options.otlp_endpoint:
         from keyhole_sidecar.tracing import Tracing
@@ -149,7 +162,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         tracing = Tracing(options.otlp_endpoint)
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, pool=pool, session=session, metrics=metrics,
-                       audit=AuditLog(), limiter=limiter, budgets=budgets,
+                       audit=AuditLog(), limiter=limiter, budgets=budgets, shared=shared,
                        traces=tracing.request_done if tracing else None)
     server_kwargs = dict(
         logger=protocol_logger(metrics.decisions.labels("denied", "malformed").inc),
@@ -205,7 +218,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     proxy_server = servers[0]
     ca_watch = CAWatch(options.ca_dir, leaves, metrics)
     watchers = [asyncio.create_task(config.watch(options.reload_interval)),
-                asyncio.create_task(ca_watch.watch(options.reload_interval))]
+                asyncio.create_task(ca_watch.watch(options.reload_interval)),
+                asyncio.create_task(shared.report_forever())]
     host, port = proxy_server.sockets[0].getsockname()[:2]
     admin_host, admin_port = admin_runner.addresses[0][:2]
     log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",
@@ -257,6 +271,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         for server in servers:
             server.close()
         ctx.audit.flush()
+        await shared.close()  # what was counted goes to the operator before the pod ends
         if tracing is not None:  # sends what is queued (the exporter's timeout bounds it)
             await loop.run_in_executor(None, tracing.shutdown)
         pool.close()

@@ -141,6 +141,18 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                             metavar="URL", help="send a span per request (GenAI semantic "
                                                 "conventions for model APIs) to this OTLP/HTTP "
                                                 "collector, e.g. http://otel-collector:4318")
+        parser.add_argument("--operator-url", metavar="URL",
+                            help="the operator channel, for budgets the injection's pods "
+                                 "share (for: injection), e.g. "
+                                 "https://keyhole-webhook.keyhole-system.svc:9445")
+        parser.add_argument("--operator-ca", type=Path, metavar="FILE",
+                            help="the CA of the operator channel's certificate (PEM)")
+        parser.add_argument("--operator-token", type=Path, metavar="FILE",
+                            help="the pod's projected ServiceAccount token for the channel "
+                                 "(audience keyhole.dev; re-read at every call)")
+        parser.add_argument("--operator-report-seconds", type=_seconds, default=10.0,
+                            metavar="SECONDS", help="how often what was counted is reported "
+                                                    "to the operator (default 10)")
         parser.add_argument("--log-level", default="info",
                             choices=("debug", "info", "warning", "error"))
         parser.add_argument("--log-format", default="text", choices=("text", "json"),
@@ -222,7 +234,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(COMMANDS)}; without one it runs the proxy (keyhole-sidecar --help)",
               file=sys.stderr)
         return 2
-    args = build_parser(check=False).parse_args(argv)
+    parser = build_parser(check=False)
+    args = parser.parse_args(argv)
+    channel = (args.operator_url, args.operator_ca, args.operator_token)
+    if any(channel) and not all(channel):
+        parser.error("the operator channel needs --operator-url, --operator-ca and "
+                     "--operator-token together")
+    if args.operator_url and not args.operator_url.startswith("https://"):
+        parser.error(f"--operator-url {args.operator_url!r}: the channel is HTTPS "
+                     "(https://HOST:PORT)")
     configure(args.log_level, args.log_format)
     options = Options(
         injections=args.injections, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir,
@@ -232,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         egress=Egress(args.egress), upstream_timeout=args.upstream_timeout,
         transparent_listen=args.transparent_listen, state_dir=args.state_dir,
         drain_timeout=args.drain_timeout, otlp_endpoint=args.otlp_endpoint,
+        operator_url=args.operator_url, operator_ca=args.operator_ca,
+        operator_token=args.operator_token, operator_report_seconds=args.operator_report_seconds,
     )
     try:
         _event_loop_runner()(run(options))

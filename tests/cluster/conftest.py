@@ -62,9 +62,46 @@ def crd(kube: Kube) -> None:
 
 
 class OperatorProcess:
-    def __init__(self, process: subprocess.Popen, log: Path, webhook_port: int, health_port: int):
-        self.process, self.log, self.webhook_port, self.health_port = (
-            process, log, webhook_port, health_port)
+    def __init__(self, command: list[str], env: dict, log: Path, webhook_port: int,
+                 health_port: int, channel_port: int | None = None):
+        self.command, self.env, self.log = command, env, log
+        self.webhook_port, self.health_port, self.channel_port = (
+            webhook_port, health_port, channel_port)
+        self.process = self._launch()
+
+    def _launch(self) -> subprocess.Popen:
+        with open(self.log, "a") as out:
+            return subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
+                                    env=self.env)
+
+    def restart(self) -> None:
+        """Stop it and start it again, on the same ports, with the same master key."""
+        self.stop()
+        self.process = self._launch()
+        self.wait_ready(manage=False)
+
+    def wait_ready(self, kube: Kube | None = None, manage: bool = False) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError("keyhole-operator exited:\n" + self.logs())
+            # /healthz answers 200 once the injection index is filled (the readiness probe)
+            if http_status(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) != 200:
+                time.sleep(0.2)
+                continue
+            try:
+                for port in (self.webhook_port, self.channel_port):
+                    if port:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                time.sleep(0.2)
+                continue
+            if not manage or "keyhole.dev" in kube.kubectl(
+                    "get", "mutatingwebhookconfigurations", "-o", "name", check=False).stdout:
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError("keyhole-operator did not become ready:\n" + self.logs())
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
@@ -81,9 +118,10 @@ class OperatorProcess:
 
 def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
                    cert: tuple[Path, Path, Path] | None = None,
-                   webhook_port: int | None = None) -> OperatorProcess:
+                   webhook_port: int | None = None, channel: bool = False) -> OperatorProcess:
     """The real keyhole-operator process, acting as its ServiceAccount (on ``webhook_port``
-    when given: a restarted operator stays where the webhook configurations point)."""
+    when given: a restarted operator stays where the webhook configurations point); with
+    ``channel``, serving the operator channel too."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = kube.service_account_kubeconfig("keyhole-system", "keyhole-operator",
                                              workdir / "kubeconfig")
@@ -101,30 +139,17 @@ def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
     if cert:
         ca, crt, pkey = cert
         command += ["--webhook-ca", str(ca), "--webhook-cert", str(crt), "--webhook-key", str(pkey)]
+    channel_port = free_port() if channel else None
+    if channel_port:  # short slices, so a test sees the operator away without waiting long
+        command += ["--channel-listen", f"127.0.0.1:{channel_port}",
+                    "--channel-url", f"https://127.0.0.1:{channel_port}",
+                    "--channel-lease-seconds", "20"]
     log = workdir / "operator.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "KUBECONFIG": str(config)})
-    operator = OperatorProcess(process, log, webhook_port, health_port)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError("keyhole-operator exited:\n" + operator.logs())
-        # /healthz answers 200 once the injection index is filled (the readiness probe)
-        if http_status(f"http://127.0.0.1:{health_port}/healthz", timeout=1) != 200:
-            time.sleep(0.2)
-            continue
-        try:
-            socket.create_connection(("127.0.0.1", webhook_port), timeout=1).close()
-        except OSError:
-            time.sleep(0.2)
-            continue
-        if not manage or "keyhole.dev" in kube.kubectl(
-                "get", "mutatingwebhookconfigurations", "-o", "name", check=False).stdout:
-            return operator
-        time.sleep(0.2)
-    operator.stop()
-    raise AssertionError("keyhole-operator did not become ready:\n" + operator.logs())
+    log.write_text("")
+    operator = OperatorProcess(command, {**os.environ, "KUBECONFIG": str(config)}, log,
+                               webhook_port, health_port, channel_port)
+    operator.wait_ready(kube, manage)
+    return operator
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +162,13 @@ def operator(kube: Kube, crd, tmp_path_factory) -> OperatorProcess:
                 "--show-only", "templates/rbac.yaml").stdout
     kube.apply(rbac)
     kube.kubectl("apply", "-f", str(ROOT / "tests" / "cluster" / "manifests" / "manage-webhooks.yaml"))
-    proc = start_operator(kube, tmp_path_factory.mktemp("operator"))
+    from keyhole_operator.webhook_tls import self_signed
+
+    workdir = tmp_path_factory.mktemp("operator")
+    # One certificate for the session: a restarted operator serves the same one, as a pod
+    # restarted from the chart's Secret does.
+    cert = self_signed(workdir / "tls", ["127.0.0.1"])
+    proc = start_operator(kube, workdir, cert=cert, channel=True)
     yield proc
     proc.stop()
     kube.kubectl("delete", "mutatingwebhookconfiguration,validatingwebhookconfiguration",

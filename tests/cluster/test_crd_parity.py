@@ -88,6 +88,8 @@ SCHEMA_RULES = {  # case → (change, the field both messages name)
     "an unknown model API": (lambda s: s.update(llm={"api": "cohere"}), "spec.llm.api"),
     "a budget per week": (lambda s: s.update(llm={"api": "openai", "budgets": [
         {"per": "week", "tokens": 5}]}), "spec.llm.budgets[0].per"),
+    "a budget for a namespace": (lambda s: s.update(llm={"api": "openai", "budgets": [
+        {"per": "day", "tokens": 5, "for": "namespace"}]}), "spec.llm.budgets[0].for"),
     "a price below zero": (lambda s: s.update(llm={"api": "openai", "prices": [
         {"model": "x", "input": -1, "output": 1}]}), "spec.llm.prices[0].input"),
 }

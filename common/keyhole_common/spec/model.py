@@ -170,6 +170,7 @@ class Rule:
 
 
 BUDGET_PERIODS = ("hour", "day", "month")
+BUDGET_SCOPES = ("pod", "injection")
 """``spec.llm.budgets[].per``: UTC hours, days and calendar months."""
 
 
@@ -188,19 +189,23 @@ class Price:
 @dataclass(frozen=True, slots=True)
 class Budget:
     """At most ``tokens`` (input and output together) or ``spend`` USD per UTC ``per``, for
-    this pod's requests of the injection — of the models matching ``models`` (globs), or of
-    every model when it is None."""
+    the injection's requests — of the models matching ``models`` (globs), or of every model
+    when it is None — of each pod on its own, or (``shared``, ``for: injection``) of all the
+    pods the injection serves together, a count the operator keeps."""
 
     per: str
     tokens: int | None = None
     spend: float | None = None
     models: tuple[str, ...] | None = None
+    shared: bool = False
 
     @property
     def name(self) -> str:
-        """A stable, readable identity: ``tokens/day``, ``spend/month[gpt-4*,o*]``."""
+        """A stable, readable identity: ``tokens/day``, ``spend/month[gpt-4*,o*]``, and
+        ``injection:tokens/day`` for a budget all pods share."""
         kind = "tokens" if self.tokens is not None else "spend"
-        return f"{kind}/{self.per}" + (f"[{','.join(self.models)}]" if self.models else "")
+        return (("injection:" if self.shared else "") + f"{kind}/{self.per}"
+                + (f"[{','.join(self.models)}]" if self.models else ""))
 
 
 @dataclass(frozen=True, slots=True)

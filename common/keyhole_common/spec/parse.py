@@ -21,6 +21,7 @@ from keyhole_common.spec.model import (
     API_GROUP,
     API_VERSION,
     BUDGET_PERIODS,
+    BUDGET_SCOPES,
     CREDENTIAL_FIELDS,
     KIND,
     LIST_KIND,
@@ -586,10 +587,14 @@ def _price(c: _Collector, value: Any, path: str) -> Price | None:
 
 
 def _budget(c: _Collector, value: Any, path: str) -> Budget | None:
-    entry = c.mapping(value, path, {"per", "tokens", "spend", "models"})
+    entry = c.mapping(value, path, {"per", "tokens", "spend", "models", "for"})
     if entry is None:
         return None
     per = entry.get("per")
+    scope = entry.get("for", "pod")
+    if scope not in BUDGET_SCOPES:
+        c.add(f"{path}.for", f"{scope!r}: a budget is for each pod on its own (pod) or for "
+                             "all pods of the injection together (injection)")
     if per not in BUDGET_PERIODS:
         c.add(f"{path}.per", f"{per!r}: budgets are per {', '.join(BUDGET_PERIODS)} (UTC)")
     if ("tokens" in entry) == ("spend" in entry):
@@ -604,9 +609,11 @@ def _budget(c: _Collector, value: Any, path: str) -> Budget | None:
                                    "instead")
             spend = None
     models = _models(c, entry["models"], f"{path}.models") if "models" in entry else None
-    if per not in BUDGET_PERIODS or (tokens is None and spend is None):
+    if per not in BUDGET_PERIODS or (tokens is None and spend is None) or (
+            scope not in BUDGET_SCOPES):
         return None
-    return Budget(per=per, tokens=tokens, spend=spend, models=models)
+    return Budget(per=per, tokens=tokens, spend=spend, models=models,
+                  shared=scope == "injection")
 
 
 def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None, list[Problem]]:

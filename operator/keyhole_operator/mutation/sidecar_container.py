@@ -60,6 +60,19 @@ def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dic
         # Window counts outlive a restarted or crash-looping sidecar (not the pod): a few bytes.
         {"name": layout.STATE_VOLUME, "emptyDir": {"sizeLimit": "1Mi"}},
     ]
+    if settings.channel_url:
+        from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
+
+        # The operator channel: a token bound to this pod, for the operator alone (audience),
+        # short-lived and renewed by the kubelet; and the CA of the channel's certificate.
+        volumes.append({"name": layout.CHANNEL_VOLUME, "projected": {
+            "defaultMode": mode, "sources": [
+                {"serviceAccountToken": {"audience": layout.CHANNEL_AUDIENCE,
+                                         "expirationSeconds": layout.CHANNEL_TOKEN_SECONDS,
+                                         "path": layout.CHANNEL_TOKEN}},
+                {"configMap": {"name": CA_BUNDLE_CONFIGMAP,
+                               "items": [{"key": layout.CHANNEL_CA,
+                                          "path": layout.CHANNEL_CA}]}}]}})
     if settings.upstream_ca:
         from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
 
@@ -134,6 +147,13 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
         mounts.append({"name": layout.UPSTREAM_CA_VOLUME, "mountPath": layout.UPSTREAM_CA_DIR,
                        "readOnly": True})
         upstream_ca = ["--upstream-ca", f"{layout.UPSTREAM_CA_DIR}/{layout.UPSTREAM_CA}"]
+    channel: list[str] = []
+    if settings.channel_url:
+        mounts.append({"name": layout.CHANNEL_VOLUME, "mountPath": layout.CHANNEL_DIR,
+                       "readOnly": True})
+        channel = ["--operator-url", settings.channel_url,
+                   "--operator-ca", f"{layout.CHANNEL_DIR}/{layout.CHANNEL_CA}",
+                   "--operator-token", f"{layout.CHANNEL_DIR}/{layout.CHANNEL_TOKEN}"]
     resources: dict = {"requests": {"cpu": settings.resources.cpu_request,
                                     "memory": settings.resources.memory_request},
                        "limits": {"memory": settings.resources.memory_limit}}
@@ -153,6 +173,7 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
             "--unmatched", settings.unmatched,
             "--state-dir", layout.STATE_DIR,
             *upstream_ca,
+            *channel,
             *(["--transparent-listen", f"127.0.0.1:{settings.transparent_port}"]
               if wants_transparent(injections, settings) else []),
             *(["--otlp-endpoint", settings.otlp_endpoint] if settings.otlp_endpoint else []),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,6 +19,7 @@ from keyhole_sidecar.proxy.exchange import Upstreams
 from keyhole_sidecar.routes import RouteTable
 from keyhole_sidecar.upstream import OverridingResolver
 from keyhole_sidecar.usage.budgets import Budgets
+from keyhole_sidecar.usage.shared import SharedBudgets
 
 Unmatched = Literal["passthrough", "deny"]
 
@@ -92,6 +94,8 @@ class ProxyContext:
     """spec.limits' counters, kept across reloads."""
     budgets: Budgets = field(default_factory=Budgets)
     """spec.llm.budgets' counts and reservations, kept across reloads."""
+    shared: SharedBudgets = field(default_factory=lambda: SharedBudgets(None, time.time))
+    """The budgets an injection's pods share: slices leased from the operator."""
     inflight: InFlight = field(default_factory=InFlight)
     """Requests being answered, for the drain on SIGTERM."""
     traces: Callable[[AuditRecord], None] | None = None

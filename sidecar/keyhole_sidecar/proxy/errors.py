@@ -114,18 +114,33 @@ class BudgetExceeded(ProxyError):
                                           "status": "RESOURCE_EXHAUSTED"}},
     }
 
+    # What each API answers when it is briefly unavailable (its SDKs retry these).
+    UNAVAILABLE = {
+        "openai": lambda text: {"error": {"message": text, "type": "server_error",
+                                          "param": None, "code": "budget_unavailable"}},
+        "anthropic": lambda text: {"type": "error", "error": {"type": "overloaded_error",
+                                                              "message": text}},
+        "gemini": lambda text: {"error": {"code": 503, "message": text,
+                                          "status": "UNAVAILABLE"}},
+    }
+
     def __init__(self, refusal, api: str):
-        super().__init__("budget_exhausted", refusal.detail, injection=refusal.injection)
+        super().__init__("budget_unavailable" if refusal.unavailable else "budget_exhausted",
+                         refusal.detail, injection=refusal.injection)
         self.refusal, self.api = refusal, api
+        if refusal.unavailable:  # the count's keeper is away: a short wait, then again
+            self.status = 503
 
     def parts(self) -> tuple[list[tuple[str, str]], bytes]:
         refusal = self.refusal
         resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(refusal.resets_at))
-        text = (f"keyhole: {self.message}; the budget resets at {resets}")
-        body = self.SHAPES[self.api](text)
+        text = (f"keyhole: {self.message}" if refusal.unavailable
+                else f"keyhole: {self.message}; the budget resets at {resets}")
+        body = (self.UNAVAILABLE if refusal.unavailable else self.SHAPES)[self.api](text)
         headers = [("Content-Type", "application/json"), ("X-Keyhole-Error", self.reason),
-                   ("Retry-After", str(max(1, math.ceil(refusal.retry_after)))),
-                   ("x-should-retry", "false")]
+                   ("Retry-After", str(max(1, math.ceil(refusal.retry_after))))]
+        if not refusal.unavailable:
+            headers.append(("x-should-retry", "false"))
         return headers, (json.dumps(body) + "\n").encode()
 
 

@@ -52,6 +52,7 @@ from keyhole_sidecar.routes import Route
 from keyhole_sidecar.usage.budgets import Asked, BudgetRefusal, BudgetTicket, input_estimate
 from keyhole_sidecar.usage.meter import Meter, is_metered, read_request
 from keyhole_sidecar.usage.prices import cost, price_of
+from keyhole_sidecar.usage.shared import SharedTicket
 
 log = logging.getLogger("keyhole.proxy")
 # A body announced at most this long is read whole and answered with one write (with its
@@ -265,7 +266,7 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         else None, readable=target.routed,
         trailers="trailers" in request.headers.get("TE", "").lower(),
         client_protocol=request.protocol)
-    llm = _llm_call(ctx, request, target, llm_route, body) if llm_route is not None else None
+    llm = await _llm_call(ctx, request, target, llm_route, body) if llm_route else None
     try:
         started = time.monotonic()
         answer, leg = await _exchange(ctx, out, target)
@@ -277,8 +278,8 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         finally:
             leg.finish()
     finally:
-        if llm is not None and llm.ticket is not None:
-            ctx.budgets.release(llm.ticket)  # settled by the answer, or never spent
+        if llm is not None:  # settled by the answer, or never spent
+            _release(ctx, llm)
 
 
 async def _exchange(ctx: ProxyContext, out: Outbound, target: Target):
@@ -314,6 +315,7 @@ class LlmCall:
     spec: Llm
     model: str | None
     ticket: BudgetTicket | None = None
+    shared: SharedTicket | None = None
 
 
 def _metered_route(target: Target) -> Route | None:
@@ -325,22 +327,36 @@ def _metered_route(target: Target) -> Route | None:
     return route
 
 
-def _llm_call(ctx: ProxyContext, request: Request, target: Target, route: Route,
-              body: Body) -> LlmCall:
-    """The model API call ``request`` is, admitted by its budgets. Raises BudgetExceeded
-    (nothing is sent) when a budget has no room left."""
+async def _llm_call(ctx: ProxyContext, request: Request, target: Target, route: Route,
+                    body: Body) -> LlmCall:
+    """The model API call ``request`` is, admitted by its budgets: this pod's, then those
+    its injection's pods share. Raises BudgetExceeded (nothing is sent) when a budget has no
+    room left."""
     spec = route.injection.llm
     whole = body if isinstance(body, bytes) else None
     model, ceiling = read_request(spec.api, target.path, whole)
     call = LlmCall(route.name, spec, model)
     if spec.budgets:
         size = len(whole) if whole is not None else content_length(request.headers) or 0
-        admitted = ctx.budgets.admit(route.name, spec, Asked(model, input_estimate(size),
-                                                             ceiling))
+        asked = Asked(model, input_estimate(size), ceiling)
+        admitted = ctx.budgets.admit(route.name, spec, asked)
         if isinstance(admitted, BudgetRefusal):
             raise BudgetExceeded(admitted, spec.api)
         call.ticket = admitted
+        shared = await ctx.shared.admit(route.name, spec, asked, admitted.reserve_usd)
+        if isinstance(shared, BudgetRefusal):
+            _release(ctx, call)
+            raise BudgetExceeded(shared, spec.api)
+        call.shared = shared
     return call
+
+
+def _release(ctx: ProxyContext, llm: LlmCall) -> None:
+    """Give back what the call reserved of the budgets."""
+    if llm.ticket is not None:
+        ctx.budgets.release(llm.ticket)
+    if llm.shared is not None:
+        ctx.shared.release(llm.shared)
 
 
 def _meter(llm: LlmCall | None, answer: Answer, record: AuditRecord) -> Meter | None:
@@ -360,6 +376,7 @@ def _settle(ctx: ProxyContext, llm: LlmCall, record: AuditRecord, meter: Meter) 
                   else None, "priced": spent is not None}
     ctx.metrics.llm_used(llm.injection, usage, spent)
     ctx.budgets.charge(llm.injection, llm.spec, usage, spent)
+    ctx.shared.charge(llm.injection, llm.spec, usage, spent)
 
 
 async def _relay_answer(ctx: ProxyContext, request: Request, target: Target,

@@ -66,16 +66,18 @@ class BudgetRefusal:
     retry_after: float
     resets_at: float
     detail: str
+    unavailable: bool = False  # a shared budget whose keeper (the operator) is away
 
 
 class BudgetTicket:
     """What an admitted request reserved, to settle when its answer is counted."""
 
-    __slots__ = ("entries", "injection", "llm", "price")
+    __slots__ = ("entries", "injection", "llm", "price", "reserve_usd")
 
     def __init__(self, injection: str, llm: Llm, price: Price | None,
-                 entries: list[tuple[str, int, float]]):
+                 entries: list[tuple[str, int, float]], reserve_usd: float = 0.0):
         self.injection, self.llm, self.price, self.entries = injection, llm, price, entries
+        self.reserve_usd = reserve_usd  # what the request may cost, priced at admission
 
 
 class BudgetStore(WindowStore):
@@ -112,7 +114,7 @@ class Budgets:
         price = price_of(asked.model, llm.prices)
         reserve_spend = cost(Usage(llm.api, asked.model, asked.input_tokens,
                                    asked.output_ceiling or 0), price) or 0.0
-        chosen = [b for b in llm.budgets if applies(b, asked.model)]
+        chosen = [b for b in llm.budgets if not b.shared and applies(b, asked.model)]
         for budget in chosen:
             key = self.key(injection, budget)
             self._known[key] = (injection, budget)
@@ -140,7 +142,7 @@ class Budgets:
             held[0] += asked.tokens
             held[1] += reserve_spend
             entries.append((key, asked.tokens, reserve_spend))
-        return BudgetTicket(injection, llm, price, entries)
+        return BudgetTicket(injection, llm, price, entries, reserve_spend)
 
     def release(self, ticket: BudgetTicket) -> None:
         """Give back what the request reserved (its answer is counted, or there was none)."""
@@ -158,7 +160,7 @@ class Budgets:
         """Count an answer's usage against every budget of ``injection`` it falls under."""
         now = self.clock()
         for budget in llm.budgets:
-            if not applies(budget, usage.model):
+            if budget.shared or not applies(budget, usage.model):
                 continue
             key = self.key(injection, budget)
             self._known[key] = (injection, budget)
@@ -166,7 +168,7 @@ class Budgets:
             self._store.counts[key] = [window(now, budget.per)[0],
                                        tokens + usage.input + usage.output,
                                        spend + (spent or 0.0)]
-        if llm.budgets:
+        if any(not b.shared for b in llm.budgets):
             self._store.save_soon()
 
     def limits(self) -> list[tuple[str, str, float]]:

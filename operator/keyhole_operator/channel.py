@@ -1,0 +1,282 @@
+"""The operator channel: sidecars lease slices of the budgets their pods share.
+
+DESIGN.md, *The operator channel*: HTTPS on a port of its own (not the webhook's); every call
+carries a projected ServiceAccount token bound to the sidecar's pod (audience
+``keyhole.dev``), which the API server checks (TokenReview); the operator reads that pod and
+answers only for injections its signed routes name. The count itself lives in the
+injection's ``status.ledger`` (see ``ledger``), written with the object's resourceVersion as
+a precondition: every replica serves the channel, all agree on one count, and it outlives
+them.
+
+``POST /v1/leases`` — ``{"injection": NAME, "lease": ID, "budgets": [{"name", "window",
+"tokens", "usd", "want"}]}`` → ``{"budgets": [{"name", "window", "allowance", "granted",
+"left", "expiresIn"}]}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from kubernetes.client.rest import ApiException
+
+from keyhole_common.spec import SignatureError, parse_injection, verify
+from keyhole_common.spec.model import Budget, SecretInjection
+from keyhole_operator import ledger
+from keyhole_operator.annotations import INJECTIONS
+from keyhole_operator.routes import namespace_key
+
+log = logging.getLogger("keyhole.operator.channel")
+
+AUDIENCE = "keyhole.dev"
+POD_NAME = "authentication.kubernetes.io/pod-name"
+POD_UID = "authentication.kubernetes.io/pod-uid"
+PATH = "/v1/leases"
+MAX_BODY = 64 * 1024
+_LEASE_ID = re.compile(r"^[0-9a-f]{16,64}$")
+_SERVICE_ACCOUNT = re.compile(r"^system:serviceaccount:([^:]+):([^:]+)$")
+CONFLICT_RETRIES = 8
+
+
+class ChannelError(Exception):
+    """A refused call: its HTTP status and what to do, for the sidecar's log."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    namespace: str
+    service_account: str
+    pod: str
+    uid: str
+
+
+def caller(review: dict) -> Caller:
+    """Who a TokenReview's status says the token belongs to: a pod-bound ServiceAccount token
+    meant for keyhole, or ChannelError."""
+    if not review.get("authenticated"):
+        raise ChannelError(401, "the token was not accepted by the API server (expired, or "
+                                "not meant for audience keyhole.dev)")
+    if AUDIENCE not in (review.get("audiences") or [AUDIENCE]):
+        raise ChannelError(401, "the token is not meant for audience keyhole.dev")
+    user = review.get("user") or {}
+    found = _SERVICE_ACCOUNT.match(user.get("username") or "")
+    extra = user.get("extra") or {}
+    pod, uid = (extra.get(POD_NAME) or [None])[0], (extra.get(POD_UID) or [None])[0]
+    if not found or not pod or not uid:
+        raise ChannelError(403, "the token is not bound to a pod: the channel answers only "
+                                "a sidecar's projected ServiceAccount token")
+    return Caller(found.group(1), found.group(2), pod, uid)
+
+
+def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> SecretInjection:
+    """The injection as the pod's signed routes carry it; ChannelError when the pod is not
+    the one the token is bound to or its routes do not name ``injection``."""
+    meta = (pod or {}).get("metadata") or {}
+    if pod is None or meta.get("uid") != who.uid:
+        raise ChannelError(403, f"pod {who.namespace}/{who.pod} the token is bound to no longer "
+                                "exists")
+    if ((pod.get("spec") or {}).get("serviceAccountName") or "default") != who.service_account:
+        raise ChannelError(403, "the token's ServiceAccount is not the pod's")
+    try:
+        document = json.loads((meta.get("annotations") or {}).get(INJECTIONS) or "null")
+        verify(document, key)
+    except (ValueError, SignatureError):
+        raise ChannelError(403, f"pod {who.namespace}/{who.pod} carries no routes signed by "
+                                "the operator") from None
+    for item in document.get("items") or []:
+        if (item.get("metadata") or {}).get("name") == injection:
+            spec, _ = parse_injection({**item, "metadata": {"name": injection,
+                                                           "namespace": who.namespace}},
+                                      f"pod {who.pod}")
+            if spec is not None:
+                return spec
+    raise ChannelError(403, f"pod {who.namespace}/{who.pod} is not served by injection "
+                            f"{injection!r}: it may not spend its budgets")
+
+
+def parse_ask(body: object) -> tuple[str, str, list[ledger.Report]]:
+    """The injection, lease id and reports of a call's body, or ChannelError (400)."""
+    if not isinstance(body, dict):
+        raise ChannelError(400, "the body must be a JSON object")
+    injection, lease, budgets = body.get("injection"), body.get("lease"), body.get("budgets")
+    if not isinstance(injection, str) or not injection:
+        raise ChannelError(400, "'injection' must name the injection")
+    if not isinstance(lease, str) or not _LEASE_ID.match(lease):
+        raise ChannelError(400, "'lease' must be 16 to 64 lowercase hex digits")
+    if not isinstance(budgets, list) or not 0 < len(budgets) <= 64:
+        raise ChannelError(400, "'budgets' must list 1 to 64 reports")
+    reports = []
+    for entry in budgets:
+        try:
+            report = ledger.Report(str(entry["name"]), float(entry["window"]),
+                                   int(entry["tokens"]), float(entry["usd"]),
+                                   float(entry["want"]))
+        except (TypeError, KeyError, ValueError):
+            raise ChannelError(400, "each report needs name, window, tokens, usd and "
+                                    "want") from None
+        figures = (report.window, report.tokens, report.usd, report.want)
+        if not all(math.isfinite(x) and x >= 0 for x in figures):
+            raise ChannelError(400, f"report {report.name!r}: figures must be finite, 0 or "
+                                    "more")
+        reports.append(report)
+    return injection, lease, reports
+
+
+def shared_budgets(spec: SecretInjection | None) -> dict[str, Budget | None]:
+    """What the channel counts for an injection: its shared budgets, and the day's usage."""
+    if spec is None or spec.llm is None:
+        return {}
+    found: dict[str, Budget | None] = {ledger.USAGE: None}
+    found.update({b.name: b for b in spec.llm.budgets if b.shared})
+    return found
+
+
+def apply(entries: list[dict], live: SecretInjection | None, signed: SecretInjection,
+          holder: ledger.Holder, reports: list[ledger.Report], now: float,
+          lease_seconds: float) -> tuple[list[dict], list[ledger.Grant]]:
+    """Record every report of one call and grant its slices: the new ledger and the grants.
+    A budget counts when the injection has it now and the pod's routes carry it too."""
+    budgets, carried = shared_budgets(live), shared_budgets(signed)
+    by_name = {e["name"]: e for e in entries}
+    grants = []
+    for report in reports:
+        if report.name not in budgets or report.name not in carried:
+            raise ChannelError(404, f"injection {signed.name!r} has no budget "
+                                    f"{report.name!r} shared by its pods")
+        entry, grant = ledger.settle(by_name.get(report.name), report.name,
+                                     budgets[report.name], holder, report, now, lease_seconds)
+        by_name[report.name] = entry
+        grants.append(grant)
+    kept = [by_name[name] for name in budgets if name in by_name]  # removed budgets drop out
+    return kept, grants
+
+
+class Channel:
+    """The channel's decisions over the Kubernetes calls they need (``Cluster``)."""
+
+    def __init__(self, cluster, master_key: bytes, *, lease_seconds: float = ledger.LEASE_SECONDS,
+                 clock: Callable[[], float] = time.time):
+        self.cluster, self.master_key = cluster, master_key
+        self.lease_seconds, self.clock = lease_seconds, clock
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._reviews: dict[str, tuple[float, dict]] = {}
+        self._guard = threading.Lock()
+
+    def _review(self, token: str) -> dict:
+        """TokenReviews, remembered for 30 s (a sidecar calls every few seconds)."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        with self._guard:
+            hit = self._reviews.get(digest)
+            if hit and hit[0] > now:
+                return hit[1]
+        review = self.cluster.review_token(token, AUDIENCE)
+        with self._guard:
+            if len(self._reviews) > 4096:
+                self._reviews.clear()
+            self._reviews[digest] = (now + 30.0, review)
+        return review
+
+    def lease(self, token: str, body: object) -> dict:
+        """One call, answered: the grants, or ChannelError."""
+        injection, lease_id, reports = parse_ask(body)
+        who = caller(self._review(token))
+        pod = self.cluster.read_pod(who.namespace, who.pod)
+        signed = signed_item(pod, who, injection, namespace_key(self.master_key,
+                                                                 who.namespace))
+        holder = ledger.Holder(who.pod, who.uid, lease_id)
+        with self._guard:
+            lock = self._locks.setdefault((who.namespace, injection), threading.Lock())
+        with lock:  # one writer per injection in this replica; resourceVersion across them
+            for _ in range(CONFLICT_RETRIES):
+                obj = self.cluster.read_injection(who.namespace, injection)
+                if obj is None:
+                    raise ChannelError(404, f"injection {who.namespace}/{injection} no longer "
+                                            "exists")
+                live, _ = parse_injection({k: obj.get(k) for k in ("apiVersion", "kind",
+                                                                  "spec")} | {
+                    "metadata": {"name": injection, "namespace": who.namespace}},
+                    f"SecretInjection {who.namespace}/{injection}")
+                entries = list(((obj.get("status") or {}).get("ledger")) or [])
+                kept, grants = apply(entries, live, signed, holder, reports, self.clock(),
+                                     self.lease_seconds)
+                status = {"ledger": kept, "usage": ledger.usage_summary(kept)}
+                if self.cluster.write_ledger(who.namespace, injection,
+                                             obj["metadata"]["resourceVersion"], status):
+                    return {"budgets": [g.as_json() for g in grants]}
+        raise ChannelError(503, "the injection changed under every attempt to count; call "
+                                "again")
+
+
+def _answer(status: int, body: dict) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+def build_app(channel: Channel) -> web.Application:
+    async def lease(request: web.Request) -> web.Response:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _answer(401, {"error": "send the pod's projected token as "
+                                          "'Authorization: Bearer ...'"})
+        if (request.content_length or 0) > MAX_BODY:
+            return _answer(413, {"error": f"the body is over {MAX_BODY} bytes"})
+        try:
+            body = json.loads(await request.content.read(MAX_BODY + 1))
+        except ValueError:
+            return _answer(400, {"error": "the body is not JSON"})
+        try:
+            answer = await asyncio.to_thread(channel.lease, token.strip(), body)
+        except ChannelError as exc:
+            log.info("channel: refused (%s): %s", exc.status, exc.message)
+            return _answer(exc.status, {"error": exc.message})
+        except (ApiException, OSError) as exc:
+            log.warning("channel: the API server did not answer: %s", _what(exc))
+            return _answer(503, {"error": "the operator cannot reach the Kubernetes API now; "
+                                          "call again"})
+        except Exception:  # a bug: said in the log, and a JSON answer the sidecar can read
+            log.exception("channel: cannot answer a lease")
+            return _answer(500, {"error": "the operator failed to answer (its log says why)"})
+        return _answer(200, answer)
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post(PATH, lease)
+    return app
+
+
+def _what(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    return f"HTTP {status}" if status else type(exc).__name__
+
+
+def serve(channel: Channel, host: str, port: int, certfile: str, keyfile: str) -> None:
+    """Serve the channel over TLS from a thread of its own (kopf owns the main loop)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    started = threading.Event()
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        runner = web.AppRunner(build_app(channel), access_log=None)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, host, port, ssl_context=context).start())
+        log.info("operator channel on %s:%d", host, port)
+        started.set()
+        loop.run_forever()
+
+    threading.Thread(target=run, name="channel", daemon=True).start()
+    started.wait(10)
