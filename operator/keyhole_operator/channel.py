@@ -193,8 +193,8 @@ class Channel:
 
     def lease(self, token: str, body: object) -> dict:
         """One call, answered: the grants, or ChannelError."""
+        who = caller(self._review(token))  # nobody unauthenticated learns anything
         injection, lease_id, reports = parse_ask(body)
-        who = caller(self._review(token))
         pod = self.cluster.read_pod(who.namespace, who.pod)
         signed = signed_item(pod, who, injection, namespace_key(self.master_key,
                                                                  who.namespace))

@@ -123,7 +123,8 @@ def test_printer_columns_show_hosts_pods_and_readiness(kube, operator, namespace
                            ).get("matchedPods") == 1, what="matchedPods == 1")
     table = kube.kubectl("get", "si", "-n", namespace).stdout
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "HOSTS", "PODS", "READY", "AGE"]
+    assert header.split() == ["NAME", "HOSTS", "PODS", "READY", "SPENT", "TODAY", "BUDGET",
+                              "LEFT", "AGE"]
     assert row.split()[:4] == ["openai", '["api.routed.test"]', "1", "True"]
 
 
@@ -212,7 +213,10 @@ def test_the_namespace_gets_its_ca_bundle_and_signing_key(kube, operator, namesp
     ca = kube.get("secret", "keyhole-ca", namespace)
     assert ca["type"] == "kubernetes.io/tls"
     bundle = kube.get("configmap", "keyhole-ca-bundle", namespace)
-    assert set(bundle["data"]) == {"ca.crt", "ca-bundle.crt", "wgetrc"}
+    # With the operator channel on, its CA rides along for the sidecars: public material.
+    assert set(bundle["data"]) == {"ca.crt", "ca-bundle.crt", "wgetrc", "operator-ca.crt"}
+    assert bundle["data"]["operator-ca.crt"].startswith("-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE KEY" not in json.dumps(bundle)
     assert set(bundle["binaryData"]) == {"truststore.p12"}
     import base64
     assert bundle["data"]["ca.crt"] == base64.b64decode(ca["data"]["tls.crt"]).decode()

@@ -90,6 +90,9 @@ def _encode(value: bytes, how: str) -> tuple[bytes, dict[str, str]]:
     return value, {}
 
 
+CHAT_USAGE = {"prompt_tokens": 24, "completion_tokens": 29, "total_tokens": 53}
+
+
 def build_app(upstream: Upstream) -> web.Application:
     async def record(request: web.Request) -> bytes:
         body = await request.read()
@@ -163,8 +166,20 @@ def build_app(upstream: Upstream) -> web.Application:
         return resp
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
-        """Just enough of OpenAI's streaming chat completions for the official SDK."""
-        await record(request)
+        """Just enough of OpenAI's chat completions for the official SDK: streamed, or (when
+        the request does not ask for a stream) one JSON answer with its token usage."""
+        body = await record(request)
+        try:
+            streamed = json.loads(body or b"{}").get("stream", True)
+        except ValueError:
+            streamed = True
+        if not streamed:
+            return web.json_response({
+                "id": "chatcmpl-2", "object": "chat.completion", "created": 0,
+                "model": "gpt-test", "choices": [{
+                    "index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "Hello from upstream"}}],
+                "usage": CHAT_USAGE})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i, word in enumerate(["Hello", " from", " upstream"]):

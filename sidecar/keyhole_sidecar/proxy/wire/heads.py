@@ -104,7 +104,9 @@ def header_block(kind: str, pseudo: Fields, headers: Fields) -> list[tuple[bytes
         if _NOT_FIELD_TEXT.search(value):
             raise UnsafeHead(f"the value of header {name!r} holds a control character (CR, LF, "
                              "NUL or another)")
-        block.append((name.encode(), value.encode(_ENCODING, _ERRORS)))
+        # Whitespace around a value is not part of it (RFC 9110 5.5) and HTTP/2 forbids it
+        # (RFC 9113 8.2.1): the block holds the value as it goes on the wire.
+        block.append((name.encode(), value.strip(" \t").encode(_ENCODING, _ERRORS)))
     return block
 
 
