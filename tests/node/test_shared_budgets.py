@@ -50,6 +50,16 @@ def shared_injection() -> dict:
     }
 
 
+CHANNEL_HOST = "keyhole-webhook.keyhole-system.svc"
+
+
+def channel_alias(kube) -> dict:
+    """The channel's Service name → its ClusterIP (kube-proxy routes it), where a cluster's DNS
+    would answer: the test node runs none."""
+    ip = kube.get("service", "keyhole-webhook", RELEASE_NAMESPACE)["spec"]["clusterIP"]
+    return {"ip": ip, "hostnames": [CHANNEL_HOST]}
+
+
 class Team:
     """The agents namespace of this module: three tagged Deployments."""
 
@@ -88,8 +98,11 @@ def test_three_pods_share_one_budget_that_outlives_an_operator_restart_and_a_kil
     kube.wait_for(lambda: "conditions" in (kube.get("si", "llm", NAMESPACE).get("status")
                                            or {}), 60, "the injection observed")
     apps = ["agent-1", "agent-2", "agent-3"]
-    kube.apply([agent_deployment(app, agents.images["agent"].name, {"keyhole.dev/llm": "true"})
-                for app in apps], NAMESPACE)
+    deployments = [agent_deployment(app, agents.images["agent"].name, {"keyhole.dev/llm": "true"})
+                   for app in apps]
+    for deployment in deployments:  # the test node runs no cluster DNS
+        deployment["spec"]["template"]["spec"]["hostAliases"].append(channel_alias(kube))
+    kube.apply(deployments, NAMESPACE)
     for app in apps:
         kube.kubectl("rollout", "status", f"deployment/{app}", "-n", NAMESPACE,
                      "--timeout=120s")
@@ -146,9 +159,11 @@ def test_three_pods_share_one_budget_that_outlives_an_operator_restart_and_a_kil
 def test_an_agent_cannot_reach_the_channel_as_its_sidecar(agents):
     """The agent's own token is not meant for keyhole, and it may not mount one that is."""
     pod = agents.pod("agent")
+    ip = channel_alias(agents.kube)["ip"]
     call = ("curl -sS --noproxy '*' -k -o /dev/null -w '%{http_code}' -X POST "
+            f"--resolve {CHANNEL_HOST}:9445:{ip} "
             "-H \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/"
-            "token)\" -d '{}' https://keyhole-webhook.keyhole-system.svc:9445/v1/leases")
+            f"token)\" -d '{{}}' https://{CHANNEL_HOST}:9445/v1/leases")
     assert agents.exec(pod, "sh", "-c", call).stdout == "401"
     mounted = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "impostor", "labels": {"keyhole.dev/openai": "true"}},

@@ -170,7 +170,7 @@ def build_app(upstream: Upstream) -> web.Application:
         the request does not ask for a stream) one JSON answer with its token usage."""
         body = await record(request)
         try:
-            streamed = json.loads(body or b"{}").get("stream", True)
+            streamed = json.loads(body or b"{}").get("stream") is True
         except ValueError:
             streamed = True
         if not streamed:

@@ -30,7 +30,7 @@ from keyhole_sidecar.usage.meter import Usage
 log = logging.getLogger("keyhole.sidecar.budgets")
 
 USAGE = "usage/day"  # the operator's meter of the injection's spend today (no limit)
-SLICE_SHARE = 20  # a slice asked for is a twentieth of the budget (or what a request needs)
+SLICE_SHARE = 20  # a slice asked for is a twentieth of the budget beyond what requests need
 CALL_TIMEOUT = 5.0  # one call to the operator, at most
 
 
@@ -194,10 +194,11 @@ class SharedBudgets:
         asks = []
         for budget in [b for b in llm.budgets if b.shared]:
             held = self._slice(injection, budget.name, budget.per)
-            want = 0.0
+            want = 0.0  # an idle slice is given back
             if held.used or held.reserved or (extra and budget.name in extra):
-                want = held.reserved + max(_limit(budget) / SLICE_SHARE,
-                                           (extra or {}).get(budget.name, 0.0))
+                # What requests in flight hold, what this one needs, and a slice beyond.
+                want = (held.reserved + (extra or {}).get(budget.name, 0.0)
+                        + _limit(budget) / SLICE_SHARE)
             asks.append((budget.name, held, want))
         meter = self._slice(injection, USAGE, "day")
         if meter.dirty:
