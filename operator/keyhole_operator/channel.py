@@ -32,7 +32,7 @@ from kubernetes.client.rest import ApiException
 
 from keyhole_common.spec import SignatureError, parse_injection, verify
 from keyhole_common.spec.model import Budget, SecretInjection
-from keyhole_operator import ledger
+from keyhole_operator import ledger, metrics
 from keyhole_operator.annotations import INJECTIONS
 from keyhole_operator.routes import namespace_key
 
@@ -218,11 +218,13 @@ class Channel:
                 if self.cluster.write_ledger(who.namespace, injection,
                                              obj["metadata"]["resourceVersion"], status):
                     return {"budgets": [g.as_json() for g in grants]}
+                metrics.ledger_conflicts.inc()
         raise ChannelError(503, "the injection changed under every attempt to count; call "
                                 "again")
 
 
 def _answer(status: int, body: dict) -> web.Response:
+    metrics.channel_calls.labels(str(status)).inc()
     return web.json_response(body, status=status)
 
 

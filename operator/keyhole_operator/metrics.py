@@ -14,8 +14,17 @@ route_updates = Counter("keyhole_operator_route_updates", "Routes annotations re
                         "running pods (live grant or revoke).", registry=registry)
 restarts_required = Counter("keyhole_operator_restart_required", "Pods marked as needing a "
                             "restart to use an injection.", registry=registry)
+channel_calls = Counter("keyhole_operator_channel_calls", "Operator channel calls (sidecars "
+                        "leasing shared budgets) by HTTP status: 200 answered, 401/403 refused "
+                        "tokens, 409-retries exhausted or API server away 503.", ["code"],
+                        registry=registry)
+ledger_conflicts = Counter("keyhole_operator_ledger_conflicts", "Ledger writes refused because "
+                           "another writer changed the injection first (read again and redone).",
+                           registry=registry)
 for _result in ("ok", "error"):
     reconciles.labels(_result)
+for _code in ("200", "400", "401", "403", "404", "503"):
+    channel_calls.labels(_code)
 
 
 def serve(host: str, port: int) -> None:

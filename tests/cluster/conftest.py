@@ -63,10 +63,12 @@ def crd(kube: Kube) -> None:
 
 class OperatorProcess:
     def __init__(self, command: list[str], env: dict, log: Path, webhook_port: int,
-                 health_port: int, channel_port: int | None = None):
+                 health_port: int, channel_port: int | None = None,
+                 metrics_port: int | None = None):
         self.command, self.env, self.log = command, env, log
         self.webhook_port, self.health_port, self.channel_port = (
             webhook_port, health_port, channel_port)
+        self.metrics_port = metrics_port
         self.process = self._launch()
 
     def _launch(self) -> subprocess.Popen:
@@ -140,14 +142,16 @@ def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
         ca, crt, pkey = cert
         command += ["--webhook-ca", str(ca), "--webhook-cert", str(crt), "--webhook-key", str(pkey)]
     channel_port = free_port() if channel else None
+    metrics_port = free_port() if channel else None
     if channel_port:  # short slices, so a test sees the operator away without waiting long
         command += ["--channel-listen", f"127.0.0.1:{channel_port}",
                     "--channel-url", f"https://127.0.0.1:{channel_port}",
-                    "--channel-lease-seconds", "20"]
+                    "--channel-lease-seconds", "20",
+                    "--metrics-listen", f"127.0.0.1:{metrics_port}"]
     log = workdir / "operator.log"
     log.write_text("")
     operator = OperatorProcess(command, {**os.environ, "KUBECONFIG": str(config)}, log,
-                               webhook_port, health_port, channel_port)
+                               webhook_port, health_port, channel_port, metrics_port)
     operator.wait_ready(kube, manage)
     return operator
 

@@ -208,6 +208,8 @@ def test_a_pods_token_cannot_spend_another_injections_budget(agents, kube, opera
     assert wrong_audience.status_code == 401
     assert lease(None, "openai").status_code == 401
     assert lease("not-a-token", "openai").status_code == 401
+    calls = operator_metric(operator, "keyhole_operator_channel_calls_total")
+    assert calls["403"] >= 2 and calls["401"] >= 3 and calls["200"] >= 1
 
 
 def test_the_count_survives_an_operator_restart_and_a_sidecar_killed_mid_lease(
@@ -292,3 +294,15 @@ def _admin_client(kube):
     import kubernetes
 
     return kubernetes.config.new_client_from_config(str(kube.kubeconfig))
+
+
+def operator_metric(operator, name: str) -> dict[str, float]:
+    """The operator's counter ``name`` by its one label's value, from its /metrics."""
+    with httpx.Client() as http:
+        text = http.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line.rpartition(" ")
+            found[labels.split('"')[1]] = float(value)
+    return found
