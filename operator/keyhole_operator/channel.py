@@ -11,6 +11,11 @@ them.
 ``POST /v1/leases`` — ``{"injection": NAME, "lease": ID, "budgets": [{"name", "window",
 "tokens", "usd", "want"}]}`` → ``{"budgets": [{"name", "window", "allowance", "granted",
 "left", "expiresIn"}]}``.
+
+``POST /v1/routes`` — → ``{"routes": ANNOTATION}``: the pod's signed routes as they are now in
+the API server, so a revocation reaches the sidecar in seconds rather than at the kubelet's
+next sync of its downward-API file. The sidecar checks the signature as it does the file's:
+the channel can carry only what the operator signed.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ AUDIENCE = "keyhole.dev"
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 PATH = "/v1/leases"
+ROUTES_PATH = "/v1/routes"
 MAX_BODY = 64 * 1024
 _LEASE_ID = re.compile(r"^[0-9a-f]{16,64}$")
 _SERVICE_ACCOUNT = re.compile(r"^system:serviceaccount:([^:]+):([^:]+)$")
@@ -82,17 +88,28 @@ def caller(review: dict) -> Caller:
     return Caller(found.group(1), found.group(2), pod, uid)
 
 
-def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> SecretInjection:
-    """The injection as the pod's signed routes carry it; ChannelError when the pod is not
-    the one the token is bound to or its routes do not name ``injection``."""
+def pod_routes(pod: dict | None, who: Caller) -> str:
+    """The pod's routes annotation, once the pod is the one the token is bound to; 403 for a
+    pod keyhole did not inject (it carries none)."""
     meta = (pod or {}).get("metadata") or {}
     if pod is None or meta.get("uid") != who.uid:
         raise ChannelError(403, f"pod {who.namespace}/{who.pod} the token is bound to no longer "
                                 "exists")
     if ((pod.get("spec") or {}).get("serviceAccountName") or "default") != who.service_account:
         raise ChannelError(403, "the token's ServiceAccount is not the pod's")
+    routes = (meta.get("annotations") or {}).get(INJECTIONS)
+    if not routes:
+        raise ChannelError(403, f"pod {who.namespace}/{who.pod} carries no routes signed by "
+                                "the operator")
+    return routes
+
+
+def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> SecretInjection:
+    """The injection as the pod's signed routes carry it; ChannelError when the pod is not
+    the one the token is bound to or its routes do not name ``injection``."""
+    routes = pod_routes(pod, who)
     try:
-        document = json.loads((meta.get("annotations") or {}).get(INJECTIONS) or "null")
+        document = json.loads(routes)
         verify(document, key)
     except (ValueError, SignatureError):
         raise ChannelError(403, f"pod {who.namespace}/{who.pod} carries no routes signed by "
@@ -191,6 +208,14 @@ class Channel:
             self._reviews[digest] = (now + 30.0, review)
         return review
 
+    def routes(self, token: str) -> dict:
+        """The routes the caller's pod carries now, as the operator signed them: the pod's
+        ``keyhole.dev/injections`` annotation read from the API server, ahead of the kubelet's
+        copy in the sidecar's file (which it refreshes about once a minute)."""
+        who = caller(self._review(token))
+        pod = self.cluster.read_pod(who.namespace, who.pod)
+        return {"routes": pod_routes(pod, who)}
+
     def lease(self, token: str, body: object) -> dict:
         """One call, answered: the grants, or ChannelError."""
         who = caller(self._review(token))  # nobody unauthenticated learns anything
@@ -230,33 +255,45 @@ def _answer(status: int, body: dict) -> web.Response:
 
 def build_app(channel: Channel) -> web.Application:
     async def lease(request: web.Request) -> web.Response:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _answer(401, {"error": "send the pod's projected token as "
-                                          "'Authorization: Bearer ...'"})
-        if (request.content_length or 0) > MAX_BODY:
-            return _answer(413, {"error": f"the body is over {MAX_BODY} bytes"})
-        try:
-            body = json.loads(await request.content.read(MAX_BODY + 1))
-        except ValueError:
-            return _answer(400, {"error": "the body is not JSON"})
-        try:
-            answer = await asyncio.to_thread(channel.lease, token.strip(), body)
-        except ChannelError as exc:
-            log.info("channel: refused (%s): %s", exc.status, exc.message)
-            return _answer(exc.status, {"error": exc.message})
-        except (ApiException, OSError) as exc:
-            log.warning("channel: the API server did not answer: %s", _what(exc))
-            return _answer(503, {"error": "the operator cannot reach the Kubernetes API now; "
-                                          "call again"})
-        except Exception:  # a bug: said in the log, and a JSON answer the sidecar can read
-            log.exception("channel: cannot answer a lease")
-            return _answer(500, {"error": "the operator failed to answer (its log says why)"})
-        return _answer(200, answer)
+        return await _call(request, channel.lease, with_body=True)
+
+    async def routes(request: web.Request) -> web.Response:
+        return await _call(request, channel.routes, with_body=False)
 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post(PATH, lease)
+    app.router.add_post(ROUTES_PATH, routes)
     return app
+
+
+async def _call(request: web.Request, answer_with, *, with_body: bool) -> web.Response:
+    """Check the call's shape, answer it in a worker thread (the Kubernetes client blocks),
+    and turn every failure into a JSON answer that says what to do."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return _answer(401, {"error": "send the pod's projected token as "
+                                      "'Authorization: Bearer ...'"})
+    if (request.content_length or 0) > MAX_BODY:
+        return _answer(413, {"error": f"the body is over {MAX_BODY} bytes"})
+    args: tuple = (token.strip(),)
+    if with_body:
+        try:
+            args += (json.loads(await request.content.read(MAX_BODY + 1)),)
+        except ValueError:
+            return _answer(400, {"error": "the body is not JSON"})
+    try:
+        answer = await asyncio.to_thread(answer_with, *args)
+    except ChannelError as exc:
+        log.info("channel: refused (%s): %s", exc.status, exc.message)
+        return _answer(exc.status, {"error": exc.message})
+    except (ApiException, OSError) as exc:
+        log.warning("channel: the API server did not answer: %s", _what(exc))
+        return _answer(503, {"error": "the operator cannot reach the Kubernetes API now; "
+                                      "call again"})
+    except Exception:  # a bug: said in the log, and a JSON answer the sidecar can read
+        log.exception("channel: cannot answer %s", request.path)
+        return _answer(500, {"error": "the operator failed to answer (its log says why)"})
+    return _answer(200, answer)
 
 
 def _what(exc: Exception) -> str:

@@ -14,17 +14,18 @@ from pathlib import Path
 from aiohttp import web
 
 from keyhole_common.ca import CAError, CertificateAuthority, ca_fingerprint
+from keyhole_common.spec import verify
 from keyhole_sidecar import __version__
 from keyhole_sidecar.admin import admin_app
 from keyhole_sidecar.audit import AuditLog
 from keyhole_sidecar.certs import LeafCache
-from keyhole_sidecar.config import LiveConfig, Sources
+from keyhole_sidecar.config import LiveConfig, Sources, read_signing_key
 from keyhole_sidecar.egress import Egress, EgressPolicy
 from keyhole_sidecar.httplog import protocol_logger
 from keyhole_sidecar.inventory import inventory
 from keyhole_sidecar.limits import Limiter
 from keyhole_sidecar.metrics import Metrics
-from keyhole_sidecar.operator_channel import OperatorChannel
+from keyhole_sidecar.operator_channel import OperatorChannel, OperatorRoutes
 from keyhole_sidecar.proxy.context import ProxyContext, ProxySettings
 from keyhole_sidecar.proxy.wire.frontdoor import FrontDoor
 from keyhole_sidecar.proxy.wire.pool import UpstreamPool
@@ -66,6 +67,7 @@ class Options:
     operator_ca: Path | None = None
     operator_token: Path | None = None
     operator_report_seconds: float = 10.0
+    operator_routes_seconds: float = 10.0  # how often the pod's routes are asked of the operator
 
 
 class CAWatch:
@@ -122,8 +124,16 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     metrics = Metrics()
     metrics.build.info({"version": __version__, "python": platform.python_version(),
                         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]})
+    channel = routes = None
+    if options.operator_url and options.operator_ca and options.operator_token:
+        channel = OperatorChannel(options.operator_url, options.operator_ca,
+                                  options.operator_token)
+        if options.signing_key is not None:  # routes come signed, or not at all
+            signing_key = options.signing_key
+            routes = OperatorRoutes(channel, options.operator_routes_seconds,
+                                    lambda doc: verify(doc, read_signing_key(signing_key)))
     config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key),
-                        metrics)
+                        metrics, channel_routes=routes.current if routes else None)
     if not config.load():  # the log above names each problem
         raise StartupError("the configuration has the problems logged above; fix them and "
                            "start again (keyhole-sidecar check lists them too)")
@@ -147,10 +157,6 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     limiter = Limiter(options.state_dir, on_refused=metrics.limit_refused)
     metrics.watch_windows(limiter.windows_left)
     budgets = Budgets(options.state_dir, clock=limiter.clock, on_refused=metrics.budget_refused)
-    channel = None
-    if options.operator_url and options.operator_ca and options.operator_token:
-        channel = OperatorChannel(options.operator_url, options.operator_ca,
-                                  options.operator_token)
     shared = SharedBudgets(channel, limiter.clock, options.operator_report_seconds,
                            on_refused=metrics.budget_refused)
     metrics.watch_budgets(lambda: budgets.remaining() + shared.remaining(),
@@ -220,6 +226,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     watchers = [asyncio.create_task(config.watch(options.reload_interval)),
                 asyncio.create_task(ca_watch.watch(options.reload_interval)),
                 asyncio.create_task(shared.report_forever())]
+    if routes is not None:
+        watchers.append(asyncio.create_task(routes.follow_forever()))
     host, port = proxy_server.sockets[0].getsockname()[:2]
     admin_host, admin_port = admin_runner.addresses[0][:2]
     log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",

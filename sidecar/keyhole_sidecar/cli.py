@@ -153,6 +153,12 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
         parser.add_argument("--operator-report-seconds", type=_seconds, default=10.0,
                             metavar="SECONDS", help="how often what was counted is reported "
                                                     "to the operator (default 10)")
+        parser.add_argument("--operator-routes-seconds", type=_seconds, default=10.0,
+                            metavar="SECONDS",
+                            help="how often the pod's signed routes are asked of the operator, "
+                                 "so a revocation arrives within about this long whatever the "
+                                 "kubelet does (default 10; each ask is one pod read by the "
+                                 "operator; with --signing-key)")
         parser.add_argument("--log-level", default="info",
                             choices=("debug", "info", "warning", "error"))
         parser.add_argument("--log-format", default="text", choices=("text", "json"),
@@ -254,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout=args.drain_timeout, otlp_endpoint=args.otlp_endpoint,
         operator_url=args.operator_url, operator_ca=args.operator_ca,
         operator_token=args.operator_token, operator_report_seconds=args.operator_report_seconds,
+        operator_routes_seconds=args.operator_routes_seconds,
     )
     try:
         _event_loop_runner()(run(options))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from keyhole_sidecar.routes import RouteTable, build_route_table, require_usable
 from keyhole_sidecar.secrets import SecretsDir
 
 log = logging.getLogger("keyhole.config")
+CHANNEL_SOURCE = "the operator channel"
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,15 @@ def read_signing_key(path: Path) -> bytes:
     return key
 
 
-def load_injections(sources: Sources) -> tuple[list[SecretInjection], list[str]]:
+def load_injections(sources: Sources, fresher: dict | None = None
+                    ) -> tuple[list[SecretInjection], list[str]]:
     """Parse the injections, verifying the operator's signature when a key is configured:
-    (the injections, the documents of other kinds set aside)."""
-    documents = read_documents(sources.injections)
+    (the injections, the documents of other kinds set aside). ``fresher``: the same signed
+    document as the operator has it now (the operator channel), read instead of the file."""
+    if fresher is not None and sources.signing_key is not None:
+        documents = [(CHANNEL_SOURCE, fresher)]
+    else:
+        documents = read_documents(sources.injections)
     if sources.signing_key is not None:
         key = read_signing_key(sources.signing_key)
         present = [(s, d) for s, d in documents if d is not None]
@@ -87,9 +95,12 @@ def load_route_table(sources: Sources) -> tuple[RouteTable, list[str]]:
                                             CredentialRegistry().source)), skipped
 
 
-def _fingerprint(sources: Sources, injections: list[SecretInjection]) -> str:
+def _fingerprint(sources: Sources, injections: list[SecretInjection],
+                 fresher: dict | None = None) -> str:
     """A digest of every byte the configuration depends on (never logged, never kept raw)."""
     digest = hashlib.sha256()
+    if fresher is not None:
+        digest.update(json.dumps(fresher, sort_keys=True).encode() + b"\0")
     paths: list[Path] = []
     if sources.injections.is_dir():
         paths.extend(sorted(p for p in sources.injections.iterdir() if not p.name.startswith(".")))
@@ -109,12 +120,29 @@ def _fingerprint(sources: Sources, injections: list[SecretInjection]) -> str:
     return digest.hexdigest()
 
 
+def newest_routes(channel: tuple[dict, float] | None, file_changed_at: float) -> dict | None:
+    """The routes document to serve instead of the file, if any. The operator channel reads
+    the pod's annotation from the API server as it is now, so its document is the newer while
+    it answers, and a revocation takes effect in seconds. Should the operator be away while the
+    kubelet delivers a newer file, the file is the newer; never the stale one of the two."""
+    if channel is None:
+        return None
+    document, fetched = channel
+    return document if fetched >= file_changed_at else None
+
+
 class LiveConfig:
     """The route table being served, and the loop that replaces it when files change."""
 
-    def __init__(self, sources: Sources, metrics: Metrics):
+    def __init__(self, sources: Sources, metrics: Metrics,
+                 channel_routes: Callable[[], tuple[dict, float] | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.sources = sources
         self.metrics = metrics
+        self.channel_routes = channel_routes or (lambda: None)  # the operator channel's
+        self.clock = clock
+        self._file_digest = self._read_file_digest()
+        self._file_changed_at = clock()
         self.table: RouteTable | None = None
         self.last_error: str | None = None
         self._injections: list[SecretInjection] = []
@@ -133,16 +161,17 @@ class LiveConfig:
         are still read again, so a removed one stops injecting either way. Before anything has
         loaded, any problem but a missing Secret is fatal (False, nothing to serve)."""
         rejected: SpecError | None = None
+        fresher = self.fresher()
         try:
-            injections, skipped = load_injections(self.sources)
+            injections, skipped = load_injections(self.sources, fresher)
             for what in skipped:
                 log.info("skipped %s: not a SecretInjection", what)
         except SpecError as exc:
             if self.table is None:
-                self._fingerprint = _fingerprint(self.sources, self._injections)
+                self._fingerprint = _fingerprint(self.sources, self._injections, fresher)
                 return self._rejected(exc)
             rejected, injections = exc, self._injections
-        fingerprint = _fingerprint(self.sources, injections)
+        fingerprint = _fingerprint(self.sources, injections, fresher)
         table = build_route_table(injections, SecretsDir(self.sources.secrets_dir).read,
                                   self.credentials.source, previous=self.table)
         broken = [u for u in table.unusable if not u.missing]
@@ -178,7 +207,8 @@ class LiveConfig:
         self.metrics.config_timestamp.set(time.time())
         available = [r.name for r in table.routes if r.unavailable is None]
         missing = [r.name for r in table.routes if r.unavailable is not None]
-        log.info("%s configuration: %d injection(s): %s%s", "loaded" if first else "reloaded",
+        log.info("%s configuration%s: %d injection(s): %s%s", "loaded" if first else "reloaded",
+                 f" from {CHANNEL_SOURCE}" if fresher is not None else "",
                  len(available), ", ".join(available) or "none",
                  f"; unavailable: {', '.join(missing)}" if missing else "")
         return True
@@ -193,13 +223,31 @@ class LiveConfig:
             log.error("configuration problem: %s", problem)
         return False
 
+    def fresher(self) -> dict | None:
+        """The routes from the operator channel, when they are newer than the routes file."""
+        digest = self._read_file_digest()
+        if digest != self._file_digest:
+            self._file_digest, self._file_changed_at = digest, self.clock()
+        return newest_routes(self.channel_routes(), self._file_changed_at)
+
+    def _read_file_digest(self) -> str:
+        digest = hashlib.sha256()
+        path = self.sources.injections
+        for item in sorted(path.iterdir()) if path.is_dir() else [path]:
+            try:
+                digest.update(item.read_bytes())
+            except OSError as exc:
+                digest.update(f"<{exc.errno}>".encode())
+        return digest.hexdigest()
+
     def changed(self) -> bool:
         """Cheap check: did any file the configuration depends on change?"""
+        fresher = self.fresher()
         try:
-            injections, _ = load_injections(self.sources)
+            injections, _ = load_injections(self.sources, fresher)
         except SpecError:
             injections = self._injections
-        return _fingerprint(self.sources, injections) != self._fingerprint
+        return _fingerprint(self.sources, injections, fresher) != self._fingerprint
 
     async def watch(self, interval: float = 1.0) -> None:
         """Poll for changes forever; reload on any."""

@@ -1,15 +1,27 @@
 """The sidecar's end of the operator channel (DESIGN.md): HTTPS to the operator, trusting the
 channel's CA, authenticated with the pod-bound ServiceAccount token the kubelet keeps fresh.
-What is said over it is decided in ``usage.shared``."""
+
+Two things travel on it: slices of the budgets an injection's pods share (decided in
+``usage.shared``), and the pod's signed routes as the API server has them now
+(``OperatorRoutes``), so that a revocation reaches the sidecar in seconds instead of at the
+kubelet's next sync of the routes file (about a minute with its default settings).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
 from keyhole_sidecar.usage.shared import CALL_TIMEOUT, ChannelUnavailable
+
+log = logging.getLogger("keyhole.channel")
 
 
 class OperatorChannel:
@@ -17,7 +29,7 @@ class OperatorChannel:
     the pod-bound token the kubelet keeps fresh in ``token_file``."""
 
     def __init__(self, url: str, ca_file: Path, token_file: Path):
-        self.url = url.rstrip("/") + "/v1/leases"
+        self.base = url.rstrip("/")
         self.ca_file, self.token_file = ca_file, token_file
         self._session: aiohttp.ClientSession | None = None
 
@@ -34,26 +46,79 @@ class OperatorChannel:
                 timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT))
         return self._session
 
-    async def lease(self, body: dict) -> list[dict]:
+    async def _post(self, path: str, body: dict | None) -> dict:
         try:
             token = self.token_file.read_text().strip()
         except OSError as exc:
             raise ChannelUnavailable(f"cannot read the pod's channel token {self.token_file} "
                                      f"({exc.strerror})") from None
+        url = self.base + path
         try:
             async with self._client().post(
-                    self.url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
+                    url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
                 answer = await resp.json(content_type=None)
                 if resp.status != 200:
                     raise ChannelUnavailable(f"the operator refused ({resp.status}): "
                                              f"{str((answer or {}).get('error'))[:300]}")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             await self.close()  # the next call dials afresh, with the CA file as it is then
-            raise ChannelUnavailable(f"the operator channel {self.url} did not answer "
+            raise ChannelUnavailable(f"the operator channel {url} did not answer "
                                      f"({type(exc).__name__})") from None
-        return list(answer.get("budgets") or [])
+        if not isinstance(answer, dict):
+            raise ChannelUnavailable(f"the operator channel {url} answered no JSON object")
+        return answer
+
+    async def lease(self, body: dict) -> list[dict]:
+        return list((await self._post("/v1/leases", body)).get("budgets") or [])
+
+    async def routes(self) -> str:
+        routes = (await self._post("/v1/routes", None)).get("routes")
+        if not isinstance(routes, str):
+            raise ChannelUnavailable("the operator channel answered no routes")
+        return routes
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class OperatorRoutes:
+    """The pod's signed routes from the operator, polled every ``every`` seconds.
+
+    A document is taken only when its signature checks (``verify`` raises otherwise): the
+    channel carries what the operator signed, nothing else. Which serves, this or the routes
+    file (the same annotation as the kubelet last delivered it), is ``config.newest_routes``:
+    the newer of the two."""
+
+    def __init__(self, channel: OperatorChannel, every: float,
+                 verify: Callable[[dict], None], clock: Callable[[], float] = time.monotonic):
+        self.channel, self.every, self.verify, self.clock = channel, every, verify, clock
+        self.document: dict | None = None
+        self.fetched = 0.0
+        self.problem: str | None = None
+
+    def current(self) -> tuple[dict, float] | None:
+        """The last signed routes the operator sent, and when (``clock`` time)."""
+        return None if self.document is None else (self.document, self.fetched)
+
+    async def fetch(self) -> None:
+        try:
+            document = json.loads(await self.channel.routes())
+            self.verify(document)
+        except (ChannelUnavailable, ValueError) as exc:  # SignatureError is a ValueError
+            problem = str(exc)
+            if problem != self.problem:
+                log.warning("routes from the operator channel: %s; the last routes it sent "
+                            "serve until the routes file changes", problem)
+            self.problem = problem
+            return
+        if self.problem is not None:
+            log.info("routes from the operator channel: answering again")
+        self.problem = None
+        self.document, self.fetched = document, self.clock()
+
+    async def follow_forever(self) -> None:
+        while True:
+            await self.fetch()
+            await asyncio.sleep(self.every)

@@ -72,7 +72,8 @@ class Agents:
         self.kube.wait_for(published, what="the channel's CA in the trust ConfigMap")
         return published()
 
-    def sidecar(self, found: dict, report_seconds: float = 0.5, tag: str = ""):
+    def sidecar(self, found: dict, report_seconds: float = 0.5, tag: str = "",
+                routes_seconds: float = 1.0):
         folder = self.workdir / f"{found['metadata']['name']}{tag}"
         folder.mkdir(parents=True)
         signing = self.kube.get("secret", "keyhole-signing-key", self.namespace)["data"]["key"]
@@ -86,7 +87,8 @@ class Agents:
                   "--operator-url", f"https://127.0.0.1:{self.operator.channel_port}",
                   "--operator-ca", str(folder / "operator-ca.crt"),
                   "--operator-token", str(folder / "token"),
-                  "--operator-report-seconds", str(report_seconds)])
+                  "--operator-report-seconds", str(report_seconds),
+                  "--operator-routes-seconds", str(routes_seconds)])
         self.sidecars.append(proc)
         return proc
 

@@ -155,6 +155,27 @@ def test_three_pods_share_one_budget_that_outlives_an_operator_restart_and_a_kil
     assert entry["spent"] >= spent and entry["left"] == 0
     assert SECRET_VALUE not in json.dumps(kube.get("si", "llm", NAMESPACE))
 
+    # A pod's token cannot lease a budget of an injection that does not serve the pod: a
+    # token the API server bound to agent-1's pod, as the kubelet projects it, asking for one.
+    other = shared_injection()
+    other["metadata"]["name"] = "other"
+    other["spec"]["podSelector"] = {"matchLabels": {"keyhole.dev/other": "true"}}
+    kube.apply([other], NAMESPACE)
+    target = team.pod("agent-1")
+    token = kube.kubectl("create", "token", "default", "-n", NAMESPACE, "--audience",
+                         "keyhole.dev", "--bound-object-kind", "Pod", "--bound-object-name",
+                         target["metadata"]["name"], "--bound-object-uid",
+                         target["metadata"]["uid"], "--duration", "10m").stdout.strip()
+    body = json.dumps({"injection": "other", "lease": "ab" * 16, "budgets": [
+        {"name": BUDGET, "window": 0, "tokens": 0, "usd": 0, "want": 100}]})
+    refused = team.exec(target, "curl", "-sS", "--noproxy", "*", "-k", "--resolve",
+                        f"{CHANNEL_HOST}:9445:{channel_alias(kube)['ip']}",
+                        "-H", f"Authorization: Bearer {token}", "-d", body, "-w", "\n%{http_code}",
+                        f"https://{CHANNEL_HOST}:9445/v1/leases").stdout
+    assert refused.endswith("\n403"), refused
+    assert "is not served by injection 'other'" in refused
+    assert "ledger" not in (kube.get("si", "other", NAMESPACE).get("status") or {})
+
 
 def test_an_agent_cannot_reach_the_channel_as_its_sidecar(agents):
     """The agent's own token is not meant for keyhole, and it may not mount one that is."""

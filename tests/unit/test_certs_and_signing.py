@@ -123,3 +123,15 @@ def test_any_change_breaks_the_signature(tamper):
 def test_another_namespaces_key_does_not_verify():
     with pytest.raises(SignatureError, match="another namespace's key"):
         verify(sign(DOC, b"a" * 32), b"b" * 32)
+
+
+# -- routes from the operator channel vs. the routes file -----------------------------------
+
+def test_the_channel_routes_serve_while_they_are_the_newer():
+    from keyhole_sidecar.config import newest_routes
+
+    doc = {"kind": "SecretInjectionList"}
+    assert newest_routes(None, 5.0) is None  # no channel: the file
+    assert newest_routes((doc, 7.0), 5.0) is doc  # fetched after the file last changed
+    # The operator away (no fetch since 7) while the kubelet delivered a newer file at 9:
+    assert newest_routes((doc, 7.0), 9.0) is None
