@@ -181,3 +181,19 @@ def test_a_new_window_starts_a_new_slice():
         assert channel.entries[SHARED.name]["window"] == "2026-12-07T00:00:00Z"
 
     asyncio.run(main())
+
+
+def test_a_stopping_sidecar_reports_and_gives_every_slice_back():
+    async def main():
+        clock = Clock()
+        channel = LedgerChannel(clock)
+        shared = SharedBudgets(channel, clock)
+        ticket = await shared.admit("api", LLM, Asked("gpt-4o-mini", 20, 30), 0.0)
+        shared.charge("api", LLM, answer(), 0.0)
+        shared.release(ticket)  # used just now: a plain report would renew the slice
+        assert channel.entries[SHARED.name]["held"] > 0
+        await shared.close()
+        entry = channel.entries[SHARED.name]
+        assert entry["held"] == 0 and entry["spent"] == 53 and entry["left"] == 1000 - 53
+
+    asyncio.run(main())

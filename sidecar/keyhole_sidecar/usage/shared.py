@@ -185,17 +185,17 @@ class SharedBudgets:
         return left
 
     # -- the operator ------------------------------------------------------------------------
-    async def _renew(self, injection: str, llm: Llm, extra: dict[str, float] | None = None
-                     ) -> bool:
+    async def _renew(self, injection: str, llm: Llm, extra: dict[str, float] | None = None,
+                     final: bool = False) -> bool:
         """One call for all of ``injection``'s shared budgets and its meter: report what was
-        counted, ask for room (a slice for a budget in use, none for one idle). False when
-        the operator did not answer."""
+        counted, ask for room (a slice for a budget in use, none for one idle, none at all
+        when ``final``). False when the operator did not answer."""
         assert self.channel is not None
         asks = []
         for budget in [b for b in llm.budgets if b.shared]:
             held = self._slice(injection, budget.name, budget.per)
             want = 0.0  # an idle slice is given back
-            if held.used or held.reserved or (extra and budget.name in extra):
+            if not final and (held.used or held.reserved or (extra and budget.name in extra)):
                 # What requests in flight hold, what this one needs, and a slice beyond.
                 want = (held.reserved + (extra or {}).get(budget.name, 0.0)
                         + _limit(budget) / SLICE_SHARE)
@@ -237,7 +237,9 @@ class SharedBudgets:
             await asyncio.sleep(self.report_every)
             await self.report_once()
 
-    async def report_once(self) -> None:
+    async def report_once(self, final: bool = False) -> None:
+        """Report each injection that counted or holds something; ``final``: give back every
+        slice (the sidecar stops: an unreturned slice would stay spent until the window ends)."""
         if self.channel is None:
             return
         for injection, llm in list(self._specs.items()):
@@ -249,12 +251,13 @@ class SharedBudgets:
             meter = self._slices.get((injection, USAGE))
             if busy or (meter is not None and meter.dirty):
                 async with self._locks.setdefault(injection, asyncio.Lock()):
-                    await self._renew(injection, llm)
+                    await self._renew(injection, llm, final=final)
 
     async def close(self) -> None:
-        """Report what was counted, then close the wire (a stopping sidecar's last word)."""
+        """Report what was counted and give every slice back, then close the wire: a stopping
+        sidecar's last word (a killed one's slices stay counted as spent)."""
         if self.channel is None:
             return
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.report_once(), CALL_TIMEOUT)
+            await asyncio.wait_for(self.report_once(final=True), CALL_TIMEOUT)
         await self.channel.close()
