@@ -210,8 +210,8 @@ class Channel:
 
     def routes(self, token: str) -> dict:
         """The routes the caller's pod carries now, as the operator signed them: the pod's
-        ``keyhole.dev/injections`` annotation read from the API server, ahead of the kubelet's
-        copy in the sidecar's file (which it refreshes about once a minute)."""
+        ``keyhole.dev/injections`` annotation read from the API server, not waiting for the
+        kubelet to refresh the sidecar's copy of it (on its own schedule)."""
         who = caller(self._review(token))
         pod = self.cluster.read_pod(who.namespace, who.pod)
         return {"routes": pod_routes(pod, who)}

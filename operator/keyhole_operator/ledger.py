@@ -182,8 +182,9 @@ def settle(entry: dict | None, name: str, budget: Budget | None, holder: Holder,
 
 def usage_summary(entries: list[dict]) -> dict:
     """``status.usage``: what ``kubectl get si`` shows — spent today and the tightest shared
-    budget's room."""
-    summary: dict = {}
+    budget's room. Every key is present (None when there is nothing to say): the status is
+    written as a merge patch, where an absent key would keep an old value."""
+    summary: dict = {"day": None, "spentToday": None, "budgetLeft": None}
     meter = next((e for e in entries if e["name"] == USAGE), None)
     if meter is not None:
         summary["day"] = meter["window"][:10]

@@ -110,6 +110,11 @@ def test_the_usage_meter_counts_and_grants_nothing():
     summary = ledger.usage_summary([entry, budget_entry])
     assert summary == {"day": "2026-12-06", "spentToday": "700 tokens, $0.5000",
                        "budgetLeft": f"250 tokens ({NAME})"}
+    # A budget removed: its column is cleared, not left as it was (a merge patch keeps an
+    # absent key).
+    assert ledger.usage_summary([entry]) == {"day": "2026-12-06",
+                                             "spentToday": "700 tokens, $0.5000",
+                                             "budgetLeft": None}
 
 
 def test_a_merge_patch_dropping_nulls_does_not_break_the_next_count():

@@ -197,3 +197,15 @@ def test_a_stopping_sidecar_reports_and_gives_every_slice_back():
         assert entry["held"] == 0 and entry["spent"] == 53 and entry["left"] == 1000 - 53
 
     asyncio.run(main())
+
+
+def test_a_shared_spend_budget_refuses_a_model_with_no_price():
+    async def main():
+        spend = Llm("openai", budgets=(Budget(per="month", spend=5.0, shared=True),))
+        shared = SharedBudgets(LedgerChannel(Clock()), Clock())
+        refused = await shared.admit("api", spend, Asked("my-own-model", 1, 1), 0.0,
+                                     priced=False)
+        assert isinstance(refused, BudgetRefusal) and not refused.unavailable
+        assert "model 'my-own-model' has no price: add it to spec.llm.prices" in refused.detail
+
+    asyncio.run(main())

@@ -343,7 +343,8 @@ async def _llm_call(ctx: ProxyContext, request: Request, target: Target, route: 
         if isinstance(admitted, BudgetRefusal):
             raise BudgetExceeded(admitted, spec.api)
         call.ticket = admitted
-        shared = await ctx.shared.admit(route.name, spec, asked, admitted.reserve_usd)
+        shared = await ctx.shared.admit(route.name, spec, asked, admitted.reserve_usd,
+                                        priced=admitted.price is not None)
         if isinstance(shared, BudgetRefusal):
             _release(ctx, call)
             raise BudgetExceeded(shared, spec.api)

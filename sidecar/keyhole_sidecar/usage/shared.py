@@ -94,14 +94,25 @@ class SharedBudgets:
             held = self._slices[(injection, name)] = Slice(window=start)
         return held
 
-    async def admit(self, injection: str, llm: Llm, asked: Asked, reserve_usd: float
-                    ) -> SharedTicket | BudgetRefusal:
-        """Admit a request on every shared budget that applies, reserving what it asked."""
+    async def admit(self, injection: str, llm: Llm, asked: Asked, reserve_usd: float,
+                    priced: bool = True) -> SharedTicket | BudgetRefusal:
+        """Admit a request on every shared budget that applies, reserving what it asked
+        (``reserve_usd``: priced at admission; ``priced``: whether its model has a price)."""
         chosen = [b for b in llm.budgets if b.shared and applies(b, asked.model)]
         self._specs[injection] = llm
         ticket = SharedTicket()
         if not chosen:
             return ticket
+        unpriced = next((b for b in chosen if b.spend is not None and asked.model is not None
+                         and not priced), None)
+        if unpriced is not None:  # never silently free
+            if self._on_refused:
+                self._on_refused(injection, unpriced.name)
+            _, end = window(self.clock(), unpriced.per)
+            return BudgetRefusal(injection, unpriced.name, end - self.clock(), end,
+                                 f"injection {injection!r} has a spend budget ({unpriced.name}) "
+                                 f"and model {asked.model!r} has no price: add it to "
+                                 "spec.llm.prices")
         need = {b.name: (reserve_usd if b.spend is not None else float(asked.tokens))
                 for b in chosen}
         slices = {b.name: self._slice(injection, b.name, b.per) for b in chosen}
