@@ -46,6 +46,7 @@ def test_a_removed_tag_revokes_through_the_channel_while_the_file_still_grants(
     kube.wait_for(lambda: ask(sidecar) != 200, what="the revocation reaching the sidecar")
     took = time.monotonic() - started
     assert took < 5, f"revoked after {took:.1f}s"  # the operator's rewrite + one 1 s poll
+    print(f"\n[cluster] revoked through the channel {took:.1f}s after the tag was removed")
     seen = len(llm_upstream.seen)
     assert ask(sidecar) == 404  # base-URL mode: no injection of that name any more
     assert len(llm_upstream.seen) == seen  # nothing left the pod

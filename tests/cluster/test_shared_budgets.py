@@ -154,6 +154,8 @@ def test_three_pods_share_one_budget_and_together_stop_at_its_figure(agents, kub
     spent = answered * PER_ANSWER
     # The stated bound: each pod may pass the figure by the one request it had in flight.
     assert limit <= spent <= limit + len(sidecars) * PER_ANSWER, (answered, spent)
+    print(f"\n[cluster] a budget of {limit} tokens shared by {len(sidecars)} sidecars: "
+          f"{[n for n, _ in results]} answers, {spent} tokens counted")
     assert all(n > 0 for n, _ in results)  # the budget was shared, not taken by one pod
 
     def reported() -> dict | None:

@@ -124,6 +124,8 @@ def test_three_pods_share_one_budget_that_outlives_an_operator_restart_and_a_kil
     spent = answered * PER_ANSWER
     # The stated bound: each pod may pass the figure by the one request it had in flight.
     assert LIMIT <= spent <= LIMIT + len(apps) * PER_ANSWER, results
+    print(f"\n[node] a budget of {LIMIT} tokens shared by {len(apps)} pods: "
+          f"{[r['answered'] for r in results]} answers, {spent} tokens counted")
     kube.wait_for(lambda: team.ledger()[BUDGET]["spent"] == spent, 30,
                   f"the ledger counting {spent} tokens")
     assert sorted(x["pod"].rsplit("-", 2)[0] for x in team.ledger()[BUDGET]["leases"]) == apps
