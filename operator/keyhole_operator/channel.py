@@ -21,6 +21,7 @@ the channel can carry only what the operator signed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
@@ -52,6 +53,7 @@ MAX_BODY = 64 * 1024
 _LEASE_ID = re.compile(r"^[0-9a-f]{16,64}$")
 _SERVICE_ACCOUNT = re.compile(r"^system:serviceaccount:([^:]+):([^:]+)$")
 CONFLICT_RETRIES = 8
+REVIEW_CACHE_SECONDS = 300.0
 
 
 class ChannelError(Exception):
@@ -125,6 +127,17 @@ def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> Se
                             f"{injection!r}: it may not spend its budgets")
 
 
+def token_lifetime(token: str, now: float) -> float:
+    """Seconds until the token's ``exp`` (read, not verified: the API server verified it);
+    0 when it cannot be read. Only bounds how long a review is remembered."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return max(float(claims["exp"]) - now, 0.0)
+    except (IndexError, KeyError, TypeError, ValueError):
+        return 0.0
+
+
 def parse_ask(body: object) -> tuple[str, str, list[ledger.Report]]:
     """The injection, lease id and reports of a call's body, or ChannelError (400)."""
     if not isinstance(body, dict):
@@ -194,7 +207,9 @@ class Channel:
         self._guard = threading.Lock()
 
     def _review(self, token: str) -> dict:
-        """TokenReviews, remembered for 30 s (a sidecar calls every few seconds)."""
+        """TokenReviews, remembered while the token lives, at most ``REVIEW_CACHE_SECONDS``
+        (a sidecar calls every few seconds; its pod is read at every call, so a deleted pod is
+        refused at once all the same). A refusal is not remembered."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
         with self._guard:
@@ -202,10 +217,12 @@ class Channel:
             if hit and hit[0] > now:
                 return hit[1]
         review = self.cluster.review_token(token, AUDIENCE)
-        with self._guard:
-            if len(self._reviews) > 4096:
-                self._reviews.clear()
-            self._reviews[digest] = (now + 30.0, review)
+        if review.get("authenticated"):
+            keep = min(REVIEW_CACHE_SECONDS, token_lifetime(token, time.time()))
+            with self._guard:
+                if len(self._reviews) > 4096:
+                    self._reviews.clear()
+                self._reviews[digest] = (now + keep, review)
         return review
 
     def routes(self, token: str) -> dict:

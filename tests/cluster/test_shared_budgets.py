@@ -15,6 +15,7 @@ import base64
 import json
 import signal
 import ssl
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -200,6 +201,11 @@ def test_a_pods_token_cannot_spend_another_injections_budget(agents, kube, opera
     allowed = lease(token, "openai")
     assert allowed.status_code == 200, allowed.text  # what its routes carry: answered
     assert allowed.json()["budgets"][0]["granted"] == 500
+    started = time.monotonic()
+    for _ in range(20):  # what a lease costs a request that needs one (review remembered)
+        assert lease(token, "openai").status_code == 200
+    print(f"\n[cluster] a lease call (pod read, injection read, ledger write): "
+          f"{(time.monotonic() - started) / 20 * 1000:.1f} ms")
     other = lease(token, "other")
     assert other.status_code == 403
     assert "is not served by injection 'other': it may not spend its budgets" in \

@@ -214,3 +214,19 @@ def test_a_malformed_call_is_refused_naming_the_field(body, problem):
     with pytest.raises(ChannelError, match=problem) as refused:
         parse_ask(body)
     assert refused.value.status == 400
+
+
+def test_a_review_is_remembered_no_longer_than_the_token_lives():
+    import base64
+    import json
+
+    from keyhole_operator.channel import token_lifetime
+
+    def token(claims: dict) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        return f"eyJhbGciOiJSUzI1NiJ9.{body}.signature"
+
+    assert token_lifetime(token({"exp": 1600}), 1000) == 600
+    assert token_lifetime(token({"exp": 900}), 1000) == 0  # expired: not remembered
+    assert token_lifetime("not-a-jwt", 1000) == 0
+    assert token_lifetime(token({"sub": "no exp"}), 1000) == 0
