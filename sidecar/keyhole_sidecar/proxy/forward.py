@@ -266,7 +266,9 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         else None, readable=target.routed,
         trailers="trailers" in request.headers.get("TE", "").lower(),
         client_protocol=request.protocol)
-    llm = await _llm_call(ctx, request, target, llm_route, body) if llm_route else None
+    llm = None
+    if llm_route is not None:
+        llm = await _llm_call(ctx, request, target, llm_route, body)
     try:
         started = time.monotonic()
         answer, leg = await _exchange(ctx, out, target)
@@ -343,8 +345,12 @@ async def _llm_call(ctx: ProxyContext, request: Request, target: Target, route: 
         if isinstance(admitted, BudgetRefusal):
             raise BudgetExceeded(admitted, spec.api)
         call.ticket = admitted
-        shared = await ctx.shared.admit(route.name, spec, asked, admitted.reserve_usd,
-                                        priced=admitted.price is not None)
+        try:  # asking the operator for room may take a moment; the client may leave
+            shared = await ctx.shared.admit(route.name, spec, asked, admitted.reserve_usd,
+                                            priced=admitted.price is not None)
+        except BaseException:
+            _release(ctx, call)
+            raise
         if isinstance(shared, BudgetRefusal):
             _release(ctx, call)
             raise BudgetExceeded(shared, spec.api)
