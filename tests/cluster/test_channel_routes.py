@@ -75,3 +75,37 @@ def test_with_the_operator_away_the_last_routes_it_sent_keep_serving(agents, kub
         assert ask(sidecar) != 200
     finally:
         operator.restart()
+
+
+def test_the_channel_answers_no_pod_keyhole_did_not_inject_nor_a_deleted_one(
+        agents, kube, operator, tmp_path):
+    import ssl
+
+    import httpx
+
+    from tests.cluster.test_operator import pod as plain_pod
+
+    ca_file = tmp_path / "operator-ca.crt"
+    apply_injections(kube, agents.namespace, shared_injection("openai", 100000))
+    ca_file.write_text(agents.channel_ca())
+    url = f"https://127.0.0.1:{operator.channel_port}/v1/routes"
+
+    def routes(token: str) -> httpx.Response:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file))) as http:
+            return http.post(url, headers={"Authorization": f"Bearer {token}"})
+
+    kube.apply([plain_pod("untagged")], agents.namespace)  # no tag: keyhole left it alone
+    untagged = routes(agents.token(kube.get("pod", "untagged", agents.namespace)))
+    assert untagged.status_code == 403 and "carries no routes" in untagged.json()["error"]
+
+    tagged = agents.pod("agent-a")
+    token = agents.token(tagged)
+    answered = routes(token)
+    assert answered.status_code == 200
+    assert answered.json()["routes"] == tagged["metadata"]["annotations"][
+        "keyhole.dev/injections"]
+    kube.kubectl("delete", "pod", "agent-a", "-n", agents.namespace, "--wait=true")
+    # The token outlives its pod on paper (10 min), but the API server no longer accepts it
+    # (its bound object is gone), and the operator reads the pod at every call anyway.
+    replayed = routes(token)
+    assert replayed.status_code in (401, 403), replayed.text

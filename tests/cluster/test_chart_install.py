@@ -81,6 +81,7 @@ ALLOWED = [
     ("update", "secrets/keyhole-ca"), ("update", "secrets/keyhole-signing-key"),
     ("get", "configmaps"), ("create", "configmaps"), ("update", "configmaps/keyhole-ca-bundle"),
     ("create", "events"), ("create", "subjectaccessreviews.authorization.k8s.io"),
+    ("create", "tokenreviews.authentication.k8s.io"),
     ("create", "clusterkopfpeerings.kopf.dev"), ("patch", "clusterkopfpeerings.kopf.dev"),
 ]
 DENIED = [
