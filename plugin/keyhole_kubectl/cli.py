@@ -71,9 +71,10 @@ def render_status(answer: dict, wide: bool, all_namespaces: bool) -> str:
     rows = [[i["name"], _dash(i["hosts"]), i["ready"], i["selectedPods"], i["withKey"],
              i["restartRequired"], len(i["canBypass"])] for i in answer["injections"]]
     if wide:
-        headers.append("MESSAGE")
+        headers += ["SPENT-TODAY", "BUDGET-LEFT", "MESSAGE"]
         for row, item in zip(rows, answer["injections"], strict=True):
-            row.append(item["readyMessage"] or "")
+            row += [item["spentToday"] or "-", item["budgetLeft"] or "-",
+                    item["readyMessage"] or ""]
     if all_namespaces:
         headers.insert(0, "NAMESPACE")
         for row, item in zip(rows, answer["injections"], strict=True):

@@ -261,6 +261,10 @@ def status(spaces: list[Namespace], now: dt.datetime | None = None) -> dict:
                 "withKey": sum(name in served for served in routes),
                 "restartRequired": state.get("restartRequired", 0),
                 "canBypass": [b["serviceAccount"] for b in state.get("canBypass") or []],
+                # What its pods reported spending today and the tightest shared budget's room
+                # (spec.llm; the operator keeps them in status.usage).
+                "spentToday": (state.get("usage") or {}).get("spentToday"),
+                "budgetLeft": (state.get("usage") or {}).get("budgetLeft"),
             })
     return {"injections": injections,
             "namespaces": [{"namespace": s.name, "ca": _ca(s.ca_bundle, now),

@@ -1,0 +1,32 @@
+"""kubectl keyhole's answers as pure functions of what it read (tests/cluster/test_plugin.py
+runs the plugin against the real API server)."""
+
+from __future__ import annotations
+
+from keyhole_kubectl.cli import render_status
+from keyhole_kubectl.report import status
+from keyhole_kubectl.snapshot import Namespace
+
+
+def injection(name: str, usage: dict | None = None) -> dict:
+    return {"apiVersion": "keyhole.dev/v1alpha1", "kind": "SecretInjection",
+            "metadata": {"name": name, "namespace": "agents"},
+            "spec": {"podSelector": {"matchLabels": {f"keyhole.dev/{name}": "true"}},
+                     "hosts": ["api.openai.com"], "llm": {"api": "openai"},
+                     "headers": [{"name": "Authorization",
+                                  "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+            "status": {"usage": usage} if usage else {}}
+
+
+def test_status_shows_what_the_pods_spent_today_and_the_budget_left():
+    spent = injection("openai", {"day": "2026-12-06", "spentToday": "1325 tokens, $0.0011",
+                                 "budgetLeft": "0 tokens (injection:tokens/day)"})
+    answer = status([Namespace("agents", injections=[spent, injection("quiet")])])
+    by_name = {i["name"]: i for i in answer["injections"]}
+    assert by_name["openai"]["spentToday"] == "1325 tokens, $0.0011"
+    assert by_name["openai"]["budgetLeft"] == "0 tokens (injection:tokens/day)"
+    assert by_name["quiet"]["spentToday"] is None
+    wide = render_status(answer, wide=True, all_namespaces=False).splitlines()
+    assert wide[0].split()[-3:] == ["SPENT-TODAY", "BUDGET-LEFT", "MESSAGE"]
+    assert "1325 tokens, $0.0011" in wide[1] and "0 tokens (injection:tokens/day)" in wide[1]
+    assert "SPENT-TODAY" not in render_status(answer, wide=False, all_namespaces=False)
