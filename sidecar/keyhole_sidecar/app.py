@@ -127,7 +127,9 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     channel = routes = None
     if options.operator_url and options.operator_ca and options.operator_token:
         channel = OperatorChannel(options.operator_url, options.operator_ca,
-                                  options.operator_token)
+                                  options.operator_token,
+                                  on_answer=lambda call, ok: metrics.channel_up.labels(call).set(
+                                      1 if ok else 0))
         if options.signing_key is not None:  # routes come signed, or not at all
             signing_key = options.signing_key
             routes = OperatorRoutes(channel, options.operator_routes_seconds,

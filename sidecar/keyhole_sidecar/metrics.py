@@ -110,6 +110,10 @@ class Metrics:
         self.budget_refusals = Counter("keyhole_llm_budget_refusals", "Requests refused by a "
                                        "spec.llm budget (nothing was sent upstream).",
                                        ["injection", "budget"], registry=r)
+        self.channel_up = Gauge("keyhole_channel_up", "1 when the operator channel "
+                                "answered the sidecar's last call of this kind (leases: shared "
+                                "budgets; routes), 0 when it did not or refused.", ["call"],
+                                registry=r)
         self._models: dict[str, set[str]] = {}
         self.available = Gauge("keyhole_injection_available", "1 while an injection injects; "
                                "0 while its Secret or key is missing or its value unusable "

@@ -28,9 +28,11 @@ class OperatorChannel:
     """The wire to the operator channel: HTTPS, trusting the channel's CA, authenticated with
     the pod-bound token the kubelet keeps fresh in ``token_file``."""
 
-    def __init__(self, url: str, ca_file: Path, token_file: Path):
+    def __init__(self, url: str, ca_file: Path, token_file: Path,
+                 on_answer: Callable[[str, bool], None] | None = None):
         self.base = url.rstrip("/")
         self.ca_file, self.token_file = ca_file, token_file
+        self.on_answer = on_answer or (lambda call, ok: None)  # (call, answered 200), metrics
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -68,11 +70,20 @@ class OperatorChannel:
             raise ChannelUnavailable(f"the operator channel {url} answered no JSON object")
         return answer
 
+    async def _call(self, call: str, body: dict | None) -> dict:
+        try:
+            answer = await self._post(f"/v1/{call}", body)
+        except ChannelUnavailable:
+            self.on_answer(call, False)
+            raise
+        self.on_answer(call, True)
+        return answer
+
     async def lease(self, body: dict) -> list[dict]:
-        return list((await self._post("/v1/leases", body)).get("budgets") or [])
+        return list((await self._call("leases", body)).get("budgets") or [])
 
     async def routes(self) -> str:
-        routes = (await self._post("/v1/routes", None)).get("routes")
+        routes = (await self._call("routes", None)).get("routes")
         if not isinstance(routes, str):
             raise ChannelUnavailable("the operator channel answered no routes")
         return routes

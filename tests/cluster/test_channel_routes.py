@@ -64,12 +64,14 @@ def test_with_the_operator_away_the_last_routes_it_sent_keep_serving(agents, kub
     pod = agents.pod("agent-a")
     sidecar = agents.sidecar(pod, report_seconds=60)
     sidecar.wait_for_log("reloaded configuration from the operator channel", timeout=10)
+    assert sidecar.metric("keyhole_channel_up", call="routes") == 1
     kube.kubectl("label", "pod", "agent-a", "-n", agents.namespace, "keyhole.dev/openai-")
     kube.wait_for(lambda: ask(sidecar) != 200, what="the revocation reaching the sidecar")
     operator.stop()
     try:
         sidecar.wait_for_log("routes from the operator channel: the operator channel",
                              timeout=10)
+        assert sidecar.metric("keyhole_channel_up", call="routes") == 0
         # The file still grants (nothing updated it); the newer routes — the channel's last,
         # revoked — keep serving: an outage never brings a revoked injection back.
         assert ask(sidecar) != 200
