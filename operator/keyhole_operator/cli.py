@@ -23,6 +23,16 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a server address
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keyhole-operator", description=(
         "Reconciles SecretInjections, keeps each namespace's CA and signing key, and serves "
@@ -83,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-ca", type=Path, metavar="FILE",
                    help="the CA that signed the channel's certificate, delivered to sidecars "
                         "(default: --webhook-ca)")
-    p.add_argument("--channel-lease-seconds", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--channel-lease-seconds", type=_positive_seconds, default=120.0,
+                   metavar="SECONDS",
                    help="how long a sidecar may spend a slice of a shared budget without "
                         "hearing from the operator (default 120)")
     group = p.add_mutually_exclusive_group()
@@ -146,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     upstream_ca = ""
     if args.sidecar_upstream_ca:
-        from keyhole_operator.trust import read_upstream_ca
+        from keyhole_operator.trust import read_pem_certificates
 
         try:
-            upstream_ca = read_upstream_ca(args.sidecar_upstream_ca)
+            upstream_ca = read_pem_certificates(args.sidecar_upstream_ca,
+                                                "--sidecar-upstream-ca")
         except ValueError as exc:
             print(f"keyhole-operator: {exc}", file=sys.stderr)
             return 2
@@ -161,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keyhole-operator: --channel-url {args.channel_url!r}: the channel is HTTPS "
               "(https://HOST:PORT)", file=sys.stderr)
         return 2
+    channel_ca = ""
+    if args.channel_ca:
+        from keyhole_operator.trust import read_pem_certificates
+
+        try:
+            channel_ca = read_pem_certificates(args.channel_ca, "--channel-ca")
+        except ValueError as exc:
+            print(f"keyhole-operator: {exc}", file=sys.stderr)
+            return 2
     from keyhole_operator.guard import check_allowed_host_paths
 
     try:
@@ -228,19 +249,18 @@ def main(argv: list[str] | None = None) -> int:
 
         from keyhole_operator.channel import Channel, serve
         from keyhole_operator.kube import Cluster
-        from keyhole_operator.trust import read_upstream_ca
+        from keyhole_operator.trust import read_pem_certificates
 
-        channel_ca = args.channel_ca or ca
-        if channel_ca is None:
+        if not channel_ca and ca is None:
             print("keyhole-operator: --channel-url needs the CA of the webhook certificate: "
                   "give --channel-ca or --webhook-ca", file=sys.stderr)
             return 2
         try:
-            settings = replace(settings, channel_ca=read_upstream_ca(Path(channel_ca),
-                                                                     "--channel-ca"))
+            channel_ca = channel_ca or read_pem_certificates(Path(ca), "--webhook-ca")
         except ValueError as exc:
             print(f"keyhole-operator: {exc}", file=sys.stderr)
             return 2
+        settings = replace(settings, channel_ca=channel_ca)
         serve(Channel(Cluster(), master_key, lease_seconds=args.channel_lease_seconds),
               *args.channel_listen, str(cert), str(key))
     from keyhole_operator.webhook_server import ReviewCheckingWebhookServer

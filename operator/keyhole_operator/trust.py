@@ -192,8 +192,9 @@ def bundle_data(secret_data: dict[str, bytes], truststore_password: str, upstrea
     return data, {layout.TRUSTSTORE: store}
 
 
-def read_upstream_ca(path, flag: str = "--sidecar-upstream-ca") -> str:
-    """The PEM certificates of ``flag``'s file, checked; ValueError names the file."""
+def read_pem_certificates(path, flag: str) -> str:
+    """The PEM certificates in the file given as ``flag`` (public material: an upstream CA,
+    the channel's CA), checked; ValueError names the flag and the file."""
     try:
         text = path.read_bytes()
     except OSError as exc:
