@@ -71,20 +71,23 @@ def test_every_snapshot_has_its_combination():
     assert stale == []
 
 
-def test_the_charts_crd_equals_crds():
-    source = yaml.safe_load((ROOT / "crds" / "secretinjection.yaml").read_text())
-    copy = yaml.safe_load((CHART / "files" / "crds" / "secretinjection.yaml").read_text())
+@pytest.mark.parametrize("kind", ["secretinjection", "clustersecretinjection"])
+def test_the_charts_crds_equal_crds(kind):
+    source = yaml.safe_load((ROOT / "crds" / f"{kind}.yaml").read_text())
+    copy = yaml.safe_load((CHART / "files" / "crds" / f"{kind}.yaml").read_text())
     assert copy == source, "charts/keyhole/files/crds/ differs from crds/: copy it over"
     rendered = next(d for d in render() if d["kind"] == "CustomResourceDefinition"
-                    and d["metadata"]["name"] == "secretinjections.keyhole.dev")
+                    and d["metadata"]["name"] == f"{kind}s.keyhole.dev")
     assert rendered["spec"] == source["spec"]
     assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
 
 
 def test_crds_can_be_left_out_or_not_kept():
     assert not any(d["kind"] == "CustomResourceDefinition" for d in render({"crds.enabled": "false"}))
-    crd = next(d for d in render({"crds.keep": "false"}) if d["kind"] == "CustomResourceDefinition")
-    assert "annotations" not in crd["metadata"]
+    crds = [d for d in render({"crds.keep": "false"}) if d["kind"] == "CustomResourceDefinition"
+            and d["spec"]["group"] == "keyhole.dev"]
+    assert len(crds) == 2
+    assert not any("annotations" in crd["metadata"] for crd in crds)
 
 
 def test_every_value_is_documented():

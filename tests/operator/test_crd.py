@@ -4,6 +4,7 @@ itself for ``kubectl explain``. (CEL rules run in the real API server: tests/clu
 
 from __future__ import annotations
 
+import runpy
 from pathlib import Path
 
 import jsonschema
@@ -15,10 +16,12 @@ from tests.support.config import INJECTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "secretinjection.yaml"
+CLUSTER_CRD = ROOT / "crds" / "clustersecretinjection.yaml"
+KINDS = {"SecretInjection": CRD, "ClusterSecretInjection": CLUSTER_CRD}
 
 
-def schema() -> dict:
-    crd = yaml.safe_load(CRD.read_text())
+def schema(kind: str = "SecretInjection") -> dict:
+    crd = yaml.safe_load(KINDS[kind].read_text())
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
@@ -35,18 +38,19 @@ def fixtures() -> list[tuple[str, dict]]:
     found = [(f"tests.support.config#{d['metadata']['name']}", d) for d in INJECTIONS]
     for path in [*ROOT.glob("examples/**/*.yaml"), ROOT / "tests/operator/testdata/_injections.yaml"]:
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
-            if doc and doc.get("kind") == "SecretInjection":
+            if doc and doc.get("kind") in KINDS:
                 found.append((f"{path.relative_to(ROOT)}#{i + 1}", doc))
     return found
 
 
 @pytest.mark.parametrize(("source", "document"), fixtures(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_example_and_fixture_passes_the_crd_schema_and_the_sidecar_parser(source, document):
-    jsonschema.validate(document, as_json_schema(schema()))
+    jsonschema.validate(document, as_json_schema(schema(document["kind"])))
     parse_injections([(source, document)])
 
 
-def test_every_field_has_a_description():
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_field_has_a_description(kind):
     missing = []
 
     def walk(node, path):
@@ -57,8 +61,40 @@ def test_every_field_has_a_description():
         if "items" in node:
             walk(node["items"], f"{path}[]")
 
-    walk(schema(), "")
+    walk(schema(kind), "")
     assert missing == []
+
+
+def test_the_cluster_crd_is_generated_from_the_namespaced_one():
+    """One schema source: crds/generate.py writes the cluster CRD; a hand edit or a forgotten
+    regeneration fails here."""
+    generate = runpy.run_path(str(ROOT / "crds" / "generate.py"))
+    expected = generate["render"]()
+    for target in generate["TARGETS"]:
+        assert target.read_text() == expected, f"{target} is stale: run python crds/generate.py"
+
+
+def test_the_cluster_spec_is_the_namespaced_spec_plus_a_namespace_selector():
+    namespaced = schema()["properties"]["spec"]["properties"]
+    cluster = schema("ClusterSecretInjection")["properties"]["spec"]["properties"]
+    assert set(cluster) == set(namespaced) | {"namespaceSelector"}
+    assert cluster["hosts"] == namespaced["hosts"]
+    assert cluster["limits"] == namespaced["limits"]
+    assert "namespaceSelector" in schema("ClusterSecretInjection")["properties"]["spec"]["required"]
+    scope = cluster["llm"]["properties"]["budgets"]["items"]["properties"]["for"]["enum"]
+    assert scope == ["pod"]  # a shared count lives in a namespaced injection's status
+
+
+def test_the_cluster_schema_requires_a_namespace_selector_as_the_parser_does():
+    document = {"apiVersion": "keyhole.dev/v1alpha1", "kind": "ClusterSecretInjection",
+                "metadata": {"name": "openai"},
+                "spec": {"podSelector": {"matchLabels": {"keyhole.dev/openai": "true"}},
+                         "hosts": ["api.openai.com"],
+                         "headers": [{"name": "Authorization", "format": "Bearer {value}",
+                                      "valueFrom": {"secretKeyRef": {"name": "openai",
+                                                                     "key": "api-key"}}}]}}
+    with pytest.raises(jsonschema.ValidationError, match="namespaceSelector"):
+        jsonschema.validate(document, as_json_schema(schema("ClusterSecretInjection")))
 
 
 def test_the_schema_refuses_what_the_parser_refuses_where_a_schema_can():

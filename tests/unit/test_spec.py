@@ -141,3 +141,37 @@ def test_capture_is_proxy_transparent_or_left_to_the_operator():
     assert parse_injection(injection("openai", **base), "doc")[0].capture is None
     assert any("capture is proxy (clients use the proxy variables) or transparent" in p
                for p in problems(injection("openai", capture="iptables", **base)))
+
+
+def _cluster(**spec) -> dict:
+    base = {"podSelector": {"matchLabels": {"keyhole.dev/openai": "true"}},
+            "hosts": ["api.openai.com"],
+            "headers": [{"name": "Authorization", "format": "Bearer {value}",
+                         "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}}]}
+    return {"apiVersion": "keyhole.dev/v1alpha1", "kind": "ClusterSecretInjection",
+            "metadata": {"name": "openai"}, "spec": {**base, **spec}}
+
+
+def test_a_cluster_injection_parses_with_its_namespace_selector():
+    injection, problems = parse_injection(
+        _cluster(namespaceSelector={"matchLabels": {"team": "agents"}}), "cluster.yaml")
+    assert problems == []
+    assert injection.cluster and injection.kind == "ClusterSecretInjection"
+    assert injection.namespace_selector == {"matchLabels": {"team": "agents"}}
+    assert [str(r) for r in injection.secret_refs()] == ["openai/api-key"]
+
+
+@pytest.mark.parametrize(("document", "field", "words"), [
+    (_cluster(), "spec.namespaceSelector", "needs one"),
+    ({**_cluster(namespaceSelector={}), "kind": "SecretInjection"}, "spec.namespaceSelector",
+     "only a ClusterSecretInjection selects namespaces"),
+    (_cluster(namespaceSelector={}, llm={"api": "openai", "budgets": [
+        {"per": "day", "tokens": 1000, "for": "injection"}]}), "spec.llm.budgets",
+     "budgets are per pod"),
+    ({**_cluster(namespaceSelector={}), "kind": "SecretInjections"}, "kind",
+     "'ClusterSecretInjection'"),
+])
+def test_what_a_cluster_injection_may_not_say_is_refused_by_name(document, field, words):
+    injection, problems = parse_injection(document, "cluster.yaml")
+    assert injection is None
+    assert any(p.field == field and words in p.message for p in problems), problems

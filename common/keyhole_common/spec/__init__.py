@@ -6,6 +6,7 @@ Pure code shared by the sidecar and the operator: no networking, no Kubernetes c
 from keyhole_common.spec.hosts import HostPattern, is_ip_literal, normalise_hostname, split_authority
 from keyhole_common.spec.model import (
     API_VERSION,
+    CLUSTER_KIND,
     KIND,
     LIST_KIND,
     AgentEnv,
@@ -29,7 +30,8 @@ from keyhole_common.spec.parse import (
 from keyhole_common.spec.signing import SignatureError, sign, verify
 
 __all__ = [
-    "API_VERSION", "KIND", "LIST_KIND", "AgentEnv", "BasicAuth", "HeaderInjection", "HostPattern",
+    "API_VERSION", "CLUSTER_KIND", "KIND", "LIST_KIND", "AgentEnv", "BasicAuth", "HeaderInjection",
+    "HostPattern",
     "Limits", "Problem", "QueryParamInjection", "Rule", "SecretInjection", "SecretKeyRef",
     "SignatureError", "SpecError", "is_ip_literal", "load_injections", "normalise_hostname",
     "other_kinds", "parse_injection", "parse_injections", "read_documents", "sign",

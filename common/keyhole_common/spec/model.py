@@ -13,6 +13,9 @@ from keyhole_common.spec.hosts import HostPattern
 API_GROUP = "keyhole.dev"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "SecretInjection"
+CLUSTER_KIND = "ClusterSecretInjection"
+"""Cluster-scoped: the same spec plus a namespaceSelector; its Secrets live in one central
+namespace, and sidecars receive their values from the operator, never from a mount."""
 LIST_KIND = "SecretInjectionList"
 VALUE_PLACEHOLDER = "{value}"
 
@@ -249,6 +252,14 @@ class SecretInjection:
     pod's outbound traffic too), or None: the operator's default."""
     limits: Limits | None = None
     llm: Llm | None = None
+    cluster: bool = False
+    """A ``ClusterSecretInjection``: its Secrets are in the operator's central namespace."""
+    namespace_selector: dict | None = field(default=None, compare=False, hash=False)
+    """Which namespaces a cluster injection serves (None for a namespaced one)."""
+
+    @property
+    def kind(self) -> str:
+        return CLUSTER_KIND if self.cluster else KIND
 
     def secret_refs(self) -> tuple[SecretKeyRef, ...]:
         """Every Secret key this injection reads, in spec order, without repeats."""

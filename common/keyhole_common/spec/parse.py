@@ -22,6 +22,7 @@ from keyhole_common.spec.model import (
     API_VERSION,
     BUDGET_PERIODS,
     BUDGET_SCOPES,
+    CLUSTER_KIND,
     CREDENTIAL_FIELDS,
     KIND,
     LIST_KIND,
@@ -56,7 +57,8 @@ _RESERVED_HEADERS = frozenset(
      "keep-alive", "expect"}
 )
 _SPEC_FIELDS = frozenset(
-    {"podSelector", "hosts", "headers", "basicAuth", "queryParams", "rules", "agentEnv",
+    {"podSelector", "namespaceSelector", "hosts", "headers", "basicAuth", "queryParams",
+     "rules", "agentEnv",
      "capture", "limits", "llm", *CREDENTIAL_FIELDS}
 )
 CAPTURE_MODES = ("proxy", "transparent")
@@ -515,14 +517,14 @@ def _credential(c: _Collector, spec: dict, headers: tuple[HeaderInjection, ...],
     return credential
 
 
-def _pod_selector(c: _Collector, value: Any) -> dict | None:
-    selector = c.mapping(value, "spec.podSelector", {"matchLabels", "matchExpressions"})
+def _label_selector(c: _Collector, value: Any, path: str) -> dict | None:
+    selector = c.mapping(value, path, {"matchLabels", "matchExpressions"})
     if selector is None:
         return None
     if "matchLabels" in selector and not isinstance(selector["matchLabels"], dict):
-        c.add("spec.podSelector.matchLabels", "must be a mapping of label to value")
+        c.add(f"{path}.matchLabels", "must be a mapping of label to value")
     if "matchExpressions" in selector and not isinstance(selector["matchExpressions"], list):
-        c.add("spec.podSelector.matchExpressions", "must be a list")
+        c.add(f"{path}.matchExpressions", "must be a list")
     return selector
 
 
@@ -624,8 +626,9 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
         return None, c.problems
     if doc.get("apiVersion") != API_VERSION:
         c.add("apiVersion", f"must be {API_VERSION!r}, got {doc.get('apiVersion')!r}")
-    if doc.get("kind") != KIND:
-        c.add("kind", f"must be {KIND!r}, got {doc.get('kind')!r}")
+    if doc.get("kind") not in (KIND, CLUSTER_KIND):
+        c.add("kind", f"must be {KIND!r} (or {CLUSTER_KIND!r}), got {doc.get('kind')!r}")
+    cluster = doc.get("kind") == CLUSTER_KIND
     meta = doc.get("metadata")
     name = namespace = None
     if not isinstance(meta, dict):
@@ -652,7 +655,18 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     query = _query_params(c, spec["queryParams"]) if "queryParams" in spec else ()
     rules = _rules(c, spec["rules"]) if "rules" in spec else None
     agent_env = _agent_env(c, spec["agentEnv"]) if "agentEnv" in spec else ()
-    selector = _pod_selector(c, spec["podSelector"]) if "podSelector" in spec else None
+    selector = (_label_selector(c, spec["podSelector"], "spec.podSelector")
+                if "podSelector" in spec else None)
+    namespace_selector = None
+    if cluster and "namespaceSelector" in spec:
+        namespace_selector = _label_selector(c, spec["namespaceSelector"],
+                                             "spec.namespaceSelector")
+    elif cluster and "podSelector" in spec:  # a signed route item carries neither selector
+        c.add("spec.namespaceSelector", f"a {CLUSTER_KIND} needs one: the namespaces it "
+                                        "serves, by label ({} for every namespace)")
+    elif "namespaceSelector" in spec:
+        c.add("spec.namespaceSelector", f"only a {CLUSTER_KIND} selects namespaces; a "
+                                        f"{KIND} serves its own namespace")
     credential = _credential(c, spec, headers, basic_auth, hosts)
     limits = _limits(c, spec["limits"], "spec.limits") if "limits" in spec else None
     llm = _llm(c, spec["llm"]) if "llm" in spec else None
@@ -671,12 +685,17 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
         not h.wildcard for h in hosts
     ):
         c.add("spec.agentEnv", "a baseURL needs a host entry without a wildcard to send to")
+    if cluster and llm is not None and any(b.shared for b in llm.budgets):
+        c.add("spec.llm.budgets", f"a {CLUSTER_KIND}'s budgets are per pod (for: pod); a "
+                                  "budget shared by all pods needs a namespaced "
+                                  f"{KIND}, whose status keeps the count")
     if c.problems or not name:
         return None, c.problems
     return SecretInjection(
         name=name, namespace=namespace, hosts=tuple(hosts), headers=headers,
         basic_auth=basic_auth, query_params=query, rules=rules, agent_env=agent_env,
         pod_selector=selector, credential=credential, capture=capture, limits=limits, llm=llm,
+        cluster=cluster, namespace_selector=namespace_selector,
     ), []
 
 
