@@ -29,6 +29,11 @@ NAMESPACE_INJECTION = PREFIX + "injection"
 """Namespace label: ``"disabled"`` makes the webhook skip every pod in the namespace (the Helm
 chart's namespaceSelector also honours it, so the API server does not even call us)."""
 
+CLUSTER_INJECTIONS_LABEL = PREFIX + "cluster-injections"
+"""Namespace label set by cluster admins: ``"disabled"`` keeps every ClusterSecretInjection
+out of the namespace, whatever their namespaceSelectors say. Namespaces are cluster-scoped,
+so a namespace's own admins cannot set it (nor any label a namespaceSelector reads)."""
+
 # -- on objects the operator creates ----------------------------------------------------------
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"

@@ -80,8 +80,10 @@ class Protected:
 
 
 def managed_secrets(injections: Iterable[Injection]) -> list[str]:
-    """The Secrets a namespace's injections use: no agent may read them, tagged or not."""
-    return sorted({ref.name for i in injections for ref in i.spec.secret_refs()})
+    """The Secrets a namespace's injections use: no agent may read them, tagged or not. (A
+    cluster injection's are in the central namespace, where no agent runs.)"""
+    return sorted({ref.name for i in injections if not i.spec.cluster
+                   for ref in i.spec.secret_refs()})
 
 
 def check_allowed_host_paths(prefixes: Iterable[str]) -> None:

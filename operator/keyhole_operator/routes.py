@@ -31,8 +31,9 @@ class Injection:
     @classmethod
     def from_object(cls, obj: dict) -> Injection:
         """From a SecretInjection object; raises ValueError naming every problem."""
-        source = f"SecretInjection {obj.get('metadata', {}).get('namespace')}/" \
-                 f"{obj.get('metadata', {}).get('name')}"
+        meta = obj.get("metadata") or {}
+        where = f"{meta['namespace']}/" if meta.get("namespace") else ""
+        source = f"{obj.get('kind') or 'SecretInjection'} {where}{meta.get('name')}"
         clean = {k: obj.get(k) for k in ("apiVersion", "kind", "spec")}
         clean["metadata"] = {k: v for k, v in (obj.get("metadata") or {}).items()
                              if k in ("name", "namespace")}
@@ -50,9 +51,11 @@ def namespace_key(master_key: bytes, namespace: str) -> bytes:
 
 
 def injection_document(injection: SecretInjection, raw: dict) -> dict:
-    """What a sidecar needs of one injection: its spec without the pod selector."""
-    spec = {k: v for k, v in (raw.get("spec") or {}).items() if k != "podSelector"}
-    return {"apiVersion": API_VERSION, "kind": "SecretInjection",
+    """What a sidecar needs of one injection: its spec without the selectors, and its kind (a
+    sidecar receives a cluster injection's values from the operator, not from a mount)."""
+    spec = {k: v for k, v in (raw.get("spec") or {}).items()
+            if k not in ("podSelector", "namespaceSelector")}
+    return {"apiVersion": API_VERSION, "kind": injection.kind,
             "metadata": {"name": injection.name}, "spec": spec}
 
 

@@ -1,14 +1,17 @@
-"""Kubernetes label selectors (``matchLabels`` + ``matchExpressions``), matched in memory.
+"""Kubernetes label selectors (``matchLabels`` + ``matchExpressions``), matched in memory, and
+which injections serve a pod.
 
-The webhook decides which injections apply to a pod without calling the API server, so the
-selector semantics live here, pure and tested.
+The webhook decides which injections apply to a pod without calling the API server for each
+selector, so the selector semantics live here, pure and tested.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-from keyhole_operator.annotations import INJECT
+from keyhole_common.spec.parse import find_conflicts
+from keyhole_operator.annotations import CLUSTER_INJECTIONS_LABEL, INJECT
 from keyhole_operator.routes import Injection
 
 
@@ -40,14 +43,73 @@ def selector_matches(selector: Mapping | None, labels: Mapping[str, str] | None)
     return True
 
 
-def injections_for_pod(injections: Iterable[Injection], pod: Mapping) -> list[Injection]:
-    """The injections that apply to ``pod``: those whose podSelector selects its labels, none
-    when it opted out; sorted by name."""
+def namespace_served(injection: Injection, namespace_labels: Mapping[str, str] | None) -> bool:
+    """Whether a cluster injection serves a namespace with these labels: its
+    namespaceSelector matches and the cluster admin has not excluded the namespace
+    (``keyhole.dev/cluster-injections: disabled``). Unknown labels (None) serve nothing."""
+    if namespace_labels is None:
+        return False
+    if namespace_labels.get(CLUSTER_INJECTIONS_LABEL) == "disabled":
+        return False
+    return selector_matches(injection.spec.namespace_selector, namespace_labels)
+
+
+@dataclass(frozen=True)
+class Shadowed:
+    """A cluster injection set aside for a pod because a namespaced one conflicts with it."""
+
+    cluster: str
+    namespaced: str
+    why: str
+
+
+def clashes(namespaced: Injection, cluster: Injection) -> str | None:
+    """Why a namespace's injection and a cluster one cannot both serve a pod: one name (the
+    sidecar's routes and base-URL paths are by name), or one header or parameter for an
+    overlapping host. None when they can."""
+    if namespaced.name == cluster.name:
+        return "both are named " + repr(cluster.name)
+    conflicts = find_conflicts([namespaced.spec, cluster.spec])
+    return conflicts[0].message if conflicts else None
+
+
+def choose(candidates: Iterable[Injection], pod: Mapping,
+           namespace_labels: Mapping[str, str] | None = None
+           ) -> tuple[list[Injection], list[Shadowed]]:
+    """The injections that serve ``pod`` (sorted by name) and the cluster ones set aside.
+
+    Namespaced injections serve the pods of their namespace their podSelector selects; cluster
+    injections those of the namespaces they serve. Where a namespace's own injection and a
+    cluster one clash, the namespace's own wins for its pods: it is the more specific
+    statement, made by the people who run the agent (the validating webhooks refuse the clash
+    at apply time; this decides what runs when a relabelled namespace creates one later). A
+    pod that opted out gets none."""
     if opted_out(pod):
-        return []
+        return [], []
     labels = (pod.get("metadata") or {}).get("labels")
-    return sorted((i for i in injections if selector_matches(i.spec.pod_selector, labels)),
-                  key=lambda i: i.name)
+    namespaced, cluster = [], []
+    for injection in candidates:
+        if not selector_matches(injection.spec.pod_selector, labels):
+            continue
+        if not injection.spec.cluster:
+            namespaced.append(injection)
+        elif namespace_served(injection, namespace_labels):
+            cluster.append(injection)
+    chosen, shadowed = list(namespaced), []
+    for candidate in cluster:
+        clash = next(((own, why) for own in namespaced if (why := clashes(own, candidate))),
+                     None)
+        if clash:
+            shadowed.append(Shadowed(candidate.name, clash[0].name, clash[1]))
+        else:
+            chosen.append(candidate)
+    return sorted(chosen, key=lambda i: i.name), shadowed
+
+
+def injections_for_pod(injections: Iterable[Injection], pod: Mapping,
+                       namespace_labels: Mapping[str, str] | None = None) -> list[Injection]:
+    """The injections that apply to ``pod``, sorted by name (see ``choose``)."""
+    return choose(injections, pod, namespace_labels)[0]
 
 
 def opted_out(pod: Mapping) -> bool:

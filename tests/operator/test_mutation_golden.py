@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from keyhole_common.spec import verify
+from keyhole_operator.guard import managed_secrets
 from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.routes import Injection
 from keyhole_operator.selectors import injections_for_pod
@@ -34,6 +35,8 @@ def load_case(path: Path) -> tuple[dict, Settings]:
     settings = Settings()
     pods = []
     for doc in documents:
+        if doc.get("kind") == "Namespace":
+            continue
         if doc.get("kind") == "Settings":
             settings = Settings(**{k: v for k, v in doc.items() if k not in ("apiVersion", "kind")})
         else:
@@ -42,16 +45,25 @@ def load_case(path: Path) -> tuple[dict, Settings]:
     return pods[0], settings
 
 
+def namespace_labels(path: Path) -> dict | None:
+    """The labels of the pod's namespace, when the case gives its Namespace (cluster
+    injections serve namespaces by label; without it they serve none)."""
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") == "Namespace":
+            return (doc.get("metadata") or {}).get("labels") or {}
+    return None
+
+
 def namespace_injections() -> list[Injection]:
     return [Injection.from_object(d)
             for d in yaml.safe_load_all((TESTDATA / "_injections.yaml").read_text()) if d]
 
 
-def admit(pod: dict, settings: Settings) -> dict:
+def admit(pod: dict, settings: Settings, labels: dict | None = None) -> dict:
     """What the webhook does, minus the AdmissionReview envelope."""
     injections = namespace_injections()
-    chosen = injections_for_pod(injections, pod)
-    managed = [ref.name for i in injections for ref in i.spec.secret_refs()]
+    chosen = injections_for_pod(injections, pod, labels)
+    managed = managed_secrets(injections)
     try:
         result = mutate(pod, chosen, settings, KEY, managed_secrets=managed)
     except Refused as refusal:
@@ -66,7 +78,7 @@ def golden_path(case: Path) -> Path:
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.stem)
 def test_injection_matches_the_golden_file(case):
     pod, settings = load_case(case)
-    result = admit(pod, settings)
+    result = admit(pod, settings, namespace_labels(case))
     rendered = yaml.safe_dump(result, sort_keys=False, width=100)
     golden = golden_path(case)
     if os.environ.get("REFRESH_GOLDEN") == "1":
@@ -79,17 +91,18 @@ def test_injection_matches_the_golden_file(case):
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.stem)
 def test_injecting_twice_changes_nothing(case):
     pod, settings = load_case(case)
-    once = admit(pod, settings)
+    labels = namespace_labels(case)
+    once = admit(pod, settings, labels)
     if "refused" in once:
         return
-    twice = admit(once["pod"], settings)
+    twice = admit(once["pod"], settings, labels)
     assert twice["pod"] == once["pod"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.stem)
 def test_the_injected_pod_is_a_valid_kubernetes_pod(case):
     pod, settings = load_case(case)
-    result = admit(pod, settings)
+    result = admit(pod, settings, namespace_labels(case))
     if "refused" in result:
         return
     kubernetes_validate.validate(result["pod"], KUBERNETES_VERSION, strict=True)
@@ -130,3 +143,29 @@ def test_the_sidecar_mounts_only_the_referenced_keys():
     shared = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "shared-credentials"]
     assert len(shared) == 1
     assert [i["key"] for i in shared[0]["secret"]["items"]] == ["github-token", "stripe-key"]
+
+
+def test_a_cluster_injection_is_routed_but_its_secret_is_never_mounted():
+    import json
+
+    case = TESTDATA / "cluster-injection.yaml"
+    pod, settings = load_case(case)
+    injected = admit(pod, settings, namespace_labels(case))["pod"]
+    annotations = injected["metadata"]["annotations"]
+    routes = json.loads(annotations["keyhole.dev/injections"])
+    verify(routes, KEY)
+    kinds = {i["metadata"]["name"]: i["kind"] for i in routes["items"]}
+    assert kinds == {"fleet-anthropic": "ClusterSecretInjection", "openai": "SecretInjection"}
+    assert all("namespaceSelector" not in i["spec"] for i in routes["items"])
+    secrets = {v["secret"]["secretName"] for v in injected["spec"]["volumes"] if "secret" in v}
+    assert "anthropic-fleet" not in secrets and "openai-credentials" in secrets
+    assert json.loads(annotations["keyhole.dev/status"])["channel"] is True
+
+
+@pytest.mark.parametrize("labels", [None, {}, {"keyhole.dev/agents": "false"},
+                                    {"keyhole.dev/agents": "true",
+                                     "keyhole.dev/cluster-injections": "disabled"}])
+def test_a_cluster_injection_serves_no_namespace_its_selector_does_not_select(labels):
+    pod, _ = load_case(TESTDATA / "cluster-injection.yaml")
+    chosen = injections_for_pod(namespace_injections(), pod, labels)
+    assert [i.name for i in chosen] == ["openai"]

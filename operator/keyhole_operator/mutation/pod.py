@@ -189,6 +189,7 @@ def mutate(pod: dict, injections: list[Injection], settings: Settings, key: byte
         "volumes": sorted(v["name"] for v in volumes),
         "sidecar": "native" if settings.native_sidecar else "container",
         "capture": "transparent" if transparent else "proxy",
+        "channel": bool(settings.channel_url),
         "image": settings.sidecar_image,
     }, sort_keys=True, separators=(",", ":"))
     return Mutation(pod, tuple(dict.fromkeys(warnings)))

@@ -15,9 +15,12 @@ from keyhole_operator.settings import Settings
 
 
 def secret_keys(injections: list[Injection]) -> dict[str, list[str]]:
-    """Secret name → the keys the injections read from it (only those get mounted)."""
+    """Secret name → the keys the injections read from it (only those get mounted). A cluster
+    injection's Secrets are in the central namespace and never mounted: none of them."""
     keys: dict[str, set[str]] = {}
     for injection in injections:
+        if injection.spec.cluster:
+            continue
         for ref in injection.spec.secret_refs():
             keys.setdefault(ref.name, set()).add(ref.key)
     return {name: sorted(found) for name, found in sorted(keys.items())}
