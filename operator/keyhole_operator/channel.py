@@ -16,6 +16,10 @@ them.
 the API server, so a revocation reaches the sidecar in seconds rather than at the kubelet's
 next sync of its downward-API file. The sidecar checks the signature as it does the file's:
 the channel can carry only what the operator signed.
+
+``POST /v1/values`` — → ``{"injections": {NAME: {"values": {"SECRET/KEY": BASE64},
+"missing": {...}}}, "refused": {NAME: WHY}}``: the Secret values of the pod's cluster
+injections, read from the central namespace (``values``), for those that serve it now.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from kubernetes.client.rest import ApiException
 
 from keyhole_common.spec import SignatureError, parse_injection, verify
 from keyhole_common.spec.model import Budget, SecretInjection
-from keyhole_operator import ledger, metrics
+from keyhole_operator import ledger, metrics, values
 from keyhole_operator.annotations import INJECTIONS
 from keyhole_operator.routes import namespace_key
 
@@ -49,6 +53,7 @@ POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 PATH = "/v1/leases"
 ROUTES_PATH = "/v1/routes"
+VALUES_PATH = "/v1/values"
 MAX_BODY = 64 * 1024
 _LEASE_ID = re.compile(r"^[0-9a-f]{16,64}$")
 _SERVICE_ACCOUNT = re.compile(r"^system:serviceaccount:([^:]+):([^:]+)$")
@@ -106,9 +111,9 @@ def pod_routes(pod: dict | None, who: Caller) -> str:
     return routes
 
 
-def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> SecretInjection:
-    """The injection as the pod's signed routes carry it; ChannelError when the pod is not
-    the one the token is bound to or its routes do not name ``injection``."""
+def signed_document(pod: dict | None, who: Caller, key: bytes) -> dict:
+    """The pod's routes, verified; ChannelError when the pod is not the one the token is bound
+    to or carries no routes the operator signed."""
     routes = pod_routes(pod, who)
     try:
         document = json.loads(routes)
@@ -116,6 +121,13 @@ def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> Se
     except (ValueError, SignatureError):
         raise ChannelError(403, f"pod {who.namespace}/{who.pod} carries no routes signed by "
                                 "the operator") from None
+    return document
+
+
+def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> SecretInjection:
+    """The injection as the pod's signed routes carry it; ChannelError when the pod is not
+    the one the token is bound to or its routes do not name ``injection``."""
+    document = signed_document(pod, who, key)
     for item in document.get("items") or []:
         if (item.get("metadata") or {}).get("name") == injection:
             spec, _ = parse_injection({**item, "metadata": {"name": injection,
@@ -199,8 +211,10 @@ class Channel:
     """The channel's decisions over the Kubernetes calls they need (``Cluster``)."""
 
     def __init__(self, cluster, master_key: bytes, *, lease_seconds: float = ledger.LEASE_SECONDS,
+                 central_namespace: str = "keyhole-system",
                  clock: Callable[[], float] = time.time):
         self.cluster, self.master_key = cluster, master_key
+        self.central_namespace = central_namespace
         self.lease_seconds, self.clock = lease_seconds, clock
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._reviews: dict[str, tuple[float, dict]] = {}
@@ -232,6 +246,23 @@ class Channel:
         who = caller(self._review(token))
         pod = self.cluster.read_pod(who.namespace, who.pod)
         return {"routes": pod_routes(pod, who)}
+
+    def values(self, token: str) -> dict:
+        """The Secret values of the caller's pod's cluster injections that serve it now: read
+        from the central namespace at each call, so a rotation reaches the sidecar at its
+        next call. A pod whose signed routes carry no cluster injection learns nothing."""
+        who = caller(self._review(token))
+        pod = self.cluster.read_pod(who.namespace, who.pod)
+        document = signed_document(pod, who, namespace_key(self.master_key, who.namespace))
+        if not values.signed_cluster_items(document):
+            raise ChannelError(403, f"pod {who.namespace}/{who.pod} is served by no "
+                                    "ClusterSecretInjection")
+        labels = self.cluster.namespace_labels(who.namespace)
+        central = self.central_namespace
+        return values.answer(
+            document, pod, who.namespace, labels,
+            lambda name: values.live_cluster_injection(self.cluster.read_cluster_injection(name)),
+            lambda ref: self.cluster.read_secret(central, ref.name), central)
 
     def lease(self, token: str, body: object) -> dict:
         """One call, answered: the grants, or ChannelError."""
@@ -277,9 +308,13 @@ def build_app(channel: Channel) -> web.Application:
     async def routes(request: web.Request) -> web.Response:
         return await _call(request, channel.routes, with_body=False)
 
+    async def secret_values(request: web.Request) -> web.Response:
+        return await _call(request, channel.values, with_body=False)
+
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post(PATH, lease)
     app.router.add_post(ROUTES_PATH, routes)
+    app.router.add_post(VALUES_PATH, secret_values)
     return app
 
 

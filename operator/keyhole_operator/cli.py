@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="how long a sidecar may spend a slice of a shared budget without "
                         "hearing from the operator (default 120)")
+    p.add_argument("--cluster-secrets-namespace", default=Settings.cluster_secrets_namespace,
+                   metavar="NAMESPACE",
+                   help="where the Secrets of ClusterSecretInjections live (default "
+                        f"{Settings.cluster_secrets_namespace}); their values reach sidecars "
+                        "over the operator channel, never a mount")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--standalone", action="store_true",
                        help="no peering: for a single replica or development")
@@ -211,12 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         capture=args.capture, capture_exempt_cidrs=tuple(args.capture_exempt_cidr),
         allowed_host_paths=tuple(args.allow_host_path),
         protected_secrets_configmap=args.protected_secrets_configmap,
+        cluster_secrets_namespace=args.cluster_secrets_namespace,
     )
     if args.reload:
         _restart_on_change()
     from keyhole_operator import handlers  # registers the handlers with kopf
 
     handlers.register_refresh(args.resync_seconds)
+    handlers.register_cluster_refresh(args.resync_seconds)
     if args.metrics_listen:
         from keyhole_operator import metrics
 
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"keyhole-operator: {exc}", file=sys.stderr)
             return 2
         settings = replace(settings, channel_ca=channel_ca)
-        serve(Channel(Cluster(), master_key, lease_seconds=args.channel_lease_seconds),
+        serve(Channel(Cluster(), master_key, lease_seconds=args.channel_lease_seconds,
+                      central_namespace=args.cluster_secrets_namespace),
               *args.channel_listen, str(cert), str(key))
     from keyhole_operator.webhook_server import ReviewCheckingWebhookServer
 

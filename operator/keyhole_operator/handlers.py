@@ -15,6 +15,11 @@ writes the result back. Importing this module registers them with kopf.
 - ``reconcile`` (SecretInjection create/update/resume, and every ``--resync-seconds``): the namespace's CA,
   bundle and signing key; live routes on its pods; the injection's status and Events.
 - ``follow_pod`` (pod events): a relabelled pod gains or loses routes within seconds.
+- ClusterSecretInjections: indexed (``cluster_index``) with the namespaces' labels
+  (``namespace_index``); ``reconcile_cluster`` keeps the pods of every namespace one serves (and
+  served before) in line and writes its status; ``follow_namespace`` re-plans a namespace's
+  pods when its labels change, so relabelling a namespace grants and revokes live. Their
+  values reach sidecars over the operator channel (``channel``, ``values``), never a mount.
 """
 
 from __future__ import annotations
@@ -48,13 +53,21 @@ from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.mutation.sidecar_container import wants_transparent
 from keyhole_operator.privileges import BYPASSES, access_review, service_account_user
 from keyhole_operator.routes import Injection, namespace_key
-from keyhole_operator.selectors import injections_for_pod
+from keyhole_operator.selectors import (
+    choose,
+    clashes,
+    injections_for_pod,
+    namespace_served,
+    selector_matches,
+)
 from keyhole_operator.settings import Settings
-from keyhole_operator.status import injection_status
+from keyhole_operator.status import cluster_injection_status, injection_status
 from keyhole_operator.trust import NEXT_CERT, PREVIOUS_KEY, bundle_data, plan_ca
 
 log = logging.getLogger("keyhole.operator")
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
+CLUSTER_PLURAL = "clustersecretinjections"
+CLUSTER = "*"  # the one key of cluster_index
 
 
 @dataclass
@@ -139,6 +152,35 @@ def _injections(index: kopf.Index, namespace: str, *, without: str | None = None
     return [i for i in index.get(namespace, []) if i.name != without]
 
 
+@kopf.index(GROUP, VERSION, CLUSTER_PLURAL)
+def cluster_index(name: str, body: kopf.Body, **_) -> dict | None:
+    try:
+        return {CLUSTER: Injection.from_object(dict(body))}
+    except ValueError as exc:  # the validating webhook should have refused it
+        log.warning("ignoring invalid ClusterSecretInjection %s: %s", name, exc)
+        return None
+
+
+@kopf.index("v1", "namespaces")
+def namespace_index(name: str, labels, **_) -> dict:
+    return {name: dict(labels or {})}
+
+
+def _namespace_labels(index: kopf.Index, namespace: str) -> dict | None:
+    """A namespace's labels as last seen; None when not seen (it then gets no cluster
+    injection: fail closed)."""
+    return next(iter(index.get(namespace, [])), None)
+
+
+def _cluster_injections(index: kopf.Index, runtime: Runtime, *, without: str | None = None
+                        ) -> list[Injection]:
+    """The cluster injections that may serve pods: none while the operator runs without the
+    channel, which is the only way their values reach a sidecar."""
+    if not runtime.settings.channel_url:
+        return []
+    return [i for i in index.get(CLUSTER, []) if i.name != without]
+
+
 # -- webhooks ---------------------------------------------------------------------------------------
 
 # Admission handlers are async on purpose: kopf runs sync handlers in a shared thread pool,
@@ -170,7 +212,15 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
     listed = await _ask("keyhole-inject", f"the SecretInjections of namespace {namespace}",
                         runtime.cluster.list_namespace_injections, namespace)
     injections = valid_injections(listed)
-    chosen = injections_for_pod(injections, pod)
+    candidates, labels = list(injections), None
+    if runtime.settings.channel_url:
+        fleet = valid_injections(await _ask("keyhole-inject", "the ClusterSecretInjections",
+                                            runtime.cluster.list_cluster_injections))
+        if fleet:
+            labels = await _ask("keyhole-inject", f"the labels of namespace {namespace}",
+                                runtime.cluster.namespace_labels, namespace)
+            candidates += fleet
+    chosen = injections_for_pod(candidates, pod, labels)
     if not chosen:
         _deny("keyhole-inject", forged_refusal(pod))
         metrics.admissions.labels("keyhole-inject", "skipped").inc()
@@ -198,13 +248,79 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
 
 @kopf.on.validate(GROUP, VERSION, PLURAL, operations=["CREATE", "UPDATE"],
                   id="keyhole-validate-injection", side_effects=False)
-async def validate_injection(body: kopf.Body, warnings: list[str], **_) -> None:
+async def validate_injection(body: kopf.Body, warnings: list[str], memo, **_) -> None:
+    webhook = "keyhole-validate-injection"
     try:
         injection = Injection.from_object(_plain(body))
     except ValueError as exc:
-        metrics.admissions.labels("keyhole-validate-injection", "denied").inc()
+        metrics.admissions.labels(webhook, "denied").inc()
         raise kopf.AdmissionError(f"keyhole refuses this SecretInjection: {exc}", code=422) from None
-    metrics.admissions.labels("keyhole-validate-injection", "allowed").inc()
+    cluster = _runtime(memo).cluster
+    namespace = (body.get("metadata") or {}).get("namespace") or ""
+    fleet = valid_injections(await _ask(webhook, "the ClusterSecretInjections",
+                                        cluster.list_cluster_injections))
+    if fleet:
+        labels = await _ask(webhook, f"the labels of namespace {namespace}",
+                            cluster.namespace_labels, namespace)
+        _deny(webhook, clash_refusal([(namespace, injection)],
+                                     [c for c in fleet if namespace_served(c, labels)]), 422)
+    _admit_warnings(webhook, injection, warnings)
+
+
+@kopf.on.validate(GROUP, VERSION, CLUSTER_PLURAL, operations=["CREATE", "UPDATE"],
+                  id="keyhole-validate-cluster-injection", side_effects=False)
+async def validate_cluster_injection(body: kopf.Body, warnings: list[str], memo, **_) -> None:
+    webhook = "keyhole-validate-cluster-injection"
+    try:
+        injection = Injection.from_object(_plain(body))
+    except ValueError as exc:
+        metrics.admissions.labels(webhook, "denied").inc()
+        raise kopf.AdmissionError(f"keyhole refuses this ClusterSecretInjection: {exc}",
+                                  code=422) from None
+    cluster = _runtime(memo).cluster
+    namespaces = await _ask(webhook, "the namespaces", cluster.list_namespaces)
+    served = {(n.get("metadata") or {}).get("name") for n in namespaces
+              if namespace_served(injection, (n.get("metadata") or {}).get("labels") or {})}
+    if served:
+        own = [(obj["metadata"]["namespace"], i) for obj, i in _parsed(
+            await _ask(webhook, "the SecretInjections", cluster.list_injections))
+            if obj["metadata"].get("namespace") in served]
+        _deny(webhook, clash_refusal(own, [injection]), 422)
+    if not _runtime(memo).settings.channel_url:
+        warnings.append("the operator runs without the operator channel (the chart's "
+                        "operator.channel), which carries a cluster injection's values to "
+                        "sidecars: this injection serves no pod until it is turned on")
+    _admit_warnings(webhook, injection, warnings)
+
+
+def _parsed(objects: list[dict]) -> list[tuple[dict, Injection]]:
+    found = []
+    for obj in objects:
+        try:
+            found.append((obj, Injection.from_object(obj)))
+        except ValueError:
+            continue
+    return found
+
+
+def clash_refusal(namespaced: list[tuple[str, Injection]], fleet: list[Injection]) -> str | None:
+    """Refuse what is ambiguous at apply time: a namespace's injection and a cluster one that
+    serves the namespace and names the same injection, or sets the same header or parameter
+    for an overlapping host. The message names both objects."""
+    for namespace, own in namespaced:
+        for other in fleet:
+            why = clashes(own, other)
+            if why:
+                return (f"SecretInjection {namespace}/{own.name} and ClusterSecretInjection "
+                        f"{other.name} both serve namespace {namespace} and clash: {why}. Rename "
+                        "one, change its hosts, or keep the namespace out of the cluster "
+                        "injection (its namespaceSelector, or the label "
+                        "keyhole.dev/cluster-injections=disabled on the namespace)")
+    return None
+
+
+def _admit_warnings(webhook: str, injection: Injection, warnings: list[str]) -> None:
+    metrics.admissions.labels(webhook, "allowed").inc()
     warnings.extend(filter(None, (host_risk(host) for host in injection.spec.hosts)))
     if not _selects_by_tag(injection.spec.pod_selector):
         warnings.append(
@@ -317,10 +433,11 @@ def publish_managed_secrets(cluster: Cluster, runtime: Runtime, namespace: str,
 
 
 def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dict],
-              injections: list[Injection]) -> None:
-    """Bring every pod's routes in line with the injections selecting it now."""
+              injections: list[Injection], labels: dict | None = None) -> None:
+    """Bring every pod's routes in line with the injections selecting it now (``labels``:
+    the namespace's, for the cluster injections among them)."""
     for pod in pods:
-        plan = plan_pod(pod, injections, runtime.key(namespace))
+        plan = plan_pod(pod, injections, runtime.key(namespace), labels)
         if plan.annotations:
             name = pod["metadata"]["name"]
             cluster.annotate_pod(namespace, name, plan.annotations)
@@ -363,9 +480,13 @@ def _over_privileged(cluster: Cluster, namespace: str, pods: list[dict]) -> list
 @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile")
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile")
 def reconcile(body: kopf.Body, namespace: str, name: str, meta, status, patch: kopf.Patch,
-              injection_index: kopf.Index, memo, **_) -> None:
+              injection_index: kopf.Index, cluster_index: kopf.Index,
+              namespace_index: kopf.Index, memo, **_) -> None:
+    runtime = _runtime(memo)
+    fleet = (_cluster_injections(cluster_index, runtime),
+             _namespace_labels(namespace_index, namespace))
     try:
-        _reconcile(body, namespace, name, meta, status, patch, injection_index, _runtime(memo))
+        _reconcile(body, namespace, name, meta, status, patch, injection_index, runtime, fleet)
     except Exception:
         metrics.reconciles.labels("error").inc()
         raise
@@ -373,7 +494,8 @@ def reconcile(body: kopf.Body, namespace: str, name: str, meta, status, patch: k
 
 
 def _reconcile(body, namespace: str, name: str, meta, status, patch: kopf.Patch,
-               injection_index: kopf.Index, runtime: Runtime) -> None:
+               injection_index: kopf.Index, runtime: Runtime,
+               fleet: tuple[list[Injection], dict | None]) -> None:
     cluster = runtime.cluster
     try:
         injection = Injection.from_object(_plain(body))
@@ -386,7 +508,8 @@ def _reconcile(body, namespace: str, name: str, meta, status, patch: kopf.Patch,
     injections = [*others, injection]
     publish_managed_secrets(cluster, runtime, namespace, injections, injection_index)
     pods = cluster.list_pods(namespace)
-    sync_pods(cluster, runtime, namespace, pods, injections)
+    cluster_injections, labels = fleet
+    sync_pods(cluster, runtime, namespace, pods, [*injections, *cluster_injections], labels)
 
     selected = [p for p in pods if injections_for_pod([injection], p)]
     restart = [p for p in selected
@@ -417,27 +540,32 @@ def _announce(body, old_status, new_status) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="revoke-on-delete")
-def revoke_on_delete(type: str, namespace: str, name: str, injection_index: kopf.Index, memo,
-                     **_) -> None:
+def revoke_on_delete(type: str, namespace: str, name: str, injection_index: kopf.Index,
+                     cluster_index: kopf.Index, namespace_index: kopf.Index, memo, **_) -> None:
     if type != "DELETED":
         return
     runtime = _runtime(memo)
     remaining = _injections(injection_index, namespace, without=name)
     publish_managed_secrets(runtime.cluster, runtime, namespace, remaining, injection_index)
-    sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace), remaining)
+    sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace),
+              [*remaining, *_cluster_injections(cluster_index, runtime)],
+              _namespace_labels(namespace_index, namespace))
 
 
 @kopf.on.event("v1", "pods", id="follow-pod")
 def follow_pod(type: str, body: kopf.Body, namespace: str, name: str,
-               injection_index: kopf.Index, memo, **_) -> None:
+               injection_index: kopf.Index, cluster_index: kopf.Index,
+               namespace_index: kopf.Index, memo, **_) -> None:
     if type not in ("ADDED", "MODIFIED", None):
         return
     pod = _plain(body)
-    injections = _injections(injection_index, namespace)
+    runtime = _runtime(memo)
+    injections = [*_injections(injection_index, namespace),
+                  *_cluster_injections(cluster_index, runtime)]
     if not injections and injected(pod) is None:
         return
-    runtime = _runtime(memo)
-    plan = plan_pod(pod, injections, runtime.key(namespace))
+    plan = plan_pod(pod, injections, runtime.key(namespace),
+                    _namespace_labels(namespace_index, namespace))
     if not plan.annotations:
         return
     runtime.cluster.annotate_pod(namespace, name, plan.annotations)
@@ -447,3 +575,114 @@ def follow_pod(type: str, body: kopf.Body, namespace: str, name: str,
         kopf.event(body, type="Warning", reason="RestartRequired",
                    message=f"restart this pod to use {', '.join(plan.restart_for)}: it does not "
                            "mount every Secret these injections need")
+
+
+# -- ClusterSecretInjections -------------------------------------------------------------------
+
+@kopf.on.resume(GROUP, VERSION, CLUSTER_PLURAL, id="reconcile-cluster")
+@kopf.on.create(GROUP, VERSION, CLUSTER_PLURAL, id="reconcile-cluster")
+@kopf.on.update(GROUP, VERSION, CLUSTER_PLURAL, id="reconcile-cluster")
+def reconcile_cluster(body: kopf.Body, name: str, meta, status, patch: kopf.Patch,
+                      injection_index: kopf.Index, cluster_index: kopf.Index,
+                      namespace_index: kopf.Index, memo, **_) -> None:
+    try:
+        _reconcile_cluster(body, name, meta, status, patch, injection_index, cluster_index,
+                           namespace_index, _runtime(memo))
+    except Exception:
+        metrics.reconciles.labels("error").inc()
+        raise
+    metrics.reconciles.labels("ok").inc()
+
+
+def _reconcile_cluster(body, name: str, meta, status, patch: kopf.Patch,
+                       injection_index: kopf.Index, cluster_index: kopf.Index,
+                       namespace_index: kopf.Index, runtime: Runtime) -> None:
+    """The pods of every namespace the injection serves now, or served at the last reconcile
+    (a namespace it left is revoked here too), in line; its status and Events."""
+    cluster = runtime.cluster
+    try:
+        injection = Injection.from_object(_plain(body))
+    except ValueError as exc:
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc)[:1000])
+        raise kopf.PermanentError(f"invalid spec: {exc}") from None
+    channel = bool(runtime.settings.channel_url)
+    fleet = [*_cluster_injections(cluster_index, runtime, without=name),
+             *([injection] if channel else [])]
+    served = sorted(ns for ns in namespace_index
+                    if namespace_served(injection, _namespace_labels(namespace_index, ns)))
+    before = set((status or {}).get("namespaces") or [])
+    matched, restart, shadowed = 0, 0, []
+    for namespace in sorted(before | set(served)):
+        labels = _namespace_labels(namespace_index, namespace)
+        if namespace in served and channel:
+            for change in ensure_namespace(cluster, runtime, namespace):
+                log.info("namespace %s: %s", namespace, change)
+        pods = cluster.list_pods(namespace)
+        injections = [*_injections(injection_index, namespace), *fleet]
+        sync_pods(cluster, runtime, namespace, pods, injections, labels)
+        for pod in pods:
+            if namespace not in served or not selector_matches(
+                    injection.spec.pod_selector, (pod.get("metadata") or {}).get("labels")):
+                continue
+            chosen, set_aside = choose(injections, pod, labels)
+            if any(i.name == name and i.spec.cluster for i in chosen):
+                matched += 1
+                plan = plan_pod(pod, injections, runtime.key(namespace), labels)
+                restart += name in plan.restart_for
+            shadowed += [f"namespace {namespace}: SecretInjection {s.namespaced} ({s.why})"
+                         for s in set_aside if s.cluster == name]
+    problems = _secret_problems(cluster, runtime.settings.cluster_secrets_namespace, injection)
+    new_status = cluster_injection_status(
+        generation=meta.get("generation"), namespaces=served, matched=matched,
+        restart_required=restart, secret_problems=problems,
+        shadowed=sorted(set(shadowed)), channel=channel,
+        previous=(status or {}).get("conditions"))
+    gained, lost = sorted(set(served) - before), sorted(before - set(served))
+    if gained or lost:
+        said = [f"now serves namespace(s) {', '.join(gained)}" if gained else "",
+                f"no longer serves {', '.join(lost)} (revoked)" if lost else ""]
+        kopf.event(body, type="Normal", reason="NamespacesChanged",
+                   message="; ".join(filter(None, said))[:1000])
+    _announce(body, status, new_status)
+    patch.status.update(new_status)
+
+
+def register_cluster_refresh(interval: float) -> None:
+    """Run ``reconcile_cluster`` on a timer too (status counts, CA rotation in its namespaces)."""
+    kopf.timer(GROUP, VERSION, CLUSTER_PLURAL, interval=interval,
+               initial_delay=min(interval, 5), id="refresh-cluster")(reconcile_cluster)
+
+
+@kopf.on.event(GROUP, VERSION, CLUSTER_PLURAL, id="revoke-cluster-on-delete")
+def revoke_cluster_on_delete(type: str, name: str, body: kopf.Body,
+                             injection_index: kopf.Index, cluster_index: kopf.Index,
+                             namespace_index: kopf.Index, memo, **_) -> None:
+    if type != "DELETED":
+        return
+    runtime = _runtime(memo)
+    remaining = _cluster_injections(cluster_index, runtime, without=name)
+    for namespace in (body.get("status") or {}).get("namespaces") or []:
+        sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace),
+                  [*_injections(injection_index, namespace), *remaining],
+                  _namespace_labels(namespace_index, namespace))
+
+
+@kopf.on.event("v1", "namespaces", id="follow-namespace")
+def follow_namespace(type: str, name: str, injection_index: kopf.Index,
+                     cluster_index: kopf.Index, namespace_index: kopf.Index, memo,
+                     **_) -> None:
+    """A namespace labelled into or out of a cluster injection gains or loses it live."""
+    if type not in ("ADDED", "MODIFIED", None):
+        return
+    runtime = _runtime(memo)
+    fleet = _cluster_injections(cluster_index, runtime)
+    if not fleet:
+        return
+    labels = _namespace_labels(namespace_index, name)
+    if any(namespace_served(i, labels) for i in fleet):
+        ensure_namespace(runtime.cluster, runtime, name)
+    pods = runtime.cluster.list_pods(name)
+    if not any(injected(p) is not None for p in pods):
+        return
+    sync_pods(runtime.cluster, runtime, name, pods,
+              [*_injections(injection_index, name), *fleet], labels)

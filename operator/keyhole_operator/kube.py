@@ -35,7 +35,7 @@ class Cluster:
     def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """A Secret's data, decoded; None when it does not exist."""
         try:
-            secret = self.core.read_namespaced_secret(name, namespace)
+            secret = self.core.read_namespaced_secret(name, namespace, _request_timeout=5)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -103,6 +103,39 @@ class Cluster:
         response = self.custom.list_namespaced_custom_object(
             "keyhole.dev", "v1alpha1", namespace, "secretinjections", _preload_content=False,
             _request_timeout=3)
+        return json.loads(response.data)["items"]
+
+    # -- ClusterSecretInjections and the namespaces they serve --------------------------------
+    def list_cluster_injections(self) -> list[dict]:
+        response = self.custom.list_cluster_custom_object(
+            "keyhole.dev", "v1alpha1", "clustersecretinjections", _preload_content=False,
+            _request_timeout=3)
+        return json.loads(response.data)["items"]
+
+    def read_cluster_injection(self, name: str) -> dict | None:
+        try:
+            response = self.custom.get_cluster_custom_object(
+                "keyhole.dev", "v1alpha1", "clustersecretinjections", name,
+                _preload_content=False, _request_timeout=5)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return json.loads(response.data)
+
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        """A namespace's labels; None when it does not exist."""
+        try:
+            response = self.core.read_namespace(namespace, _preload_content=False,
+                                                _request_timeout=3)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return (json.loads(response.data).get("metadata") or {}).get("labels") or {}
+
+    def list_namespaces(self) -> list[dict]:
+        response = self.core.list_namespace(_preload_content=False, _request_timeout=5)
         return json.loads(response.data)["items"]
 
     def pod_security_level(self, namespace: str) -> str | None:

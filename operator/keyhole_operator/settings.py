@@ -71,6 +71,9 @@ class Settings:
     channel_ca: str = ""
     """PEM of the CA that signed the channel's certificate: public material, delivered to
     sidecars in each namespace's trust ConfigMap."""
+    cluster_secrets_namespace: str = "keyhole-system"
+    """Where the Secrets of ClusterSecretInjections live (the chart: its release namespace). The
+    operator reads them there and sends their values to the sidecars they serve."""
     upstream_ca: str = ""
     """PEM certificates sidecars trust for upstream TLS besides the public roots (an internal
     CA for private APIs). Public material: it travels in each namespace's trust ConfigMap."""

@@ -50,3 +50,36 @@ def injection_status(*, generation: int | None, matched: int, restart_required: 
     return {"observedGeneration": generation, "matchedPods": matched,
             "restartRequired": restart_required, "canBypass": over_privileged,
             "conditions": conditions}
+
+
+def cluster_injection_status(*, generation: int | None, namespaces: list[str], matched: int,
+                             restart_required: int, secret_problems: list[str],
+                             shadowed: list[str], channel: bool,
+                             previous: list[dict] | None) -> dict:
+    """The whole ``status`` of one ClusterSecretInjection. ``shadowed``: where a namespace's
+    own injection wins over it (pods it selects but does not serve)."""
+    resolved = not secret_problems
+    if not channel:
+        ready, reason, message = False, "ChannelOff", (
+            "the operator runs without the operator channel (--channel-url), which carries "
+            "a cluster injection's values to sidecars: it serves no pod until it is turned on")
+    elif not resolved:
+        ready, reason, message = False, "SecretMissing", (
+            "selected pods cannot use this injection until the Secret exists")
+    else:
+        ready, reason, message = True, "Ready", (
+            f"serving {matched} pod(s) in {len(namespaces)} namespace(s)")
+    conditions = [
+        condition("SecretResolved", resolved, "Found" if resolved else "Missing",
+                  "every referenced Secret key exists in the central namespace" if resolved
+                  else "; ".join(secret_problems), generation, previous),
+        condition("Ready", ready, reason, message, generation, previous),
+        condition("Shadowed", bool(shadowed), "NamespaceInjectionWins" if shadowed else "None",
+                  ("a namespace's own SecretInjection wins over this one for its pods: "
+                   + "; ".join(shadowed)) if shadowed
+                  else "no namespace's own injection clashes with this one",
+                  generation, previous),
+    ]
+    return {"observedGeneration": generation, "matchedNamespaces": len(namespaces),
+            "namespaces": sorted(namespaces)[:200], "matchedPods": matched,
+            "restartRequired": restart_required, "conditions": conditions}

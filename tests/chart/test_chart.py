@@ -29,6 +29,8 @@ COMBINATIONS = {
     "deny-unmatched-classic-sidecar": {"sidecar.unmatched": "deny", "sidecar.nativeSidecar": "false",
                                        "sidecar.noProxy[0]": "10.0.0.0/8"},
     "one-replica-debug": {"operator.replicas": "1", "operator.logLevel": "debug"},
+    "cluster-injections": {"clusterInjections.secretNamespace": "platform-secrets",
+                           "clusterInjections.viewerGroups[0]": "system:authenticated"},
 }
 # Kinds from other projects' CRDs: kubernetes-validate has no schema for them.
 FOREIGN = {"cert-manager.io/v1", "monitoring.coreos.com/v1"}
@@ -178,3 +180,23 @@ def test_the_alerts_and_the_dashboard_ask_for_metrics_keyhole_exports():
     sidecar_asked = {name for name in asked if not name.startswith("keyhole_operator_")}
     assert sidecar_asked - exported == set()
     assert {"keyhole_llm_budget_remaining", "keyhole_llm_cost_total"} <= asked
+
+
+def test_cluster_injections_read_their_secrets_from_the_named_namespace_and_bind_viewers():
+    docs = render(COMBINATIONS["cluster-injections"])
+    operator = next(d for d in docs if d["kind"] == "Deployment")
+    args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--cluster-secrets-namespace=platform-secrets" in args
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding"
+                   and d["metadata"]["name"].endswith("-cluster-injections-viewer"))
+    assert binding["subjects"] == [{"kind": "Group", "apiGroup": "rbac.authorization.k8s.io",
+                                    "name": "system:authenticated"}]
+    viewer = next(d for d in docs if d["kind"] == "ClusterRole"
+                  and d["metadata"]["name"] == binding["roleRef"]["name"])
+    assert {v for rule in viewer["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
+    defaults = render()
+    assert not any(d["kind"] == "ClusterRoleBinding" and "viewer" in d["metadata"]["name"]
+                   for d in defaults)
+    args = next(d for d in defaults if d["kind"] == "Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--cluster-secrets-namespace=keyhole-system" in args  # the release namespace
