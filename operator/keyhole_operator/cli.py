@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the Secrets of ClusterSecretInjections live (default "
                         f"{Settings.cluster_secrets_namespace}); their values reach sidecars "
                         "over the operator channel, never a mount")
+    p.add_argument("--cluster-values-keep-seconds", type=_positive_seconds,
+                   default=Settings.cluster_values_keep_seconds, metavar="SECONDS",
+                   help="how long sidecars keep serving a cluster injection's last values "
+                        "while the operator does not answer (default 300); then they refuse "
+                        "its requests until it does")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--standalone", action="store_true",
                        help="no peering: for a single replica or development")
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed_host_paths=tuple(args.allow_host_path),
         protected_secrets_configmap=args.protected_secrets_configmap,
         cluster_secrets_namespace=args.cluster_secrets_namespace,
+        cluster_values_keep_seconds=args.cluster_values_keep_seconds,
     )
     if args.reload:
         _restart_on_change()

@@ -263,7 +263,7 @@ async def validate_injection(body: kopf.Body, warnings: list[str], memo, **_) ->
         labels = await _ask(webhook, f"the labels of namespace {namespace}",
                             cluster.namespace_labels, namespace)
         _deny(webhook, clash_refusal([(namespace, injection)],
-                                     [c for c in fleet if namespace_served(c, labels)]), 422)
+                                     [c for c in fleet if namespace_served(c.spec, labels)]), 422)
     _admit_warnings(webhook, injection, warnings)
 
 
@@ -280,7 +280,7 @@ async def validate_cluster_injection(body: kopf.Body, warnings: list[str], memo,
     cluster = _runtime(memo).cluster
     namespaces = await _ask(webhook, "the namespaces", cluster.list_namespaces)
     served = {(n.get("metadata") or {}).get("name") for n in namespaces
-              if namespace_served(injection, (n.get("metadata") or {}).get("labels") or {})}
+              if namespace_served(injection.spec, (n.get("metadata") or {}).get("labels") or {})}
     if served:
         own = [(obj["metadata"]["namespace"], i) for obj, i in _parsed(
             await _ask(webhook, "the SecretInjections", cluster.list_injections))
@@ -609,7 +609,7 @@ def _reconcile_cluster(body, name: str, meta, status, patch: kopf.Patch,
     fleet = [*_cluster_injections(cluster_index, runtime, without=name),
              *([injection] if channel else [])]
     served = sorted(ns for ns in namespace_index
-                    if namespace_served(injection, _namespace_labels(namespace_index, ns)))
+                    if namespace_served(injection.spec, _namespace_labels(namespace_index, ns)))
     before = set((status or {}).get("namespaces") or [])
     matched, restart, shadowed = 0, 0, []
     for namespace in sorted(before | set(served)):
@@ -679,7 +679,7 @@ def follow_namespace(type: str, name: str, injection_index: kopf.Index,
     if not fleet:
         return
     labels = _namespace_labels(namespace_index, name)
-    if any(namespace_served(i, labels) for i in fleet):
+    if any(namespace_served(i.spec, labels) for i in fleet):
         ensure_namespace(runtime.cluster, runtime, name)
     pods = runtime.cluster.list_pods(name)
     if not any(injected(p) is not None for p in pods):

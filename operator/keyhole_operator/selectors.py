@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from keyhole_common.spec import SecretInjection
 from keyhole_common.spec.parse import find_conflicts
 from keyhole_operator.annotations import CLUSTER_INJECTIONS_LABEL, INJECT
 from keyhole_operator.routes import Injection
@@ -43,7 +44,8 @@ def selector_matches(selector: Mapping | None, labels: Mapping[str, str] | None)
     return True
 
 
-def namespace_served(injection: Injection, namespace_labels: Mapping[str, str] | None) -> bool:
+def namespace_served(injection: SecretInjection, namespace_labels: Mapping[str, str] | None
+                     ) -> bool:
     """Whether a cluster injection serves a namespace with these labels: its
     namespaceSelector matches and the cluster admin has not excluded the namespace
     (``keyhole.dev/cluster-injections: disabled``). Unknown labels (None) serve nothing."""
@@ -51,7 +53,8 @@ def namespace_served(injection: Injection, namespace_labels: Mapping[str, str] |
         return False
     if namespace_labels.get(CLUSTER_INJECTIONS_LABEL) == "disabled":
         return False
-    return selector_matches(injection.spec.namespace_selector, namespace_labels)
+    return injection.cluster and selector_matches(injection.namespace_selector,
+                                                  namespace_labels)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def choose(candidates: Iterable[Injection], pod: Mapping,
             continue
         if not injection.spec.cluster:
             namespaced.append(injection)
-        elif namespace_served(injection, namespace_labels):
+        elif namespace_served(injection.spec, namespace_labels):
             cluster.append(injection)
     chosen, shadowed = list(namespaced), []
     for candidate in cluster:

@@ -19,6 +19,7 @@ from keyhole_sidecar import __version__
 from keyhole_sidecar.admin import admin_app
 from keyhole_sidecar.audit import AuditLog
 from keyhole_sidecar.certs import LeafCache
+from keyhole_sidecar.cluster_values import ClusterValues
 from keyhole_sidecar.config import LiveConfig, Sources, read_signing_key
 from keyhole_sidecar.egress import Egress, EgressPolicy
 from keyhole_sidecar.httplog import protocol_logger
@@ -68,6 +69,8 @@ class Options:
     operator_token: Path | None = None
     operator_report_seconds: float = 10.0
     operator_routes_seconds: float = 10.0  # how often the pod's routes are asked of the operator
+    operator_values_seconds: float = 10.0  # how often cluster injections' values are asked
+    operator_values_keep_seconds: float = 300.0  # their last values serve this long unanswered
 
 
 class CAWatch:
@@ -124,7 +127,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     metrics = Metrics()
     metrics.build.info({"version": __version__, "python": platform.python_version(),
                         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]})
-    channel = routes = None
+    channel = routes = values = None
     if options.operator_url and options.operator_ca and options.operator_token:
         channel = OperatorChannel(options.operator_url, options.operator_ca,
                                   options.operator_token,
@@ -134,9 +137,18 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
             signing_key = options.signing_key
             routes = OperatorRoutes(channel, options.operator_routes_seconds,
                                     lambda doc: verify(doc, read_signing_key(signing_key)))
+            values = ClusterValues(channel, options.operator_values_seconds,
+                                   options.operator_values_keep_seconds)
     config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key),
-                        metrics, channel_routes=routes.current if routes else None)
-    if not config.load():  # the log above names each problem
+                        metrics, channel_routes=routes.current if routes else None,
+                        cluster_values=values)
+    loaded = config.load()
+    if values is not None:
+        values.wanted = config.wants_cluster_values
+        if loaded and config.wants_cluster_values():  # ask before the first request
+            await values.fetch()
+            loaded = config.load()
+    if not loaded:  # the log above names each problem
         raise StartupError("the configuration has the problems logged above; fix them and "
                            "start again (keyhole-sidecar check lists them too)")
     try:
@@ -230,6 +242,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                 asyncio.create_task(shared.report_forever())]
     if routes is not None:
         watchers.append(asyncio.create_task(routes.follow_forever()))
+    if values is not None:
+        watchers.append(asyncio.create_task(values.follow_forever()))
     host, port = proxy_server.sockets[0].getsockname()[:2]
     admin_host, admin_port = admin_runner.addresses[0][:2]
     log.info("keyhole-sidecar proxying on %s:%s (unmatched hosts: %s), admin on %s:%s",

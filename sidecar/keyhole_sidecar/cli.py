@@ -159,6 +159,16 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                                  "so a revocation arrives within about this long whatever the "
                                  "kubelet does (default 10; each ask is one pod read by the "
                                  "operator; with --signing-key)")
+        parser.add_argument("--operator-values-seconds", type=_seconds, default=10.0,
+                            metavar="SECONDS",
+                            help="how often the values of the pod's cluster injections are asked "
+                                 "of the operator: a rotated Secret is injected within about "
+                                 "this long (default 10)")
+        parser.add_argument("--operator-values-keep-seconds", type=_seconds, default=300.0,
+                            metavar="SECONDS",
+                            help="how long the last values of cluster injections serve while "
+                                 "the operator does not answer; then their requests are refused "
+                                 "(503) until it does (default 300)")
         parser.add_argument("--log-level", default="info",
                             choices=("debug", "info", "warning", "error"))
         parser.add_argument("--log-format", default="text", choices=("text", "json"),
@@ -261,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         operator_url=args.operator_url, operator_ca=args.operator_ca,
         operator_token=args.operator_token, operator_report_seconds=args.operator_report_seconds,
         operator_routes_seconds=args.operator_routes_seconds,
+        operator_values_seconds=args.operator_values_seconds,
+        operator_values_keep_seconds=args.operator_values_keep_seconds,
     )
     try:
         _event_loop_runner()(run(options))

@@ -30,6 +30,7 @@ from keyhole_common.spec import (
     read_documents,
     verify,
 )
+from keyhole_sidecar.cluster_values import ClusterValues
 from keyhole_sidecar.credentials import CredentialRegistry
 from keyhole_sidecar.metrics import Metrics
 from keyhole_sidecar.routes import RouteTable, build_route_table, require_usable
@@ -96,9 +97,11 @@ def load_route_table(sources: Sources) -> tuple[RouteTable, list[str]]:
 
 
 def _fingerprint(sources: Sources, injections: list[SecretInjection],
-                 fresher: dict | None = None) -> str:
-    """A digest of every byte the configuration depends on (never logged, never kept raw)."""
+                 fresher: dict | None = None, values: object = None) -> str:
+    """A digest of every byte the configuration depends on (never logged, never kept raw);
+    ``values``: the state of the cluster injections' values (not the values)."""
     digest = hashlib.sha256()
+    digest.update(repr(values).encode() + b"\0")
     if fresher is not None:
         digest.update(json.dumps(fresher, sort_keys=True).encode() + b"\0")
     paths: list[Path] = []
@@ -136,8 +139,10 @@ class LiveConfig:
 
     def __init__(self, sources: Sources, metrics: Metrics,
                  channel_routes: Callable[[], tuple[dict, float] | None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 cluster_values: ClusterValues | None = None):
         self.sources = sources
+        self.cluster_values = cluster_values  # the operator's values of cluster injections
         self.metrics = metrics
         self.channel_routes = channel_routes or (lambda: None)  # the operator channel's
         self.clock = clock
@@ -168,12 +173,15 @@ class LiveConfig:
                 log.info("skipped %s: not a SecretInjection", what)
         except SpecError as exc:
             if self.table is None:
-                self._fingerprint = _fingerprint(self.sources, self._injections, fresher)
+                self._fingerprint = _fingerprint(self.sources, self._injections, fresher,
+                                                 self._values_state())
                 return self._rejected(exc)
             rejected, injections = exc, self._injections
-        fingerprint = _fingerprint(self.sources, injections, fresher)
-        table = build_route_table(injections, SecretsDir(self.sources.secrets_dir).read,
-                                  self.credentials.source, previous=self.table)
+        fingerprint = _fingerprint(self.sources, injections, fresher, self._values_state())
+        table = build_route_table(
+            injections, SecretsDir(self.sources.secrets_dir).read, self.credentials.source,
+            previous=self.table,
+            cluster_read=self.cluster_values.reader if self.cluster_values else None)
         broken = [u for u in table.unusable if not u.missing]
         if self.table is None and broken:
             self._fingerprint = fingerprint
@@ -223,6 +231,14 @@ class LiveConfig:
             log.error("configuration problem: %s", problem)
         return False
 
+    def _values_state(self) -> object:
+        return self.cluster_values.state() if self.cluster_values else None
+
+    def wants_cluster_values(self) -> bool:
+        """Whether any injection served now is a cluster one (its values come from the
+        operator; a pod with none never asks)."""
+        return any(i.cluster for i in self._injections)
+
     def fresher(self) -> dict | None:
         """The routes from the operator channel, when they are newer than the routes file."""
         digest = self._read_file_digest()
@@ -247,7 +263,8 @@ class LiveConfig:
             injections, _ = load_injections(self.sources, fresher)
         except SpecError:
             injections = self._injections
-        return _fingerprint(self.sources, injections, fresher) != self._fingerprint
+        return _fingerprint(self.sources, injections, fresher,
+                            self._values_state()) != self._fingerprint
 
     async def watch(self, interval: float = 1.0) -> None:
         """Poll for changes forever; reload on any."""

@@ -1,10 +1,11 @@
 """The sidecar's end of the operator channel (DESIGN.md): HTTPS to the operator, trusting the
 channel's CA, authenticated with the pod-bound ServiceAccount token the kubelet keeps fresh.
 
-Two things travel on it: slices of the budgets an injection's pods share (decided in
-``usage.shared``), and the pod's signed routes as the API server has them now
+Three things travel on it: slices of the budgets an injection's pods share (decided in
+``usage.shared``), the pod's signed routes as the API server has them now
 (``OperatorRoutes``), so that a revocation reaches the sidecar in seconds instead of at the
-kubelet's next sync of the routes file (about a minute with its default settings).
+kubelet's next sync of the routes file (about a minute with its default settings), and the
+Secret values of the pod's cluster injections (``cluster_values``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import aiohttp
 from keyhole_sidecar.usage.shared import CALL_TIMEOUT, ChannelUnavailable
 
 log = logging.getLogger("keyhole.channel")
+
+
+class ChannelRefused(ChannelUnavailable):
+    """The operator answered and said no (401, 403, 404): not an outage, a decision."""
 
 
 class OperatorChannel:
@@ -60,8 +65,10 @@ class OperatorChannel:
                     url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
                 answer = await resp.json(content_type=None)
                 if resp.status != 200:
-                    raise ChannelUnavailable(f"the operator refused ({resp.status}): "
-                                             f"{str((answer or {}).get('error'))[:300]}")
+                    kind = ChannelRefused if resp.status in (401, 403, 404) else \
+                        ChannelUnavailable
+                    raise kind(f"the operator refused ({resp.status}): "
+                               f"{str((answer or {}).get('error'))[:300]}")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             await self.close()  # the next call dials afresh, with the CA file as it is then
             raise ChannelUnavailable(f"the operator channel {url} did not answer "
@@ -87,6 +94,9 @@ class OperatorChannel:
         if not isinstance(routes, str):
             raise ChannelUnavailable("the operator channel answered no routes")
         return routes
+
+    async def values(self) -> dict:
+        return await self._call("values", None)
 
     async def close(self) -> None:
         if self._session is not None:

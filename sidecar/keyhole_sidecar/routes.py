@@ -210,16 +210,21 @@ _BROKEN = "its Secret's value cannot be used (the sidecar's log says why)"
 
 def build_route_table(injections: Iterable[SecretInjection], read: Callable[..., str],
                       credentials: CredentialFactory | None = None,
-                      previous: RouteTable | None = None) -> RouteTable:
+                      previous: RouteTable | None = None,
+                      cluster_read: Callable[[str], Callable[..., str]] | None = None
+                      ) -> RouteTable:
     """Resolve every injection. One whose Secret or key is gone becomes unavailable: removal
     is how users revoke, so it must stop injecting. One whose value is present but unusable
     (empty, a control character, ...) keeps its route from ``previous`` when the injection is
     unchanged — a half-done edit does not cut an agent off — and is unavailable otherwise.
-    :attr:`RouteTable.unusable` says which and why."""
+    :attr:`RouteTable.unusable` says which and why. ``cluster_read(name)``: the reader of a
+    cluster injection's values (from the operator); without it they are read as files too
+    (a laptop running a ClusterSecretInjection from YAML)."""
     routes, unusable = [], []
     for injection in injections:
+        reader = cluster_read(injection.name) if cluster_read and injection.cluster else read
         try:
-            routes.append(resolve_route(injection, read, credentials))
+            routes.append(resolve_route(injection, reader, credentials))
             continue
         except SecretMissing as exc:
             routes.append(unavailable_route(injection, f"injection {injection.name!r} is "

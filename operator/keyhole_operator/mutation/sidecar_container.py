@@ -156,7 +156,9 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
                        "readOnly": True})
         channel = ["--operator-url", settings.channel_url,
                    "--operator-ca", f"{layout.CHANNEL_DIR}/{layout.CHANNEL_CA}",
-                   "--operator-token", f"{layout.CHANNEL_DIR}/{layout.CHANNEL_TOKEN}"]
+                   "--operator-token", f"{layout.CHANNEL_DIR}/{layout.CHANNEL_TOKEN}",
+                   "--operator-values-keep-seconds",
+                   f"{settings.cluster_values_keep_seconds:g}"]
     resources: dict = {"requests": {"cpu": settings.resources.cpu_request,
                                     "memory": settings.resources.memory_request},
                        "limits": {"memory": settings.resources.memory_limit}}
