@@ -107,9 +107,16 @@ class Cluster:
 
     # -- ClusterSecretInjections and the namespaces they serve --------------------------------
     def list_cluster_injections(self) -> list[dict]:
-        response = self.custom.list_cluster_custom_object(
-            "keyhole.dev", "v1alpha1", "clustersecretinjections", _preload_content=False,
-            _request_timeout=3)
+        """Every ClusterSecretInjection; none when their CRD is not installed (a chart
+        installed with crds.enabled=false and only the SecretInjection CRD applied)."""
+        try:
+            response = self.custom.list_cluster_custom_object(
+                "keyhole.dev", "v1alpha1", "clustersecretinjections", _preload_content=False,
+                _request_timeout=3)
+        except ApiException as exc:
+            if exc.status == 404:
+                return []
+            raise
         return json.loads(response.data)["items"]
 
     def read_cluster_injection(self, name: str) -> dict | None:

@@ -57,8 +57,9 @@ def kube(tmp_path_factory, request) -> Kube:
 
 @pytest.fixture(scope="session")
 def crd(kube: Kube) -> None:
-    kube.kubectl("apply", "-f", str(ROOT / "crds" / "secretinjection.yaml"))
-    kube.wait_established("secretinjections.keyhole.dev")
+    for kind in ("secretinjection", "clustersecretinjection"):
+        kube.kubectl("apply", "-f", str(ROOT / "crds" / f"{kind}.yaml"))
+        kube.wait_established(f"{kind}s.keyhole.dev")
 
 
 class OperatorProcess:

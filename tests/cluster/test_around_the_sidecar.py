@@ -95,8 +95,9 @@ def cluster(tmp_path_factory) -> Cluster:
     plane.start(build())
     kube = Kube(plane.kubeconfig, kubectl_binary(bin_dir()))
     try:
-        kube.kubectl("apply", "-f", str(ROOT / "crds" / "secretinjection.yaml"))
-        kube.wait_established("secretinjections.keyhole.dev")
+        for kind in ("secretinjection", "clustersecretinjection"):
+            kube.kubectl("apply", "-f", str(ROOT / "crds" / f"{kind}.yaml"))
+            kube.wait_established(f"{kind}s.keyhole.dev")
         for namespace in (RELEASE_NAMESPACE, NS):
             kube.kubectl("create", "namespace", namespace)
             kube.kubectl("create", "serviceaccount", "default", "-n", namespace)

@@ -66,12 +66,16 @@ def conditions(kube, namespace: str, name: str) -> dict[str, dict]:
 def test_every_example_applies(kube, operator, namespace):
     """Secrets, SecretInjections, the agent's ServiceAccount and Deployment: all accepted by the
     API server, the CRD's schema and CEL, and keyhole's validating webhook."""
-    for path in sorted(ROOT.glob("examples/**/*.yaml")):
-        done = kube.kubectl("apply", "-n", namespace, "-f", str(path))
-        assert "Warning" not in done.stderr, done.stderr
-    names = {si["metadata"]["name"] for si in kube.get_all("secretinjections", namespace)}
-    assert {"openai", "anthropic", "github-api", "github-git", "stripe", "github-app",
-            "billing-api", "aws-s3"} <= names
+    try:
+        for path in sorted(ROOT.glob("examples/**/*.yaml")):
+            done = kube.kubectl("apply", "-n", namespace, "-f", str(path))
+            assert "Warning" not in done.stderr, done.stderr
+        names = {si["metadata"]["name"] for si in kube.get_all("secretinjections", namespace)}
+        assert {"openai", "anthropic", "github-api", "github-git", "stripe", "github-app",
+                "billing-api", "aws-s3"} <= names
+        assert kube.get("clustersecretinjection", "openai", None)["spec"]["namespaceSelector"]
+    finally:  # cluster-scoped: the namespace's deletion does not take it
+        kube.kubectl("delete", "clustersecretinjection", "openai", "--ignore-not-found")
 
 
 def test_the_crd_refuses_mistakes_at_apply_time_with_cel(kube, crd, namespace):

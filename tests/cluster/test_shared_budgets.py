@@ -44,12 +44,13 @@ def shared_injection(name: str, tokens: int) -> dict:
 class Agents:
     """Tagged pods of one namespace and the sidecars that serve them."""
 
-    def __init__(self, kube, operator, namespace: str, llm, workdir):
+    def __init__(self, kube, operator, namespace: str, llm, workdir, *, secret: bool = True):
         self.kube, self.operator, self.namespace = kube, operator, namespace
         self.llm, self.workdir = llm, workdir
         self.sidecars: list = []
-        kube.kubectl("create", "secret", "generic", "openai", "-n", namespace,
-                     f"--from-literal=key={KEY}")
+        if secret:  # a namespaced injection's Secret (a cluster injection's lives elsewhere)
+            kube.kubectl("create", "secret", "generic", "openai", "-n", namespace,
+                         f"--from-literal=key={KEY}")
 
     def pod(self, name: str, injection: str = "openai") -> dict:
         self.kube.apply([pod(name, {f"keyhole.dev/{injection}": "true"})], self.namespace)
@@ -74,7 +75,7 @@ class Agents:
         return published()
 
     def sidecar(self, found: dict, report_seconds: float = 0.5, tag: str = "",
-                routes_seconds: float = 1.0):
+                routes_seconds: float = 1.0, extra: tuple[str, ...] = ()):
         folder = self.workdir / f"{found['metadata']['name']}{tag}"
         folder.mkdir(parents=True)
         signing = self.kube.get("secret", "keyhole-signing-key", self.namespace)["data"]["key"]
@@ -89,7 +90,7 @@ class Agents:
                   "--operator-ca", str(folder / "operator-ca.crt"),
                   "--operator-token", str(folder / "token"),
                   "--operator-report-seconds", str(report_seconds),
-                  "--operator-routes-seconds", str(routes_seconds)])
+                  "--operator-routes-seconds", str(routes_seconds), *extra])
         self.sidecars.append(proc)
         return proc
 
