@@ -66,9 +66,15 @@ def _dash(values) -> str:
     return ",".join(values) if values else "<none>"
 
 
+def _shown_name(item: dict) -> str:
+    """A cluster injection is shown as kubectl names it, beside the namespace's own."""
+    cluster = item.get("kind") == "ClusterSecretInjection"
+    return f"clustersecretinjection/{item['name']}" if cluster else item["name"]
+
+
 def render_status(answer: dict, wide: bool, all_namespaces: bool) -> str:
     headers = ["NAME", "HOSTS", "READY", "SELECTED", "WITH-KEY", "RESTART", "CAN-BYPASS"]
-    rows = [[i["name"], _dash(i["hosts"]), i["ready"], i["selectedPods"], i["withKey"],
+    rows = [[_shown_name(i), _dash(i["hosts"]), i["ready"], i["selectedPods"], i["withKey"],
              i["restartRequired"], len(i["canBypass"])] for i in answer["injections"]]
     if wide:
         headers += ["SPENT-TODAY", "BUDGET-LEFT", "MESSAGE"]

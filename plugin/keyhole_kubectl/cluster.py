@@ -1,6 +1,8 @@
 """Every API read the plugin makes, in one place: SecretInjections, pods and the CA bundle
-ConfigMap of a namespace (or of every namespace with ``-A``). Nothing is written, and no
-Secret is read: the plugin needs only ``get``/``list`` on those three, as ``kubectl get``."""
+ConfigMap of a namespace (or of every namespace with ``-A``), and the ClusterSecretInjections
+(which namespaces each serves is in its status, so no namespace is read). Nothing is written,
+and no Secret is read: the plugin needs only ``get``/``list`` on those, as ``kubectl get`` (the
+chart's cluster-injections viewer role grants it for the cluster kind)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from keyhole_kubectl.snapshot import Namespace
 from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
 
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
+CLUSTER_PLURAL = "clustersecretinjections"
 
 
 class ClusterError(RuntimeError):
@@ -67,6 +70,13 @@ def read(api: kubernetes.client.ApiClient, namespace: str | None) -> list[Namesp
         spaces = {namespace: Namespace(namespace, _call(
             "list secretinjections", custom.list_namespaced_custom_object, GROUP, VERSION,
             namespace, PLURAL)["items"])}
+    fleet = _cluster_injections(custom)
+    for item in fleet:
+        for served in (item.get("status") or {}).get("namespaces") or []:
+            if namespace is None and served not in spaces:
+                spaces[served] = Namespace(served)
+            if served in spaces:
+                spaces[served].cluster_injections.append(item)
     for space in spaces.values():
         pods = _call("list pods", core.list_namespaced_pod, space.name)
         space.pods = [api.sanitize_for_serialization(p) for p in pods.items]
@@ -77,4 +87,19 @@ def read(api: kubernetes.client.ApiClient, namespace: str | None) -> list[Namesp
             if exc.status not in (403, 404):  # absent or not ours to read: no CA shown
                 raise ClusterError(f"cannot read ConfigMap {CA_BUNDLE_CONFIGMAP}: "
                                    f"{exc.status} {exc.reason}") from None
-    return list(spaces.values())
+    return [spaces[name] for name in sorted(spaces)]
+
+
+def _cluster_injections(custom) -> list[dict]:
+    """Every ClusterSecretInjection; none when their API is not installed or not ours to read
+    (a namespace user the viewer role is not bound to sees the namespaced ones only)."""
+    try:
+        return custom.list_cluster_custom_object(GROUP, VERSION, CLUSTER_PLURAL)["items"]
+    except ApiException as exc:
+        if exc.status in (403, 404):
+            return []
+        raise ClusterError(f"cannot list clustersecretinjections: {exc.status} "
+                           f"{exc.reason}") from None
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the API server to list clustersecretinjections: "
+                           f"{exc}") from None

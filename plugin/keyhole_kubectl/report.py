@@ -248,26 +248,49 @@ def status(spaces: list[Namespace], now: dt.datetime | None = None) -> dict:
     for space in spaces:
         routes = [routes_of(p) for p in space.pods]
         for raw in sorted(space.injections, key=lambda i: _meta(i).get("name", "")):
-            name = _meta(raw).get("name", "")
-            state = raw.get("status") or {}
-            ready = (_conditions(raw).get("Ready") or {})
-            parsed = _parsed(raw)
-            injections.append({
-                "namespace": space.name, "name": name,
-                "hosts": [str(h) for h in parsed.spec.hosts] if parsed else [],
-                "ready": ready.get("status", "Unknown"),
-                "readyMessage": ready.get("message"),
-                "selectedPods": state.get("matchedPods", 0),
-                "withKey": sum(name in served for served in routes),
-                "restartRequired": state.get("restartRequired", 0),
-                "canBypass": [b["serviceAccount"] for b in state.get("canBypass") or []],
-                # What its pods reported spending today and the tightest shared budget's room
-                # (spec.llm; the operator keeps them in status.usage).
-                "spentToday": (state.get("usage") or {}).get("spentToday"),
-                "budgetLeft": (state.get("usage") or {}).get("budgetLeft"),
-            })
+            injections.append(_status_row(space, raw, routes))
+        for raw in sorted(space.cluster_injections, key=lambda i: _meta(i).get("name", "")):
+            injections.append(_cluster_status_row(space, raw, routes))
     return {"injections": injections,
             "namespaces": [{"namespace": s.name, "ca": _ca(s.ca_bundle, now),
                             "pods": len(s.pods),
                             "podsWithSidecar": sum(sidecar_state(p)["present"]
                                                    for p in s.pods)} for s in spaces]}
+
+
+def _cluster_status_row(space: Namespace, raw: dict, routes: list[list[str]]) -> dict:
+    """A cluster injection as it serves one namespace: its pods there, its status overall."""
+    name = _meta(raw).get("name", "")
+    ready = (_conditions(raw).get("Ready") or {})
+    parsed = _parsed(raw)
+    selected = [p for p in space.pods if parsed is not None and not opted_out(p)
+                and selector_matches(parsed.spec.pod_selector, _meta(p).get("labels"))]
+    return {"kind": "ClusterSecretInjection", "namespace": space.name, "name": name,
+            "hosts": [str(h) for h in parsed.spec.hosts] if parsed else [],
+            "ready": ready.get("status", "Unknown"), "readyMessage": ready.get("message"),
+            "selectedPods": len(selected),
+            "withKey": sum(name in served for served in routes),
+            "restartRequired": sum(name in restart_for(p) for p in selected),
+            "canBypass": [], "spentToday": None, "budgetLeft": None}
+
+
+def _status_row(space: Namespace, raw: dict, routes: list[list[str]]) -> dict:
+    """A namespaced injection: its status, and its pods' routes."""
+    name = _meta(raw).get("name", "")
+    state = raw.get("status") or {}
+    ready = (_conditions(raw).get("Ready") or {})
+    parsed = _parsed(raw)
+    return {
+        "kind": "SecretInjection", "namespace": space.name, "name": name,
+        "hosts": [str(h) for h in parsed.spec.hosts] if parsed else [],
+        "ready": ready.get("status", "Unknown"),
+        "readyMessage": ready.get("message"),
+        "selectedPods": state.get("matchedPods", 0),
+        "withKey": sum(name in served for served in routes),
+        "restartRequired": state.get("restartRequired", 0),
+        "canBypass": [b["serviceAccount"] for b in state.get("canBypass") or []],
+        # What its pods reported spending today and the tightest shared budget's room
+        # (spec.llm; the operator keeps them in status.usage).
+        "spentToday": (state.get("usage") or {}).get("spentToday"),
+        "budgetLeft": (state.get("usage") or {}).get("budgetLeft"),
+    }

@@ -11,3 +11,5 @@ class Namespace:
     injections: list[dict] = field(default_factory=list)
     pods: list[dict] = field(default_factory=list)
     ca_bundle: dict[str, str] | None = None  # keyhole-ca-bundle's data; None when absent
+    cluster_injections: list[dict] = field(default_factory=list)
+    """The ClusterSecretInjections whose status says they serve this namespace."""

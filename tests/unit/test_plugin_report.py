@@ -30,3 +30,29 @@ def test_status_shows_what_the_pods_spent_today_and_the_budget_left():
     assert wide[0].split()[-3:] == ["SPENT-TODAY", "BUDGET-LEFT", "MESSAGE"]
     assert "1325 tokens, $0.0011" in wide[1] and "0 tokens (injection:tokens/day)" in wide[1]
     assert "SPENT-TODAY" not in render_status(answer, wide=False, all_namespaces=False)
+
+
+def test_status_shows_the_cluster_injections_that_serve_the_namespace_beside_its_own():
+    fleet = {"apiVersion": "keyhole.dev/v1alpha1", "kind": "ClusterSecretInjection",
+             "metadata": {"name": "fleet-openai"},
+             "spec": {"namespaceSelector": {"matchLabels": {"keyhole.dev/agents": "true"}},
+                      "podSelector": {"matchLabels": {"keyhole.dev/fleet": "true"}},
+                      "hosts": ["api.openai.com"],
+                      "headers": [{"name": "Authorization",
+                                   "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+             "status": {"namespaces": ["agents"], "conditions": [
+                 {"type": "Ready", "status": "True", "message": "serving 1 pod(s)"}]}}
+    routes = '{"items": [{"metadata": {"name": "fleet-openai"}}]}'
+    pods = [{"metadata": {"name": "a", "labels": {"keyhole.dev/fleet": "true"},
+                          "annotations": {"keyhole.dev/injections": routes}}},
+            {"metadata": {"name": "b", "labels": {"keyhole.dev/fleet": "true"},
+                          "annotations": {"keyhole.dev/restart-required": "fleet-openai"}}},
+            {"metadata": {"name": "c", "labels": {}}}]
+    answer = status([Namespace("agents", injections=[injection("openai")], pods=pods,
+                               cluster_injections=[fleet])])
+    rows = {(i["kind"], i["name"]): i for i in answer["injections"]}
+    row = rows[("ClusterSecretInjection", "fleet-openai")]
+    assert (row["selectedPods"], row["withKey"], row["restartRequired"]) == (2, 1, 1)
+    assert ("SecretInjection", "openai") in rows
+    shown = render_status(answer, wide=False, all_namespaces=False)
+    assert "clustersecretinjection/fleet-openai" in shown
