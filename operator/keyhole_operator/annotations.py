@@ -34,6 +34,14 @@ CLUSTER_INJECTIONS_LABEL = PREFIX + "cluster-injections"
 out of the namespace, whatever their namespaceSelectors say. Namespaces are cluster-scoped,
 so a namespace's own admins cannot set it (nor any label a namespaceSelector reads)."""
 
+# -- on Secrets ------------------------------------------------------------------------------
+
+CLUSTER_SECRET_LABEL = PREFIX + "cluster-injection"
+"""Secret label in the central namespace: ``"true"`` lets ClusterSecretInjections use the
+Secret. Without it the operator sends none of its values: whoever may create a cluster
+injection could otherwise have any Secret of keyhole's namespace (its master key among them)
+sent to a pod of theirs. Labelling a Secret is the Secret owner's consent."""
+
 # -- on objects the operator creates ----------------------------------------------------------
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"

@@ -262,7 +262,7 @@ class Channel:
         return values.answer(
             document, pod, who.namespace, labels,
             lambda name: values.live_cluster_injection(self.cluster.read_cluster_injection(name)),
-            lambda ref: self.cluster.read_secret(central, ref.name), central)
+            lambda ref: self.cluster.read_labelled_secret(central, ref.name), central)
 
     def lease(self, token: str, body: object) -> dict:
         """One call, answered: the grants, or ChannelError."""

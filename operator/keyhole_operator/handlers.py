@@ -63,6 +63,7 @@ from keyhole_operator.selectors import (
 from keyhole_operator.settings import Settings
 from keyhole_operator.status import cluster_injection_status, injection_status
 from keyhole_operator.trust import NEXT_CERT, PREVIOUS_KEY, bundle_data, plan_ca
+from keyhole_operator.values import secret_problem
 
 log = logging.getLogger("keyhole.operator")
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
@@ -631,7 +632,10 @@ def _reconcile_cluster(body, name: str, meta, status, patch: kopf.Patch,
                 restart += name in plan.restart_for
             shadowed += [f"namespace {namespace}: SecretInjection {s.namespaced} ({s.why})"
                          for s in set_aside if s.cluster == name]
-    problems = _secret_problems(cluster, runtime.settings.cluster_secrets_namespace, injection)
+    central = runtime.settings.cluster_secrets_namespace
+    problems = [why for ref in injection.spec.secret_refs()
+                if (why := secret_problem(cluster.read_labelled_secret(central, ref.name), ref,
+                                          central))]
     new_status = cluster_injection_status(
         generation=meta.get("generation"), namespaces=served, matched=matched,
         restart_required=restart, secret_problems=problems,

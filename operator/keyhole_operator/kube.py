@@ -42,6 +42,18 @@ class Cluster:
             raise
         return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
+    def read_labelled_secret(self, namespace: str, name: str
+                             ) -> tuple[dict[str, str], dict[str, bytes]] | None:
+        """A Secret's labels and data, decoded; None when it does not exist."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace, _request_timeout=5)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return (dict(secret.metadata.labels or {}),
+                {k: base64.b64decode(v) for k, v in (secret.data or {}).items()})
+
     def secret_keys(self, namespace: str, name: str) -> set[str] | None:
         """The key names of a Secret (never its values); None when it does not exist."""
         data = self.read_secret(namespace, name)

@@ -17,7 +17,10 @@ import json
 from collections.abc import Callable, Mapping
 
 from keyhole_common.spec import CLUSTER_KIND, SecretInjection, SecretKeyRef, parse_injection
+from keyhole_operator.annotations import CLUSTER_SECRET_LABEL
 from keyhole_operator.selectors import namespace_served, opted_out, selector_matches
+
+Labelled = tuple[Mapping[str, str], Mapping[str, bytes]]  # a Secret's labels and data
 
 
 def signed_cluster_items(document: dict) -> dict[str, SecretInjection]:
@@ -50,14 +53,15 @@ def why_not_served(signed: SecretInjection, live: SecretInjection | None, pod: M
 def answer(document: dict, pod: Mapping, namespace: str,
            namespace_labels: Mapping[str, str] | None,
            live: Callable[[str], SecretInjection | None],
-           read: Callable[[SecretKeyRef], Mapping[str, bytes] | None],
+           read: Callable[[SecretKeyRef], Labelled | None],
            central: str) -> dict:
     """The ``/v1/values`` answer: for each cluster injection that serves the pod, its Secret
     keys' values (base64 of the bytes, cleaned by the sidecar as it cleans a mounted file) or
-    why one is missing; for each that does not, why."""
+    why one is missing; for each that does not, why. Only Secrets labelled for cluster
+    injections (``secret_problem``) are ever read out."""
     served: dict[str, dict] = {}
     refused: dict[str, str] = {}
-    secrets: dict[str, Mapping[str, bytes] | None] = {}
+    secrets: dict[str, Labelled | None] = {}
     for name, signed in sorted(signed_cluster_items(document).items()):
         current = live(name)
         why = why_not_served(signed, current, pod, namespace, namespace_labels)
@@ -73,15 +77,26 @@ def answer(document: dict, pod: Mapping, namespace: str,
                 continue
             if ref.name not in secrets:
                 secrets[ref.name] = read(ref)
-            data = secrets[ref.name]
-            if data is None:
-                missing[str(ref)] = f"Secret {central}/{ref.name} not found"
-            elif ref.key not in data:
-                missing[str(ref)] = f"Secret {central}/{ref.name} has no key {ref.key!r}"
+            problem = secret_problem(secrets[ref.name], ref, central)
+            if problem:
+                missing[str(ref)] = problem
             else:
-                values[str(ref)] = base64.b64encode(data[ref.key]).decode()
+                values[str(ref)] = base64.b64encode(secrets[ref.name][1][ref.key]).decode()
         served[name] = {"values": values, "missing": missing}
     return {"injections": served, "refused": refused}
+
+
+def secret_problem(found: Labelled | None, ref: SecretKeyRef, central: str) -> str | None:
+    """Why a cluster injection cannot use this key of the central namespace; None if it can."""
+    if found is None:
+        return f"Secret {central}/{ref.name} not found"
+    labels, data = found
+    if labels.get(CLUSTER_SECRET_LABEL) != "true":
+        return (f"Secret {central}/{ref.name} is not labelled {CLUSTER_SECRET_LABEL}=true: "
+                "label it to let cluster injections send it to the pods they serve")
+    if ref.key not in data:
+        return f"Secret {central}/{ref.name} has no key {ref.key!r}"
+    return None
 
 
 def live_cluster_injection(obj: dict | None) -> SecretInjection | None:

@@ -44,6 +44,8 @@ class Fleet:
             self.select(namespace)
         kube.kubectl("create", "secret", "generic", self.name, "-n", CENTRAL,
                      f"--from-literal=api-key={FLEET_KEY}")
+        kube.kubectl("label", "secret", self.name, "-n", CENTRAL,
+                     "keyhole.dev/cluster-injection=true")
         self.agents = {ns: Agents(kube, operator, ns, llm, workdir / ns, secret=False)
                        for ns in self.namespaces}
 
@@ -195,9 +197,9 @@ def test_a_rotated_central_secret_reaches_every_sidecar_within_the_bound(
     a, b, _ = fleet.namespaces
     sidecars = [fleet.sidecar(fleet.pod(ns)) for ns in (a, b)]
     started = time.monotonic()
-    kube.apply(kube.kubectl("create", "secret", "generic", fleet.name, "-n", CENTRAL,
-                            f"--from-literal=api-key={ROTATED_KEY}", "--dry-run=client",
-                            "-o", "yaml").stdout)
+    kube.kubectl("patch", "secret", fleet.name, "-n", CENTRAL, "--type=merge", "-p",
+                 json.dumps({"data": {"api-key": base64.b64encode(ROTATED_KEY.encode()
+                                                                  ).decode()}}))
     for sidecar in sidecars:
         def rotated(sidecar=sidecar) -> bool:
             assert fleet.ask(sidecar) == 200
@@ -266,6 +268,21 @@ def test_the_channel_gives_a_pod_only_its_own_cluster_injections_values(fleet, k
     for response in (refused, unbound, wrong_audience, replayed):
         assert FLEET_KEY not in response.text
     assert FLEET_KEY not in fleet.operator.logs()
+
+
+def test_a_central_secret_not_labelled_for_cluster_injections_is_never_sent(fleet, kube):
+    """Whoever may create a cluster injection must not be able to have any Secret of
+    keyhole's namespace (its master key among them) sent to a pod of theirs."""
+    doc = fleet.document()
+    doc["spec"]["headers"][0]["valueFrom"] = ref("keyhole-master-key", "key")
+    kube.apply([doc])
+    kube.wait_for(lambda: "not labelled keyhole.dev/cluster-injection=true" in json.dumps(
+        fleet.status()), what="the status naming the unlabelled Secret")
+    served = fleet.pod(fleet.namespaces[0])
+    answer = values_call(fleet, fleet.agents[fleet.namespaces[0]].token(served))
+    assert answer.status_code == 200
+    entry = answer.json()["injections"][fleet.name]
+    assert entry["values"] == {} and "not labelled" in entry["missing"]["keyhole-master-key/key"]
 
 
 def test_a_namespace_injection_that_clashes_with_a_cluster_one_is_refused_naming_both(

@@ -144,6 +144,7 @@ def release(node: Node, kube: Kube, node_upstream: Upstream) -> Release:
          "--create-namespace", *image_values(node.images),
          "--set-file", f"sidecar.upstreamCA={node_upstream.ca_file}",
          "--set", "operator.resyncSeconds=3",
+         "--set", "clusterInjections.keepValuesSeconds=10",  # (default 300)
          "--set", "operator.extraArgs={--ca-promote-after=15}",  # (default 600)
          "--wait", "--timeout", "4m")
     _log(f"helm install --wait: {time.monotonic() - started:.1f}s")

@@ -62,6 +62,7 @@ class ValuesChannel:
         self.labels: dict | None = {"keyhole.dev/agents": "true"}
         self.pod = json.loads(json.dumps(POD))
         self.secrets: dict[str, dict[str, bytes]] = {REF.name: {REF.key: b"sk-fleet-1\n"}}
+        self.unlabelled: set[str] = set()  # Secrets not labelled for cluster injections
         self.away = self.refuse = False
         self.routes = json.loads(signed_routes([Injection.from_object(cluster_injection())],
                                                "team-a", KEY))
@@ -75,7 +76,13 @@ class ValuesChannel:
                                  "routes signed by the operator")
         return values.answer(self.routes, self.pod, "team-a", self.labels,
                              lambda name: values.live_cluster_injection(self.live),
-                             lambda ref: self.secrets.get(ref.name), CENTRAL)
+                             self.read, CENTRAL)
+
+    def read(self, ref: SecretKeyRef):
+        if ref.name not in self.secrets:
+            return None
+        shared = {} if ref.name in self.unlabelled else {"keyhole.dev/cluster-injection": "true"}
+        return shared, self.secrets[ref.name]
 
 
 @pytest.fixture
@@ -175,6 +182,21 @@ def test_a_refusal_drops_every_value_at_once(operator, clock):
     operator.refuse = True
     fetch(held)
     with pytest.raises(SecretMissing, match="the operator refused"):
+        held.reader("fleet")(REF)
+
+
+def test_a_secret_its_owner_did_not_label_for_cluster_injections_is_never_sent(
+        operator, clock):
+    """Whoever may create a cluster injection could otherwise name any Secret of keyhole's
+    namespace — its master key — and have it sent to a pod of theirs."""
+    operator.unlabelled.add(REF.name)
+    answer = asyncio.run(operator.values())
+    assert answer["injections"]["fleet"]["values"] == {}
+    assert "not labelled keyhole.dev/cluster-injection=true" in answer["injections"]["fleet"][
+        "missing"][str(REF)]
+    held = follower(operator, clock)
+    fetch(held)
+    with pytest.raises(SecretMissing, match="not labelled"):
         held.reader("fleet")(REF)
 
 
