@@ -227,3 +227,17 @@ def test_the_route_table_follows_the_values_without_a_file_changing(
     fetch(held)
     assert config.changed() and config.load()
     assert "does not serve namespace team-a" in config.current().by_name("fleet").unavailable
+
+
+def test_outside_kubernetes_a_cluster_injection_reads_its_secret_from_the_folder(tmp_path):
+    """A laptop runs the same YAML: without the channel, the namespaceSelector means nothing
+    and the Secret is a file, as for a SecretInjection."""
+    import yaml
+
+    from keyhole_sidecar.config import load_route_table
+
+    (tmp_path / "injections.yaml").write_text(yaml.safe_dump(cluster_injection()))
+    (tmp_path / "secrets" / REF.name).mkdir(parents=True)
+    (tmp_path / "secrets" / REF.name / REF.key).write_text("sk-from-file\n")
+    table, _ = load_route_table(Sources(tmp_path / "injections.yaml", tmp_path / "secrets"))
+    assert ("Authorization", "Bearer sk-from-file") in table.by_name("fleet").headers
