@@ -133,7 +133,8 @@ def render_explain(answer: dict, wide: bool) -> str:
         out.append(f"  mounted Secrets: {', '.join(answer['mountedSecrets']) or 'none'}")
     else:
         out.append("  sidecar: none (the webhook did not inject this pod)")
-    rows = [[i["injection"], i["verdict"], i["why"]] for i in answer["injections"]]
+    rows = [[_shown_name({**i, "name": i["injection"]}), i["verdict"], i["why"]]
+            for i in answer["injections"]]
     headers = ["INJECTION", "VERDICT", "WHY"]
     if wide:
         headers.insert(1, "HOSTS")

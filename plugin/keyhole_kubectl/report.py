@@ -175,7 +175,10 @@ def explain_pod(space: Namespace, pod_name: str) -> dict:
         "mountedSecrets": sorted((record or {}).get("secrets") or []),
         "sidecar": facts.sidecar,
         "injections": [explain_injection(raw, _parsed(raw), facts) for raw in
-                       sorted(space.injections, key=lambda i: _meta(i).get("name", ""))],
+                       sorted(space.injections, key=lambda i: _meta(i).get("name", ""))] + [
+            {**explain_injection(raw, _parsed(raw), facts), "kind": "ClusterSecretInjection"}
+            for raw in sorted(space.cluster_injections,
+                              key=lambda i: _meta(i).get("name", ""))],
     }
 
 

@@ -56,3 +56,23 @@ def test_status_shows_the_cluster_injections_that_serve_the_namespace_beside_its
     assert ("SecretInjection", "openai") in rows
     shown = render_status(answer, wide=False, all_namespaces=False)
     assert "clustersecretinjection/fleet-openai" in shown
+
+
+def test_explain_pod_names_the_cluster_injections_that_serve_its_namespace():
+    from keyhole_kubectl.cli import render_explain
+    from keyhole_kubectl.report import explain_pod
+
+    fleet = {"apiVersion": "keyhole.dev/v1alpha1", "kind": "ClusterSecretInjection",
+             "metadata": {"name": "fleet-openai"},
+             "spec": {"namespaceSelector": {},
+                      "podSelector": {"matchLabels": {"keyhole.dev/fleet": "true"}},
+                      "hosts": ["api.openai.com"],
+                      "headers": [{"name": "Authorization",
+                                   "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+             "status": {"namespaces": ["agents"]}}
+    pod = {"metadata": {"name": "a", "labels": {}}}
+    answer = explain_pod(Namespace("agents", pods=[pod], cluster_injections=[fleet]), "a")
+    (row,) = answer["injections"]
+    assert row["kind"] == "ClusterSecretInjection" and row["verdict"] == "not selected"
+    assert "keyhole.dev/fleet" in row["why"]
+    assert "clustersecretinjection/fleet-openai" in render_explain(answer, wide=False)
