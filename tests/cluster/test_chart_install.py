@@ -83,12 +83,17 @@ ALLOWED = [
     ("create", "events"), ("create", "subjectaccessreviews.authorization.k8s.io"),
     ("create", "tokenreviews.authentication.k8s.io"),
     ("create", "clusterkopfpeerings.kopf.dev"), ("patch", "clusterkopfpeerings.kopf.dev"),
+    ("list", "clustersecretinjections.keyhole.dev"), ("watch", "clustersecretinjections.keyhole.dev"),
+    ("patch", "clustersecretinjections.keyhole.dev/status"), ("list", "namespaces"),
+    ("watch", "namespaces"),
 ]
 DENIED = [
     ("list", "secrets"), ("watch", "secrets"), ("delete", "secrets"), ("update", "secrets"),
     ("create", "pods"), ("delete", "pods"), ("create", "pods/exec"), ("update", "configmaps"),
     ("delete", "secretinjections.keyhole.dev"), ("create", "mutatingwebhookconfigurations"),
-    ("list", "customresourcedefinitions"), ("create", "clusterroles"), ("list", "namespaces"),
+    ("list", "customresourcedefinitions"), ("create", "clusterroles"),
+    ("create", "clustersecretinjections.keyhole.dev"),
+    ("delete", "clustersecretinjections.keyhole.dev"), ("update", "namespaces"),
 ]
 
 
@@ -117,6 +122,7 @@ def test_uninstall_keeps_the_crd_and_the_master_key(installed):
     helm("uninstall", "keyhole", "--namespace", NAMESPACE, "--kubeconfig", str(plane.kubeconfig))
     try:
         assert kube.get("crd", "secretinjections.keyhole.dev", None)
+        assert kube.get("crd", "clustersecretinjections.keyhole.dev", None)
         assert kube.get("secret", "keyhole-master-key", NAMESPACE)
         remaining = json.loads(kube.kubectl("get", "mutatingwebhookconfigurations", "-o",
                                             "json").stdout)
