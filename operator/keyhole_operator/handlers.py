@@ -249,7 +249,8 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
 
 @kopf.on.validate(GROUP, VERSION, PLURAL, operations=["CREATE", "UPDATE"],
                   id="keyhole-validate-injection", side_effects=False)
-async def validate_injection(body: kopf.Body, warnings: list[str], memo, **_) -> None:
+async def validate_injection(body: kopf.Body, old: kopf.Body | None, warnings: list[str],
+                             memo, **_) -> None:
     webhook = "keyhole-validate-injection"
     try:
         injection = Injection.from_object(_plain(body))
@@ -258,6 +259,9 @@ async def validate_injection(body: kopf.Body, warnings: list[str], memo, **_) ->
         raise kopf.AdmissionError(f"keyhole refuses this SecretInjection: {exc}", code=422) from None
     cluster = _runtime(memo).cluster
     namespace = (body.get("metadata") or {}).get("namespace") or ""
+    if not _spec_changed(old, body):  # metadata and status writes (kopf's finalizer too)
+        _admit_warnings(webhook, injection, warnings)
+        return
     fleet = valid_injections(await _ask(webhook, "the ClusterSecretInjections",
                                         cluster.list_cluster_injections))
     if fleet:
@@ -270,7 +274,8 @@ async def validate_injection(body: kopf.Body, warnings: list[str], memo, **_) ->
 
 @kopf.on.validate(GROUP, VERSION, CLUSTER_PLURAL, operations=["CREATE", "UPDATE"],
                   id="keyhole-validate-cluster-injection", side_effects=False)
-async def validate_cluster_injection(body: kopf.Body, warnings: list[str], memo, **_) -> None:
+async def validate_cluster_injection(body: kopf.Body, old: kopf.Body | None,
+                                     warnings: list[str], memo, **_) -> None:
     webhook = "keyhole-validate-cluster-injection"
     try:
         injection = Injection.from_object(_plain(body))
@@ -279,6 +284,9 @@ async def validate_cluster_injection(body: kopf.Body, warnings: list[str], memo,
         raise kopf.AdmissionError(f"keyhole refuses this ClusterSecretInjection: {exc}",
                                   code=422) from None
     cluster = _runtime(memo).cluster
+    if not _spec_changed(old, body):
+        _admit_warnings(webhook, injection, warnings)
+        return
     namespaces = await _ask(webhook, "the namespaces", cluster.list_namespaces)
     served = {(n.get("metadata") or {}).get("name") for n in namespaces
               if namespace_served(injection.spec, (n.get("metadata") or {}).get("labels") or {})}
@@ -292,6 +300,13 @@ async def validate_cluster_injection(body: kopf.Body, warnings: list[str], memo,
                         "operator.channel), which carries a cluster injection's values to "
                         "sidecars: this injection serves no pod until it is turned on")
     _admit_warnings(webhook, injection, warnings)
+
+
+def _spec_changed(old, new) -> bool:
+    """A clash is judged when a spec is written, never on a metadata or status write: kopf's
+    own annotations and finalizer, and removing that finalizer from an object being deleted,
+    must pass even where a relabelled namespace has made two injections clash since."""
+    return old is None or dict(old).get("spec") != dict(new).get("spec")
 
 
 def _parsed(objects: list[dict]) -> list[tuple[dict, Injection]]:

@@ -273,16 +273,16 @@ def test_the_channel_gives_a_pod_only_its_own_cluster_injections_values(fleet, k
 def test_a_central_secret_not_labelled_for_cluster_injections_is_never_sent(fleet, kube):
     """Whoever may create a cluster injection must not be able to have any Secret of
     keyhole's namespace (its master key among them) sent to a pod of theirs."""
-    doc = fleet.document()
-    doc["spec"]["headers"][0]["valueFrom"] = ref("keyhole-master-key", "key")
-    kube.apply([doc])
+    kube.kubectl("label", "secret", fleet.name, "-n", CENTRAL, "keyhole.dev/cluster-injection-")
+    fleet.apply()
     kube.wait_for(lambda: "not labelled keyhole.dev/cluster-injection=true" in json.dumps(
         fleet.status()), what="the status naming the unlabelled Secret")
     served = fleet.pod(fleet.namespaces[0])
     answer = values_call(fleet, fleet.agents[fleet.namespaces[0]].token(served))
     assert answer.status_code == 200
     entry = answer.json()["injections"][fleet.name]
-    assert entry["values"] == {} and "not labelled" in entry["missing"]["keyhole-master-key/key"]
+    assert entry["values"] == {} and "not labelled" in entry["missing"][f"{fleet.name}/api-key"]
+    assert FLEET_KEY not in answer.text
 
 
 def test_a_namespace_injection_that_clashes_with_a_cluster_one_is_refused_naming_both(
@@ -305,3 +305,27 @@ def test_a_namespace_injection_that_clashes_with_a_cluster_one_is_refused_naming
     done = kube.apply([wider], check=False)
     assert done.returncode != 0
     assert f"SecretInjection {fleet.namespaces[2]}/mine and ClusterSecretInjection" in done.stderr
+    # That clash arose by relabelling: the namespace's own injection wins for its pods, the
+    # cluster injection says so, and deleting it is not blocked (kopf's finalizer patch is a
+    # metadata write, which the clash check leaves alone).
+    tagged = {"keyhole.dev/mine": "true", fleet.tag: "true"}
+    mine = injection("mine", hosts=["api.openai.test"],
+                     headers=[{"name": "Authorization", "valueFrom": ref("mine", "key"),
+                               "format": "Bearer {value}"}])
+    mine["spec"]["podSelector"] = {"matchLabels": {"keyhole.dev/mine": "true"}}
+    kube.kubectl("create", "secret", "generic", "mine", "-n", fleet.namespaces[2],
+                 "--from-literal=key=x")
+    kube.apply([mine], fleet.namespaces[2])
+    kube.apply([plain_pod("both", tagged)], fleet.namespaces[2])
+    routes = json.loads(kube.get("pod", "both", fleet.namespaces[2])["metadata"]["annotations"][
+        "keyhole.dev/injections"])
+    assert [i["metadata"]["name"] for i in routes["items"]] == ["mine"]
+
+    def shadowed() -> str | None:
+        found = {c["type"]: c for c in fleet.status().get("conditions") or []}
+        return (found.get("Shadowed") or {}).get("status") == "True" and found["Shadowed"][
+            "message"]
+
+    said = kube.wait_for(shadowed, what="the Shadowed condition")
+    assert f"namespace {fleet.namespaces[2]}: SecretInjection mine" in said
+    kube.kubectl("delete", "clustersecretinjection", fleet.name, "--timeout=20s")
