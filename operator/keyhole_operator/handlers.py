@@ -509,15 +509,21 @@ def reconcile(body: kopf.Body, namespace: str, name: str, meta, status, patch: k
     metrics.reconciles.labels("ok").inc()
 
 
+def _parse_or_give_up(body) -> Injection:
+    """The object parsed, or a Warning Event and a permanent failure (no retries: the
+    validating webhook should have refused it; a retry cannot fix a spec)."""
+    try:
+        return Injection.from_object(_plain(body))
+    except ValueError as exc:
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc)[:1000])
+        raise kopf.PermanentError(f"invalid spec: {exc}") from None
+
+
 def _reconcile(body, namespace: str, name: str, meta, status, patch: kopf.Patch,
                injection_index: kopf.Index, runtime: Runtime,
                fleet: tuple[list[Injection], dict | None]) -> None:
     cluster = runtime.cluster
-    try:
-        injection = Injection.from_object(_plain(body))
-    except ValueError as exc:
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc)[:1000])
-        raise kopf.PermanentError(f"invalid spec: {exc}") from None
+    injection = _parse_or_give_up(body)
     for change in ensure_namespace(cluster, runtime, namespace):
         kopf.event(body, type="Normal", reason="NamespaceTrust", message=change)
     others = [i for i in _injections(injection_index, namespace) if i.name != name]
@@ -616,11 +622,7 @@ def _reconcile_cluster(body, name: str, meta, status, patch: kopf.Patch,
     """The pods of every namespace the injection serves now, or served at the last reconcile
     (a namespace it left is revoked here too), in line; its status and Events."""
     cluster = runtime.cluster
-    try:
-        injection = Injection.from_object(_plain(body))
-    except ValueError as exc:
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc)[:1000])
-        raise kopf.PermanentError(f"invalid spec: {exc}") from None
+    injection = _parse_or_give_up(body)
     channel = bool(runtime.settings.channel_url)
     fleet = [*_cluster_injections(cluster_index, runtime, without=name),
              *([injection] if channel else [])]

@@ -34,13 +34,8 @@ class Cluster:
     # -- Secrets and ConfigMaps the operator owns ----------------------------------------------
     def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """A Secret's data, decoded; None when it does not exist."""
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace, _request_timeout=5)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+        found = self.read_labelled_secret(namespace, name)
+        return None if found is None else found[1]
 
     def read_labelled_secret(self, namespace: str, name: str
                              ) -> tuple[dict[str, str], dict[str, bytes]] | None:
@@ -132,26 +127,13 @@ class Cluster:
         return json.loads(response.data)["items"]
 
     def read_cluster_injection(self, name: str) -> dict | None:
-        try:
-            response = self.custom.get_cluster_custom_object(
-                "keyhole.dev", "v1alpha1", "clustersecretinjections", name,
-                _preload_content=False, _request_timeout=5)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return json.loads(response.data)
+        return _json_or_none(self.custom.get_cluster_custom_object, "keyhole.dev", "v1alpha1",
+                             "clustersecretinjections", name)
 
     def namespace_labels(self, namespace: str) -> dict[str, str] | None:
         """A namespace's labels; None when it does not exist."""
-        try:
-            response = self.core.read_namespace(namespace, _preload_content=False,
-                                                _request_timeout=3)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return (json.loads(response.data).get("metadata") or {}).get("labels") or {}
+        found = _json_or_none(self.core.read_namespace, namespace)
+        return None if found is None else (found.get("metadata") or {}).get("labels") or {}
 
     def list_namespaces(self) -> list[dict]:
         response = self.core.list_namespace(_preload_content=False, _request_timeout=5)
@@ -211,15 +193,8 @@ class Cluster:
 
     # -- the shared budgets' ledger ----------------------------------------------------------
     def read_injection(self, namespace: str, name: str) -> dict | None:
-        try:
-            response = self.custom.get_namespaced_custom_object(
-                "keyhole.dev", "v1alpha1", namespace, "secretinjections", name,
-                _preload_content=False, _request_timeout=5)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return json.loads(response.data)
+        return _json_or_none(self.custom.get_namespaced_custom_object, "keyhole.dev",
+                             "v1alpha1", namespace, "secretinjections", name)
 
     def write_ledger(self, namespace: str, name: str, resource_version: str,
                      status: dict) -> bool:
@@ -235,6 +210,18 @@ class Cluster:
                 return False
             raise
         return True
+
+
+def _json_or_none(read, *args) -> dict | None:
+    """One object as plain JSON, read within 5 s (the channel answers sidecars that wait);
+    None when it does not exist."""
+    try:
+        response = read(*args, _preload_content=False, _request_timeout=5)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return json.loads(response.data)
 
 
 def _read_json(read, namespace: str, name: str) -> dict | None:

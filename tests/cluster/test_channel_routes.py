@@ -23,9 +23,10 @@ def agents(kube, operator, namespace, llm_upstream, tmp_path):
     found.close()
 
 
-def ask(sidecar) -> int:
-    """One chat completion through the sidecar: its status."""
+def ask(sidecar, injection: str = "openai") -> int:
+    """One chat completion through the sidecar (base-URL mode of ``injection``): its status."""
     with client(sidecar) as c:
+        c.base_url = f"{sidecar.url}/{injection}/v1"
         try:
             c.chat.completions.create(model="gpt-4o-mini", max_tokens=5,
                                       messages=[{"role": "user", "content": "Hi"}])

@@ -16,11 +16,11 @@ import ssl
 import time
 
 import httpx
-import openai
 import pytest
 
+from tests.cluster.test_channel_routes import ask
 from tests.cluster.test_operator import pod as plain_pod
-from tests.cluster.test_shared_budgets import Agents, client
+from tests.cluster.test_shared_budgets import Agents
 from tests.support.config import injection, ref
 
 FLEET_KEY = "sk-fleet-CENTRAL-0123456789abcdef"
@@ -87,15 +87,7 @@ class Fleet:
             extra=("--operator-values-seconds", "1", *extra))
 
     def ask(self, sidecar) -> int:
-        """One chat completion through the sidecar (base-URL mode): its status."""
-        with client(sidecar) as c:
-            c.base_url = f"{sidecar.url}/{self.name}/v1"
-            try:
-                c.chat.completions.create(model="gpt-4o-mini", max_tokens=5,
-                                          messages=[{"role": "user", "content": "Hi"}])
-            except openai.APIStatusError as exc:
-                return exc.status_code
-        return 200
+        return ask(sidecar, self.name)
 
     def close(self) -> None:
         for agents in self.agents.values():
