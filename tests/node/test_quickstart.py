@@ -49,9 +49,15 @@ def test_the_readme_quick_start_works_on_a_real_node(release, kube, node, node_u
     agent_logs = kube.wait_for(first_request_logged, 60, "the agent's first answer")
     assert agent_logs.splitlines()[0] == "200 1 models"  # kubectl logs deploy/agent
 
-    listed = kube.kubectl("get", "si", "-n", NAMESPACE).stdout.splitlines()  # kubectl get si
-    row = listed[1].split()
-    assert row[0] == "openai" and row[2] == "1" and row[3] == "True", listed
+    def listed() -> list[str]:  # kubectl get si
+        return kube.kubectl("get", "si", "-n", NAMESPACE).stdout.splitlines()
+
+    # The pod count is the status the operator writes on each reconcile: the injection was
+    # reconciled when applied, before its pod existed, so the count follows at the next
+    # resync (operator.resyncSeconds, 3 s in this release; 30 s by default).
+    kube.wait_for(lambda: listed()[1].split()[2] == "1", 15, "kubectl get si counting the pod")
+    row = listed()[1].split()
+    assert row[0] == "openai" and row[2] == "1" and row[3] == "True", listed()
 
     status = kube.keyhole("status", "-n", NAMESPACE).stdout  # kubectl keyhole status
     row = next(line.split() for line in status.splitlines() if line.startswith("openai"))
