@@ -682,7 +682,14 @@ def revoke_cluster_on_delete(type: str, name: str, body: kopf.Body,
         return
     runtime = _runtime(memo)
     remaining = _cluster_injections(cluster_index, runtime, without=name)
-    for namespace in (body.get("status") or {}).get("namespaces") or []:
+    served = set((body.get("status") or {}).get("namespaces") or [])
+    try:  # and those its spec serves now (the status lists 200 at most)
+        spec = Injection.from_object(_plain(body)).spec
+        served |= {ns for ns in namespace_index
+                   if namespace_served(spec, _namespace_labels(namespace_index, ns))}
+    except ValueError:
+        pass
+    for namespace in sorted(served):
         sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace),
                   [*_injections(injection_index, namespace), *remaining],
                   _namespace_labels(namespace_index, namespace))

@@ -142,13 +142,11 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key),
                         metrics, channel_routes=routes.current if routes else None,
                         cluster_values=values)
-    loaded = config.load()
     if values is not None:
         values.wanted = config.wants_cluster_values
-        if loaded and config.wants_cluster_values():  # ask before the first request
+        if config.wants_cluster_values():  # asked before the first load, so none waits for it
             await values.fetch()
-            loaded = config.load()
-    if not loaded:  # the log above names each problem
+    if not config.load():  # the log above names each problem
         raise StartupError("the configuration has the problems logged above; fix them and "
                            "start again (keyhole-sidecar check lists them too)")
     try:

@@ -236,8 +236,14 @@ class LiveConfig:
 
     def wants_cluster_values(self) -> bool:
         """Whether any injection served now is a cluster one (its values come from the
-        operator; a pod with none never asks)."""
-        return any(i.cluster for i in self._injections)
+        operator; a pod with none never asks). Before the first load: what the routes say."""
+        injections = self._injections
+        if self.table is None:
+            try:
+                injections, _ = load_injections(self.sources)
+            except SpecError:
+                return False
+        return any(i.cluster for i in injections)
 
     def fresher(self) -> dict | None:
         """The routes from the operator channel, when they are newer than the routes file."""
