@@ -10,7 +10,7 @@ import yaml
 from keyhole_operator.live import plan_pod
 from keyhole_operator.mutation import mutate
 from keyhole_operator.routes import Injection, namespace_key
-from keyhole_operator.selectors import selector_matches
+from keyhole_operator.selectors import choose, selector_matches
 from keyhole_operator.settings import Settings
 from keyhole_operator.status import injection_status
 from tests.operator.test_mutation_golden import TESTDATA
@@ -182,3 +182,41 @@ def test_transparent_capture_where_pod_security_allows_it(injections):
 def test_proxy_capture_ignores_pod_security(injections):
     pod = mutate(_pod(), injections[:1], Settings(), KEY, pod_security="restricted").pod
     assert [c["name"] for c in pod["spec"]["initContainers"]] == ["keyhole-proxy"]
+
+
+AGENTS = {"keyhole.dev/agents": "true"}  # the labels fleet-anthropic's namespaceSelector wants
+
+
+def test_a_namespace_labelled_in_grants_a_cluster_injection_live_to_a_sidecar_with_the_channel(
+        injections):
+    fresh = {"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": "p", "namespace": "agents",
+                          "labels": {"keyhole.dev/github": "true",
+                                     "keyhole.dev/anthropic": "true"}},
+             "spec": {"containers": [{"name": "agent", "image": "x"}]}}
+    github = [i for i in injections if i.name == "github"]  # injected while not selected
+    with_channel = Settings(channel_url="https://keyhole-webhook.keyhole-system.svc:9445")
+    pod = mutate(fresh, github, with_channel, KEY).pod
+    assert plan_pod(pod, injections, KEY, {}).annotations == {}  # not selected: as it was
+    plan = plan_pod(pod, injections, KEY, AGENTS)
+    assert routes(plan) == ["fleet-anthropic", "github"]
+    assert plan.restart_for == ()
+    without = mutate(fresh, github, Settings(), KEY).pod  # injected without the channel
+    assert plan_pod(without, injections, KEY, AGENTS).restart_for == ("fleet-anthropic",)
+
+
+def test_a_namespaces_own_injection_wins_a_clash_with_a_cluster_one(injections):
+    clashing = Injection.from_object({
+        "apiVersion": "keyhole.dev/v1alpha1", "kind": "SecretInjection",
+        "metadata": {"name": "anthropic-own", "namespace": "agents"},
+        "spec": {"podSelector": {"matchLabels": {"keyhole.dev/anthropic": "true"}},
+                 "hosts": ["api.anthropic.com"],
+                 "headers": [{"name": "x-api-key",
+                              "valueFrom": {"secretKeyRef": {"name": "mine", "key": "k"}}}]}})
+    pod = {"metadata": {"name": "p", "namespace": "agents",
+                        "labels": {"keyhole.dev/anthropic": "true"}}}
+    chosen, shadowed = choose([*injections, clashing], pod, AGENTS)
+    assert [i.name for i in chosen] == ["anthropic-own"]
+    assert [(s.cluster, s.namespaced) for s in shadowed] == [("fleet-anthropic",
+                                                             "anthropic-own")]
+    assert "x-api-key" in shadowed[0].why
