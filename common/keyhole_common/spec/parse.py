@@ -58,8 +58,7 @@ _RESERVED_HEADERS = frozenset(
 )
 _SPEC_FIELDS = frozenset(
     {"podSelector", "namespaceSelector", "hosts", "headers", "basicAuth", "queryParams",
-     "rules", "agentEnv",
-     "capture", "limits", "llm", *CREDENTIAL_FIELDS}
+     "rules", "agentEnv", "capture", "limits", "llm", *CREDENTIAL_FIELDS}
 )
 CAPTURE_MODES = ("proxy", "transparent")
 LLM_APIS = ("openai", "anthropic", "gemini")
