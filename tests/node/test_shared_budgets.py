@@ -135,8 +135,19 @@ def test_three_pods_share_one_budget_that_outlives_an_operator_restart_and_a_kil
     kube.kubectl("rollout", "status", "deployment/keyhole-operator", "-n", RELEASE_NAMESPACE,
                  "--timeout=180s")
     release.wait_until_admitting(NAMESPACE)
-    again = team.ask_until_refused("agent-1")
-    assert again["answered"] == 0 and again["status"] == 429, again
+
+    attempts: list[dict] = []
+
+    def answered_again() -> dict | None:
+        """The API server reaches the new replicas (admission above) before kube-proxy routes
+        the channel's Service to them from the pod network: until it does, the spent sidecar
+        cannot lease and refuses with 503 budget_unavailable — closed, never open."""
+        attempts.append(team.ask_until_refused("agent-1"))
+        return attempts[-1] if attempts[-1]["error"] != "budget_unavailable" else None
+
+    again = kube.wait_for(answered_again, 30, "the channel answering through its Service")
+    assert all(a["answered"] == 0 for a in attempts), attempts  # nothing let through meanwhile
+    assert again["status"] == 429 and again["error"] == "budget_exhausted", again
     assert team.ledger()[BUDGET]["spent"] == spent
 
     # A sidecar killed mid-lease: its pod's next sidecar draws a new lease; the old one's
