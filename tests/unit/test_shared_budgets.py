@@ -63,6 +63,13 @@ def answer(tokens: int = 53) -> Usage:
     return Usage("openai", "gpt-4o-mini", 24, tokens - 24)
 
 
+def one_sidecar() -> tuple[Clock, LedgerChannel, SharedBudgets]:
+    """A sidecar's shared budgets over the in-process operator, on a clock the test moves."""
+    clock = Clock()
+    channel = LedgerChannel(clock)
+    return clock, channel, SharedBudgets(channel, clock)
+
+
 async def spend(shared: SharedBudgets, asked: Asked, usage: Usage | None = None):
     ticket = await shared.admit("api", LLM, asked, 0.0)
     if isinstance(ticket, SharedTicket):
@@ -73,9 +80,7 @@ async def spend(shared: SharedBudgets, asked: Asked, usage: Usage | None = None)
 
 def test_parallel_requests_share_one_call_and_stop_at_the_figure():
     async def main():
-        clock = Clock()
-        channel = LedgerChannel(clock)
-        shared = SharedBudgets(channel, clock)
+        _clock, channel, shared = one_sidecar()
         asked = Asked("gpt-4o-mini", 20, 30)  # reserves 50
         tickets = await asyncio.gather(*(shared.admit("api", LLM, asked, 0.0)
                                          for _ in range(5)))
@@ -103,9 +108,7 @@ def test_parallel_requests_share_one_call_and_stop_at_the_figure():
 
 def test_an_idle_slice_is_given_back_at_the_next_report():
     async def main():
-        clock = Clock()
-        channel = LedgerChannel(clock)
-        shared = SharedBudgets(channel, clock)
+        _clock, channel, shared = one_sidecar()
         await spend(shared, Asked("gpt-4o-mini", 20, 30))
         await shared.report_once()  # used since the last call: renewed
         held = channel.entries[SHARED.name]["held"]
@@ -121,9 +124,7 @@ def test_an_idle_slice_is_given_back_at_the_next_report():
 
 def test_with_the_operator_away_the_slice_in_hand_serves_then_requests_fail_closed():
     async def main():
-        clock = Clock()
-        channel = LedgerChannel(clock)
-        shared = SharedBudgets(channel, clock)
+        _clock, channel, shared = one_sidecar()
         assert isinstance(await spend(shared, Asked("gpt-4o-mini", 20, 30)), SharedTicket)
         await shared.report_once()  # a slice of 50 beyond the 53 counted
         channel.away = True
@@ -143,9 +144,7 @@ def test_with_the_operator_away_the_slice_in_hand_serves_then_requests_fail_clos
 
 def test_an_expired_slice_is_not_spent_even_with_room_left():
     async def main():
-        clock = Clock()
-        channel = LedgerChannel(clock)
-        shared = SharedBudgets(channel, clock)
+        clock, channel, shared = one_sidecar()
         await spend(shared, Asked("gpt-4o-mini", 20, 30))
         channel.away = True
         clock.now += ledger.LEASE_SECONDS + 1
@@ -171,9 +170,7 @@ def test_without_a_channel_a_shared_budget_refuses_and_says_why():
 
 def test_a_new_window_starts_a_new_slice():
     async def main():
-        clock = Clock()
-        channel = LedgerChannel(clock)
-        shared = SharedBudgets(channel, clock)
+        clock, channel, shared = one_sidecar()
         while isinstance(await spend(shared, Asked("gpt-4o-mini", 20, 30)), SharedTicket):
             pass
         clock.now += 86400
@@ -185,9 +182,7 @@ def test_a_new_window_starts_a_new_slice():
 
 def test_a_stopping_sidecar_reports_and_gives_every_slice_back():
     async def main():
-        clock = Clock()
-        channel = LedgerChannel(clock)
-        shared = SharedBudgets(channel, clock)
+        _clock, channel, shared = one_sidecar()
         ticket = await shared.admit("api", LLM, Asked("gpt-4o-mini", 20, 30), 0.0)
         shared.charge("api", LLM, answer(), 0.0)
         shared.release(ticket)  # used just now: a plain report would renew the slice
