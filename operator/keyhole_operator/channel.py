@@ -51,7 +51,7 @@ log = logging.getLogger("keyhole.operator.channel")
 AUDIENCE = "keyhole.dev"
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
-PATH = "/v1/leases"
+LEASES_PATH = "/v1/leases"
 ROUTES_PATH = "/v1/routes"
 VALUES_PATH = "/v1/values"
 MAX_BODY = 64 * 1024
@@ -312,7 +312,7 @@ def build_app(channel: Channel) -> web.Application:
         return await _call(request, channel.values, with_body=False)
 
     app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_post(PATH, lease)
+    app.router.add_post(LEASES_PATH, lease)
     app.router.add_post(ROUTES_PATH, routes)
     app.router.add_post(VALUES_PATH, secret_values)
     return app

@@ -48,13 +48,12 @@ from keyhole_operator.guard import (
 )
 from keyhole_operator.kube import Cluster
 from keyhole_operator.layout import SIGNING_KEY_FILE
-from keyhole_operator.live import injected, plan_pod
+from keyhole_operator.live import PodPlan, injected, plan_pod
 from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.mutation.sidecar_container import wants_transparent
 from keyhole_operator.privileges import BYPASSES, access_review, service_account_user
 from keyhole_operator.routes import Injection, namespace_key
 from keyhole_operator.selectors import (
-    choose,
     clashes,
     injections_for_pod,
     namespace_served,
@@ -449,11 +448,13 @@ def publish_managed_secrets(cluster: Cluster, runtime: Runtime, namespace: str,
 
 
 def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dict],
-              injections: list[Injection], labels: dict | None = None) -> None:
+              injections: list[Injection], labels: dict | None = None) -> list[PodPlan]:
     """Bring every pod's routes in line with the injections selecting it now (``labels``:
-    the namespace's, for the cluster injections among them)."""
+    the namespace's, for the cluster injections among them); each pod's plan, in order."""
+    plans = []
     for pod in pods:
         plan = plan_pod(pod, injections, runtime.key(namespace), labels)
+        plans.append(plan)
         if plan.annotations:
             name = pod["metadata"]["name"]
             cluster.annotate_pod(namespace, name, plan.annotations)
@@ -461,6 +462,7 @@ def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dic
             log.info("pod %s/%s: routes now %s%s", namespace, name, list(plan.granted) or "none",
                      f"; restart needed for {', '.join(plan.restart_for)}" if plan.restart_for
                      else "")
+    return plans
 
 
 def _secret_problems(cluster: Cluster, namespace: str, injection: Injection) -> list[str]:
@@ -637,18 +639,17 @@ def _reconcile_cluster(body, name: str, meta, status, patch: kopf.Patch,
                 log.info("namespace %s: %s", namespace, change)
         pods = cluster.list_pods(namespace)
         injections = [*_injections(injection_index, namespace), *fleet]
-        sync_pods(cluster, runtime, namespace, pods, injections, labels)
-        for pod in pods:
+        plans = sync_pods(cluster, runtime, namespace, pods, injections, labels)
+        for pod, plan in zip(pods, plans, strict=True):
             if namespace not in served or not selector_matches(
                     injection.spec.pod_selector, (pod.get("metadata") or {}).get("labels")):
                 continue
-            chosen, set_aside = choose(injections, pod, labels)
-            if any(i.name == name and i.spec.cluster for i in chosen):
-                matched += 1
-                plan = plan_pod(pod, injections, runtime.key(namespace), labels)
-                restart += name in plan.restart_for
+            set_aside = [s for s in plan.shadowed if s.cluster == name]
             shadowed += [f"namespace {namespace}: SecretInjection {s.namespaced} ({s.why})"
-                         for s in set_aside if s.cluster == name]
+                         for s in set_aside]
+            if not set_aside and name in plan.granted + plan.restart_for:  # it serves the pod
+                matched += 1
+                restart += name in plan.restart_for
     central = runtime.settings.cluster_secrets_namespace
     problems = [why for ref in injection.spec.secret_refs()
                 if (why := secret_problem(cluster.read_labelled_secret(central, ref.name), ref,
