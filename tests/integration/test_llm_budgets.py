@@ -188,3 +188,34 @@ def test_the_counts_survive_a_restart_of_the_sidecar(budgeted):
             ask(client, "gpt-4o-mini")
     saved = json.loads((second.workdir.parent / "state" / "budgets.json").read_text())
     assert saved["windows"]["openai|tokens/day"][1] == 2 * PER_ANSWER
+
+
+def test_a_compressed_request_is_read_from_a_decoded_copy_and_sent_as_it_came(budgeted, llm):
+    """The budget reads the model from a decoded copy; the upstream gets the gzip bytes (it
+    decodes them itself), and a coding keyhole cannot read is refused before anything is sent."""
+    import gzip
+    import ssl
+
+    import httpx
+
+    proxy = budgeted({"budgets": [{"per": "day", "tokens": 1000}]})
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 20,
+                       "messages": [{"role": "user", "content": "Paris?"}]}).encode()
+    sent_before = len(llm.seen)
+    with httpx.Client(proxy=proxy.url, timeout=10,
+                      verify=ssl.create_default_context(cafile=str(proxy.ca_cert))) as client:
+        url = "https://api.openai.test/v1/chat/completions"
+        answer = client.post(url, content=gzip.compress(body),
+                             headers={"Content-Encoding": "gzip",
+                                      "Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        refused = client.post(url, content=b"\x00" + body,
+                              headers={"Content-Encoding": "x-unknown",
+                                       "Content-Type": "application/json"})
+    assert llm.seen[sent_before].body["model"] == "gpt-4o-mini"  # the upstream decoded it
+    assert len(llm.seen) == sent_before + 1  # the unreadable one never left
+    assert refused.status_code == 415
+    assert refused.headers["X-Keyhole-Error"] == "unreadable_body"
+    assert "cannot decode Content-Encoding 'x-unknown'" in refused.text
+    line = proxy.wait_audit(lambda line: (line.get("llm") or {}).get("model") == "gpt-4o-mini")
+    assert line["llm"]["estimated"] is False

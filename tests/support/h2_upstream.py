@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import ssl
 import threading
@@ -35,6 +36,7 @@ class H2Received:
     headers: list[tuple[str, str]]
     body_size: int
     reset: bool = False
+    body_sha256: str = ""  # of the DATA frames' payload, as received
 
     def header(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k == name.lower()]
@@ -88,9 +90,11 @@ class _EchoProtocol(asyncio.Protocol):
             if isinstance(event, h2.events.RequestReceived):
                 headers = list(event.headers)
                 self.streams[event.stream_id] = {"headers": headers, "size": 0,
+                                                 "sha": hashlib.sha256(),
                                                  "window": asyncio.Event()}
             elif isinstance(event, h2.events.DataReceived):
                 self.streams[event.stream_id]["size"] += len(event.data)
+                self.streams[event.stream_id]["sha"].update(event.data)
                 self.conn.acknowledge_received_data(event.flow_controlled_length,
                                                     event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
@@ -114,7 +118,7 @@ class _EchoProtocol(asyncio.Protocol):
             self.state.received.append(H2Received(
                 pseudo[":method"], pseudo[":path"],
                 [h for h in stream["headers"] if not h[0].startswith(":")], stream["size"],
-                reset))
+                reset, stream["sha"].hexdigest()))
 
     async def answer(self, stream_id: int) -> None:
         with contextlib.suppress(h2.exceptions.StreamClosedError):  # the proxy reset it

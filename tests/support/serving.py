@@ -17,8 +17,9 @@ class ThreadedApp:
     """Serves ``make_app()`` on 127.0.0.1:``port`` (0: a free one), over TLS with ``cert``."""
 
     def __init__(self, make_app: Callable[[], web.Application], cert: trustme.LeafCert | None,
-                 port: int = 0, sock: socket.socket | None = None):
+                 port: int = 0, sock: socket.socket | None = None, **server_kwargs):
         self._make_app, self._cert, self._port, self._sock = make_app, cert, port, sock
+        self._server_kwargs = server_kwargs  # aiohttp's request handler's (auto_decompress…)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -33,7 +34,7 @@ class ThreadedApp:
         if self._cert is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._cert.configure_cert(context)
-        self._runner = web.AppRunner(self._make_app(), access_log=None)
+        self._runner = web.AppRunner(self._make_app(), access_log=None, **self._server_kwargs)
         await self._runner.setup()
         if self._sock is not None:
             await web.SockSite(self._runner, self._sock, ssl_context=context).start()

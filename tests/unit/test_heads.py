@@ -11,6 +11,7 @@ from aiohttp.http_parser import HttpRequestParser, HttpResponseParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyhole_sidecar.proxy.wire import heads
 from keyhole_sidecar.proxy.wire.heads import (
     LAST_CHUNK,
     UnsafeHead,
@@ -136,3 +137,21 @@ def test_fields_crossing_into_http2_leave_the_hops_behind():
                       "chunked"), ("Upgrade", "h2c"), ("Proxy-Connection", "x"),
                       ("TE", "gzip"), ("TE", "trailers"), ("X-Keep", "Yes")]) == [
         ("te", "trailers"), ("x-keep", "Yes")]
+
+
+async def _collect(body, length):
+    return [piece async for piece in heads.within_length(body, length)]
+
+
+async def _pieces(*parts: bytes):
+    for part in parts:
+        yield part
+
+
+def test_a_streamed_body_never_outgrows_the_length_announced():
+    with pytest.raises(ValueError, match="outgrew the Content-Length announced"):
+        asyncio.run(_collect(_pieces(b"abc", b"defg"), 5))
+    with pytest.raises(ValueError, match="ended after 3 of the 5 bytes"):
+        asyncio.run(_collect(_pieces(b"abc"), 5))
+    assert asyncio.run(_collect(_pieces(b"abc", b"de"), 5)) == [b"abc", b"de"]
+    assert asyncio.run(_collect(_pieces(b"abc", b"defg"), None)) == [b"abc", b"defg"]

@@ -24,6 +24,7 @@ from yarl import URL
 from keyhole_common.spec import Limits
 from keyhole_common.spec.model import Llm
 from keyhole_sidecar.audit import AuditRecord
+from keyhole_sidecar.codings import Undecodable, codings, decoded_copy
 from keyhole_sidecar.credentials import CredentialError, CredentialSource, Outgoing
 from keyhole_sidecar.egress import TargetRefused
 from keyhole_sidecar.inject import HOP_BY_HOP, forwarded_headers, forwarded_query
@@ -335,7 +336,7 @@ async def _llm_call(ctx: ProxyContext, request: Request, target: Target, route: 
     its injection's pods share. Raises BudgetExceeded (nothing is sent) when a budget has no
     room left."""
     spec = route.injection.llm
-    whole = body if isinstance(body, bytes) else None
+    whole = _readable_copy(request, body, route.name, spec.budgets)
     model, ceiling = read_request(spec.api, target.path, whole)
     call = LlmCall(route.name, spec, model)
     if spec.budgets:
@@ -356,6 +357,26 @@ async def _llm_call(ctx: ProxyContext, request: Request, target: Target, route: 
             raise BudgetExceeded(shared, spec.api)
         call.shared = shared
     return call
+
+
+def _readable_copy(request: Request, body: Body, injection: str, budgeted: bool
+                   ) -> bytes | None:
+    """The request body as its JSON reads (a decoded copy when it is compressed; what goes
+    upstream stays the client's bytes), or None when it is not in hand. A budget cannot be
+    held without reading the request: one in a coding keyhole cannot undo is refused."""
+    if not isinstance(body, bytes):
+        return None
+    encoding = request.headers.get("Content-Encoding")
+    if not codings(encoding):
+        return body
+    try:
+        return decoded_copy(body, encoding, WHOLE_REQUEST_LIMIT)
+    except Undecodable as exc:
+        if not budgeted:
+            return None  # metered as an estimate, like any body that is not JSON
+        raise BadRequest("unreadable_body", f"injection {injection!r} holds model API "
+                         f"requests to budgets, so keyhole reads them: {exc}; send the body "
+                         "uncompressed, or gzip, deflate or br", status=415) from None
 
 
 def _release(ctx: ProxyContext, llm: LlmCall) -> None:

@@ -11,7 +11,7 @@ holds can split a message or start another.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from keyhole_sidecar.proxy.exchange import UnsafeHead
 
@@ -120,3 +120,22 @@ def h2_fields(headers: Fields) -> list[tuple[str, str]]:
             continue
         out.append((lower, "trailers" if lower == "te" else value))
     return out
+
+
+async def within_length(body: AsyncIterator[bytes], length: int | None) -> AsyncIterator[bytes]:
+    """A streamed body sent under an announced ``length``: not one byte more goes out (the
+    rest would be read upstream as a message of its own) and a body that ends short fails
+    rather than leaving the upstream waiting. The parsers that read the client's body hold it
+    to its own framing already; this keeps what we announce true whatever feeds the body."""
+    if length is None:
+        async for data in body:
+            yield data
+        return
+    sent = 0
+    async for data in body:
+        sent += len(data)
+        if sent > length:
+            raise ValueError(f"the body outgrew the Content-Length announced ({length})")
+        yield data
+    if sent != length:
+        raise ValueError(f"the body ended after {sent} of the {length} bytes announced")

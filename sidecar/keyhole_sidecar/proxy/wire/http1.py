@@ -133,9 +133,12 @@ class ClientConnection(BaseProtocol):
                  server_kwargs: dict[str, Any]):
         loop = asyncio.get_running_loop()
         s = ctx.settings
+        # auto_decompress=False: a body goes upstream as the bytes the client sent, under its
+        # own Content-Encoding; decoded, it would outgrow the length the client announced and
+        # the rest would be read upstream as a request of the agent's making.
         parser = HttpRequestParser(self, loop, BODY_BUFFER, max_line_size=s.max_line_size,
                                    max_field_size=s.max_field_size, max_headers=s.max_headers,
-                                   max_msg_queue_size=PIPELINE_DEPTH)
+                                   max_msg_queue_size=PIPELINE_DEPTH, auto_decompress=False)
         super().__init__(loop, parser)
         self._ctx = ctx
         self._handler = handler

@@ -21,7 +21,7 @@ from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import StreamReader
 
 from keyhole_sidecar.proxy.exchange import Answer, BadResponse, Outbound, UpstreamClosed
-from keyhole_sidecar.proxy.wire.heads import LAST_CHUNK, chunk, request_head
+from keyhole_sidecar.proxy.wire.heads import LAST_CHUNK, chunk, request_head, within_length
 
 BODY_BUFFER = 2**16  # the response reader pauses the upstream socket at twice this
 MAX_LINE = 16384  # an upstream's status line or header line
@@ -223,7 +223,8 @@ async def exchange(conn: UpstreamConnection, out: Outbound, timeout: float,
             else:
                 conn.write(head)
                 if body is not None:
-                    sending = asyncio.ensure_future(_send_body(conn, body, chunked))
+                    sending = asyncio.ensure_future(
+                        _send_body(conn, within_length(body, out.length), chunked))
                     sending.add_done_callback(_seen)
             message, payload = await conn.response(timeout)
             answered = True

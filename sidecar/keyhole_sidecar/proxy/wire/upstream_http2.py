@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from keyhole_sidecar.proxy.exchange import Answer, Outbound, Unprocessed, UpstreamClosed
 from keyhole_sidecar.proxy.wire.h2peer import CONNECTION_WINDOW, H2Body, H2Peer
-from keyhole_sidecar.proxy.wire.heads import h2_fields, header_block
+from keyhole_sidecar.proxy.wire.heads import h2_fields, header_block, within_length
 
 MAX_HEADER_LIST = 2**16  # what we accept from an upstream, decoded
 
@@ -252,7 +252,7 @@ async def exchange(conn: H2Upstream, out: Outbound, timeout: float
     if body:
         stream.sending = asyncio.ensure_future(
             stream.send(body, end_stream=True) if isinstance(body, bytes)
-            else _send_body(stream, body))
+            else _send_body(stream, within_length(body, out.length)))
         stream.sending.add_done_callback(_seen)
     try:
         answer = await stream.answer(timeout)
