@@ -140,6 +140,9 @@ class Outbound:
     readable: bool  # the answer's body must be readable (redacted): undo or refuse encodings
     trailers: bool  # the client asked for trailers (``te: trailers``, gRPC)
     client_protocol: str = "http/1.1"  # the wire offers the upstream what the client speaks
+    sensitive: frozenset[str] = frozenset()
+    """Lowercase names of the fields (``:path`` among them) that carry a secret: HTTP/2 sends
+    them never-indexed, out of HPACK's shared table."""
 
 
 class Leg(Protocol):

@@ -221,6 +221,20 @@ def content_length(headers) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+_ALWAYS_SENSITIVE = frozenset({"authorization", "proxy-authorization"})
+
+
+def _sensitive_fields(target: Target) -> frozenset[str]:
+    """The fields that carry a secret on this request: every credential header its routes set
+    (static, minted or signed) and, when a query parameter holds one, the path."""
+    names = set(_ALWAYS_SENSITIVE)
+    for route in target.routes:
+        names |= route.header_names
+        if route.query:
+            names.add(":path")
+    return frozenset(names)
+
+
 def check_target(ctx: ProxyContext, target: Target) -> None:
     """The egress policy on a target given as an IP literal (names are checked as they are
     resolved); Denied before anything is sent."""
@@ -266,7 +280,7 @@ async def forward(ctx: ProxyContext, request: Request, target: Target,
         content_length(request.headers) if request.length_known and not isinstance(body, bytes)
         else None, readable=target.routed,
         trailers="trailers" in request.headers.get("TE", "").lower(),
-        client_protocol=request.protocol)
+        client_protocol=request.protocol, sensitive=_sensitive_fields(target))
     llm = None
     if llm_route is not None:
         llm = await _llm_call(ctx, request, target, llm_route, body)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Iterable
 
+from hpack import NeverIndexedHeaderTuple
+
 from keyhole_sidecar.proxy.exchange import UnsafeHead
 
 # RFC 9110 §5.6.2: a token; header names and methods are tokens.
@@ -83,10 +85,13 @@ _H2_FORBIDDEN = frozenset({"connection", "keep-alive", "proxy-connection", "tran
 _PSEUDO = {"request": (":method", ":scheme", ":authority", ":path"), "response": (":status",)}
 
 
-def header_block(kind: str, pseudo: Fields, headers: Fields) -> list[tuple[bytes, bytes]]:
+def header_block(kind: str, pseudo: Fields, headers: Fields,
+                 sensitive: frozenset[str] = frozenset()) -> list[tuple[bytes, bytes]]:
     """An HTTP/2 header block (``kind``: request, response or trailers) for ``h2`` to encode:
     the pseudo-headers ``kind`` allows, first; then fields whose names are lowercase tokens and
-    whose values hold no control byte. Anything else refuses the whole block."""
+    whose values hold no control byte. Anything else refuses the whole block. Fields named in
+    ``sensitive`` (a secret's carriers) are never indexed (RFC 7541 §7.1.3): no later block
+    on the connection — the agent shapes those — is compressed against them."""
     allowed = _PSEUDO.get(kind, ())
     block: list[tuple[bytes, bytes]] = []
     for name, value in pseudo:
@@ -107,6 +112,9 @@ def header_block(kind: str, pseudo: Fields, headers: Fields) -> list[tuple[bytes
         # Whitespace around a value is not part of it (RFC 9110 5.5) and HTTP/2 forbids it
         # (RFC 9113 8.2.1): the block holds the value as it goes on the wire.
         block.append((name.encode(), value.strip(" \t").encode(_ENCODING, _ERRORS)))
+    if sensitive:
+        block = [NeverIndexedHeaderTuple(*field) if field[0].decode() in sensitive else field
+                 for field in block]
     return block
 
 

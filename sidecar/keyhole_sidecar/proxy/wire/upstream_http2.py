@@ -247,7 +247,7 @@ async def exchange(conn: H2Upstream, out: Outbound, timeout: float
             fields.append(("grpc-accept-encoding", "identity"))
     block = header_block("request", [(":method", out.method), (":scheme", out.scheme),
                                      (":authority", out.authority), (":path", out.target)],
-                         fields)  # UnsafeHead before anything is sent
+                         fields, out.sensitive)  # UnsafeHead before anything is sent
     stream = conn.open(block, end_stream=not body)
     if body:
         stream.sending = asyncio.ensure_future(
