@@ -155,8 +155,12 @@ def _restart_on_change() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    # --log-level debug is keyhole's own: kopf, the kubernetes client and urllib3 write the
+    # objects and requests they handle at DEBUG (Secrets the operator reads among them).
+    wanted = logging.getLevelName(args.log_level.upper())
+    logging.basicConfig(level=max(wanted, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("keyhole").setLevel(wanted)
     try:
         master_key = args.master_key_file.read_bytes().strip()
     except OSError as exc:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from keyhole_common.ca import CAError, CertificateAuthority, ca_fingerprint
 from keyhole_common.spec import verify
-from keyhole_sidecar import __version__
+from keyhole_sidecar import __version__, logformat
 from keyhole_sidecar.admin import admin_app
 from keyhole_sidecar.audit import AuditLog
 from keyhole_sidecar.certs import LeafCache
@@ -149,6 +149,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     if not config.load():  # the log above names each problem
         raise StartupError("the configuration has the problems logged above; fix them and "
                            "start again (keyhole-sidecar check lists them too)")
+    logformat.SCRUBBER.source = lambda: config.current().redactor()
     try:
         ca = CertificateAuthority.load_or_create(options.ca_dir)
     except CAError as exc:

@@ -170,7 +170,10 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                                  "the operator does not answer; then their requests are refused "
                                  "(503) until it does (default 300)")
         parser.add_argument("--log-level", default="info",
-                            choices=("debug", "info", "warning", "error"))
+                            choices=("debug", "info", "warning", "error"),
+                            help="the sidecar's own log on stderr (default info); debug is "
+                                 "keyhole's, libraries stay at info; no level ever holds a "
+                                 "secret")
         parser.add_argument("--log-format", default="text", choices=("text", "json"),
                             help="the sidecar's log on stderr: text lines (default) or one JSON "
                                  "object per line for log collectors; the audit log on stdout "

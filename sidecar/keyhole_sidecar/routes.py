@@ -174,9 +174,18 @@ class RouteTable:
         self.unusable: tuple[Unusable, ...] = tuple(unusable)
         self._by_name = {r.name: r for r in self.routes}
         self._matches: dict[tuple[str, int, bool], tuple[Route, ...]] = {}
+        self._every_form: tuple[tuple[Redactor, ...], Redactor] | None = None
 
     def __len__(self) -> int:
         return len(self.routes)
+
+    def redactor(self) -> Redactor:
+        """Every form of every value this table serves, minted tokens included: what no log
+        line may hold. Rebuilt only when a route's live redactor changed (a token refresh)."""
+        live = tuple(route.live_redactor() for route in self.routes)
+        if self._every_form is None or self._every_form[0] != live:
+            self._every_form = (live, Redactor(form for r in live for form in r.forms))
+        return self._every_form[1]
 
     def by_name(self, name: str) -> Route | None:
         return self._by_name.get(name)

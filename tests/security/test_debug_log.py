@@ -1,0 +1,149 @@
+"""No form of any secret reaches any output stream, at ``--log-level debug``, whatever passes.
+
+One sidecar at debug level carries every kind of traffic at once — HTTP/1.1 through CONNECT,
+absolute-form and base-URL; HTTP/2 on both sides; gRPC; WebSocket; SSE; compressed answers; a
+refusal and a malformed request — to upstreams that echo the key back in headers, bodies,
+trailers and error messages. Then every byte of its stdout (the audit log) and stderr (the
+diagnostics) is searched for every form of every secret: raw, as injected, base64 at each
+alignment, URL-encoded, the basic-auth pair. (Before issue 30, ``hpack`` logged every header
+it encoded at DEBUG: ``Adding b'authorization'=b'Bearer …'``.)
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+
+import aiohttp
+import grpc
+import httpx
+import pytest
+
+from keyhole_sidecar import logformat
+from keyhole_sidecar.redact import Redactor, secret_forms
+from tests.integration.clients import curl
+from tests.support import aio
+from tests.support.config import (
+    GRPC_KEY,
+    H2_KEY,
+    INJECTIONS,
+    SECRETS,
+    injection,
+    ref,
+    resolve_all,
+)
+from tests.support.raw import exchange
+from tests.support.sidecar import start_sidecar
+
+
+def every_form() -> list[bytes]:
+    values = [value for keys in SECRETS.values() for value in keys.values()] + [H2_KEY, GRPC_KEY]
+    values += [f"Bearer {v}" for v in values]
+    pairs = [f"{SECRETS['stripe']['secret-key']}:",
+             f"{SECRETS['git']['user']}:{SECRETS['git']['token']}"]
+    values += pairs + [f"Basic {base64.b64encode(p.encode()).decode()}" for p in pairs]
+    return sorted(secret_forms(values), key=len)
+
+
+@pytest.fixture(scope="module")
+def debug_sidecar(tmp_path_factory, upstream, h2_upstream, grpc_upstream):
+    injections = [*INJECTIONS,
+                  injection("h2", hosts=[f"h2.routed.test:{h2_upstream.port}"],
+                            headers=[{"name": "Authorization", "valueFrom": ref("h2", "key"),
+                                      "format": "Bearer {value}"}]),
+                  injection("grpc", hosts=[f"grpc.routed.test:{grpc_upstream.port}"],
+                            headers=[{"name": "Authorization", "valueFrom": ref("grpc", "key"),
+                                      "format": "Bearer {value}"}])]
+    sidecar = start_sidecar(
+        tmp_path_factory.mktemp("debug-log"), injections,
+        {**SECRETS, "h2": {"key": H2_KEY}, "grpc": {"key": GRPC_KEY}},
+        resolve=[*resolve_all(upstream.port), f"h2.routed.test:{h2_upstream.port}:127.0.0.1",
+                 f"grpc.routed.test:{grpc_upstream.port}:127.0.0.1"],
+        upstream_ca=upstream.ca_file, args=["--log-level", "debug"])
+    yield sidecar
+    sidecar.stop()
+
+
+def _websocket(sidecar, marker: str) -> None:
+    async def talk():
+        context = ssl.create_default_context(cafile=str(sidecar.ca_cert))
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"wss://api.routed.test/ws?m={marker}", proxy=sidecar.url, ssl=context) as ws:
+            await ws.receive_str(timeout=5)
+            await ws.send_str("ping")
+            await ws.receive_str(timeout=5)
+    aio.run(talk())
+
+
+def _grpc(sidecar, grpc_upstream) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=sidecar.ca_cert.read_bytes())
+    with grpc.secure_channel(f"grpc.routed.test:{grpc_upstream.port}", credentials,
+                             options=[("grpc.http_proxy", sidecar.url),
+                                      ("grpc.enable_retries", 0)]) as channel:
+        unary = channel.unary_unary("/echo.Echo/Unary", request_serializer=None,
+                                    response_deserializer=None)
+        assert unary(b"hello", timeout=20) == b"unary:hello"
+        with pytest.raises(grpc.RpcError) as failed:  # its message quotes the key
+            unary(b"fail", timeout=20)
+        assert GRPC_KEY not in failed.value.details()
+
+
+def test_no_output_stream_holds_any_form_of_any_secret_at_debug_level(
+        debug_sidecar, upstream, h2_upstream, grpc_upstream, marker):
+    sidecar = debug_sidecar
+    for form in ("raw", "b64", "b64-offset", "url"):
+        for host in ("api", "basic", "query", "git"):
+            curl(sidecar, f"https://{host}.routed.test/reflect?form={form}&m={marker}")
+    for where in ("header", "cookie", "www-auth", "error", "location"):
+        curl(sidecar, f"https://api.routed.test/reflect?where={where}&m={marker}")
+    for enc in ("gzip", "br", "deflate"):
+        curl(sidecar, f"https://api.routed.test/reflect?enc={enc}&split=3&m={marker}")
+    curl(sidecar, "-x", sidecar.url, f"http://api.routed.test/reflect?m={marker}")  # absolute
+    curl(sidecar, f"{sidecar.url}/api/reflect?m={marker}")  # base-URL
+    curl(sidecar, f"https://api.routed.test/sse?m={marker}")
+    curl(sidecar, f"https://api.routed.test/reflect?m={marker}", http2=True)  # h2 → http/1.1
+    curl(sidecar, f"https://h2.routed.test:{h2_upstream.port}/{marker}", http2=True)
+    with httpx.Client(http2=True, proxy=sidecar.url, trust_env=False,
+                      verify=ssl.create_default_context(cafile=str(sidecar.ca_cert))) as client:
+        answer = client.post(f"https://h2.routed.test:{h2_upstream.port}/{marker}",
+                             content=b"x" * 1000, headers={"te": "trailers"})
+        assert answer.status_code == 200
+    _grpc(sidecar, grpc_upstream)
+    _websocket(sidecar, marker)
+    curl(sidecar, "-X", "DELETE", f"https://rules.routed.test/v1/models/x?m={marker}")  # refused
+    exchange(sidecar.proxy_port, b"GET http://api.routed.test/ HTTP/1.1\r\nX: a\0b\r\n\r\n")
+    assert len(upstream.find(marker)) > 20 and h2_upstream.find(marker)
+
+    sidecar.stop()  # everything flushed
+    output = {"stdout (audit)": (sidecar.workdir / "stdout.log").read_bytes(),
+              "stderr (diagnostics)": (sidecar.workdir / "stderr.log").read_bytes()}
+    assert output["stdout (audit)"].count(b"\n") > 20  # the audit saw the traffic
+    for stream, data in output.items():
+        found = [form for form in every_form() if form in data]
+        assert not found, f"{stream} holds {len(found)} form(s) of a secret, e.g. " \
+                          f"{found[-1][:6]!r}… (length {len(found[-1])})"
+
+
+def test_a_secret_any_logger_writes_is_masked_on_its_way_out(caplog):
+    """Defence in depth: whatever a library writes (a message, its arguments, a traceback),
+    the forms of the secrets being served leave as [REDACTED]."""
+    secret = "sk-live-LOGGED-0123456789"
+    scrubber = logformat.SecretScrubber()
+    scrubber.source = lambda: Redactor(secret_forms([secret, f"Bearer {secret}"]))
+    logger = logging.getLogger("some.library")
+    caplog.handler.addFilter(scrubber)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="some.library"):
+            logger.debug("Adding %r to the header table", (b"authorization", f"Bearer {secret}"))
+            logger.info("base64: %s", base64.b64encode(secret.encode()).decode())
+            try:
+                raise ValueError(f"refused {secret}")
+            except ValueError:
+                logger.exception("failed")
+    finally:
+        caplog.handler.removeFilter(scrubber)
+    text = caplog.text
+    assert secret not in text and base64.b64encode(secret.encode()).decode() not in text
+    assert text.count("[REDACTED]") >= 3
+    assert "Adding (b'authorization', '[REDACTED]') to the header table" in text
