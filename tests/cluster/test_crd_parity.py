@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from keyhole_common.spec import SpecError, load_injections
 from keyhole_operator.routes import Injection
 from tests.cluster.test_operator import openai_injection
 
@@ -113,3 +114,44 @@ def test_the_crd_and_the_parser_refuse_alike(kube, crd, namespace, case):
     server, parser = refusals(kube, namespace, change)
     assert both_say in server, server
     assert both_say in parser, parser
+
+
+DUPLICATED = """\
+apiVersion: keyhole.dev/v1alpha1
+kind: SecretInjection
+metadata: {name: duplicated}
+spec:
+  podSelector: {matchLabels: {keyhole.dev/duplicated: "true"}}
+  hosts: ["api.openai.com"]
+  headers:
+    - name: Authorization
+      valueFrom: {secretKeyRef: {name: openai, key: api-key}}
+  hosts: ["api.stripe.com"]
+"""
+
+
+def test_a_field_given_twice_kubectl_keeps_the_last_so_the_sidecars_reader_refuses_it(
+        kube, crd, namespace, tmp_path):
+    """What happens to a duplicated field on the way to the API server (docs/operator.md):
+    kubectl reads the file itself — client-side and server-side apply alike — and keeps the
+    last value, silently; nothing after kubectl, keyhole's webhook included, can see there were
+    two. A body that reaches the API server with its duplicate (a raw request) is refused under
+    strict field validation. So the check is the file's: the sidecar's reader and
+    ``keyhole-sidecar check`` refuse it, naming the key and both lines."""
+    for how in ([], ["--server-side"]):
+        done = kube.kubectl("apply", *how, "-f", "-", "-n", namespace, input=DUPLICATED)
+        assert "duplicated" in done.stdout and not done.stderr
+        assert kube.get("si", "duplicated", namespace)["spec"]["hosts"] == ["api.stripe.com"]
+        kube.kubectl("delete", "si", "duplicated", "-n", namespace)
+    (tmp_path / "raw.json").write_text(
+        '{"apiVersion": "keyhole.dev/v1alpha1", "kind": "SecretInjection", "metadata": '
+        '{"name": "raw"}, "spec": {"podSelector": {}, "hosts": ["api.openai.com"], "headers": '
+        '[{"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": "o", "key": "k"}}}], '
+        '"hosts": ["api.stripe.com"]}}')
+    raw = kube.kubectl("create", "--raw", f"/apis/keyhole.dev/v1alpha1/namespaces/{namespace}"
+                       "/secretinjections?fieldValidation=Strict", "-f", str(tmp_path / "raw.json"),
+                       check=False)
+    assert raw.returncode != 0 and 'duplicate field "spec.hosts"' in raw.stderr, raw.stderr
+    (tmp_path / "inj.yaml").write_text(DUPLICATED)
+    with pytest.raises(SpecError, match="key 'hosts' is given twice"):
+        load_injections(tmp_path / "inj.yaml")

@@ -127,6 +127,51 @@ def test_load_reports_invalid_yaml_with_the_file(tmp_path):
         load_injections(tmp_path / "x.yaml")
 
 
+DUPLICATED_HOSTS = """\
+apiVersion: keyhole.dev/v1alpha1
+kind: SecretInjection
+metadata: {name: openai}
+spec:
+  hosts: ["api.openai.com"]
+  headers:
+    - name: Authorization
+      valueFrom: {secretKeyRef: {name: openai, key: api-key}}
+  hosts: ["api.stripe.com"]
+"""
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path):
+    (tmp_path / "inj.yaml").write_text(DUPLICATED_HOSTS)
+    with pytest.raises(SpecError) as refused:
+        load_injections(tmp_path / "inj.yaml")
+    message = str(refused.value)
+    assert "key 'hosts' is given twice (lines 5 and 9); keep one" in message
+    assert f'in "{tmp_path / "inj.yaml"}", line 9' in message
+
+
+def test_a_key_given_twice_in_json_is_refused_too(tmp_path):
+    (tmp_path / "inj.json").write_text('{"apiVersion": "keyhole.dev/v1alpha1", '
+                                       '"kind": "SecretInjection", "kind": "Other"}')
+    with pytest.raises(SpecError, match="key 'kind' is given twice"):
+        load_injections(tmp_path / "inj.json")
+
+
+def test_a_merge_key_may_override_what_it_merges():
+    from keyhole_common.spec.parse import load_yaml_documents
+
+    assert load_yaml_documents("a: &d {x: 1, y: 2}\nb: {<<: *d, x: 3}\n", "m.yaml") == [
+        {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}]
+
+
+def test_a_tab_is_named_with_the_file_and_what_to_do(tmp_path):
+    (tmp_path / "tab.yaml").write_text("kind: SecretInjection\nmetadata:\n\tname: x\n")
+    with pytest.raises(SpecError) as refused:
+        load_injections(tmp_path / "tab.yaml")
+    message = str(refused.value)
+    assert f'in "{tmp_path / "tab.yaml"}", line 3' in message and "<unicode string>" not in message
+    assert "a tab cannot indent it" in message
+
+
 def test_duplicate_names_are_refused():
     with pytest.raises(SpecError, match="two injections have this name"):
         parse_injections([("a", INJECTIONS[0]), ("b", INJECTIONS[0])])

@@ -773,6 +773,45 @@ def other_kinds(documents: Iterable[tuple[str, Any]]
     return kept, skipped
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping. YAML says keys are
+    unique, but PyYAML keeps the last: an edit that adds ``hosts:`` below the first would
+    move a key to other hosts without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *defaults" overrides by design
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the constructor below says so
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        f"in the mapping that starts on line {node.start_mark.line + 1}",
+                        node.start_mark,
+                        f"key {key!r} is given twice (lines {earlier.start_mark.line + 1} and "
+                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_documents(text: str, name: str) -> list[Any]:
+    """Every document of ``text`` (YAML or JSON), strictly: a key given twice in a mapping is
+    an error. ``name`` is the file the marks of an error name."""
+    loader = _StrictLoader(text)
+    loader.name = name  # marks say "file.yaml", line L, not "<unicode string>"
+    try:
+        documents = []
+        while loader.check_data():
+            documents.append(loader.get_data())
+        return documents
+    finally:
+        loader.dispose()
+
+
 def read_documents(path: Path) -> list[tuple[str, Any]]:
     """Read a file or a folder of YAML/JSON files into (source label, document) pairs.
 
@@ -784,12 +823,14 @@ def read_documents(path: Path) -> list[tuple[str, Any]]:
     for file in files:
         try:
             text = file.read_text(encoding="utf-8")
-            loaded = list(yaml.safe_load_all(text))
+            loaded = load_yaml_documents(text, str(file))
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(str(file), "", f"cannot read: {exc}"))
             continue
         except yaml.YAMLError as exc:
-            problems.append(Problem(str(file), "", f"not valid YAML or JSON: {exc}"))
+            hint = ("\n  (YAML is indented with spaces; a tab cannot indent it)"
+                    if "'\\t'" in str(exc) else "")
+            problems.append(Problem(str(file), "", f"not valid YAML or JSON: {exc}{hint}"))
             continue
         documents.extend((f"{file}#{i + 1}", doc) for i, doc in enumerate(loaded))
     if problems:
