@@ -188,12 +188,15 @@ def test_check_verbose_lists_secret_keys_rules_limits_and_the_ca_but_never_a_val
 
 def test_check_reads_a_file_with_a_secret_beside_the_injection_and_says_what_it_skipped(
         tmp_path):
-    """The README's own examples/openai.yaml holds the Secret and the SecretInjection."""
+    """The README's own examples/openai.yaml, with a Secret beside it in one file (as
+    ``kubectl apply -f`` allows: a file a user keeps outside the repository)."""
     from pathlib import Path
 
     example = Path(__file__).parents[2] / "examples" / "openai.yaml"
+    secret = ("apiVersion: v1\nkind: Secret\nmetadata: {name: openai-credentials}\n"
+              "stringData: {api-key: from-the-cluster}\n---\n")
     secrets = {"openai-credentials": {"api-key": "sk-proj-example-0123456789"}}
-    done = check_config(tmp_path, example.read_text(), secrets)
+    done = check_config(tmp_path, secret + example.read_text(), secrets)
     assert done.returncode == 0, done.stderr
     assert "ok  openai: api.openai.com ← Authorization" in done.stdout
     assert "skipped" in done.stderr

@@ -4,6 +4,7 @@ itself for ``kubectl explain``. (CEL rules run in the real API server: tests/clu
 
 from __future__ import annotations
 
+import re
 import runpy
 from pathlib import Path
 
@@ -121,9 +122,31 @@ def test_the_example_agent_deployment_is_valid_and_tagged_for_what_the_quick_sta
                     for k, v in d["spec"]["podSelector"]["matchLabels"].items()}
 
 
-def test_every_example_secret_holds_only_placeholders():
+def test_no_example_invites_a_key_into_a_tracked_file():
+    """No example holds a Secret (a user would write the key into a file git tracks); each
+    Secret an example uses is created by a kubectl command in its comments, from the shell's
+    environment, with every key the injections read. (examples/standalone reads a folder
+    outside the checkout: the README's quick start, tested on its own.)"""
+    assert not list(ROOT.glob("examples/standalone/secrets/**/*"))
     for path in ROOT.glob("examples/*.yaml"):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("kind") == "Secret":
-                for value in doc.get("stringData", {}).values():
-                    assert "REPLACE" in value or value == "x-access-token", (path, value)
+        text = path.read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        assert not [d for d in docs if d.get("kind") == "Secret"], path
+        used = {(ref["name"], ref["key"]) for d in docs for ref in _secret_refs(d)}
+        for name, key in used:
+            command = re.search(rf"#\s+kubectl create secret generic {re.escape(name)}\b"
+                                rf"(.*\n(#\s+--.*\n)*)", text)
+            assert command, f"{path.name}: no kubectl command creates Secret {name!r}"
+            assert f"--from-literal={key}=" in command.group(0) or \
+                f"--from-file={key}=" in command.group(0), f"{path.name}: {name}/{key}"
+
+
+def _secret_refs(node):
+    if isinstance(node, dict):
+        if "secretKeyRef" in node:
+            yield node["secretKeyRef"]
+        for value in node.values():
+            yield from _secret_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _secret_refs(value)
