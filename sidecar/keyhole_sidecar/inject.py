@@ -24,15 +24,15 @@ def forwarded_headers(client: CIMultiDictProxy[str] | CIMultiDict[str],
                       ) -> CIMultiDict[str]:
     """The headers to send upstream.
 
-    Drops hop-by-hop headers (and those named in ``Connection``), every ``Proxy-*`` header and
-    every header an injection sets, then adds the injected values.
+    Drops hop-by-hop headers (and those named in ``Connection``), every ``Proxy-*`` header,
+    every header an injection sets and every one it strips, then adds the injected values.
     """
     named_in_connection = {
         token.strip().lower() for value in client.getall("Connection", ())
         for token in value.split(",") if token.strip()
     }
     routes = tuple(routes)
-    injected = frozenset().union(*(r.header_names for r in routes))  # credential sources' too
+    injected = frozenset().union(*(r.dropped_headers for r in routes))  # credential sources' too
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
         lower = name.lower()

@@ -72,6 +72,12 @@ class Route:
         return self._combined[1]
 
     @property
+    def dropped_headers(self) -> frozenset[str]:
+        """The client's headers that never go upstream on this route: those it sets and
+        those its injection drops (``stripHeaders``; a model API's credential headers)."""
+        return self.header_names | self.injection.dropped_header_names()
+
+    @property
     def query_names(self) -> frozenset[str]:
         return frozenset(name for name, _ in self.query)
 

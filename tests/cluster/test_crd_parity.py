@@ -73,6 +73,8 @@ CEL_RULES = {  # case → (change to a valid spec, what both messages say)
     "a budget of both tokens and spend": (
         lambda s: s.update(llm={"api": "openai", "budgets": [
             {"per": "day", "tokens": 5, "spend": 1}]}), "give exactly one of tokens"),
+    "a managed header to strip": (lambda s: s.update(stripHeaders=["Host"]),
+                                  "is managed by the proxy"),
     "a spend budget of 0": (
         lambda s: s.update(llm={"api": "openai", "budgets": [{"per": "day", "spend": 0}]}),
         "a spend budget of 0 allows nothing"),

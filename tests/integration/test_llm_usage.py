@@ -255,3 +255,34 @@ def test_usage_never_holds_a_secret_and_unrouted_answers_have_none(proxy, llm):
     log = (proxy.workdir / "stdout.log").read_text()
     assert all(key not in log for key in (OPENAI_KEY, ANTHROPIC_KEY, GEMINI_KEY))
     assert llm_upstream.ADDRESS  # the stand-in, never the real APIs
+
+
+# -- a placeholder never rides beside the key ------------------------------------------------
+@pytest.mark.parametrize("given", [{"api_key": "placeholder"}, {"auth_token": "placeholder"}],
+                         ids=["api_key", "auth_token"])  # the SDK takes one at a time
+def test_the_anthropic_sdks_every_way_of_passing_a_key_leaves_only_the_real_one(proxy, llm,
+                                                                               given):
+    """The injection sets x-api-key; the SDK given an auth token sends it as Authorization:
+    with ``spec.llm`` stating the API, every credential header it takes is dropped."""
+    import anthropic
+
+    before = len(llm.seen)
+    with anthropic.Anthropic(base_url=f"{proxy.url}/anthropic", max_retries=0,
+                             **given) as client:
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=20,
+                               messages=[{"role": "user", "content": "Paris?"}])
+    [seen] = llm.seen[before:]
+    assert seen.api_key == [ANTHROPIC_KEY]
+    assert seen.authorization == []
+
+
+@pytest.mark.parametrize("extra", [{}, {"default_headers": {"api-key": "placeholder"}}],
+                         ids=["api_key", "azure-style api-key header too"])
+def test_the_openai_sdk_sends_only_the_real_key(proxy, llm, extra):
+    before = len(llm.seen)
+    with openai_client(proxy).with_options(**extra) as client:
+        client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": "Paris?"}])
+    [seen] = llm.seen[before:]
+    assert seen.authorization == [f"Bearer {OPENAI_KEY}"]
+    assert seen.api_key == []

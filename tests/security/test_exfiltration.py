@@ -41,6 +41,19 @@ def test_client_sent_authorization_is_replaced_not_merged(sidecar, upstream, mar
     assert upstream.one(marker).header("Authorization") == [f"Bearer {API_TOKEN}"]
 
 
+def test_a_stripped_header_never_reaches_the_upstream(make_sidecar, upstream, marker):
+    """``stripHeaders``: a placeholder an SDK sends beside the injected credential is dropped,
+    in every case of its name; other headers pass."""
+    proxy = make_sidecar([injection("api", hosts=["api.routed.test"], stripHeaders=[
+        "X-Placeholder-Token"], headers=[{"name": "Authorization", "valueFrom": ref(
+            "api-credentials", "token"), "format": "Bearer {value}"}])])
+    curl(proxy, "-H", "x-placeholder-token: sk-placeholder", "-H", "X-Kept: yes",
+         f"https://api.routed.test/{marker}")
+    seen = upstream.one(marker)
+    assert seen.header("X-Placeholder-Token") == [] and seen.header("X-Kept") == ["yes"]
+    assert seen.header("Authorization") == [f"Bearer {API_TOKEN}"]
+
+
 def test_an_injected_header_sent_twice_by_the_client_arrives_once(sidecar, upstream, marker):
     exchange(sidecar.proxy_port, (
         f"GET http://api.routed.test/{marker} HTTP/1.1\r\nHost: api.routed.test\r\n"

@@ -170,7 +170,7 @@ def gemini(model: str, stream: bool) -> list[dict] | dict:
 class Seen:
     path: str
     authorization: list[str]
-    api_key: list[str]  # x-api-key (Anthropic), x-goog-api-key (Gemini)
+    api_key: list[str]  # x-api-key (Anthropic), api-key (Azure OpenAI), x-goog-api-key (Gemini)
     body: dict
 
 
@@ -200,6 +200,7 @@ def build_app(state: LlmUpstream) -> web.Application:
         body = json.loads(raw) if raw else {}
         state.seen.append(Seen(request.path_qs, request.headers.getall("Authorization", []),
                                request.headers.getall("x-api-key", []) +
+                               request.headers.getall("api-key", []) +
                                request.headers.getall("x-goog-api-key", []), body))
         path = request.path
         model = body.get("model", "")

@@ -94,6 +94,12 @@ def test_a_kubernetes_object_as_kubectl_prints_it_parses():
     ({"spec": {"hosts": ["*.a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
                "agentEnv": [{"name": "X", "baseURL": "/v1"}]}},
      "a baseURL needs a host entry without a wildcard"),
+    ({"spec": {"hosts": ["a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
+               "stripHeaders": ["Host"]}}, "stripHeaders[0]: 'Host' is managed by the proxy"),
+    ({"spec": {"hosts": ["a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
+               "stripHeaders": ["X-Key", "x-key"]}}, "stripHeaders[1]: 'x-key' is listed twice"),
+    ({"spec": {"hosts": ["a.test"], "queryParams": [{"name": "k", "valueFrom": ref("s", "k")}],
+               "stripHeaders": ["X Key"]}}, "stripHeaders[0]"),
     ({"metadata": {"name": "Bad_Name"}}, "metadata.name: 'Bad_Name' is not valid"),
 ])
 def test_every_mistake_gets_a_message_naming_the_field(change, expected):
@@ -220,3 +226,11 @@ def test_what_a_cluster_injection_may_not_say_is_refused_by_name(document, field
     injection, problems = parse_injection(document, "cluster.yaml")
     assert injection is None
     assert any(p.field == field and words in p.message for p in problems), problems
+
+
+def test_what_never_goes_upstream_is_the_injected_the_stripped_and_the_apis_credentials():
+    [parsed], _ = parse_injections([("a", injection(
+        "a", hosts=["a.test"], headers=[{"name": "x-api-key", "valueFrom": ref("s", "k")}],
+        stripHeaders=["X-Placeholder"], llm={"api": "anthropic"}))]), []
+    assert parsed.strip_headers == ("x-placeholder",)
+    assert parsed.dropped_header_names() == {"x-api-key", "x-placeholder", "authorization"}

@@ -224,6 +224,15 @@ class Llm:
     budgets: tuple[Budget, ...] = ()
 
 
+# The headers each model API accepts a credential in (its SDKs' every way of passing one):
+# with spec.llm, the client's values of all of them are dropped, whichever one is injected.
+API_CREDENTIAL_HEADERS = {
+    "openai": frozenset({"authorization", "api-key"}),  # api-key: Azure OpenAI
+    "anthropic": frozenset({"authorization", "x-api-key"}),
+    "gemini": frozenset({"authorization", "x-goog-api-key"}),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class AgentEnv:
     """A variable the operator sets in agent containers: a fixed placeholder or a base URL."""
@@ -245,6 +254,9 @@ class SecretInjection:
     query_params: tuple[QueryParamInjection, ...] = ()
     rules: tuple[Rule, ...] | None = None
     agent_env: tuple[AgentEnv, ...] = ()
+    strip_headers: tuple[str, ...] = ()
+    """Lower-case names of headers a client may send that never go to these hosts (a
+    placeholder credential an SDK sends beside the injected one)."""
     pod_selector: dict | None = field(default=None, compare=False, hash=False)
     credential: Credential | None = None
     capture: str | None = None
@@ -280,6 +292,17 @@ class SecretInjection:
         if isinstance(self.credential, AwsSigV4):
             names |= SIGV4_HEADERS
         return frozenset(names)
+
+    def dropped_header_names(self) -> frozenset[str]:
+        """Lower-case names of the client's headers that never go upstream: those this
+        injection sets, those it names in ``stripHeaders``, and — when it states its model API
+        — every header that API takes a credential in, so a placeholder never rides beside
+        the key (the Anthropic SDK sends its auth token as Authorization, the key as
+        x-api-key)."""
+        names = self.injected_header_names() | frozenset(self.strip_headers)
+        if self.llm is not None:
+            names |= API_CREDENTIAL_HEADERS.get(self.llm.api, frozenset())
+        return names
 
     @property
     def base_url_upstream(self) -> HostPattern | None:

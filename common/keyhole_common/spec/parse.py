@@ -58,7 +58,7 @@ _RESERVED_HEADERS = frozenset(
 )
 _SPEC_FIELDS = frozenset(
     {"podSelector", "namespaceSelector", "hosts", "headers", "basicAuth", "queryParams",
-     "rules", "agentEnv", "capture", "limits", "llm", *CREDENTIAL_FIELDS}
+     "rules", "agentEnv", "capture", "limits", "llm", "stripHeaders", *CREDENTIAL_FIELDS}
 )
 CAPTURE_MODES = ("proxy", "transparent")
 LLM_APIS = ("openai", "anthropic", "gemini")
@@ -308,6 +308,21 @@ def _rules(c: _Collector, value: Any) -> tuple[Rule, ...] | None:
         limits = _limits(c, entry["limits"], f"{path}.limits") if "limits" in entry else None
         rules.append(Rule(methods=methods, paths=paths, limits=limits))
     return tuple(rules)
+
+
+def _strip_headers(c: _Collector, value: Any) -> tuple[str, ...]:
+    names = []
+    for i, raw in enumerate(c.sequence(value, "spec.stripHeaders") or []):
+        path = f"spec.stripHeaders[{i}]"
+        name = c.string(raw, path, _TOKEN, "an HTTP header name")
+        if name and (name.lower() in _RESERVED_HEADERS or name.lower().startswith("proxy-")):
+            c.add(path, f"{name!r} is managed by the proxy (it never reaches the upstream as "
+                        "the client sent it); leave it out")
+        elif name and name.lower() in names:
+            c.add(path, f"{name!r} is listed twice")
+        elif name:
+            names.append(name.lower())
+    return tuple(names)
 
 
 def _agent_env(c: _Collector, value: Any) -> tuple[AgentEnv, ...]:
@@ -654,6 +669,7 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     query = _query_params(c, spec["queryParams"]) if "queryParams" in spec else ()
     rules = _rules(c, spec["rules"]) if "rules" in spec else None
     agent_env = _agent_env(c, spec["agentEnv"]) if "agentEnv" in spec else ()
+    strip = _strip_headers(c, spec["stripHeaders"]) if "stripHeaders" in spec else ()
     selector = (_label_selector(c, spec["podSelector"], "spec.podSelector")
                 if "podSelector" in spec else None)
     namespace_selector = None
@@ -693,8 +709,8 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     return SecretInjection(
         name=name, namespace=namespace, hosts=tuple(hosts), headers=headers,
         basic_auth=basic_auth, query_params=query, rules=rules, agent_env=agent_env,
-        pod_selector=selector, credential=credential, capture=capture, limits=limits, llm=llm,
-        cluster=cluster, namespace_selector=namespace_selector,
+        strip_headers=strip, pod_selector=selector, credential=credential, capture=capture,
+        limits=limits, llm=llm, cluster=cluster, namespace_selector=namespace_selector,
     ), []
 
 
