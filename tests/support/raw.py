@@ -47,14 +47,16 @@ def status_of(response: bytes) -> int:
 
 
 def open_tunnel(port: int, authority: str, ca_file: str, server_hostname: str | None = None,
-                timeout: float = 5.0) -> ssl.SSLSocket:
-    """CONNECT through the proxy and start TLS, trusting ``ca_file``."""
+                timeout: float = 5.0, alpn: list[str] | None = None) -> ssl.SSLSocket:
+    """CONNECT through the proxy and start TLS, trusting ``ca_file`` (offering ``alpn``)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
         head = read_response_head(sock, timeout)
         assert status_of(head) == 200, head
         context = ssl.create_default_context(cafile=ca_file)
+        if alpn:
+            context.set_alpn_protocols(alpn)
         hostname = server_hostname or authority.rsplit(":", 1)[0]
         return context.wrap_socket(sock, server_hostname=hostname)
     except BaseException:

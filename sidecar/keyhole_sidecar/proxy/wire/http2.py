@@ -43,6 +43,13 @@ BUDGETS = {"reset": 200, "ping": 100, "settings": 100}
 # bytes resets it, and the reset can overtake the GOAWAY that says why.
 LINGER = 1.0
 LINGER_MAX = 5.0
+# A stream answered before its request body ended (a refusal, an early answer) reads and drops
+# the rest of the body for this long and up to this many bytes, so the client finishes sending
+# and then reads its answer (httpx reads none until its body is sent); past either it is reset
+# with NO_ERROR (RFC 9113 §8.1). A reset sent at once, behind the answer, made curl drop the
+# answer it had not yet read. Dropping holds no memory; the bound is the connection's time.
+DISCARD_SECONDS = 2.0
+DISCARD_BYTES = 4 << 20
 
 Handler = Callable[[Request], Awaitable[None]]
 
@@ -142,6 +149,8 @@ class H2ClientConnection(H2Peer):
         self._on_request = on_request
         self._on_lost = on_lost
         self._streams: dict[int, tuple[H2Body, asyncio.Task]] = {}
+        # streams answered before their body ended: what is left of their discard allowance
+        self._discarding: dict[int, list] = {}  # stream id → [bytes left, reset timer]
         self._spent = dict.fromkeys(BUDGETS, 0)
         self._window_start = self._loop.time()
         self._idle: asyncio.TimerHandle | None = None
@@ -185,6 +194,8 @@ class H2ClientConnection(H2Peer):
             body.set_exception(ConnectionResetError("the client closed the connection"))
             task.cancel()
         self._streams.clear()
+        for stream_id in list(self._discarding):
+            self._stop_discarding(stream_id)
 
     def _close(self, code: int | None = None) -> None:
         """Send the GOAWAY (``h2`` queued one for a protocol error), then linger and close.
@@ -227,15 +238,19 @@ class H2ClientConnection(H2Peer):
             self._start_stream(event)
         elif isinstance(event, h2.events.DataReceived):
             entry = self._streams.get(event.stream_id)
-            if entry is None:
-                self.acknowledge(event.stream_id, event.flow_controlled_length)
-            else:
+            if entry is not None:
                 entry[0].feed(event.data, event.flow_controlled_length)
+            elif event.stream_id in self._discarding:
+                self._discard(event.stream_id, event.flow_controlled_length)
+            else:
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
         elif isinstance(event, h2.events.StreamEnded):
             entry = self._streams.get(event.stream_id)
             if entry is not None:
                 entry[0].feed_eof()
+            self._stop_discarding(event.stream_id)  # the client is done: no reset needed
         elif isinstance(event, h2.events.StreamReset):
+            self._stop_discarding(event.stream_id)
             self._stream_reset(event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             if isinstance(event, h2.events.RemoteSettingsChanged):
@@ -327,11 +342,39 @@ class H2ClientConnection(H2Peer):
             if not self.closed:
                 if not reply.ended:
                     self.reset(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-                elif not body.is_eof():  # answered before the body was read: stop its sender
-                    self.reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                elif not body.is_eof():  # answered before the body ended
+                    self._start_discarding(stream_id, body)
                 if self._draining and not self._streams:
                     self._close()
                 self._arm_idle()
+
+    # -- a body after its answer -------------------------------------------------------------
+    def _start_discarding(self, stream_id: int, body: H2Body) -> None:
+        """The answer is out: let the client finish its body (read and dropped, within a
+        bound) so it reads the answer, then reset the stream if it is still sending."""
+        body.read_nowait(-1)  # what it held: dropped, its window given back
+        self._discarding[stream_id] = [  # later DATA comes to _discard
+            DISCARD_BYTES, self._loop.call_later(DISCARD_SECONDS, self._end_discarding, stream_id)]
+
+    def _discard(self, stream_id: int, size: int) -> None:
+        entry = self._discarding[stream_id]
+        entry[0] -= size
+        if entry[0] < 0:
+            self._end_discarding(stream_id)
+        else:
+            self.acknowledge(stream_id, size)
+
+    def _end_discarding(self, stream_id: int) -> None:
+        """Still sending after the allowance: RST_STREAM NO_ERROR, "stop, you were answered"."""
+        if self._stop_discarding(stream_id) and not self.closed:
+            self.reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _stop_discarding(self, stream_id: int) -> bool:
+        entry = self._discarding.pop(stream_id, None)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
 
     # -- idle ------------------------------------------------------------------------------------
     def _arm_idle(self) -> None:
