@@ -173,7 +173,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     shared = SharedBudgets(channel, limiter.clock, options.operator_report_seconds,
                            on_refused=metrics.budget_refused)
     metrics.watch_budgets(lambda: budgets.remaining() + shared.remaining(),
-                          lambda: budgets.limits() + shared.limits())
+                          lambda: budgets.limits() + shared.limits(), budgets.used)
     tracing = None
     if options.otlp_endpoint:
         from keyhole_sidecar.tracing import Tracing

@@ -148,8 +148,14 @@ class Metrics:
         self.budget_refusals.labels(injection, budget).inc()
 
     def watch_budgets(self, remaining: Callable[[], Iterable[tuple[str, str, float]]],
-                      limits: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
-        """``keyhole_llm_budget_remaining`` and ``_limit``, computed at each scrape."""
+                      limits: Callable[[], Iterable[tuple[str, str, float]]],
+                      used: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+        """``keyhole_llm_budget_remaining``, ``_limit`` and ``_used``, computed at each
+        scrape."""
+        self.registry.register(_Computed(
+            "keyhole_llm_budget_used", "What this pod used of a per-pod spec.llm budget in its "
+            "current UTC window (tokens, or USD for spend budgets); past the limit by what the "
+            "answers in flight when it ran out overshot it.", ["injection", "budget"], used))
         self.registry.register(_Computed(
             "keyhole_llm_budget_remaining", "What is left of a spec.llm budget in its current "
             "UTC window, in this pod: tokens, or USD for spend budgets.",

@@ -166,7 +166,7 @@ def test_the_alerts_and_the_dashboard_ask_for_metrics_keyhole_exports():
     metrics = Metrics()
     metrics.watch_windows(Limiter().windows_left)
     budgets = Budgets()
-    metrics.watch_budgets(budgets.remaining, budgets.limits)
+    metrics.watch_budgets(budgets.remaining, budgets.limits, budgets.used)
     families = {m.name for m in metrics.registry.collect()}
     exported = {f"{name}{suffix}" for name in families
                 for suffix in ("", "_total", "_bucket", "_count", "_sum", "_info")}

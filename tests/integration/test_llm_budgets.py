@@ -79,6 +79,8 @@ def test_a_token_budget_stops_the_agent_within_one_answer_and_the_sdk_sees_a_quo
                         budget="tokens/day") == 0
     assert proxy.metric("keyhole_llm_budget_limit", injection="openai",
                         budget="tokens/day") == 100
+    assert proxy.metric("keyhole_llm_budget_used", injection="openai",
+                        budget="tokens/day") == used  # the overshoot shows: 106 of 100
     assert proxy.metric("keyhole_llm_budget_refusals_total", injection="openai",
                         budget="tokens/day") == 1
     line = proxy.wait_audit(lambda r: r["status"] == 429)

@@ -155,6 +155,21 @@ def test_a_stream_cut_halfway_is_still_counted_as_an_estimate(proxy):
     assert 0 < counted["output_tokens"] < math.ceil(len(TEXT) / 4)
 
 
+def test_a_json_answer_cut_short_is_still_counted_as_an_estimate(proxy):
+    """A whole (Content-Length) answer cut at 60%: the client gets 502 upstream_mid_body, and
+    what went upstream and was billed is counted, estimated, in the audit line and metrics."""
+    import openai
+
+    model = "gpt-4o-mini-json-cut"
+    with openai_client(proxy) as client, pytest.raises(openai.APIError):
+        client.chat.completions.create(model=model, messages=[
+            {"role": "user", "content": "Paris?"}])
+    counted = audit_llm(proxy, "/openai/v1/chat/completions", model)
+    assert counted["estimated"] is True and counted["input_tokens"] > 0
+    assert proxy.metric("keyhole_llm_tokens_total", injection="openai", model=model,
+                        kind="input", estimated="true") == counted["input_tokens"]
+
+
 def test_metrics_count_tokens_by_injection_model_and_kind(proxy):
     model = "gpt-4o-mini-metrics"
     with openai_client(proxy) as client:

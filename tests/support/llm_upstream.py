@@ -194,6 +194,18 @@ async def _send_stream(request: web.Request, events: list[bytes], cut: bool) -> 
     return response
 
 
+async def _send_cut_json(request: web.Request, answer: dict) -> web.StreamResponse:
+    """A JSON answer whose Content-Length says all of it, cut after 60%: billed upstream,
+    never whole at the client."""
+    body = json.dumps(answer).encode()
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[:len(body) * 6 // 10])
+    request.transport.abort()
+    return response
+
+
 def build_app(state: LlmUpstream) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -227,6 +239,8 @@ def build_app(state: LlmUpstream) -> web.Application:
             return web.json_response({"error": {"message": f"no route {path}"}}, status=404)
         if isinstance(answer, list):
             return await _send_stream(request, answer, cut)
+        if cut:
+            return await _send_cut_json(request, answer)
         return web.json_response(answer)
 
     app = web.Application(client_max_size=8 << 20)

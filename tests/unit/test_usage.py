@@ -74,11 +74,39 @@ def test_a_stream_that_never_reached_its_end_is_estimated_not_taken_at_its_word(
     assert usage.estimated and usage.input == 1043 and usage.output > 1
 
 
-def test_an_oversized_event_is_dropped_not_held():
+def test_an_oversized_event_is_not_held_but_its_ends_are_kept():
     splitter = EventSplitter()
-    assert list(splitter.feed(b"data: " + b"x" * (MAX_EVENT + 10))) == []
-    assert list(splitter.feed(b"\n\ndata: {}\n\n")) == [("message", "{}")]
+    assert list(splitter.feed(b"data: {\"a\":" + b"x" * (MAX_EVENT + 10))) == []
+    [(name, oversized)] = list(splitter.feed(b"end}\n\ndata: {}\n\n"))[:1]
+    assert name == "message" and oversized.head.startswith('{"a":xxx')
+    assert oversized.tail.endswith("xxxend}") and len(oversized.tail) <= 256 << 10
+    assert list(splitter.feed(b"data: {}\n\n")) == [("message", "{}")]
     assert splitter.dropped == 1
+
+
+@pytest.mark.parametrize("cut", [1000, 65536, None])
+def test_an_image_generation_whose_completed_event_is_over_a_mib_still_counts(cut):
+    """The image and the usage in one response.completed event, over MAX_EVENT: the usage is
+    read at its end (before, the event was dropped and an estimate of 23/18 recorded for
+    2,200/1,400 billed tokens)."""
+    events = api.openai_responses("gpt-image-1", True)
+    completed = json.loads(events[-1].split(b"data: ", 1)[1])
+    completed["response"]["output"] = [{"type": "image_generation_call",
+                                        "result": "A" * (MAX_EVENT + 4096)}]
+    completed["response"]["usage"] = {"input_tokens": 2200, "output_tokens": 1400,
+                                      "input_tokens_details": {"cached_tokens": 0},
+                                      "output_tokens_details": {"reasoning_tokens": 0}}
+    events[-1] = api.sse(completed, "response.completed")
+    assert metered(events, "openai", cut) == Usage("openai", "gpt-image-1", 2200, 1400, 0, 0)
+
+
+def test_a_legacy_completions_stream_without_usage_is_estimated_from_its_text():
+    chunks = [api.sse({"id": "cmpl-1", "object": "text_completion", "model": "gpt-3.5-turbo"
+                       "-instruct", "choices": [{"text": word, "index": 0}]})
+              for word in ("Paris ", "is ", "the ", "capital ", "of ", "France.")]
+    usage = metered([*chunks, b"data: [DONE]\n\n"], "openai")
+    assert usage.estimated and usage.output == math.ceil(len("Paris is the capital of France.")
+                                                         / 4)
 
 
 def test_the_model_and_the_output_ceiling_a_request_states():

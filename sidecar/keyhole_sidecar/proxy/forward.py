@@ -579,6 +579,8 @@ async def _answer_whole(ctx: ProxyContext, reply, answer: Answer, target: Target
             body = await payload.read()
     except (ConnectionError, TimeoutError):
         ctx.metrics.upstream_errors.labels("mid_body").inc()
+        if llm is not None and meter is not None:  # it went upstream and was billed: estimated
+            _settle(ctx, llm, record, meter)
         raise UpstreamFailed("upstream_mid_body", f"{target.host}:{target.port} closed the "
                              "connection before sending the whole response") from None
     if redactor:

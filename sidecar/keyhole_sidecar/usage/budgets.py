@@ -177,6 +177,17 @@ class Budgets:
                                                else budget.spend or 0.0))
                 for injection, budget in self._known.values()]
 
+    def used(self) -> list[tuple[str, str, float]]:
+        """(injection, budget name, what was used in the current window: tokens or USD) —
+        unclamped, so an overshoot past the figure shows (``remaining`` stops at 0)."""
+        now = self.clock()
+        used = []
+        for key, (injection, budget) in self._known.items():
+            tokens, spend = self._used(key, budget, now)
+            used.append((injection, budget.name, float(tokens if budget.tokens is not None
+                                                       else spend)))
+        return used
+
     def remaining(self) -> list[tuple[str, str, float]]:
         """(injection, budget name, what is left: tokens or USD) for the metrics."""
         now = self.clock()

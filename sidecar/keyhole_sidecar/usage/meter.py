@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from keyhole_sidecar.usage.sse import EventSplitter
+from keyhole_sidecar.usage.sse import EventSplitter, Oversized
 
 APIS = ("openai", "anthropic", "gemini")
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and code; docs/budgets.md
@@ -127,6 +127,7 @@ def _openai(counts: _Counts, message: dict) -> None:
     for choice in message.get("choices") or ():
         if not isinstance(choice, dict):
             continue
+        counts.chars += _text_of(choice.get("text"))  # the legacy Completions API
         delta = choice.get("delta")
         if isinstance(delta, dict):
             counts.chars += _text_of(delta.get("content")) + _text_of(delta.get("refusal"))
@@ -198,6 +199,9 @@ class Meter:
     def feed(self, data: bytes) -> None:
         if self._events is not None:
             for _event, text in self._events.feed(data):
+                if isinstance(text, Oversized):  # too large to hold: read at its ends
+                    self._read(self._counts, _from_ends(self.api, text.head, text.tail))
+                    continue
                 if text == "[DONE]":
                     self._counts.done = True
                     continue
@@ -253,6 +257,39 @@ class Meter:
             if found is not None:
                 message[key] = found
         self._read(self._counts, message)
+
+
+def _from_ends(api: str, head: str, tail: str) -> dict:
+    """What an event too large to hold says that counting needs: its type and model near its
+    start, its usage at its end (an image's bytes sit between)."""
+    start, end = head.encode(), tail.encode()
+    kind = _first_value(start, b'"type"')
+    model = _first_value(start, b'"model"')
+    if api == "gemini":
+        return {"modelVersion": _first_value(start, b'"modelVersion"'),
+                "usageMetadata": _last_value(end, b'"usageMetadata"')}
+    usage = _last_value(end, b'"usage"')
+    if api == "anthropic":
+        if kind == "message_start":
+            return {"type": kind, "message": {"model": model, "usage": usage}}
+        return {"type": kind, "usage": usage}
+    if isinstance(kind, str) and kind.startswith("response."):
+        return {"type": kind, "response": {"model": model, "usage": usage}}
+    return {"model": model, "usage": usage}
+
+
+def _first_value(text: bytes, key: bytes):
+    """The JSON value after the first ``"key":`` in ``text`` that parses, or None."""
+    at = -1
+    decoder = json.JSONDecoder()
+    while (at := text.find(key, at + 1)) >= 0:
+        rest = text[at + len(key):].lstrip()
+        if rest.startswith(b":") and (at == 0 or text[at - 1:at] != b"\\"):
+            try:
+                return decoder.raw_decode(rest[1:].lstrip().decode("utf-8", "replace"))[0]
+            except ValueError:
+                pass
+    return None
 
 
 def _last_value(text: bytes, key: bytes):
