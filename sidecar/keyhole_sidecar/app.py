@@ -139,7 +139,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                                     lambda doc: verify(doc, read_signing_key(signing_key)))
             values = ClusterValues(channel, options.operator_values_seconds,
                                    options.operator_values_keep_seconds)
-    config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key),
+    config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key,
+                                operator=channel is not None),
                         metrics, channel_routes=routes.current if routes else None,
                         cluster_values=values)
     if values is not None:

@@ -45,6 +45,9 @@ class Sources:
     injections: Path
     secrets_dir: Path
     signing_key: Path | None = None
+    operator: bool = False
+    """The operator channel is configured: what only the operator can serve (a budget all
+    the injection's pods share) is servable."""
 
 
 def read_signing_key(path: Path) -> bytes:
@@ -85,7 +88,22 @@ def load_injections(sources: Sources, fresher: dict | None = None
         raise SpecError([Problem(str(sources.injections), "", f"holds no SecretInjection{only}: "
                                  "nothing to serve. Write at least one, or an empty "
                                  f"{LIST_KIND} (items: []) to serve nothing on purpose")])
-    return parse_injections(documents), skipped
+    injections = parse_injections(documents)
+    if not sources.operator and (problems := needs_the_operator(injections)):
+        raise SpecError(problems)
+    return injections, skipped
+
+
+def needs_the_operator(injections: list[SecretInjection]) -> list[Problem]:
+    """What cannot be served without the operator channel: a budget all the injection's pods
+    share is a count the operator keeps. Refused at load, so a sidecar never looks ready while
+    it would refuse every request (503 budget_unavailable)."""
+    return [Problem(injection.name, f"spec.llm.budgets[{index}].for",
+                    "for: injection is a count the operator keeps for all the injection's "
+                    "pods; with no operator channel (standalone) use for: pod, this "
+                    "process's own count")
+            for injection in injections if injection.llm is not None
+            for index, budget in enumerate(injection.llm.budgets) if budget.shared]
 
 
 def load_route_table(sources: Sources) -> tuple[RouteTable, list[str]]:

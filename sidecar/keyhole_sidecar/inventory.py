@@ -40,6 +40,18 @@ def _limits(limits: Limits | None) -> str | None:
     return describe(limits) if limits is not None else None
 
 
+def _llm(injection: SecretInjection) -> dict | None:
+    llm = injection.llm
+    if llm is None:
+        return None
+    return {"api": llm.api,
+            "budgets": [{"name": b.name, "per": b.per, "tokens": b.tokens, "spend": b.spend,
+                         "models": list(b.models) if b.models else None,
+                         "for": "injection" if b.shared else "pod"} for b in llm.budgets],
+            "prices": [{"model": p.model, "input": p.input, "output": p.output}
+                       for p in llm.prices]}
+
+
 def describe_route(route: Route, problem: str | None = None) -> dict:
     injection = route.injection
     fingerprints = dict(route.fingerprints)
@@ -61,6 +73,8 @@ def describe_route(route: Route, problem: str | None = None) -> dict:
              "paths": list(rule.paths) if rule.paths is not None else None,
              "limits": _limits(rule.limits)} for rule in injection.rules],
         "limits": _limits(injection.limits),
+        "llm": _llm(injection),
+        "stripHeaders": list(injection.strip_headers),
     }
 
 
@@ -110,6 +124,21 @@ def render_text(described: dict) -> list[str]:
             limit = f"; limits {rule['limits']}" if rule["limits"] else ""
             lines.append(f"    rules[{index}]: {methods} {paths}{limit}")
         lines.append(f"    limits: {entry['limits'] or 'none'}")
+        if entry["stripHeaders"]:
+            lines.append(f"    strips: {', '.join(entry['stripHeaders'])}")
+        llm = entry["llm"]
+        if llm is not None:
+            lines.append(f"    llm: {llm['api']} (usage metered; the client's credential headers "
+                         "for this API are dropped)")
+            for budget in llm["budgets"]:
+                figure = (f"{budget['tokens']} tokens" if budget["tokens"] is not None
+                          else f"${budget['spend']:g}")
+                models = f" of {', '.join(budget['models'])}" if budget["models"] else ""
+                lines.append(f"    budget {budget['name']}: {figure}{models} per UTC "
+                             f"{budget['per']}, for each {budget['for']}")
+            for price in llm["prices"]:
+                lines.append(f"    price {price['model']}: ${price['input']:g} in, "
+                             f"${price['output']:g} out per million tokens")
     ca = described["ca"]
     if ca is not None:
         lines.append(f"CA: {ca['subject']}, sha256 {ca['sha256'][:16]}…, expires "

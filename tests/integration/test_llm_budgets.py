@@ -221,3 +221,38 @@ def test_a_compressed_request_is_read_from_a_decoded_copy_and_sent_as_it_came(bu
     assert "cannot decode Content-Encoding 'x-unknown'" in refused.text
     line = proxy.wait_audit(lambda line: (line.get("llm") or {}).get("model") == "gpt-4o-mini")
     assert line["llm"]["estimated"] is False
+
+
+def test_a_budget_the_pods_share_is_refused_standalone_rather_than_refusing_every_request(
+        tmp_path, llm):
+    """for: injection needs the operator's count: with no channel the sidecar does not start
+    (nor does check pass) instead of looking ready and answering every request 503."""
+    from tests.support.sidecar import check_config
+
+    shared = [injection("openai", hosts=["api.openai.test"], llm={"api": "openai", "budgets": [
+        {"per": "day", "tokens": 1000, "for": "injection"}]}, headers=[
+            {"name": "Authorization", "valueFrom": ref("openai", "key")}])]
+    done = start_sidecar(tmp_path / "serve", shared, SECRETS, resolve=LlmServer.resolve(),
+                         upstream_ca=llm.ca_file, expect_failure=True)
+    assert done.returncode != 0
+    assert "spec.llm.budgets[0].for: for: injection is a count the operator keeps" in done.stderr
+    assert "use for: pod" in done.stderr
+    checked = check_config(tmp_path / "check", shared, SECRETS)
+    assert checked.returncode == 1 and "use for: pod" in checked.stdout + checked.stderr
+
+
+def test_check_verbose_shows_the_api_budgets_and_prices(tmp_path):
+    from tests.support.sidecar import check_config
+
+    done = check_config(tmp_path, [injection(
+        "openai", hosts=["api.openai.test"], headers=[
+            {"name": "Authorization", "valueFrom": ref("openai", "key")}],
+        llm={"api": "openai", "budgets": [{"per": "day", "tokens": 2000000},
+                                          {"per": "month", "spend": 50, "models": ["gpt-4o*"]}],
+             "prices": [{"model": "my-model", "input": 1.5, "output": 6}]})], SECRETS, "-v")
+    assert done.returncode == 0, done.stderr
+    assert "    llm: openai (usage metered" in done.stdout
+    assert "    budget tokens/day: 2000000 tokens per UTC day, for each pod" in done.stdout
+    assert "    budget spend/month[gpt-4o*]: $50 of gpt-4o* per UTC month, for each pod" in \
+        done.stdout
+    assert "    price my-model: $1.5 in, $6 out per million tokens" in done.stdout
