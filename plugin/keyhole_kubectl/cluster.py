@@ -6,7 +6,12 @@ chart's cluster-injections viewer role grants it for the cluster kind)."""
 
 from __future__ import annotations
 
+import os
+import ssl
+
 import kubernetes
+import urllib3
+import yaml
 from kubernetes.client.rest import ApiException
 
 from keyhole_kubectl.snapshot import Namespace
@@ -30,6 +35,11 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[kubernetes.cli
             contexts, _ = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
             active = next(c for c in contexts if c["name"] == context)
         namespace = (active.get("context") or {}).get("namespace") or "default"
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise ClusterError(f"the kubeconfig {where} is not valid YAML or not a kubeconfig "
+                           f"({type(exc).__name__}); check it with kubectl config view"
+                           ) from None
     except (kubernetes.config.ConfigException, FileNotFoundError, StopIteration) as exc:
         try:
             kubernetes.config.load_incluster_config()
@@ -37,13 +47,17 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[kubernetes.cli
             raise ClusterError(f"no usable kubeconfig ({exc}); pass --kubeconfig or set "
                                "KUBECONFIG") from None
         namespace = "default"
-    return kubernetes.client.ApiClient(), namespace
+    configuration = kubernetes.client.Configuration.get_default_copy()
+    configuration.retries = False  # as kubectl: an unreachable server is said at once
+    return kubernetes.client.ApiClient(configuration), namespace
 
 
 def _call(what: str, method, *args, **kwargs):
     try:
         return method(*args, **kwargs)
     except ApiException as exc:
+        if not exc.status:  # the client's word for "no answer" (its TLS errors among them)
+            raise ClusterError(_unreachable(what, exc)) from None
         if exc.status == 403:
             raise ClusterError(f"the API server refused to {what} (403): you need get/list on "
                                "secretinjections.keyhole.dev, pods and configmaps") from None
@@ -51,8 +65,22 @@ def _call(what: str, method, *args, **kwargs):
             raise ClusterError("the SecretInjection API is not installed in this cluster "
                                "(helm install keyhole charts/keyhole)") from None
         raise ClusterError(f"cannot {what}: {exc.status} {exc.reason}") from None
-    except OSError as exc:  # urllib3's connection errors among them
-        raise ClusterError(f"cannot reach the API server to {what}: {exc}") from None
+    except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, unreachable, TLS
+        raise ClusterError(_unreachable(what, exc)) from None
+
+
+def _unreachable(what: str, exc: BaseException) -> str:
+    """One line naming why the API server could not be asked, and what to check."""
+    reason = getattr(exc, "reason", None) or exc
+    server = kubernetes.client.Configuration.get_default_copy().host
+    if isinstance(reason, ssl.SSLError | urllib3.exceptions.SSLError) or "CERTIFICATE" in str(
+            reason).upper():
+        return (f"the API server at {server} presented a certificate that failed "
+                f"verification, so nothing was asked ({what}); check the kubeconfig's "
+                "certificate-authority-data for this cluster")
+    cause = type(reason).__name__ if not isinstance(reason, str) else reason.splitlines()[0]
+    return (f"cannot reach the API server at {server} to {what} ({cause}); check that the "
+            "cluster is up and the kubeconfig's server address (kubectl cluster-info)")
 
 
 def read(api: kubernetes.client.ApiClient, namespace: str | None) -> list[Namespace]:

@@ -110,3 +110,13 @@ def test_mistakes_get_a_clear_error(kube, scene):
     unknown = plugin(kube, "who-can-use", "nothing-here", "-n", scene, check=False)
     assert "neither a SecretInjection nor a Secret used by one is named 'nothing-here'" in (
         unknown.stderr)
+
+
+def test_a_user_the_api_server_forbids_gets_one_line_naming_the_rights(kube, scene, tmp_path):
+    kube.kubectl("create", "serviceaccount", "nobody", "-n", scene)
+    config = kube.service_account_kubeconfig(scene, "nobody", tmp_path / "nobody.kubeconfig")
+    done = plugin(kube, "status", "-n", scene, "--kubeconfig", str(config), check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: the API server refused to list secretinjections (403): you need get/list on "
+        "secretinjections.keyhole.dev, pods and configmaps"]
