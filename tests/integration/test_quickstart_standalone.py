@@ -25,7 +25,7 @@ import pytest
 from tests.support.upstream import UpstreamServer
 
 ROOT = Path(__file__).parents[2]
-STANDALONE_KEY = "sk-proj-quickstart-standalone-5d1e"
+STANDALONE_KEY = "sk-proj-" + "quickstart-standalone-5d1e"  # split: this file is in the clone too
 
 
 def _section_blocks(title: str) -> list[str]:
