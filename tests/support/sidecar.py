@@ -163,11 +163,13 @@ def check_config(workdir: Path, injections: list[dict] | str,
 def start_sidecar(workdir: Path, injections: list[dict] | str,
                   secrets: dict[str, dict[str, str]], *, resolve: list[str] = (),
                   upstream_ca: str | None = None, args: list[str] = (),
-                  expect_failure: bool = False) -> Sidecar | subprocess.CompletedProcess:
+                  expect_failure: bool = False, module: str = "keyhole_sidecar",
+                  ) -> Sidecar | subprocess.CompletedProcess:
+    """``module``: what runs the sidecar's command line (tests/support/gc_probe.py wraps it)."""
     workdir.mkdir(parents=True, exist_ok=True)
     write_secrets(workdir / "secrets", secrets)
     write_injections(workdir / "injections.yaml", injections)
-    command = [sys.executable, "-m", "keyhole_sidecar", "--injections", str(workdir / "injections.yaml"),
+    command = [sys.executable, "-m", module, "--injections", str(workdir / "injections.yaml"),
                "--secrets-dir", str(workdir / "secrets"), "--ca-dir", str(workdir / "ca"),
                "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
     for item in resolve:

@@ -134,6 +134,9 @@ class Life:
             return
         self._closed = True
         self._timer.cancel()
+        # The transport holds the protocol that holds this, the timer a method of this: let
+        # go of both, so nothing of a closed connection waits for the cycle collector.
+        self.transport = self._timer = None
         self.ctx.metrics.open_connections.dec()
         if self.intercepted is not None:
             self.ctx.metrics.open_tunnels.labels("intercepted").dec()

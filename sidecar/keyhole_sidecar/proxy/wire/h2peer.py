@@ -142,6 +142,14 @@ class H2Peer(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self._wake_all()
+        # ``h2`` keeps its frame handlers as bound methods in a table of its own: a cycle
+        # that holds the connection's HPACK tables and streams until the cycle collector
+        # runs, which for long-lived garbage is rarely (memory climbed under load). No frame
+        # is read after the connection is lost, so the table can go. (Private to h2, pinned
+        # <5 in pyproject.toml; tests/security/test_memory.py fails if it stops working.)
+        handlers = getattr(self.h2, "_frame_dispatch_table", None)
+        if isinstance(handlers, dict):
+            handlers.clear()
 
     def flush(self) -> None:
         """Write what ``h2`` has framed — once per turn of the event loop, however many frames

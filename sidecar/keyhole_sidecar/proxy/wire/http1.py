@@ -218,6 +218,17 @@ class ClientConnection(BaseProtocol):
         if self._last_body is not None and not self._last_body.is_eof():
             set_exception(self._last_body, ConnectionResetError("the client closed the "
                                                                 "connection"))
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what points back at this connection (the parser holds it, the connection's
+        life holds the transport that held it): reference counting frees a closed connection
+        at once, with its TLS buffers, instead of leaving a cycle for the collector — which
+        runs rarely for long-lived garbage, so memory climbed under load (issue 30)."""
+        self._parser = None
+        self._last_body = None
+        self._idle = None
+        self._on_request = self._on_lost = _nothing
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -255,6 +266,8 @@ class ClientConnection(BaseProtocol):
                     "http/1.1"))
                 if reply._handed_over is not None:
                     return  # aiohttp's server owns the connection now
+                if self._parser is None:
+                    return  # the connection closed meanwhile (it forgot its parser)
                 self._parser.message_consumed()
                 if reply.close or not body.is_eof() or (self._upgraded and not self._queue):
                     self._close_after_writes()
@@ -298,7 +311,7 @@ class ClientConnection(BaseProtocol):
 
     def _refuse(self, exc: HttpProcessingError) -> None:
         """llhttp refused the bytes: answer 400 after whatever came before, and close."""
-        self._refusal = exc
+        self._refusal = exc = exc.with_traceback(None)  # its frames hold this connection
         if self._last_body is not None and not self._last_body.is_eof():
             set_exception(self._last_body, exc)  # a body that went bad mid-way ends its request
         self._ctx.metrics.decisions.labels("denied", "malformed").inc()
@@ -338,6 +351,10 @@ class ClientConnection(BaseProtocol):
         protocol.data_received(head + b"".join(self._after_upgrade))
         self._after_upgrade.clear()
         await done
+
+
+def _nothing() -> None:
+    """What a closed connection's callbacks become."""
 
 
 class _Refusals:

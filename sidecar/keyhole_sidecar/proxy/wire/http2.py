@@ -190,6 +190,7 @@ class H2ClientConnection(H2Peer):
             self._idle.cancel()
         if self._lingering is not None:
             self._lingering.cancel()
+        self._idle = self._lingering = None  # their callbacks hold this connection
         for body, task in self._streams.values():
             body.set_exception(ConnectionResetError("the client closed the connection"))
             task.cancel()

@@ -85,6 +85,7 @@ class BlindTunnel:
         self.record = record
         self.upstream: asyncio.Transport | None = None
         self._eofs = 0
+        self._lost = 0  # sides whose connection closed
         self._finished = False
         self._last_activity = time.monotonic()
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -109,6 +110,7 @@ class BlindTunnel:
         if self.upstream is not None:
             self.upstream.close()
         self._finish()
+        self._side_lost()
 
     def client_pause_writing(self) -> None:
         if self.upstream is not None:
@@ -130,8 +132,18 @@ class BlindTunnel:
         return self._count_eof()
 
     def upstream_lost(self) -> None:
-        self.door.transport.close()
+        if self.door.transport is not None:
+            self.door.transport.close()
         self._finish()
+        self._side_lost()
+
+    def _side_lost(self) -> None:
+        """Once both sides are gone, drop the transports that point back here (through their
+        protocols): reference counting frees the tunnel at once, not the cycle collector."""
+        self._lost += 1
+        if self._lost == 2:
+            self.upstream = None
+            self.door.transport = None
 
     def _count_eof(self) -> bool:
         self._eofs += 1
@@ -143,22 +155,25 @@ class BlindTunnel:
         return True  # keep the other direction open
 
     def watch_idle(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+        """Close the tunnel once no byte crossed it for ``timeout`` seconds (a method, not a
+        closure: a closure that schedules itself is a cycle that outlives the tunnel)."""
+        self._idle_handle = asyncio.get_running_loop().call_later(timeout, self._check_idle,
+                                                                  timeout)
 
-        def check() -> None:
-            idle = time.monotonic() - self._last_activity
-            if self._finished:
-                return
-            if idle >= timeout:
-                log.info("closing blind tunnel to %s after %.0fs without traffic",
-                         self.record.host, idle)
-                self.door.transport.close()
-                if self.upstream is not None:
-                    self.upstream.close()
-                return
-            self._idle_handle = loop.call_later(timeout - idle, check)
-
-        self._idle_handle = loop.call_later(timeout, check)
+    def _check_idle(self, timeout: float) -> None:
+        self._idle_handle = None
+        if self._finished:
+            return
+        idle = time.monotonic() - self._last_activity
+        if idle >= timeout:
+            log.info("closing blind tunnel to %s after %.0fs without traffic",
+                     self.record.host, idle)
+            self.door.transport.close()
+            if self.upstream is not None:
+                self.upstream.close()
+            return
+        self._idle_handle = asyncio.get_running_loop().call_later(timeout - idle,
+                                                                  self._check_idle, timeout)
 
     def _finish(self) -> None:
         if self._finished:
@@ -166,6 +181,7 @@ class BlindTunnel:
         self._finished = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
+            self._idle_handle = None  # its callback holds this tunnel
         self.door.ctx.metrics.open_tunnels.labels("blind").dec()
         m = self.door.ctx.metrics
         m.bytes.labels("-", "upstream").inc(self.record.bytes_in)

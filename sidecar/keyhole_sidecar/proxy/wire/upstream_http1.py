@@ -144,6 +144,7 @@ class UpstreamConnection(BaseProtocol):
             except HttpProcessingError as error:  # a framed body cut short
                 if self._body is not None:
                     set_exception(self._body, UpstreamClosed(True), error)
+        self._parser = None  # it holds this connection: no cycle outlives the socket
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
