@@ -5,6 +5,7 @@ makes each namespace's and the webhook's."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -102,8 +103,11 @@ class CertificateAuthority:
             return cls.load(ca_dir)
         ca = cls.generate()
         ca.save(ca_dir)
-        log.info("created a new keyhole CA in %s; clients must trust %s", ca_dir,
-                 ca_dir / CA_CERT_FILE)
+        der = ca.cert.public_bytes(serialization.Encoding.DER)
+        # WARNING, not INFO: a typo in --ca-dir makes a CA no client trusts yet.
+        log.warning("created a new keyhole CA in %s (sha256 %s…); clients must trust %s",
+                    ca_dir.resolve(), hashlib.sha256(der).hexdigest()[:16],
+                    (ca_dir / CA_CERT_FILE).resolve())
         return ca
 
     def save(self, ca_dir: Path) -> None:

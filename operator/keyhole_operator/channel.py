@@ -132,7 +132,7 @@ def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> Se
         if (item.get("metadata") or {}).get("name") == injection:
             spec, _ = parse_injection({**item, "metadata": {"name": injection,
                                                            "namespace": who.namespace}},
-                                      f"pod {who.pod}")
+                                      f"pod {who.pod}", signed=True)
             if spec is not None:
                 return spec
     raise ChannelError(403, f"pod {who.namespace}/{who.pod} is not served by injection "

@@ -29,7 +29,7 @@ def signed_cluster_items(document: dict) -> dict[str, SecretInjection]:
     for item in document.get("items") or []:
         if item.get("kind") != CLUSTER_KIND:
             continue
-        spec, _ = parse_injection(item, "the pod's signed routes")
+        spec, _ = parse_injection(item, "the pod's signed routes", signed=True)
         if spec is not None:
             found[spec.name] = spec
     return found

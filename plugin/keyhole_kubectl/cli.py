@@ -47,10 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(who)
     who.add_argument("name", metavar="SECRET|INJECTION",
                      help="a SecretInjection or Secret name (or si/NAME, secret/NAME)")
-    explain = commands.add_parser("explain", help="why a pod does or does not get each key")
+    explain = commands.add_parser(
+        "explain", help="why a pod does or does not get each key",
+        description="Why a pod does or does not get each key: for every injection of its "
+                    "namespace (and the cluster injections that serve it), whether its labels "
+                    "are selected, whether the sidecar holds the key, and what to change.",
+        epilog="example:\n  kubectl keyhole explain pod agent-7d9f -n agents -o wide",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(explain)
-    explain.add_argument("kind", choices=("pod", "po", "pods"), metavar="pod")
-    explain.add_argument("pod", metavar="POD")
+    explain.add_argument("kind", choices=("pod", "po", "pods"), metavar="pod",
+                         help="what to explain (pods only, as kubectl spells them)")
+    explain.add_argument("pod", metavar="POD", help="the pod's name, in -n NAMESPACE (default: "
+                                                    "the context's namespace)")
     return parser
 
 

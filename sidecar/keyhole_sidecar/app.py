@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import signal
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,16 +152,16 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         raise StartupError("the configuration has the problems logged above; fix them and "
                            "start again (keyhole-sidecar check lists them too)")
     logformat.SCRUBBER.source = lambda: config.current().redactor()
+    try:  # every input checked before the one side effect (a new CA on disk)
+        upstream_tls = upstream_tls_context(options.upstream_ca)
+        upstream_tls_h2 = upstream_tls_context(options.upstream_ca, alpn=("h2", "http/1.1"))
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     try:
         ca = CertificateAuthority.load_or_create(options.ca_dir)
     except CAError as exc:
         raise StartupError(str(exc)) from None
     leaves = LeafCache(ca, on_mint=metrics.leaves_minted.inc)
-    try:
-        upstream_tls = upstream_tls_context(options.upstream_ca)
-        upstream_tls_h2 = upstream_tls_context(options.upstream_ca, alpn=("h2", "http/1.1"))
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
     resolver = OverridingResolver(options.resolve, EgressPolicy(options.egress))
     session = make_session(resolver, upstream_tls)
     settings = ProxySettings(unmatched=options.unmatched,  # type: ignore[arg-type]
@@ -261,10 +262,25 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
             force.set()
         stop.set()
 
+    def reload_upstream_ca() -> str:
+        """--upstream-ca read again (a private upstream's CA rotated): new connections verify
+        against the bundle as it is now; a bundle that does not load keeps the last good one."""
+        if options.upstream_ca is None:
+            return ""
+        try:
+            tls = upstream_tls_context(options.upstream_ca)
+            tls_h2 = upstream_tls_context(options.upstream_ca, alpn=("h2", "http/1.1"))
+            upstream_tls.load_verify_locations(cafile=str(options.upstream_ca))
+        except (ValueError, OSError, ssl.SSLError) as exc:
+            log.error("SIGHUP: %s; the last good --upstream-ca still serves", exc)
+            return "; --upstream-ca rejected (still the last good bundle)"
+        pool.tls, pool.tls_h2 = tls, tls_h2  # the data path: exactly the bundle now
+        return "; --upstream-ca reloaded"
+
     def on_hup() -> None:
         ok = config.load()
-        log.info("SIGHUP: configuration %s; %s", "reloaded" if ok else "rejected (see above; "
-                 "still serving the last good one)", ca_watch.check())
+        log.info("SIGHUP: configuration %s%s; %s", "reloaded" if ok else "rejected (see above; "
+                 "still serving the last good one)", reload_upstream_ca(), ca_watch.check())
 
     def on_ignored(sig: int) -> None:
         log.info("%s ignored (SIGHUP reloads, SIGTERM drains and stops)",

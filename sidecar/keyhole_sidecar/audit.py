@@ -18,7 +18,7 @@ _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one
 
 @dataclass(slots=True)
 class AuditRecord:
-    mode: str  # "intercept", "tunnel", "absolute", "base-url"
+    mode: str  # "intercept", "tunnel", "absolute", "base-url", "transparent", "plain"
     method: str
     host: str
     path: str = ""

@@ -70,18 +70,29 @@ def _resolve(text: str) -> ResolveOverride:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, check: bool) -> None:
     parser.add_argument("--injections", type=Path, required=True, metavar="FILE|DIR",
-                        help="SecretInjection YAML/JSON: a file or a folder (edits apply live)")
+                        help="SecretInjection YAML/JSON: a file or a folder" +
+                             ("" if check else " (edits apply live, within 2 s)"))
     parser.add_argument("--secrets-dir", type=Path, required=True, metavar="DIR",
                         help="secret values as <secret-name>/<key> files")
     parser.add_argument("--ca-dir", type=Path, default=Path("./ca"), metavar="DIR",
-                        help="tls.crt + tls.key of the CA for intercepted hosts; created when "
-                             "absent (default ./ca)")
+                        help="tls.crt + tls.key of the CA for intercepted hosts (default ./ca); "
+                             + ("checked when present, never created" if check else
+                                "created on first start when absent"))
     parser.add_argument("--upstream-ca", type=Path, metavar="FILE",
                         help="PEM bundle trusted for upstream TLS besides the system roots")
     parser.add_argument("--signing-key", type=Path, metavar="FILE",
                         help="require the injections document to be signed with this key")
+
+
+SUBCOMMANDS = """commands (each with its own --help):
+  keyhole-sidecar check --injections … --secrets-dir … [-v]
+                                   validate a configuration without serving; exit 1 on a problem
+  keyhole-sidecar transparent-rules  print the iptables rules keyhole-init would install
+
+signals: SIGHUP reloads the configuration, --upstream-ca and the CA at once; SIGTERM drains.
+"""
 
 
 def build_parser(check: bool) -> argparse.ArgumentParser:
@@ -89,10 +100,11 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
         prog="keyhole-sidecar check" if check else "keyhole-sidecar",
         description=("Validate injections, secrets and CA without serving; exit 1 on any problem."
                      if check else
-                     "Proxy that adds secrets to requests for the hosts they belong to. "
-                     "Run 'keyhole-sidecar check --help' to validate a configuration."),
+                     "Proxy that adds secrets to requests for the hosts they belong to."),
+        epilog=None if check else SUBCOMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(parser)
+    _common(parser, check)
     if check:
         parser.add_argument("-v", "--verbose", action="store_true",
                             help="also list each injection's credential kind, Secret keys with a "
@@ -107,12 +119,13 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                                                       "redirects here (transparent capture; "
                                                       "loopback only, e.g. 127.0.0.1:15081)")
         parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                            help="keep spec.limits.window counts in DIR/limits.json, across "
-                                 "restarts (in a pod: an emptyDir); without it they are kept "
-                                 "in memory only")
+                            help="keep what spec.limits windows and spec.llm budgets counted "
+                                 "in DIR, across restarts (in a pod: an emptyDir); without it "
+                                 "they are kept in memory only")
         parser.add_argument("--admin-listen", type=_address, default=_address(DEFAULT_ADMIN),
-                            metavar="HOST:PORT", help="/healthz, /readyz and /metrics "
-                                                      f"(default {DEFAULT_ADMIN})")
+                            metavar="HOST:PORT", help="/healthz, /readyz, /metrics and /config "
+                                                      f"(what is served; default "
+                                                      f"{DEFAULT_ADMIN})")
         parser.add_argument("--unmatched", choices=("passthrough", "deny"),
                             default="passthrough", help="unrouted hosts: tunnel/forward them "
                                                         "untouched (default) or answer 403")
@@ -123,7 +136,8 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                                  "unless 'any'; --resolve targets are always allowed")
         parser.add_argument("--resolve", type=_resolve, action="append", default=[],
                             metavar="HOST:PORT:ADDR", help="connect to ADDR for HOST:PORT "
-                                                           "(repeatable, like curl)")
+                                                           "(repeatable, like curl); a "
+                                                           "resolved target skips --egress")
         parser.add_argument("--header-timeout", type=_seconds, default=15.0, metavar="SECONDS",
                             help="close connections that send no complete request head in "
                                  "time (default 15)")
@@ -212,6 +226,10 @@ def check(argv: list[str]) -> int:
     assert table is not None
     if args.verbose:
         print("\n".join(render_text(inventory(table, ca, version=__version__))))
+        where = args.ca_dir.resolve()
+        print(f"CA folder: {where}" if ca is not None else
+              f"CA: none yet; keyhole-sidecar would create one in {where} (clients must then "
+              "trust its tls.crt)")
     else:
         for route in table.routes:
             hosts = ", ".join(str(h) for h in route.injection.hosts)

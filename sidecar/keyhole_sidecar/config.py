@@ -88,7 +88,7 @@ def load_injections(sources: Sources, fresher: dict | None = None
         raise SpecError([Problem(str(sources.injections), "", f"holds no SecretInjection{only}: "
                                  "nothing to serve. Write at least one, or an empty "
                                  f"{LIST_KIND} (items: []) to serve nothing on purpose")])
-    injections = parse_injections(documents)
+    injections = parse_injections(documents, signed=sources.signing_key is not None)
     if not sources.operator and (problems := needs_the_operator(injections)):
         raise SpecError(problems)
     return injections, skipped

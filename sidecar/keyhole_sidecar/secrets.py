@@ -6,6 +6,7 @@ time (never caching a file descriptor) follows the swap for free.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from keyhole_common.spec import SecretKeyRef
@@ -25,6 +26,7 @@ class SecretMissing(SecretUnavailable):
         self.summary = summary
 
 
+log = logging.getLogger("keyhole.secrets")
 _MULTILINE_ALLOWED = frozenset("\n\r\t")
 
 
@@ -32,6 +34,8 @@ def clean_value(raw: bytes, where: str, *, multiline: bool = False) -> str:
     """Strip trailing CR/LF, require UTF-8 and no other control characters. ``multiline``
     values (a PEM private key, which the proxy uses but never sends) may hold line breaks."""
     value = raw.rstrip(b"\r\n")
+    if not value:
+        raise SecretUnavailable(f"{where}: the value is empty; write the key into this file")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -78,4 +82,28 @@ class SecretsDir:
             raise SecretUnavailable(f"{path} is not readable by this process") from None
         except OSError as exc:
             raise SecretUnavailable(f"{path}: cannot read ({exc.strerror})") from None
-        return clean_value(raw, str(path), multiline=multiline)
+        value = clean_value(raw, str(path), multiline=multiline)
+        _warn_if_pasted_wrong(value, path)
+        return value
+
+
+def looks_pasted_wrong(value: str) -> str | None:
+    """Why ``value`` looks like a paste mistake (sent as is, it is almost always refused
+    upstream), or None: spaces around it, or quotes around it."""
+    if value != value.strip(" \t"):
+        return "it begins or ends with a space or tab"
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return "it is wrapped in quotes"
+    return None
+
+
+_warned: set[tuple[Path, str]] = set()
+
+
+def _warn_if_pasted_wrong(value: str, path: Path) -> None:
+    """Warned once per file and cause: the value is sent exactly as it is, never trimmed."""
+    why = looks_pasted_wrong(value)
+    if why is not None and (path, why) not in _warned:
+        _warned.add((path, why))
+        log.warning("%s: %s, and it is sent exactly as it is; rewrite the file if that was a "
+                    "paste mistake", path, why)

@@ -262,3 +262,63 @@ def test_json_logs_are_one_object_per_line_even_for_multi_problem_errors(make_si
     assert {"time", "level", "logger", "message"} <= set(records[0])
     problems = [r for r in records if r["message"].startswith("configuration problem")]
     assert len(problems) >= 2 and all(r["level"] == "error" for r in problems)
+
+
+def test_check_says_an_empty_secret_is_empty_and_warns_of_a_pasted_one(tmp_path):
+    from tests.support.config import injection, ref
+
+    injections = [injection("a", hosts=["a.test"], headers=[
+        {"name": "Authorization", "valueFrom": ref("s", "empty")}]),
+        injection("b", hosts=["b.test"], headers=[
+            {"name": "Authorization", "valueFrom": ref("s", "quoted")}]),
+        injection("c", hosts=["c.test"], headers=[
+            {"name": "Authorization", "valueFrom": ref("s", "spaced")}])]
+    done = check_config(tmp_path, injections, {"s": {
+        "empty": "", "quoted": '"sk-quoted-0123456789"', "spaced": "sk-spaced-0123456789 "}})
+    assert done.returncode == 1
+    assert "s/empty: the value is empty; write the key into this file" in done.stderr
+    assert "shorter than" not in done.stderr
+    assert "s/quoted: it is wrapped in quotes, and it is sent exactly as it is" in done.stderr
+    assert "s/spaced: it begins or ends with a space or tab" in done.stderr
+    assert "sk-quoted" not in done.stderr + done.stdout  # never the value
+
+
+def test_help_names_the_subcommands_and_describes_every_option():
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    serve = subprocess.run([sys.executable, "-m", "keyhole_sidecar", "--help"],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert "keyhole-sidecar check" in serve and "keyhole-sidecar transparent-rules" in serve
+    assert "/config" in serve and "spec.llm budgets" in serve
+    assert "--log-level {debug,info,warning,error}\n                        the sidecar's own log" \
+        in serve
+    check = subprocess.run([sys.executable, "-m", "keyhole_sidecar", "check", "--help"],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert "edits apply live" not in check and "checked when present, never created" in check
+    explain = subprocess.run([str(bin_dir / "kubectl-keyhole"), "explain", "--help"],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert "the pod's name, in -n NAMESPACE" in explain
+
+
+def test_every_input_is_checked_before_a_ca_is_made_and_making_one_is_a_warning(tmp_path):
+    from tests.support.config import INJECTIONS, SECRETS
+    from tests.support.sidecar import start_sidecar
+
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    failed = start_sidecar(tmp_path / "bad", INJECTIONS, SECRETS,
+                           upstream_ca=str(tmp_path / "bad.pem"), expect_failure=True)
+    assert failed.returncode != 0 and "--upstream-ca" in failed.stderr
+    assert not (tmp_path / "bad" / "ca").exists()  # no CA made for a start that failed
+    done = check_config(tmp_path / "check", INJECTIONS, SECRETS, "-v", "--ca-dir",
+                        str(tmp_path / "nowhere"))
+    assert f"CA: none yet; keyhole-sidecar would create one in {tmp_path / 'nowhere'}" in \
+        done.stdout
+    assert not (tmp_path / "nowhere").exists()
+    sidecar = start_sidecar(tmp_path / "good", INJECTIONS, SECRETS)
+    try:
+        sidecar.wait_for_log("WARNING keyhole.certs: created a new keyhole CA in "
+                             f"{(tmp_path / 'good' / 'ca').resolve()} (sha256 ")
+    finally:
+        sidecar.stop()

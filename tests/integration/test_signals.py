@@ -22,7 +22,7 @@ def test_sighup_reloads_at_once_and_the_proxy_lives(make_sidecar, upstream, mark
     assert upstream.one(f"{marker}-before").header("authorization") == []  # not routed yet
     write_injections(sidecar.injections, INJECTIONS)
     sidecar.process.send_signal(signal.SIGHUP)
-    sidecar.wait_for_log("SIGHUP: configuration reloaded; CA unchanged")
+    sidecar.wait_for_log("SIGHUP: configuration reloaded; --upstream-ca reloaded; CA unchanged")
     assert curl(sidecar, f"https://basic.routed.test/{marker}-after").status == 200
     assert upstream.one(f"{marker}-after").header("authorization")  # routed now
     assert sidecar.process.poll() is None
@@ -95,3 +95,41 @@ def test_a_second_sigterm_stops_without_waiting(make_sidecar, upstream, marker):
     sidecar.wait_for_log("SIGTERM again: not waiting for requests in flight")
     client.join(15)
     assert isinstance(cut[0], AssertionError) or cut[0].body.count("data: event") < 100
+
+
+def test_sighup_reads_a_rotated_upstream_ca_again(tmp_path, test_ca, marker):
+    """A private upstream's CA rotated: its new certificate fails verification (502
+    upstream_tls, nothing sent) until the bundle is rewritten and SIGHUP read it — no restart.
+    A bundle that does not load keeps the last good one."""
+    import trustme
+
+    from tests.support.sidecar import start_sidecar
+    from tests.support.upstream import UpstreamServer
+
+    rotated = trustme.CA()
+    server = UpstreamServer(rotated, "", port=0, hosts=("private.routed.test",))
+    state = server.start()
+    bundle = tmp_path / "upstream-ca.pem"
+    bundle.write_bytes(test_ca[0].cert_pem.bytes())  # the old CA only
+    sidecar = start_sidecar(tmp_path / "sidecar", [injection(
+        "private", hosts=[f"private.routed.test:{state.port}"], headers=[
+            {"name": "Authorization", "valueFrom": ref("api-credentials", "token")}])],
+        {"api-credentials": {"token": "sk-private-0123456789"}},
+        resolve=[f"private.routed.test:{state.port}:127.0.0.1"], upstream_ca=str(bundle))
+    try:
+        url = f"https://private.routed.test:{state.port}/{marker}"
+        refused = curl(sidecar, url)
+        assert refused.status == 502 and dict(refused.headers)["X-Keyhole-Error"] == "upstream_tls"
+        bundle.write_text("not a certificate")
+        sidecar.process.send_signal(signal.SIGHUP)
+        sidecar.wait_for_log("--upstream-ca rejected (still the last good bundle)")
+        assert curl(sidecar, url).status == 502
+        bundle.write_bytes(test_ca[0].cert_pem.bytes() + rotated.cert_pem.bytes())
+        sidecar.process.send_signal(signal.SIGHUP)
+        sidecar.wait_for_log("--upstream-ca reloaded")
+        assert curl(sidecar, url).status == 200
+        assert [r.header("Authorization") for r in state.find(marker)] == [
+            ["sk-private-0123456789"]]
+    finally:
+        sidecar.stop()
+        server.stop()

@@ -132,3 +132,36 @@ def test_a_stream_that_never_reads_stalls_only_itself(h2_sidecar, h2_upstream, b
         assert_unharmed(h2_sidecar, h2_upstream, bystander, marker)
         with contextlib.suppress(OSError):
             attacker.send(attacker.rst(1))
+
+
+def test_an_oversized_header_list_is_audited_and_named_not_blamed_on_the_ca(fresh_h2_sidecar,
+                                                                           h2_upstream):
+    """A 70 KB header list over HTTP/2 inside an intercepted tunnel: the connection is closed
+    with one audit line (malformed) and a log line that names the header list — not "the
+    client rejected the keyhole CA" (the log said so six times)."""
+    import h2.config
+    import h2.connection
+
+    from tests.support.raw import open_tunnel
+
+    authority = f"h2.routed.test:{h2_upstream.port}"
+    with open_tunnel(fresh_h2_sidecar.proxy_port, authority,
+                     str(fresh_h2_sidecar.ca_cert), alpn=["h2"]) as tls:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"),
+                              (":authority", "h2.routed.test"), (":path", "/"),
+                              *((f"x-big-{i}", "v" * 1000) for i in range(70))],
+                          end_stream=True)
+        tls.sendall(conn.data_to_send())
+        tls.settimeout(10)
+        with contextlib.suppress(OSError):
+            while tls.recv(65536):
+                pass
+    line = fresh_h2_sidecar.wait_audit(lambda r: r["reason"] == "malformed")
+    assert (line["mode"], line["host"], line["decision"], line["protocol"]) == (
+        "intercept", authority, "denied", "h2")
+    fresh_h2_sidecar.stop()
+    log = fresh_h2_sidecar.stderr()
+    assert "its header list was over 65536 bytes" in log, log
+    assert "rejected the keyhole CA" not in log

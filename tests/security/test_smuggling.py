@@ -94,3 +94,24 @@ def test_attacks_cannot_flood_the_log(sidecar):
     assert len(log.splitlines()) - before < 40
     assert "refused a malformed or broken request" in log
     assert sidecar.metric("keyhole_decisions_total", decision="denied", reason="malformed") >= 200
+
+
+def test_a_malformed_request_gets_one_audit_line_and_one_log_line(make_sidecar, marker):
+    """docs/sidecar.md lists `malformed` as an audit reason: every refusal is audited once, and
+    the log says what was wrong once (it printed its prefix twice and counted it twice)."""
+    proxy = make_sidecar()
+    with open_tunnel(proxy.proxy_port, "api.routed.test:443", str(proxy.ca_cert)) as tls:
+        tls.sendall(ATTACKS["oversized header"].format(m=marker).encode("latin-1"))
+        assert status_of(read_all(tls)) == 431
+    line = proxy.wait_audit(lambda r: r["reason"] == "malformed")
+    assert (line["mode"], line["host"], line["decision"], line["status"], line["protocol"]) == (
+        "intercept", "api.routed.test:443", "denied", 431, "http/1.1")
+    exchange(proxy.proxy_port, ATTACKS["NUL in a header value"].format(m=marker).encode("latin-1"))
+    plain = proxy.wait_audit(lambda r: r["reason"] == "malformed" and r["mode"] == "plain")
+    assert plain["status"] == 400
+    proxy.stop()
+    log = proxy.stderr()
+    assert log.count("refused a malformed or broken request") == 2, log
+    assert "refused a malformed or broken request: refused" not in log
+    audit = [r for r in proxy.audit() if r["reason"] == "malformed"]
+    assert len(audit) == 2

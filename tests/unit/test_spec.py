@@ -228,6 +228,26 @@ def test_what_a_cluster_injection_may_not_say_is_refused_by_name(document, field
     assert any(p.field == field and words in p.message for p in problems), problems
 
 
+def test_a_cluster_injection_without_selectors_is_refused_standalone_as_by_the_crd():
+    """The CRD requires namespaceSelector; so does the sidecar's reader — except for an item
+    of the operator's signed routes, which carries no selectors at all."""
+    bare = _cluster()
+    bare["spec"].pop("podSelector")
+    _, problems = parse_injection(bare, "cluster.yaml")
+    assert [p.field for p in problems] == ["spec.namespaceSelector"]
+    injection, problems = parse_injection(bare, "routes", signed=True)
+    assert problems == [] and injection.cluster
+
+
+def test_a_budgets_spend_is_asked_for_as_dollars_per_window_not_as_a_price():
+    _, problems = parse_injection(injection("x", hosts=["a.test"], headers=[
+        {"name": "X", "valueFrom": ref("s", "k")}], llm={"api": "openai", "budgets": [
+            {"per": "day", "spend": "5$"}]}), "f")
+    assert [str(p) for p in problems] == [
+        "f (x): spec.llm.budgets[0].spend: '5$': give the dollars this budget allows per UTC "
+        "day (5 for $5), a number from 0 (no currency sign)"]
+
+
 def test_what_never_goes_upstream_is_the_injected_the_stripped_and_the_apis_credentials():
     [parsed], _ = parse_injections([("a", injection(
         "a", hosts=["a.test"], headers=[{"name": "x-api-key", "valueFrom": ref("s", "k")}],

@@ -568,12 +568,13 @@ def _llm(c: _Collector, value: Any) -> Llm | None:
     return Llm(api=api, prices=tuple(prices), budgets=tuple(budgets))
 
 
-def _usd(c: _Collector, value: Any, path: str, *, required: bool) -> float | None:
+def _usd(c: _Collector, value: Any, path: str, *, required: bool,
+         what: str = "USD per million tokens") -> float | None:
     if value is None and not required:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not (
             0 <= value < 1e9) or value != value:
-        c.add(path, f"{value!r}: give USD per million tokens, a number from 0")
+        c.add(path, f"{value!r}: give {what}, a number from 0 (no currency sign)")
         return None
     return float(value)
 
@@ -619,7 +620,8 @@ def _budget(c: _Collector, value: Any, path: str) -> Budget | None:
     tokens = _count(c, entry["tokens"], f"{path}.tokens") if "tokens" in entry else None
     spend = None
     if "spend" in entry:
-        spend = _usd(c, entry["spend"], f"{path}.spend", required=True)
+        spend = _usd(c, entry["spend"], f"{path}.spend", required=True,
+                     what=f"the dollars this budget allows per UTC {per} (5 for $5)")
         if spend == 0:
             c.add(f"{path}.spend", "a spend budget of 0 allows nothing: remove the hosts "
                                    "instead")
@@ -632,8 +634,10 @@ def _budget(c: _Collector, value: Any, path: str) -> Budget | None:
                   shared=scope == "injection")
 
 
-def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None, list[Problem]]:
-    """Parse one ``SecretInjection`` document; return it (or None) and its problems."""
+def parse_injection(document: Any, source: str, *, signed: bool = False
+                    ) -> tuple[SecretInjection | None, list[Problem]]:
+    """Parse one ``SecretInjection`` document; return it (or None) and its problems.
+    ``signed``: an item of the operator's signed routes, which carries no selectors."""
     c = _Collector(source)
     doc = c.mapping(document, "", _DOC_FIELDS)
     if doc is None:
@@ -676,7 +680,7 @@ def parse_injection(document: Any, source: str) -> tuple[SecretInjection | None,
     if cluster and "namespaceSelector" in spec:
         namespace_selector = _label_selector(c, spec["namespaceSelector"],
                                              "spec.namespaceSelector")
-    elif cluster and "podSelector" in spec:  # a signed route item carries neither selector
+    elif cluster and not signed:  # the CRD's rule, standalone too (a route item has none)
         c.add("spec.namespaceSelector", f"a {CLUSTER_KIND} needs one: the namespaces it "
                                         "serves, by label ({} for every namespace)")
     elif "namespaceSelector" in spec:
@@ -742,15 +746,17 @@ def find_conflicts(injections: Iterable[SecretInjection]) -> list[Problem]:
     return problems
 
 
-def parse_injections(documents: Iterable[tuple[str, Any]]) -> list[SecretInjection]:
+def parse_injections(documents: Iterable[tuple[str, Any]], *, signed: bool = False
+                     ) -> list[SecretInjection]:
     """Parse (source, document) pairs into injections or raise :class:`SpecError` with all problems.
 
     ``SecretInjectionList`` documents (``items: [...]``) are expanded; empty documents skipped.
+    ``signed``: the operator's signed routes (their items carry no selectors).
     """
     injections: list[SecretInjection] = []
     problems: list[Problem] = []
     for source, doc in _expand_lists(documents):
-        injection, found = parse_injection(doc, source)
+        injection, found = parse_injection(doc, source, signed=signed)
         problems.extend(found)
         if injection:
             injections.append(injection)

@@ -198,6 +198,9 @@ async def handle_plain(ctx: ProxyContext, request: Request) -> None:
     await _serve(ctx, request, record, decide)
 
 
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def _decide_absolute(ctx: ProxyContext, request: Request, url) -> Target:
     if url.scheme not in ("http", "https"):
         raise BadRequest("bad_request", f"scheme {url.scheme!r} is not proxied; use http or https")
@@ -209,6 +212,13 @@ def _decide_absolute(ctx: ProxyContext, request: Request, url) -> Target:
         raise BadRequest("bad_request", "the request URL has no host")
     table = ctx.routes()
     routes = table.match(host, port, plain_http=url.scheme == "http")
+    name = url.raw_path.lstrip("/").split("/", 1)[0]
+    if not routes and host.strip("[]").lower() in _LOOPBACK_NAMES and table.by_name(name):
+        raise BadRequest("base_url_via_proxy", f"this is a base-URL request to keyhole itself "
+                         f"(http://{host}:{port}/{name}/…), but it came through a proxy: the "
+                         "client's HTTP_PROXY covers 127.0.0.1 too. Add 127.0.0.1,localhost to "
+                         "NO_PROXY (keyhole sets it in pods), or run the client without a "
+                         "proxy variable")
     if not routes:
         return _unrouted(ctx, url.scheme, host, port, url.raw_path, url.raw_query_string)
     entry = table.upstream_for(routes, host, port, plain_http=url.scheme == "http")

@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -108,6 +109,7 @@ class Life:
         self.transport = transport
         self.request_seen = False
         self.intercepted: str | None = None  # the host of a terminated TLS connection
+        self.mode = "plain"  # how its requests came, for an audit line with no request
         self._closed = False
         self._loop = asyncio.get_running_loop()
         ctx.metrics.open_connections.inc()
@@ -149,12 +151,14 @@ class Life:
 def http_owner(ctx: ProxyContext, life: Life, handler: Callable, *, h2: bool,
                server_kwargs: dict[str, Any]) -> asyncio.Protocol:
     """The connection that serves requests with ``handler``: HTTP/2 (``h2``) or HTTP/1.1."""
+    where = (life.mode, life.intercepted or "-")  # what a malformed request is audited as
     if h2:  # imported when first needed: an HTTP/1.1-only pod never loads the HTTP/2 stack
         from keyhole_sidecar.proxy.wire.http2 import H2ClientConnection
 
-        return H2ClientConnection(ctx, handler, on_request=life.seen, on_lost=life.closed)
+        return H2ClientConnection(ctx, handler, on_request=life.seen, on_lost=life.closed,
+                                  where=where)
     return ClientConnection(ctx, handler, on_request=life.seen, on_lost=life.closed,
-                            server_kwargs=server_kwargs)
+                            server_kwargs=server_kwargs, where=where)
 
 
 # -- TLS termination, shared with the transparent port -------------------------------------------
@@ -173,7 +177,7 @@ def serve_tls(ctx: ProxyContext, life: Life, host: str, port: int, pending: Pend
     picked by ALPN; every request on it goes to :func:`handle_intercepted` for ``host:port``
     (``mode``: intercept or transparent)."""
     ctx.metrics.open_tunnels.labels("intercepted").inc()
-    life.intercepted = host
+    life.intercepted, life.mode = f"{host}:{port}", mode
     life.rearm(tls_transport)
     tls = tls_transport.get_extra_info("ssl_object")
     owner = http_owner(ctx, life, functools.partial(handle_intercepted, ctx, host, port,
@@ -231,6 +235,9 @@ class FrontDoor(asyncio.Protocol):
             return
         if self._state == "sniff":
             self._buffer += data
+            if self._buffer[:1] == b"\x16":  # a TLS handshake record, not a request
+                self._tls_to_proxy_port()
+                return
             if len(self._buffer) < len(_CONNECT) and _CONNECT.startswith(bytes(self._buffer)):
                 return
             if len(self._buffer) < len(PREFACE) and PREFACE.startswith(bytes(self._buffer)):
@@ -241,6 +248,19 @@ class FrontDoor(asyncio.Protocol):
             self._state = "connect-head"
             data, self._buffer = bytes(self._buffer), bytearray()
         self._feed_connect_head(data)
+
+    def _tls_to_proxy_port(self) -> None:
+        """A client began TLS with the proxy itself: its proxy URL says https://. Nothing it
+        could read says why (it is mid-handshake), so the log and the audit line do."""
+        self._state = "handed over"
+        self._life.seen()
+        self.ctx.metrics.decisions.labels("denied", "tls_to_proxy_port").inc()
+        self.ctx.audit.write(AuditRecord(mode="plain", method="-", host="-", decision="denied",
+                                         reason="tls_to_proxy_port"))
+        _tls_refusals.log("a client began TLS on the proxy port: its proxy URL starts with "
+                          "https://, but the proxy port speaks plain HTTP (HTTPS is tunnelled "
+                          "by CONNECT). Set HTTPS_PROXY=http://127.0.0.1:15080 (http, not https)")
+        self.transport.close()
 
     # -- plain HTTP ------------------------------------------------------------------------
     def _hand_to_http(self, initial: bytes) -> None:
@@ -337,3 +357,19 @@ class FrontDoor(asyncio.Protocol):
             return
         serve_tls(ctx, life, host, port, pending, tls_transport, "intercept",
                   self._server_kwargs)
+
+
+class _RateLimitedWarning:
+    """One warning line at most every few seconds: a misconfigured client retries."""
+
+    def __init__(self, seconds: float = 10.0):
+        self._seconds, self._last = seconds, float("-inf")
+
+    def log(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._seconds:
+            self._last = now
+            log.warning("%s", message)
+
+
+_tls_refusals = _RateLimitedWarning()

@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
+from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import parser_complaint
 from keyhole_sidecar.proxy.exchange import Request, Trailers
@@ -130,7 +131,7 @@ class ClientConnection(BaseProtocol):
 
     def __init__(self, ctx: ProxyContext, handler: Handler, *,
                  on_request: Callable[[], None], on_lost: Callable[[], None],
-                 server_kwargs: dict[str, Any]):
+                 server_kwargs: dict[str, Any], where: tuple[str, str] = ("plain", "-")):
         loop = asyncio.get_running_loop()
         s = ctx.settings
         # auto_decompress=False: a body goes upstream as the bytes the client sent, under its
@@ -145,6 +146,7 @@ class ClientConnection(BaseProtocol):
         self._on_request = on_request
         self._on_lost = on_lost
         self._server_kwargs = server_kwargs
+        self._where = where  # (mode, host) of the audit line of a request llhttp refused
         self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
         self._task: asyncio.Task | None = None
         self._refusal: HttpProcessingError | None = None  # answered once earlier ones are
@@ -315,6 +317,10 @@ class ClientConnection(BaseProtocol):
         if self._last_body is not None and not self._last_body.is_eof():
             set_exception(self._last_body, exc)  # a body that went bad mid-way ends its request
         self._ctx.metrics.decisions.labels("denied", "malformed").inc()
+        mode, host = self._where
+        self._ctx.audit.write(AuditRecord(mode=mode, method="-", host=host, decision="denied",
+                                          reason="malformed", status=exc.code,
+                                          protocol="http/1.1"))
         _refusals.log(exc)
         self._on_request()
         if self._task is None:
@@ -367,11 +373,13 @@ class _Refusals:
         self._filter = OneLineRateLimited()
 
     def log(self, exc: HttpProcessingError) -> None:
-        record = logging.LogRecord("keyhole.http", logging.WARNING, __file__, 0,
+        # Not through "keyhole.http": its own filter (aiohttp's server's) would say it again
+        # and count the refusal twice.
+        record = logging.LogRecord("keyhole.proxy", logging.WARNING, __file__, 0,
                                    "%s", (f"{type(exc).__name__}: {parser_complaint(exc)}",),
                                    None)
         if self._filter.filter(record):
-            logging.getLogger("keyhole.http").handle(record)
+            logging.getLogger("keyhole.proxy").handle(record)
 
 
 _refusals = _Refusals()

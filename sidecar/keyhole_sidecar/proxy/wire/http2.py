@@ -26,6 +26,7 @@ import h2.settings
 from multidict import CIMultiDict
 from yarl import URL
 
+from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.exchange import Request, Trailers
 from keyhole_sidecar.proxy.wire import heads
@@ -52,6 +53,14 @@ DISCARD_SECONDS = 2.0
 DISCARD_BYTES = 4 << 20
 
 Handler = Callable[[Request], Awaitable[None]]
+# What each of h2's refusals means, for the log (their messages quote the client's bytes).
+_PROTOCOL_ERRORS = {
+    "DenialOfServiceError": f"its header list was over {MAX_HEADER_LIST} bytes, or it sent "
+                            "more than h2 allows of a kind of frame",
+    "FrameTooLargeError": "a frame was over SETTINGS_MAX_FRAME_SIZE",
+    "TooManyStreamsError": f"it opened more than {MAX_STREAMS} streams at once",
+    "FlowControlError": "it sent more than its flow-control window",
+}
 
 
 class H2Reply:
@@ -135,7 +144,7 @@ class H2ClientConnection(H2Peer):
     """One client connection speaking HTTP/2 (``h2`` by ALPN, or ``h2c`` by prior knowledge)."""
 
     def __init__(self, ctx: ProxyContext, handler: Handler, *, on_request: Callable[[], None],
-                 on_lost: Callable[[], None]):
+                 on_lost: Callable[[], None], where: tuple[str, str] = ("plain", "-")):
         # Inbound blocks are checked by h2; outbound ones were built by heads.header_block,
         # which refuses all h2 would (tests/unit/test_heads.py holds it to h2's own checks).
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
@@ -148,6 +157,7 @@ class H2ClientConnection(H2Peer):
         self._handler = handler
         self._on_request = on_request
         self._on_lost = on_lost
+        self._where = where  # (mode, host) of the audit line of a connection h2 refused
         self._streams: dict[int, tuple[H2Body, asyncio.Task]] = {}
         # streams answered before their body ended: what is left of their discard allowance
         self._discarding: dict[int, list] = {}  # stream id → [bytes left, reset timer]
@@ -179,8 +189,20 @@ class H2ClientConnection(H2Peer):
         super().data_received(data)
 
     def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
-        log.info("closing an HTTP/2 connection: %s", type(exc).__name__)
+        """The client broke HTTP/2 (an oversized header list, a bad frame): one audit line,
+        a log line that says so — and the request counts as seen, so the connection's end is
+        not blamed on the client rejecting the CA."""
+        if self._draining:  # frames after the client's own GOAWAY: its goodbye, not a fault
+            log.info("closing an HTTP/2 connection the client ended (%s)", type(exc).__name__)
+            self._close()
+            return
+        detail = _PROTOCOL_ERRORS.get(type(exc).__name__, "it broke the HTTP/2 protocol")
+        log.warning("closing an HTTP/2 connection: %s (%s)", detail, type(exc).__name__)
         self._ctx.metrics.decisions.labels("denied", "malformed").inc()
+        mode, host = self._where
+        self._ctx.audit.write(AuditRecord(mode=mode, method="-", host=host, decision="denied",
+                                          reason="malformed", protocol="h2"))
+        self._on_request()
         self._close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
