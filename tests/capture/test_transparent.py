@@ -337,3 +337,30 @@ def test_a_plain_connection_keeps_the_host_its_first_request_named(capture):
     assert done.stdout.splitlines() == ["HTTP/1.1 200 OK", "HTTP/1.1 421 Misdirected Request"], \
         done.stderr
     assert [r.header("host") for r in capture.upstream.find(marker)] == [["api.routed.test"]]
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http/1.1", "h2"])
+def test_a_compressed_body_is_forwarded_as_it_came(capture, http2):
+    """Transparent capture hands its connections to the same owners as CONNECT: a gzip body
+    arriving in pieces after its head reaches the upstream as the client's bytes, under the
+    client's label (the upstream decodes it to what the client compressed), and no request its
+    decoded form holds is ever read upstream (tests/security/test_body_fidelity.py has every
+    encoding and framing through the proxy port)."""
+    import gzip
+    import hashlib
+    import os
+
+    marker = _marker()
+    plain = (b'{"x":"' + os.urandom(100_000).hex().encode() + b'"}' +
+             f"GET /smuggled-{marker} HTTP/1.1\r\nHost: api.routed.test\r\n\r\n".encode() * 4)
+    body = capture.shared / f"{marker}.gz"
+    body.write_bytes(gzip.compress(plain))
+    body.chmod(0o644)
+    done = capture.agent("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                         "--http2" if http2 else "--http1.1", "-H", "Content-Encoding: gzip",
+                         "--data-binary", f"@{body}", f"https://api.routed.test/{marker}")
+    assert done.stdout == "200", done.stderr
+    seen = capture.upstream.one(marker)
+    assert seen.header("content-encoding") == ["gzip"]
+    assert seen.body_sha256 == hashlib.sha256(plain).hexdigest()  # decoded by the upstream
+    assert capture.upstream.find(f"smuggled-{marker}") == []

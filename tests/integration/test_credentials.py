@@ -332,3 +332,28 @@ def test_a_body_signed_in_chunks_by_the_client_is_refused_with_the_fix(start, id
                  f"https://{_at(idp, 'aws.test')}/bucket/key")
     assert reply.status == 400
     assert "turn chunked signing off in the SDK" in reply.body
+
+
+def test_no_minted_token_or_source_secret_reaches_any_output_at_debug_level(make_sidecar, idp):
+    """Each credential source at --log-level debug, over HTTP/1.1 and HTTP/2, the resource
+    servers echoing what they got: no minted token, client secret, AWS secret or App key —
+    in any form (raw, base64, URL-encoded) — on stdout or stderr (issue 30, item 2)."""
+    from keyhole_sidecar.redact import secret_forms
+
+    sidecar = make_sidecar([_github(idp), _oauth(idp), _aws(idp)], _secrets(idp),
+                           args=[*_resolve(idp), "--log-level", "debug"])
+    for http2 in (False, True):
+        assert curl(sidecar, f"https://{_at(idp, 'github-api.test')}/repos/acme/widgets",
+                    http2=http2).status == 200
+        assert curl(sidecar, f"https://{_at(idp, 'api.oauth.test')}/v1/things",
+                    http2=http2).status == 200
+        assert curl(sidecar, "-X", "POST", "-d", "Action=ListQueues",
+                    f"https://{_at(idp, 'aws.test')}/", http2=http2).status == 200
+    sidecar.stop()
+    values = [token.value for token in idp.issued] + [
+        identity.CLIENT_SECRET, identity.AWS_SECRET, identity.AWS_SESSION_TOKEN,
+        *idp.app_key_pem.splitlines()[1:-1]]
+    assert idp.issued, "no token was minted"
+    output = (sidecar.workdir / "stdout.log").read_bytes() + sidecar.stderr().encode()
+    found = [form for form in secret_forms(values) if form in output]
+    assert not found, f"{len(found)} form(s) of a credential in the output"
