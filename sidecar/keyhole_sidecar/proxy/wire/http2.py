@@ -30,7 +30,14 @@ from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.exchange import Request, Trailers
 from keyhole_sidecar.proxy.wire import heads
-from keyhole_sidecar.proxy.wire.h2peer import CONNECTION_WINDOW, MAX_FRAME, H2Body, H2Peer, StreamGone
+from keyhole_sidecar.proxy.wire.h2peer import (
+    CONNECTION_WINDOW,
+    MAX_FRAME,
+    Connection,
+    H2Body,
+    H2Peer,
+    StreamGone,
+)
 
 log = logging.getLogger("keyhole.proxy")
 MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS we advertise
@@ -152,7 +159,7 @@ class H2ClientConnection(H2Peer):
                                            normalize_inbound_headers=True,
                                            validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
-        super().__init__(h2.connection.H2Connection(config=config))
+        super().__init__(Connection(config=config))
         self._ctx = ctx
         self._handler = handler
         self._on_request = on_request

@@ -21,7 +21,7 @@ import h2.settings
 from multidict import CIMultiDict
 
 from keyhole_sidecar.proxy.exchange import Answer, Outbound, Unprocessed, UpstreamClosed
-from keyhole_sidecar.proxy.wire.h2peer import CONNECTION_WINDOW, H2Body, H2Peer
+from keyhole_sidecar.proxy.wire.h2peer import CONNECTION_WINDOW, Connection, H2Body, H2Peer
 from keyhole_sidecar.proxy.wire.heads import h2_fields, header_block, within_length
 
 MAX_HEADER_LIST = 2**16  # what we accept from an upstream, decoded
@@ -129,7 +129,7 @@ class H2Upstream(H2Peer):
                                            validate_inbound_headers=True,
                                            validate_outbound_headers=False,  # heads did
                                            normalize_outbound_headers=False)
-        super().__init__(h2.connection.H2Connection(config=config))
+        super().__init__(Connection(config=config))
         self.key = key
         self.idle_since = self._loop.time()
         self._streams: dict[int, UpstreamStream] = {}
