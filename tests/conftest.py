@@ -15,6 +15,7 @@ import trustme
 
 from tests.support.config import GRPC_KEY, H2_KEY, INJECTIONS, SECRETS, injection, ref, resolve_all
 from tests.support.h2_upstream import GrpcUpstream, H2EchoServer
+from tests.support.serving import serving_process
 from tests.support.sidecar import Sidecar, start_sidecar
 from tests.support.upstream import Upstream, UpstreamServer
 
@@ -175,17 +176,9 @@ def _go_binary(name: str) -> Path:
 @pytest.fixture(scope="session")
 def dual_upstream(test_ca, tmp_path_factory):
     """A Go server (net/http) speaking HTTP/2 and HTTP/1.1, as most public APIs do; its port."""
-    folder = tmp_path_factory.mktemp("dual")
-    cert = test_ca[0].issue_cert("dual.routed.test")
-    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
-    process = subprocess.Popen([str(_go_binary("dual")), str(folder / "cert.pem"),
-                                str(folder / "key.pem")], stdout=subprocess.PIPE, text=True)
-    port = int(process.stdout.readline())
-    yield port
-    process.kill()
-    process.wait()
-    process.stdout.close()
+    with serving_process([str(_go_binary("dual"))], test_ca[0].issue_cert("dual.routed.test"),
+                         tmp_path_factory.mktemp("dual")) as port:
+        yield port
 
 
 # -- HTTP/2 and gRPC upstreams, and a sidecar routing to them --------------------------------

@@ -111,3 +111,24 @@ def java_fetch(sidecar: Sidecar, method: str, url: str) -> Reply:
 
 
 NODE24 = CLIENTS / "node_modules" / ".bin" / "node"
+
+
+def websocket(sidecar: Sidecar, url: str, send: str | None = None) -> list[str]:
+    """aiohttp's WebSocket client through the proxy (CONNECT): the first message the server
+    sends and, when ``send`` is given, its answer to it."""
+    import ssl
+
+    import aiohttp
+
+    from tests.support import aio
+
+    async def talk() -> list[str]:
+        context = ssl.create_default_context(cafile=str(sidecar.ca_cert))
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                url, proxy=sidecar.url, ssl=context) as ws:
+            got = [await ws.receive_str(timeout=5)]
+            if send is not None:
+                await ws.send_str(send)
+                got.append(await ws.receive_str(timeout=5))
+            return got
+    return aio.run(talk())

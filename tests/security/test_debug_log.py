@@ -15,15 +15,13 @@ import base64
 import logging
 import ssl
 
-import aiohttp
 import grpc
 import httpx
 import pytest
 
 from keyhole_sidecar import logformat
 from keyhole_sidecar.redact import Redactor, secret_forms
-from tests.integration.clients import curl
-from tests.support import aio
+from tests.integration.clients import curl, websocket
 from tests.support.config import (
     GRPC_KEY,
     H2_KEY,
@@ -65,17 +63,6 @@ def debug_sidecar(tmp_path_factory, upstream, h2_upstream, grpc_upstream):
     sidecar.stop()
 
 
-def _websocket(sidecar, marker: str) -> None:
-    async def talk():
-        context = ssl.create_default_context(cafile=str(sidecar.ca_cert))
-        async with aiohttp.ClientSession() as session, session.ws_connect(
-                f"wss://api.routed.test/ws?m={marker}", proxy=sidecar.url, ssl=context) as ws:
-            await ws.receive_str(timeout=5)
-            await ws.send_str("ping")
-            await ws.receive_str(timeout=5)
-    aio.run(talk())
-
-
 def _grpc(sidecar, grpc_upstream) -> None:
     credentials = grpc.ssl_channel_credentials(root_certificates=sidecar.ca_cert.read_bytes())
     with grpc.secure_channel(f"grpc.routed.test:{grpc_upstream.port}", credentials,
@@ -110,7 +97,7 @@ def test_no_output_stream_holds_any_form_of_any_secret_at_debug_level(
                              content=b"x" * 1000, headers={"te": "trailers"})
         assert answer.status_code == 200
     _grpc(sidecar, grpc_upstream)
-    _websocket(sidecar, marker)
+    websocket(sidecar, f"wss://api.routed.test/ws?m={marker}", send="ping")
     curl(sidecar, "-X", "DELETE", f"https://rules.routed.test/v1/models/x?m={marker}")  # refused
     exchange(sidecar.proxy_port, b"GET http://api.routed.test/ HTTP/1.1\r\nX: a\0b\r\n\r\n")
     assert len(upstream.find(marker)) > 20 and h2_upstream.find(marker)

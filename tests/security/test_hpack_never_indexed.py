@@ -7,13 +7,13 @@ fields arrived never-indexed."""
 from __future__ import annotations
 
 import ssl
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support.config import SECRETS, injection, ref
+from tests.support.serving import serving_process
 from tests.support.sidecar import start_sidecar
 
 HOST = "sensitive.routed.test"
@@ -22,18 +22,10 @@ CLIENTS = Path(__file__).resolve().parent.parent / "clients"
 
 @pytest.fixture(scope="module")
 def node_h2_upstream(test_ca, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("node-h2")
-    cert = test_ca[0].issue_cert(HOST, f"q.{HOST}", f"b.{HOST}")
-    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
-    process = subprocess.Popen(["node", str(CLIENTS / "h2_sensitive_upstream.mjs"),
-                                str(folder / "cert.pem"), str(folder / "key.pem")],
-                               stdout=subprocess.PIPE, text=True)
-    port = int(process.stdout.readline())
-    yield port
-    process.kill()
-    process.wait()
-    process.stdout.close()
+    with serving_process(["node", str(CLIENTS / "h2_sensitive_upstream.mjs")],
+                         test_ca[0].issue_cert(HOST, f"q.{HOST}", f"b.{HOST}"),
+                         tmp_path_factory.mktemp("node-h2")) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

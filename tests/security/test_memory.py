@@ -18,12 +18,10 @@ import json
 import ssl
 import time
 
-import aiohttp
 import httpx
 import pytest
 
-from tests.integration.clients import curl
-from tests.support import aio
+from tests.integration.clients import curl, websocket
 from tests.support.config import INJECTIONS, SECRETS, injection, ref, resolve_all
 from tests.support.raw import exchange
 from tests.support.sidecar import start_sidecar
@@ -70,15 +68,6 @@ def wait_all_closed(sidecar) -> None:
         time.sleep(0.05)
 
 
-def _websocket(sidecar, marker: str) -> None:
-    async def talk():
-        context = ssl.create_default_context(cafile=str(sidecar.ca_cert))
-        async with aiohttp.ClientSession() as session, session.ws_connect(
-                f"wss://api.routed.test/ws?m={marker}", proxy=sidecar.url, ssl=context) as ws:
-            await ws.receive_str(timeout=5)
-    aio.run(talk())
-
-
 def test_every_kind_of_connection_is_freed_when_it_closes(probed, plain_upstream, h2_upstream,
                                                           marker):
     garbage(probed)  # what start-up left (imports, argparse) is not the point
@@ -94,7 +83,7 @@ def test_every_kind_of_connection_is_freed_when_it_closes(probed, plain_upstream
         with httpx.Client(http2=True, proxy=probed.url, verify=verify, trust_env=False) as c:
             assert c.post(f"https://h2.routed.test:{h2_upstream.port}/{marker}",
                           content=b"x" * 70_000).status_code == 200  # an HTTP/2 upstream
-        _websocket(probed, marker)
+        websocket(probed, f"wss://api.routed.test/ws?m={marker}")
         exchange(probed.proxy_port, b"GET http://api.routed.test/ HTTP/1.1\r\nX: a\0b\r\n\r\n")
     wait_all_closed(probed)
     found = garbage(probed)

@@ -4,10 +4,13 @@ a listening socket the caller made, e.g. inside the test node's network namespac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import trustme
 from aiohttp import web
@@ -61,3 +64,20 @@ class ThreadedApp:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+
+@contextlib.contextmanager
+def serving_process(command: list[str], cert: trustme.LeafCert, folder: Path
+                    ) -> Iterator[int]:
+    """A server program (Go, Node) given its certificate and key files as its last two
+    arguments, which prints the port it listens on first; killed at the end."""
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    process = subprocess.Popen([*command, str(folder / "cert.pem"), str(folder / "key.pem")],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(process.stdout.readline())
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
