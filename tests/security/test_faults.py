@@ -152,7 +152,7 @@ def test_a_name_that_does_not_resolve_is_a_502_naming_it(faulty_sidecar):
 def test_an_emptied_secret_is_refused_and_the_last_good_value_serves(make_sidecar, upstream, marker):
     proc = make_sidecar()
     (proc.secrets_dir / "api-credentials" / "token").write_text("")
-    proc.wait_for_log("shorter than 8 characters")
+    proc.wait_for_log("the value is empty; write the key into this file")
     curl(proc, f"https://api.routed.test/{marker}")
     assert upstream.one(marker).header("Authorization") == [f"Bearer {API_TOKEN}"]
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -65,9 +66,11 @@ class Sidecar:
         """What SSL_CERT_FILE points at: the keyhole CA plus the test upstream's CA
         (the stand-in for public roots, for hosts tunnelled blind)."""
         path = self.workdir / "bundle.pem"
-        if not path.exists():
+        if not path.exists():  # written whole, then renamed: clients in other threads read it
             parts = [self.ca_cert.read_text()] + [Path(p).read_text() for p in self.extra_ca]
-            path.write_text("".join(parts))
+            partial = path.with_name(f"bundle.{threading.get_ident()}.tmp")
+            partial.write_text("".join(parts))
+            partial.replace(path)
         return path
 
     def client_env(self, **extra: str) -> dict[str, str]:

@@ -383,6 +383,8 @@ class H2ClientConnection(H2Peer):
         """The answer is out: let the client finish its body (read and dropped, within a
         bound) so it reads the answer, then reset the stream if it is still sending."""
         body.read_nowait(-1)  # what it held: dropped, its window given back
+        if body.is_eof():
+            return  # it had ended; only unread pieces were left
         self._discarding[stream_id] = [  # later DATA comes to _discard
             DISCARD_BYTES, self._loop.call_later(DISCARD_SECONDS, self._end_discarding, stream_id)]
 
