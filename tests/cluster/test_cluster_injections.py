@@ -33,7 +33,9 @@ class Fleet:
 
     def __init__(self, kube, operator, llm, workdir):
         self.kube, self.operator, self.llm, self.workdir = kube, operator, llm, workdir
-        self.mark = secrets.token_hex(3)
+        # A label value that is never all digits: "020778" would be read back as an integer
+        # by YAML (and refused by the CRD's schema), one run in sixteen.
+        self.mark = f"f{secrets.token_hex(3)}"
         self.name = f"fleet-{self.mark}"
         self.tag = f"keyhole.dev/{self.name}"
         self.namespaces = [f"{self.name}-{x}" for x in "abc"]
