@@ -23,12 +23,13 @@ import json
 import math
 from dataclasses import dataclass
 
-from keyhole_sidecar.usage.sse import EventSplitter, Oversized
+from keyhole_sidecar.usage.sse import HEAD, TAIL, EventSplitter, Oversized
 
 APIS = ("openai", "anthropic", "gemini")
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and code; docs/budgets.md
-WHOLE_JSON = 1 << 20  # a JSON answer up to this size is parsed whole (exact)
-HEAD, TAIL = 16 << 10, 256 << 10  # beyond it, the model is read at the head, usage at the tail
+# A JSON answer up to this size is parsed whole (exact); beyond it, as an SSE event too large
+# to hold, only its HEAD (the model) and TAIL (the usage) are kept (sse.HEAD, sse.TAIL).
+WHOLE_JSON = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
