@@ -100,3 +100,14 @@ class ProxyContext:
     """Requests being answered, for the drain on SIGTERM."""
     traces: Callable[[AuditRecord], None] | None = None
     """Where each answered request's record goes as a span (--otlp-endpoint), if anywhere."""
+
+    def account(self, mode: str, method: str, host: str, decision: str, reason: str, *,
+                status: int = 0, injection: str | None = None,
+                protocol: str | None = None) -> None:
+        """The one place a connection-level decision is written down: a refused CONNECT, a
+        failed handshake, bytes the parser refused, a reset transparent connection. One audit
+        line and one count; a request's own line is its exchange's (handlers)."""
+        self.metrics.decisions.labels(decision, reason).inc()
+        self.audit.write(AuditRecord(mode=mode, method=method, host=host, decision=decision,
+                                     reason=reason, status=status, injection=injection,
+                                     protocol=protocol))

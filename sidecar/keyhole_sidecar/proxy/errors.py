@@ -9,8 +9,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
+import ssl
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
+
+from keyhole_sidecar.egress import TargetRefused
+from keyhole_sidecar.proxy.exchange import ResolveFailed
 
 _QUOTED = re.compile(r"""(bytearray\(|\bb['"]|['"])""")  # where llhttp's quote of the bytes begins
 
@@ -27,6 +33,12 @@ class ProxyError(Exception):
         self.injection = injection  # the injection the decision concerned, for the audit line
         if status is not None:
             self.status = status
+
+    def parts(self) -> tuple[list[tuple[str, str]], bytes]:
+        """The answer's headers and body: one plain-text sentence, unless a subclass speaks
+        the client's own error shape."""
+        return ([("Content-Type", "text/plain; charset=utf-8"), ("X-Keyhole-Error", self.reason)],
+                f"keyhole: {self.message}\n".encode())
 
 
 class Denied(ProxyError):
@@ -144,11 +156,52 @@ class BudgetExceeded(ProxyError):
         return headers, (json.dumps(body) + "\n").encode()
 
 
-def error_parts(error: ProxyError) -> tuple[int, str, list[tuple[str, str]], bytes]:
-    """Status, reason, headers and body of the answer to ``error``."""
-    if isinstance(error, LimitExceeded | BudgetExceeded):
-        headers, body = error.parts()
-        return error.status, HTTPStatus(error.status).phrase, headers, body
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("X-Keyhole-Error", error.reason)]
-    return (error.status, HTTPStatus(error.status).phrase, headers,
-            f"keyhole: {error.message}\n".encode())
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A refusal as every protocol answers it: the wire frames these parts (an HTTP/1.1 head,
+    an HTTP/2 HEADERS frame, aiohttp's response to a WebSocket handshake)."""
+
+    status: int
+    phrase: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    close: bool
+    """The connection should end after it (HTTP/1.1): a 400 means the stream may not be where
+    the client thinks it is."""
+
+
+def render(error: ProxyError) -> Rendered:
+    """The one renderer: what the client is answered for ``error``, whatever door it came in."""
+    headers, body = error.parts()
+    return Rendered(error.status, HTTPStatus(error.status).phrase, headers, body,
+                    error.status == 400)
+
+
+def connect_failure(exc: BaseException, host: str, port: int) -> ProxyError:
+    """What the client is told when no connection to the upstream could be opened: one cause,
+    one reason code, whichever mode (CONNECT tunnel, intercepted, plain) met it."""
+    where = f"{host}:{port}"
+    if isinstance(exc, TargetRefused):
+        return Denied(exc.reason, str(exc))
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return UpstreamFailed("upstream_tls", f"the TLS certificate of {where} failed "
+                              f"verification ({exc.verify_message or exc}); the request was not "
+                              "sent")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamFailed("upstream_tls", f"TLS with {where} failed ({exc.reason or exc}); "
+                              "the request was not sent")
+    if isinstance(exc, ResolveFailed | socket.gaierror):
+        refused = exc.__cause__
+        if isinstance(refused, TargetRefused):
+            return Denied(refused.reason, str(refused))
+        return UpstreamFailed("dns", f"cannot resolve {host}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamFailed("timeout", f"{where} did not answer in time", status=504)
+    if isinstance(exc, UnicodeError | ValueError):
+        return UpstreamFailed("bad_host", f"{host} is not a host name or address the "
+                              "proxy can connect to", status=400)
+    if isinstance(exc, OSError):
+        return UpstreamFailed("connect", f"cannot connect to {where} "
+                              f"({exc.strerror or type(exc).__name__})")
+    return UpstreamFailed("upstream_error", f"talking to {where} failed ({type(exc).__name__})")
+

@@ -20,26 +20,20 @@ from urllib.parse import unquote_plus
 
 from keyhole_common.spec import normalise_hostname, split_authority
 from keyhole_sidecar.audit import AuditRecord
-from keyhole_sidecar.limits import Refusal
 from keyhole_sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import (
     BadRequest,
     Denied,
-    LimitExceeded,
     ProxyError,
     Unavailable,
     UpstreamFailed,
-    error_parts,
+    render,
 )
 from keyhole_sidecar.proxy.exchange import Request
-from keyhole_sidecar.proxy.forward import (
-    Target,
-    content_length,
-    forward,
-    is_websocket,
-    routes_label,
-)
+from keyhole_sidecar.proxy.flow import Exchange
+from keyhole_sidecar.proxy.forward import forward
+from keyhole_sidecar.proxy.target import Target, is_websocket, routes_label, unrouted_target
 from keyhole_sidecar.proxy.websocket import forward_websocket
 from keyhole_sidecar.routes import Route
 
@@ -82,14 +76,6 @@ def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_po
                   tuple(limits))
 
 
-def _unrouted(ctx: ProxyContext, scheme: str, host: str, port: int, raw_path: str,
-              raw_query: str) -> Target:
-    if ctx.settings.unmatched == "deny":
-        raise Denied("unrouted", f"{host}:{port} is not routed by any injection and this proxy "
-                                 "runs with --unmatched deny")
-    return Target(scheme, host, port, raw_path or "/", raw_query)
-
-
 def _query_keys(raw_query: str) -> list[str]:
     keys = [unquote_plus(pair.partition("=")[0]) for pair in raw_query.split("&") if pair]
     return keys[:MAX_AUDIT_QUERY_KEYS]
@@ -113,16 +99,11 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
         record.source = "+".join(sorted({r.source for r in target.routes})) or None
         record.decision = "injected" if target.routed else "passthrough"
         record.reason = "routed" if target.routed else "unrouted"
-        if not target.limits:
-            await _send(ctx, request, target, record)
-            return
-        ticket = ctx.limiter.admit(target.limits, _announced_length(request))
-        if isinstance(ticket, Refusal):
-            raise LimitExceeded(ticket)
-        try:
-            await _send(ctx, request, target, record)
-        finally:
-            ctx.limiter.release(ticket)
+        exchange = Exchange(ctx, request, target, record)
+        if target.routed and request.protocol == "http/1.1" and is_websocket(request.headers):
+            await forward_websocket(exchange)  # the one exchange the relay does not carry
+        else:
+            await forward(exchange)
     except ProxyError as error:
         record.decision, record.reason, record.status = error.decision, error.reason, error.status
         if error.injection is not None:  # refused before a target existed: still name it
@@ -147,34 +128,16 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
             ctx.traces(record)
 
 
-async def _send(ctx: ProxyContext, request: Request, target: Target,
-                record: AuditRecord) -> None:
-    """Forward the request, or hand a WebSocket upgrade to a routed host to aiohttp's
-    WebSocket machinery (the one exchange the relay does not carry itself)."""
-    if target.routed and request.protocol == "http/1.1" and is_websocket(request.headers):
-        await forward_websocket(ctx, request, target, record)
-    else:
-        await forward(ctx, request, target, record)
-
-
-def _announced_length(request: Request) -> int | None:
-    """The body's length when the head says it (llhttp checked the digits); else None."""
-    if not request.length_known or not request.can_read_body:
-        return None if request.can_read_body else 0
-    return content_length(request.headers)
-
-
 async def _answer_error(request: Request, error: ProxyError) -> None:
     """Answer ``error``, or break the connection if part of an answer was already sent."""
     reply = request.reply
     if reply.started:
         reply.abort()
         return
-    status, reason, headers, body = error_parts(error)
-    if status == 400:
-        reply.close = True  # the stream may not be where the client thinks it is
+    answer = render(error)
+    reply.close = reply.close or answer.close
     with contextlib.suppress(ConnectionError):
-        await reply.send(status, reason, headers, body)
+        await reply.send(answer.status, answer.phrase, answer.headers, answer.body)
 
 
 async def handle_plain(ctx: ProxyContext, request: Request) -> None:
@@ -220,7 +183,8 @@ def _decide_absolute(ctx: ProxyContext, request: Request, url) -> Target:
                          "NO_PROXY (keyhole sets it in pods), or run the client without a "
                          "proxy variable")
     if not routes:
-        return _unrouted(ctx, url.scheme, host, port, url.raw_path, url.raw_query_string)
+        return unrouted_target(ctx.settings.unmatched, url.scheme, host, port, url.raw_path,
+                                   url.raw_query_string)
     entry = table.upstream_for(routes, host, port, plain_http=url.scheme == "http")
     return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
                          url.raw_query_string)
@@ -262,7 +226,8 @@ async def handle_intercepted(ctx: ProxyContext, host: str, port: int,
         table = ctx.routes()
         routes = table.match(host, port)
         if not routes:  # revoked while the tunnel was open
-            return _unrouted(ctx, "https", host, port, url.raw_path, url.raw_query_string)
+            return unrouted_target(ctx.settings.unmatched, "https", host, port, url.raw_path,
+                                   url.raw_query_string)
         entry = table.upstream_for(routes, host, port)
         return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
                              url.raw_query_string)
@@ -283,7 +248,8 @@ async def handle_transparent_http(ctx: ProxyContext, host: str, port: int,
         table = ctx.routes()
         routes = table.match(host, port, plain_http=True)
         if not routes:  # revoked while the connection was open
-            return _unrouted(ctx, "http", host, port, url.raw_path, url.raw_query_string)
+            return unrouted_target(ctx.settings.unmatched, "http", host, port, url.raw_path,
+                                   url.raw_query_string)
         entry = table.upstream_for(routes, host, port, plain_http=True)
         return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
                              url.raw_query_string)

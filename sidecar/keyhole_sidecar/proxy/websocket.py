@@ -1,63 +1,93 @@
 """WebSocket upgrades to routed hosts: the one request that stays on aiohttp's machinery.
 
-The relay hands the upgrade request (and the connection) to aiohttp's server, which speaks
-the WebSocket protocol to the client; aiohttp's client speaks it to the upstream, with the
-credential in the handshake. Every message from the upstream is redacted on its way back.
+The handshake runs the same stages as any request (limits, credentials) before the relay
+hands the upgrade (and the connection) to aiohttp's server, which speaks the WebSocket
+protocol to the client; aiohttp's client speaks it to the upstream, with the credential in
+the handshake. Every message from the upstream passes the redaction stage on its way back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.inject import forwarded_headers
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.errors import ProxyError, UpstreamFailed
-from keyhole_sidecar.proxy.exchange import Request
-from keyhole_sidecar.proxy.forward import Target, _authorize, check_target, connect_failure
+from keyhole_sidecar.proxy.errors import ProxyError, UpstreamFailed, connect_failure, render
+from keyhole_sidecar.proxy.flow import Exchange, check_egress
+from keyhole_sidecar.proxy.forward import open_stages, prepare
+from keyhole_sidecar.proxy.stages.credentials import Credentials
+from keyhole_sidecar.proxy.stages.limits import Limits
+from keyhole_sidecar.proxy.stages.redaction import Redaction
+from keyhole_sidecar.proxy.target import Target
+from keyhole_sidecar.redact import Redactor
 
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version",
                            "sec-websocket-protocol", "sec-websocket-extensions"})
+WEBSOCKET_STAGES = (Limits, Credentials, Redaction)
 
 
-async def forward_websocket(ctx: ProxyContext, request: Request, target: Target,
-                            record: AuditRecord) -> None:
-    """Inject into the handshake, redact every message; errors before the upgrade are
-    answered by aiohttp's server as the relay would have answered them."""
-    check_target(ctx, target)
-    failure: list[ProxyError] = []
-
-    async def serve(web_request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            return await _relay(ctx, web_request, target, record)
-        except ProxyError as error:
-            failure.append(error)
-            return _error_response(error)
-
-    await request.reply.hand_over(serve)
-    if failure:
-        error = failure[0]
-        record.decision, record.reason, record.status = error.decision, error.reason, error.status
-
-
-async def _relay(ctx: ProxyContext, request: web.BaseRequest, target: Target,
-                 record: AuditRecord) -> web.StreamResponse:
-    headers = forwarded_headers(request.headers, target.routes, keep_upgrade=True)
+async def forward_websocket(ex: Exchange) -> None:
+    """Run the handshake's stages, then relay; a refusal before the upgrade is answered as
+    any request's (by the caller, or by aiohttp's server once it holds the connection)."""
+    check_egress(ex)
+    ex.headers = forwarded_headers(ex.request.headers, ex.target.routes, keep_upgrade=True)
     for name in _WS_HANDSHAKE:
-        headers.popall(name, None)
-    query = None
-    if target.credentials:
-        _, query = await _authorize(ctx, request, target, headers, None)
+        ex.headers.popall(name, None)
+    stages = open_stages(ex, WEBSOCKET_STAGES)
+    try:
+        await prepare(stages)
+        # What the relay needs, and not the Exchange: aiohttp's server keeps ``serve`` while
+        # the request (which holds the reply, which holds that server) must not be reachable
+        # from it, or a closed connection would wait for the cycle collector.
+        upgrade = _Upgrade(ex.ctx, ex.target, ex.headers, ex.query, ex.record,
+                           next(s for s in stages if isinstance(s, Redaction)).redactor)
+        failure: list[ProxyError] = []
+
+        async def serve(web_request: web.BaseRequest) -> web.StreamResponse:
+            try:
+                return await _relay(upgrade, web_request)
+            except ProxyError as error:
+                failure.append(error)
+                answer = render(error)
+                return web.Response(status=answer.status, body=answer.body,
+                                    headers=[*answer.headers, *(
+                                        [("Connection", "close")] if answer.close else [])])
+
+        await ex.request.reply.hand_over(serve)
+        if failure:
+            error, record = failure[0], ex.record
+            record.decision, record.reason, record.status = (error.decision, error.reason,
+                                                             error.status)
+    finally:
+        for stage in stages:
+            stage.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Upgrade:
+    ctx: ProxyContext
+    target: Target
+    headers: CIMultiDict[str]
+    query: str | None
+    record: AuditRecord
+    redactor: Redactor
+
+
+async def _relay(ex: _Upgrade, request: web.BaseRequest) -> web.StreamResponse:
+    target = ex.target
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                  if p.strip()]
     try:
-        upstream = await ctx.session.ws_connect(
-            target.url("wss", query), headers=headers, protocols=protocols, autoclose=False,
-            autoping=False, compress=0, max_msg_size=0,
+        upstream = await ex.ctx.session.ws_connect(
+            target.url("wss", ex.query), headers=ex.headers, protocols=protocols,
+            autoclose=False, autoping=False, compress=0, max_msg_size=0,
         )
     except aiohttp.WSServerHandshakeError as exc:
         raise UpstreamFailed("websocket_refused", f"{target.host} refused the WebSocket upgrade "
@@ -65,13 +95,13 @@ async def _relay(ctx: ProxyContext, request: web.BaseRequest, target: Target,
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         cause = getattr(exc, "os_error", None) or getattr(exc, "certificate_error", None) or exc
         failure = connect_failure(cause, target.host, target.port)
-        ctx.metrics.upstream_errors.labels(failure.reason).inc()
+        ex.ctx.metrics.upstream_errors.labels(failure.reason).inc()
         raise failure from None
-    redactor = target.redactor()
+    redactor = ex.redactor
     client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (),
                                    autoclose=False, autoping=False, max_msg_size=0)
     await client.prepare(request)
-    record.status = 101
+    ex.record.status = 101
 
     async def pump(source, sink, redact: bool) -> None:
         async for msg in source:
@@ -100,13 +130,3 @@ async def _relay(ctx: ProxyContext, request: web.BaseRequest, target: Target,
         await upstream.close()
         await client.close()
     return client
-
-
-def _error_response(error: ProxyError) -> web.Response:
-    """The same answer through aiohttp's server (a WebSocket upgrade's)."""
-    return web.Response(
-        status=error.status,
-        text=f"keyhole: {error.message}\n",
-        headers={"X-Keyhole-Error": error.reason, "Connection": "close"}
-        if error.status == 400 else {"X-Keyhole-Error": error.reason},
-    )

@@ -19,7 +19,6 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
@@ -27,7 +26,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
 from keyhole_common.spec import normalise_hostname
-from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import (
     BadRequest,
@@ -35,9 +33,11 @@ from keyhole_sidecar.proxy.errors import (
     ProxyError,
     UpstreamFailed,
     parser_complaint,
+    render,
 )
-from keyhole_sidecar.proxy.forward import routes_label
 from keyhole_sidecar.proxy.handlers import handle_intercepted, handle_plain
+from keyhole_sidecar.proxy.target import refuse_unrouted, routes_label
+from keyhole_sidecar.proxy.wire import heads
 from keyhole_sidecar.proxy.wire.http1 import ClientConnection
 from keyhole_sidecar.proxy.wire.tunnel import open_blind_tunnel
 from keyhole_sidecar.upstream import parse_connect_target
@@ -49,15 +49,6 @@ _CA_REJECTED = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT
                 "UNSUPPORTED_CERTIFICATE", "ACCESS_DENIED")
 CA_HINT = ("point the client at the keyhole CA: SSL_CERT_FILE / REQUESTS_CA_BUNDLE / "
            "CURL_CA_BUNDLE to a bundle holding it, or NODE_EXTRA_CA_CERTS for Node")
-
-
-def _status_line(status: int, reason: str, body: str, code: str) -> bytes:
-    """A refusal of a CONNECT: ``code`` is one of our reason codes (a constant, never input)."""
-    payload = body.encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"X-Keyhole-Error: {code}\r\nContent-Length: {len(payload)}\r\n"
-            "Connection: close\r\n\r\n")
-    return head.encode() + payload
 
 
 # -- handing a transport over ----------------------------------------------------------------
@@ -197,10 +188,8 @@ def handshake_failed(ctx: ProxyContext, host: str, port: int, exc: BaseException
         reason = "client_tls_failed"
         log.info("TLS handshake with the client for %s failed: %s", host,
                  getattr(exc, "reason", None) or type(exc).__name__)
-    ctx.metrics.decisions.labels("error", reason).inc()
-    ctx.audit.write(AuditRecord(mode=mode, method="CONNECT" if mode == "intercept" else "TLS",
-                                host=f"{host}:{port}", decision="error", reason=reason,
-                                injection=routes_label(ctx.routes().match(host, port))))
+    ctx.account(mode, "CONNECT" if mode == "intercept" else "TLS", f"{host}:{port}", "error",
+                reason, injection=routes_label(ctx.routes().match(host, port)))
 
 
 # -- the proxy port's door ---------------------------------------------------------------------
@@ -254,9 +243,7 @@ class FrontDoor(asyncio.Protocol):
         could read says why (it is mid-handshake), so the log and the audit line do."""
         self._state = "handed over"
         self._life.seen()
-        self.ctx.metrics.decisions.labels("denied", "tls_to_proxy_port").inc()
-        self.ctx.audit.write(AuditRecord(mode="plain", method="-", host="-", decision="denied",
-                                         reason="tls_to_proxy_port"))
+        self.ctx.account("plain", "-", "-", "denied", "tls_to_proxy_port")
         _tls_refusals.log("a client began TLS on the proxy port: its proxy URL starts with "
                           "https://, but the proxy port speaks plain HTTP (HTTPS is tunnelled "
                           "by CONNECT). Set HTTPS_PROXY=http://127.0.0.1:15080 (http, not https)")
@@ -297,13 +284,13 @@ class FrontDoor(asyncio.Protocol):
     def refuse(self, error: ProxyError, host: str = "", injection: str | None = None) -> None:
         """Answer the CONNECT with ``error`` (it was not opened), audited as any request."""
         self._life.seen()
-        self.ctx.audit.write(AuditRecord(mode="tunnel", method="CONNECT", host=host,
-                                         injection=injection, status=error.status,
-                                         decision=error.decision, reason=error.reason))
-        self.ctx.metrics.decisions.labels(error.decision, error.reason).inc()
+        self.ctx.account("tunnel", "CONNECT", host, error.decision, error.reason,
+                         status=error.status, injection=injection)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_status_line(error.status, HTTPStatus(error.status).phrase,
-                                              f"keyhole: {error.message}\n", error.reason))
+            answer = render(error)
+            self.transport.write(heads.response_head(answer.status, answer.phrase, [
+                *answer.headers, ("Content-Length", str(len(answer.body))),
+                ("Connection", "close")]) + answer.body)
             self.transport.close()
 
     async def _connect(self, target: str) -> None:
@@ -319,10 +306,12 @@ class FrontDoor(asyncio.Protocol):
         routes = self.ctx.routes().match(host, port)
         if routes:
             await self._intercept(normalise_hostname(host), port)
-        elif self.ctx.settings.unmatched == "deny":
-            self.refuse(Denied("unrouted", f"{host}:{port} is not routed by any injection and "
-                               "this proxy runs with --unmatched deny"), f"{host}:{port}")
         else:
+            try:
+                refuse_unrouted(self.ctx.settings.unmatched, f"{host}:{port}")
+            except Denied as denied:
+                self.refuse(denied, f"{host}:{port}")
+                return
             tunnel = await open_blind_tunnel(self, host, port)
             if tunnel is not None and self.transport is not None:
                 self._state = "handed over"

@@ -25,7 +25,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
-from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import parser_complaint
 from keyhole_sidecar.proxy.exchange import Request, Trailers
@@ -316,11 +315,9 @@ class ClientConnection(BaseProtocol):
         self._refusal = exc = exc.with_traceback(None)  # its frames hold this connection
         if self._last_body is not None and not self._last_body.is_eof():
             set_exception(self._last_body, exc)  # a body that went bad mid-way ends its request
-        self._ctx.metrics.decisions.labels("denied", "malformed").inc()
         mode, host = self._where
-        self._ctx.audit.write(AuditRecord(mode=mode, method="-", host=host, decision="denied",
-                                          reason="malformed", status=exc.code,
-                                          protocol="http/1.1"))
+        self._ctx.account(mode, "-", host, "denied", "malformed", status=exc.code,
+                          protocol="http/1.1")
         _refusals.log(exc)
         self._on_request()
         if self._task is None:

@@ -26,7 +26,6 @@ import h2.settings
 from multidict import CIMultiDict
 from yarl import URL
 
-from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.exchange import Request, Trailers
 from keyhole_sidecar.proxy.wire import heads
@@ -205,10 +204,8 @@ class H2ClientConnection(H2Peer):
             return
         detail = _PROTOCOL_ERRORS.get(type(exc).__name__, "it broke the HTTP/2 protocol")
         log.warning("closing an HTTP/2 connection: %s (%s)", detail, type(exc).__name__)
-        self._ctx.metrics.decisions.labels("denied", "malformed").inc()
         mode, host = self._where
-        self._ctx.audit.write(AuditRecord(mode=mode, method="-", host=host, decision="denied",
-                                          reason="malformed", protocol="h2"))
+        self._ctx.account(mode, "-", host, "denied", "malformed", protocol="h2")
         self._on_request()
         self._close()
 

@@ -39,8 +39,8 @@ from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.clienthello import MAX_CLIENT_HELLO, Verdict, read_sni
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import BadRequest, Denied, ProxyError, UpstreamFailed
-from keyhole_sidecar.proxy.forward import routes_label
 from keyhole_sidecar.proxy.handlers import handle_transparent_http
+from keyhole_sidecar.proxy.target import refuse_unrouted, routes_label
 from keyhole_sidecar.proxy.wire.frontdoor import (
     Life,
     Pending,
@@ -119,10 +119,7 @@ class _TunnelDoor(asyncio.Protocol):
 
 def _refused(ctx: ProxyContext, host: str, error: ProxyError,
              injection: str | None = None) -> None:
-    ctx.audit.write(AuditRecord(mode="transparent", method="TCP", host=host,
-                                injection=injection, decision=error.decision,
-                                reason=error.reason))
-    ctx.metrics.decisions.labels(error.decision, error.reason).inc()
+    ctx.account("transparent", "TCP", host, error.decision, error.reason, injection=injection)
     log.info("transparent connection to %s reset: %s", host or "?", error.message)
 
 
@@ -284,9 +281,10 @@ class TransparentPort:
     async def _pass(self, conn: socket.socket, address: str, port: int, name: str,
                     reason: str) -> None:
         label = f"{name or address}:{port}"
-        if self.ctx.settings.unmatched == "deny":
-            _refused(self.ctx, label, Denied(reason, f"{label} is not routed and this proxy "
-                                                     "runs with --unmatched deny"))
+        try:
+            refuse_unrouted(self.ctx.settings.unmatched, label, reason)
+        except Denied as denied:
+            _refused(self.ctx, label, denied)
             _reset(conn)
             return
         record = AuditRecord(mode="transparent", method="TCP", host=label,

@@ -13,9 +13,8 @@ from typing import Protocol
 
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.proxy.context import ProxyContext
-from keyhole_sidecar.proxy.errors import ProxyError
+from keyhole_sidecar.proxy.errors import ProxyError, connect_failure
 from keyhole_sidecar.proxy.exchange import ResolveFailed
-from keyhole_sidecar.proxy.forward import connect_failure
 
 
 class Door(Protocol):
