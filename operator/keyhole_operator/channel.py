@@ -29,7 +29,6 @@ import base64
 import hashlib
 import json
 import logging
-import math
 import re
 import ssl
 import threading
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from kubernetes.client.rest import ApiException
 
+from keyhole_common.channel import LEASES_PATH, ROUTES_PATH, VALUES_PATH, Report
 from keyhole_common.spec import SignatureError, parse_injection, verify
 from keyhole_common.spec.model import Budget, SecretInjection
 from keyhole_operator import ledger, metrics, values
@@ -51,9 +51,6 @@ log = logging.getLogger("keyhole.operator.channel")
 AUDIENCE = "keyhole.dev"
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
-LEASES_PATH = "/v1/leases"
-ROUTES_PATH = "/v1/routes"
-VALUES_PATH = "/v1/values"
 MAX_BODY = 64 * 1024
 _LEASE_ID = re.compile(r"^[0-9a-f]{16,64}$")
 _SERVICE_ACCOUNT = re.compile(r"^system:serviceaccount:([^:]+):([^:]+)$")
@@ -161,20 +158,10 @@ def parse_ask(body: object) -> tuple[str, str, list[ledger.Report]]:
         raise ChannelError(400, "'lease' must be 16 to 64 lowercase hex digits")
     if not isinstance(budgets, list) or not 0 < len(budgets) <= 64:
         raise ChannelError(400, "'budgets' must list 1 to 64 reports")
-    reports = []
-    for entry in budgets:
-        try:
-            report = ledger.Report(str(entry["name"]), float(entry["window"]),
-                                   int(entry["tokens"]), float(entry["usd"]),
-                                   float(entry["want"]))
-        except (TypeError, KeyError, ValueError):
-            raise ChannelError(400, "each report needs name, window, tokens, usd and "
-                                    "want") from None
-        figures = (report.window, report.tokens, report.usd, report.want)
-        if not all(math.isfinite(x) and x >= 0 for x in figures):
-            raise ChannelError(400, f"report {report.name!r}: figures must be finite, 0 or "
-                                    "more")
-        reports.append(report)
+    try:
+        reports = [Report.from_json(entry) for entry in budgets]
+    except ValueError as exc:
+        raise ChannelError(400, str(exc)) from None
     return injection, lease, reports
 
 

@@ -26,13 +26,12 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
+from keyhole_common.channel import USAGE, Grant, Report, window
 from keyhole_common.spec.model import Budget
 
 LEASE_SECONDS = 120.0
 """How long a slice is good without the sidecar hearing from the operator: the time the
 operator may be away before sidecars stop admitting on this budget."""
-USAGE = "usage/day"
-"""The meter of what the injection's pods spent today: an entry with no limit."""
 MAX_LEASES = 500
 """Leases kept in one entry; beyond, the longest expired are retired (counted, not listed)."""
 
@@ -46,43 +45,9 @@ class Holder:
     lease: str
 
 
-@dataclass(frozen=True, slots=True)
-class Report:
-    """What a sidecar says of one budget: counted so far in ``window`` (its start, epoch
-    seconds) by this lease, and the room it asks for (tokens, or USD for spend)."""
-
-    name: str
-    window: float
-    tokens: int
-    usd: float
-    want: float
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    name: str
-    window: float
-    allowance: float
-    """The lease may count up to this (cumulative in the window, tokens or USD)."""
-    granted: float
-    left: float | None
-    expires_in: float
-
-    def as_json(self) -> dict:
-        return {"name": self.name, "window": self.window, "allowance": self.allowance,
-                "granted": self.granted, "left": self.left, "expiresIn": self.expires_in}
-
-
 def window_start(now: float, per: str) -> float:
     """The UTC hour, day or month holding ``now``: its start, in epoch seconds."""
-    moment = dt.datetime.fromtimestamp(now, dt.UTC)
-    if per == "hour":
-        start = moment.replace(minute=0, second=0, microsecond=0)
-    elif per == "day":
-        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    else:
-        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    return start.timestamp()
+    return window(now, per)[0]
 
 
 def _iso(epoch: float) -> str:

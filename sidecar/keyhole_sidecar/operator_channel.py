@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
+from keyhole_common.channel import LEASES_PATH, ROUTES_PATH, VALUES_PATH
 from keyhole_sidecar.usage.shared import CALL_TIMEOUT, ChannelUnavailable
 
 log = logging.getLogger("keyhole.channel")
@@ -77,9 +78,10 @@ class OperatorChannel:
             raise ChannelUnavailable(f"the operator channel {url} answered no JSON object")
         return answer
 
-    async def _call(self, call: str, body: dict | None) -> dict:
+    async def _call(self, path: str, body: dict | None) -> dict:
+        call = path.rsplit("/", 1)[-1]  # the metric's label: leases, routes, values
         try:
-            answer = await self._post(f"/v1/{call}", body)
+            answer = await self._post(path, body)
         except ChannelUnavailable:
             self.on_answer(call, False)
             raise
@@ -87,16 +89,16 @@ class OperatorChannel:
         return answer
 
     async def lease(self, body: dict) -> list[dict]:
-        return list((await self._call("leases", body)).get("budgets") or [])
+        return list((await self._call(LEASES_PATH, body)).get("budgets") or [])
 
     async def routes(self) -> str:
-        routes = (await self._call("routes", None)).get("routes")
+        routes = (await self._call(ROUTES_PATH, None)).get("routes")
         if not isinstance(routes, str):
             raise ChannelUnavailable("the operator channel answered no routes")
         return routes
 
     async def values(self) -> dict:
-        return await self._call("values", None)
+        return await self._call(VALUES_PATH, None)
 
     async def close(self) -> None:
         if self._session is not None:

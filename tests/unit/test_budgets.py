@@ -6,8 +6,9 @@ import datetime as dt
 
 import pytest
 
+from keyhole_common.channel import window
 from keyhole_common.spec.model import Budget, Llm, Price
-from keyhole_sidecar.usage.budgets import Asked, BudgetRefusal, Budgets, window
+from keyhole_sidecar.usage.budgets import Asked, BudgetRefusal, Budgets
 from keyhole_sidecar.usage.meter import Usage
 from keyhole_sidecar.usage.prices import cost, price_of
 

@@ -10,32 +10,17 @@ kept on disk (``--state-dir``) so a restarted sidecar does not start the month a
 
 from __future__ import annotations
 
-import datetime as dt
 import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from keyhole_common.channel import window
 from keyhole_common.spec.model import Budget, Llm, Price
 from keyhole_sidecar.limits import WindowStore, system_clock
 from keyhole_sidecar.usage.meter import CHARS_PER_TOKEN, Usage
 from keyhole_sidecar.usage.prices import cost, price_of
-
-
-def window(now: float, per: str) -> tuple[float, float]:
-    """The UTC hour, day or calendar month holding ``now``: (start, end) in epoch seconds."""
-    moment = dt.datetime.fromtimestamp(now, dt.UTC)
-    if per == "hour":
-        start = moment.replace(minute=0, second=0, microsecond=0)
-        end = start + dt.timedelta(hours=1)
-    elif per == "day":
-        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start + dt.timedelta(days=1)
-    else:
-        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = (start + dt.timedelta(days=32)).replace(day=1)
-    return start.timestamp(), end.timestamp()
 
 
 def applies(budget: Budget, model: str | None) -> bool:

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from keyhole_common.channel import USAGE, Grant, Report, lease_body, window
 from keyhole_common.spec.model import Budget, Llm
-from keyhole_sidecar.usage.budgets import Asked, BudgetRefusal, applies, window
+from keyhole_sidecar.usage.budgets import Asked, BudgetRefusal, applies
 from keyhole_sidecar.usage.meter import Usage
 
 log = logging.getLogger("keyhole.sidecar.budgets")
 
-USAGE = "usage/day"  # the operator's meter of the injection's spend today (no limit)
 SLICE_SHARE = 20  # a slice asked for is a twentieth of the budget beyond what requests need
 CALL_TIMEOUT = 5.0  # one call to the operator, at most
 
@@ -216,10 +216,8 @@ class SharedBudgets:
             asks.append((USAGE, meter, 0.0))
         if not asks:
             return True
-        body = {"injection": injection, "lease": self.lease,
-                "budgets": [{"name": name, "window": held.window, "tokens": held.tokens,
-                             "usd": round(held.usd, 9), "want": want}
-                            for name, held, want in asks]}
+        body = lease_body(injection, self.lease, [
+            Report(name, held.window, held.tokens, held.usd, want) for name, held, want in asks])
         sent = {name: (held.tokens, held.usd) for name, held, _ in asks}
         called = self.clock()
         try:
@@ -231,15 +229,20 @@ class SharedBudgets:
             return False
         self.last_error = None
         by_name = {name: held for name, held, _ in asks}
-        for grant in grants:
-            held = by_name.get(grant.get("name"))
-            if held is None or float(grant.get("window", -1)) != held.window:
+        for entry in grants:
+            try:
+                grant = Grant.from_json(entry)
+            except ValueError as exc:
+                log.warning("shared budgets of injection %r: the operator answered %s",
+                            injection, exc)
+                continue
+            held = by_name.get(grant.name)
+            if held is None or grant.window != held.window:
                 continue  # a window that ended while the call was out
-            held.allowance = float(grant["allowance"])
-            held.left = None if grant.get("left") is None else float(grant["left"])
-            held.expires = called + float(grant["expiresIn"])
+            held.allowance, held.left = grant.allowance, grant.left
+            held.expires = called + grant.expires_in
             held.used = False
-            held.dirty = (held.tokens, held.usd) != sent[grant["name"]]
+            held.dirty = (held.tokens, held.usd) != sent[grant.name]
         return True
 
     async def report_forever(self) -> None:
