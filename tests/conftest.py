@@ -15,6 +15,7 @@ import trustme
 
 from tests.support.config import GRPC_KEY, H2_KEY, INJECTIONS, SECRETS, injection, ref, resolve_all
 from tests.support.h2_upstream import GrpcUpstream, H2EchoServer
+from tests.support.mcp import mcp_proxy, mcp_upstreams  # noqa: F401 (fixtures: MCP tests)
 from tests.support.serving import serving_process
 from tests.support.sidecar import Sidecar, start_sidecar
 from tests.support.upstream import Upstream, UpstreamServer

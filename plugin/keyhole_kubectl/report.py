@@ -158,8 +158,11 @@ def explain_injection(raw: dict, parsed: Injection | None, facts: PodFacts) -> d
         verdict = "pending"
         why = "selected but not yet delivered: is the operator running? (kubectl keyhole status)"
     hosts = [str(h) for h in parsed.spec.hosts] if parsed is not None else []
+    mcp = parsed.spec.mcp.describe() if parsed is not None and parsed.spec.mcp else None
+    if has and mcp:
+        why += "; MCP " + "; ".join(mcp)
     return {"injection": name, "hosts": hosts, "selects": selects, "has": has,
-            "needsRestart": restart, "verdict": verdict, "why": why}
+            "needsRestart": restart, "verdict": verdict, "why": why, "mcp": mcp}
 
 
 def explain_pod(space: Namespace, pod_name: str) -> dict:

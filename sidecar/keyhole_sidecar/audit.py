@@ -32,6 +32,7 @@ class AuditRecord:
     bytes_out: int = 0  # to the client
     protocol: str | None = None  # the client's: "http/1.1" or "h2" (none for tunnels)
     llm: dict | None = None  # model and tokens of a model API's answer (spec.llm)
+    mcp: list[dict] | None = None  # each JSON-RPC message's method, tool and decision (spec.mcp)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -63,6 +64,8 @@ class AuditLog:
             "bytes_out": record.bytes_out, "protocol": record.protocol, "llm": record.llm,
             "duration_ms": round((time.monotonic() - record.started) * 1000, 3),
         }
+        if record.mcp is not None:
+            line["mcp"] = record.mcp
         self._stream.write(_ENCODE(line) + "\n")
         if self._flush_pending:
             return

@@ -74,6 +74,7 @@ def describe_route(route: Route, problem: str | None = None) -> dict:
              "limits": _limits(rule.limits)} for rule in injection.rules],
         "limits": _limits(injection.limits),
         "llm": _llm(injection),
+        "mcp": injection.mcp.describe() if injection.mcp is not None else None,
         "stripHeaders": list(injection.strip_headers),
     }
 
@@ -139,6 +140,8 @@ def render_text(described: dict) -> list[str]:
             for price in llm["prices"]:
                 lines.append(f"    price {price['model']}: ${price['input']:g} in, "
                              f"${price['output']:g} out per million tokens")
+        for line in entry.get("mcp") or ():
+            lines.append(f"    mcp {line}")
     ca = described["ca"]
     if ca is not None:
         lines.append(f"CA: {ca['subject']}, sha256 {ca['sha256'][:16]}…, expires "

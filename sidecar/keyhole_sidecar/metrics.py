@@ -115,6 +115,11 @@ class Metrics:
                                 "budgets; routes), 0 when it did not or refused.", ["call"],
                                 registry=r)
         self._models: dict[str, set[str]] = {}
+        self.mcp_calls = Counter("keyhole_mcp_calls", "MCP calls judged by spec.mcp, by "
+                                 "injection, kind (tools, prompts, resources), tool or prompt "
+                                 "name (resources: -) and decision (allowed, denied).",
+                                 ["injection", "kind", "tool", "decision"], registry=r)
+        self._mcp_names: dict[str, set[str]] = {}
         self.available = Gauge("keyhole_injection_available", "1 while an injection injects; "
                                "0 while its Secret or key is missing or its value unusable "
                                "(requests to its hosts are refused).", ["injection"],
@@ -206,6 +211,19 @@ class Metrics:
             return "other"
         seen.add(model)
         return model
+
+    def mcp_call(self, injection: str, name: str, kind: str, decision: str) -> None:
+        """Count one judged MCP call. The agent picks the names: at most MAX_MODELS distinct
+        per injection get a label of their own, the rest ``other``."""
+        label = "-"
+        if kind != "resources":
+            seen = self._mcp_names.setdefault(injection, set())
+            if name in seen or len(seen) < MAX_MODELS:
+                seen.add(name)
+                label = name
+            else:
+                label = "other"
+        self.mcp_calls.labels(injection, kind, label, decision).inc()
 
     def llm_used(self, injection: str, usage, spent: float | None) -> None:
         """Count one answer's usage (a keyhole_sidecar.usage.meter.Usage) and its cost."""

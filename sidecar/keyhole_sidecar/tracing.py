@@ -33,6 +33,32 @@ def operation(api: str, path: str) -> str:
     return "chat"
 
 
+def _mcp_span(calls: list[dict], attributes: dict) -> str | None:
+    """The MCP conventions (OpenTelemetry GenAI, *MCP*): ``mcp.method.name``, the tool or
+    prompt, the resource URI; the span is named ``{method} {tool}``. A batch's span names its
+    first message (every message is in the audit line)."""
+    first = calls[0]
+    method = first.get("method")
+    if not method:
+        return None
+    attributes["mcp.method.name"] = method
+    if len(calls) > 1:
+        attributes["keyhole.mcp.messages"] = len(calls)
+    target = None
+    if "tool" in first:
+        target = attributes["gen_ai.tool.name"] = first["tool"]
+        attributes["gen_ai.operation.name"] = "execute_tool"
+    elif "prompt" in first:
+        target = attributes["gen_ai.prompt.name"] = first["prompt"]
+    elif "resource" in first:
+        attributes["mcp.resource.uri"] = first["resource"]
+    if "decision" in first:
+        attributes["keyhole.mcp.decision"] = first["decision"]
+        if first["decision"] != "allowed":
+            attributes["error.type"] = "keyhole_" + first.get("reason", "denied")
+    return f"{method} {target}" if target else method
+
+
 class Tracing:
     def __init__(self, endpoint: str):
         resource = Resource.create({"service.name": "keyhole-sidecar",
@@ -80,6 +106,8 @@ class Tracing:
             })
             if llm.get("cost_usd") is not None:
                 attributes["keyhole.llm.cost_usd"] = llm["cost_usd"]
+        if record.mcp:
+            name = _mcp_span(record.mcp, attributes) or name
         span = self._tracer.start_span(name, kind=SpanKind.CLIENT, start_time=started,
                                        attributes=attributes)
         if record.decision == "error" or record.status >= 500:

@@ -171,7 +171,12 @@ def test_check_verbose_lists_secret_keys_rules_limits_and_the_ca_but_never_a_val
         "limited", hosts=["limited.routed.test"],
         headers=[{"name": "X-Api-Key", "valueFrom": ref("rules", "key")}],
         limits={"requestsPerMinute": 60, "window": {"perDay": 5000}},
-        rules=[{"methods": ["GET"], "paths": ["/v1/**"], "limits": {"concurrentRequests": 2}}])]
+        rules=[{"methods": ["GET"], "paths": ["/v1/**"], "limits": {"concurrentRequests": 2}}]),
+        injection("mcp", hosts=["mcp.routed.test"],
+                  headers=[{"name": "Authorization", "valueFrom": ref("rules", "key")}],
+                  mcp={"tools": {"allow": ["get_*"], "deny": ["*delete*"], "when": [
+                      {"match": ["get_file*"], "expression": "arguments.path != 'x'"}]},
+                       "prompts": {"deny": ["*"]}})]
     done = run_check(tmp_path, limited, SECRETS, "--verbose", "--ca-dir", str(tmp_path / "ca"))
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -181,6 +186,9 @@ def test_check_verbose_lists_secret_keys_rules_limits_and_the_ca_but_never_a_val
     assert "rules[0]: GET /v1/**; limits 2 in flight" in out
     assert "limits: 60/min (burst 60), 5000/perDay" in out
     assert "ok  query: query.routed.test ← ?key (queryParams)" in out
+    assert ("mcp tools: only get_*; never *delete*; get_file* when arguments.path != 'x'"
+            in out)
+    assert "mcp resources: all" in out and "mcp prompts: all; never *" in out
     der = ca.cert.public_bytes(serialization.Encoding.DER)
     assert f"CA: CN=check CA,O=keyhole, sha256 {hashlib.sha256(der).hexdigest()[:16]}…" in out
     assert all(value not in out + done.stderr for value in ALL_SECRETS)

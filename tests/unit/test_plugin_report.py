@@ -76,3 +76,21 @@ def test_explain_pod_names_the_cluster_injections_that_serve_its_namespace():
     assert row["kind"] == "ClusterSecretInjection" and row["verdict"] == "not selected"
     assert "keyhole.dev/fleet" in row["why"]
     assert "clustersecretinjection/fleet-openai" in render_explain(answer, wide=False)
+
+
+def test_explain_pod_shows_the_mcp_policy_of_an_injection_the_pod_has():
+    from keyhole_kubectl.report import explain_pod
+
+    github = {"apiVersion": "keyhole.dev/v1alpha1", "kind": "SecretInjection",
+              "metadata": {"name": "github-mcp"},
+              "spec": {"podSelector": {"matchLabels": {"keyhole.dev/github-mcp": "true"}},
+                       "hosts": ["api.githubcopilot.com"],
+                       "headers": [{"name": "Authorization",
+                                    "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+                       "mcp": {"tools": {"allow": ["get_*"], "deny": ["*merge*"]}}}}
+    pod = {"metadata": {"name": "a", "labels": {"keyhole.dev/github-mcp": "true"},
+                        "annotations": {"keyhole.dev/routes": "github-mcp"}},
+           "spec": {"containers": [{"name": "keyhole-proxy"}]}}
+    answer = explain_pod(Namespace("agents", pods=[pod], injections=[github]), "a")
+    (row,) = answer["injections"]
+    assert row["mcp"] == ["tools: only get_*; never *merge*", "resources: all", "prompts: all"]

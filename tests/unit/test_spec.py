@@ -254,3 +254,42 @@ def test_what_never_goes_upstream_is_the_injected_the_stripped_and_the_apis_cred
         stripHeaders=["X-Placeholder"], llm={"api": "anthropic"}))]), []
     assert parsed.strip_headers == ("x-placeholder",)
     assert parsed.dropped_header_names() == {"x-api-key", "x-placeholder", "authorization"}
+
+
+def _mcp(mcp, **spec) -> dict:
+    return injection("mcp", hosts=["mcp.example.com"], mcp=mcp,
+                     headers=[{"name": "Authorization", "valueFrom": ref("gh", "token")}],
+                     **spec)
+
+
+def test_an_mcp_policy_parses_with_its_globs_and_conditions():
+    [parsed] = parse_injections([("test", _mcp({
+        "tools": {"allow": ["get_*"], "deny": ["*delete*"], "when": [
+            {"match": ["get_file*"], "expression": "arguments.path != ''", "message": "no"}]},
+        "prompts": {"deny": ["*"]}}))])
+    assert parsed.mcp.tools.allow == ("get_*",) and parsed.mcp.tools.deny == ("*delete*",)
+    assert parsed.mcp.tools.when[0].expression == "arguments.path != ''"
+    assert parsed.mcp.resources.allow is None  # absent: every resource
+    assert parsed.mcp.prompts.deny == ("*",)
+
+
+@pytest.mark.parametrize(("mcp", "field", "words"), [
+    ({"tools": {"when": [{"match": ["x"], "expression": "arguments.path.startsWith("}]}},
+     "spec.mcp.tools.when[0].expression", "<input>:1:"),  # the position, for kubectl apply
+    ({"tools": {"when": [{"match": ["x"]}]}}, "spec.mcp.tools.when[0].expression",
+     "non-empty string"),
+    ({"tools": {"allow": ["get issue"]}}, "spec.mcp.tools.allow[0]", "tool name"),
+    ({"resources": {"deny": ["vault:// keys"]}}, "spec.mcp.resources.deny[0]", "no spaces"),
+    ({"tools": {"when": [{"match": [], "expression": "true"}]}},
+     "spec.mcp.tools.when[0].match", "must not be empty"),
+    ({"tools": {"allowed": ["x"]}}, "spec.mcp.tools.allowed", "unknown field"),
+    ({"servers": {}}, "spec.mcp.servers", "unknown field"),
+])
+def test_a_wrong_mcp_policy_is_refused_naming_the_field(mcp, field, words):
+    found = problems(_mcp(mcp))
+    assert any(p.startswith(f"{field}:") and words in p for p in found), found
+
+
+def test_an_injection_speaks_a_model_api_or_mcp_not_both():
+    found = problems(_mcp({}, llm={"api": "openai"}))
+    assert any(p.startswith("spec.mcp:") and "one protocol" in p for p in found), found

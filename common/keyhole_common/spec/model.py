@@ -224,6 +224,51 @@ class Llm:
     budgets: tuple[Budget, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class McpCondition:
+    """A CEL expression a call must satisfy, for the names (or URIs) ``match`` covers: true
+    allows, anything else (false, an error, a missing field) refuses. A tool call sees
+    ``name`` and ``arguments``; a prompt, ``name`` and ``arguments``; a resource, ``uri``."""
+
+    match: tuple[str, ...]
+    expression: str
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class McpAccess:
+    """What of one kind (tools, resources or prompts) the agent may use: globs over names
+    (URIs for resources). ``allow`` None allows every one; ``deny`` wins over ``allow``."""
+
+    allow: tuple[str, ...] | None = None
+    deny: tuple[str, ...] = ()
+    when: tuple[McpCondition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Mcp:
+    """``spec.mcp``: the hosts speak the Model Context Protocol. Every request to them is
+    read as JSON-RPC and judged by tool, resource and prompt; listings are filtered."""
+
+    tools: McpAccess = McpAccess()
+    resources: McpAccess = McpAccess()
+    prompts: McpAccess = McpAccess()
+
+    def describe(self) -> list[str]:
+        """The policy in a person's words, one line per kind: what check --verbose and
+        kubectl keyhole explain show."""
+        lines = []
+        for kind in ("tools", "resources", "prompts"):
+            access: McpAccess = getattr(self, kind)
+            parts = ["all" if access.allow is None else
+                     ("none" if not access.allow else "only " + ", ".join(access.allow))]
+            if access.deny:
+                parts.append("never " + ", ".join(access.deny))
+            parts.extend(f"{', '.join(c.match)} when {c.expression}" for c in access.when)
+            lines.append(f"{kind}: {'; '.join(parts)}")
+        return lines
+
+
 # The headers each model API accepts a credential in (its SDKs' every way of passing one):
 # with spec.llm, the client's values of all of them are dropped, whichever one is injected.
 API_CREDENTIAL_HEADERS = {
@@ -264,6 +309,7 @@ class SecretInjection:
     pod's outbound traffic too), or None: the operator's default."""
     limits: Limits | None = None
     llm: Llm | None = None
+    mcp: Mcp | None = None
     cluster: bool = False
     """A ``ClusterSecretInjection``: its Secrets are in the operator's central namespace."""
     namespace_selector: dict | None = field(default=None, compare=False, hash=False)

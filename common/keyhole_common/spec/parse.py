@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import cel
 import yaml
 
 from keyhole_common.spec.hosts import HostPattern, is_ip_literal
@@ -38,6 +39,9 @@ from keyhole_common.spec.model import (
     HeaderInjection,
     Limits,
     Llm,
+    Mcp,
+    McpAccess,
+    McpCondition,
     OAuth2ClientCredentials,
     Price,
     QueryParamInjection,
@@ -58,11 +62,15 @@ _RESERVED_HEADERS = frozenset(
 )
 _SPEC_FIELDS = frozenset(
     {"podSelector", "namespaceSelector", "hosts", "headers", "basicAuth", "queryParams",
-     "rules", "agentEnv", "capture", "limits", "llm", "stripHeaders", *CREDENTIAL_FIELDS}
+     "rules", "agentEnv", "capture", "limits", "llm", "mcp", "stripHeaders",
+     *CREDENTIAL_FIELDS}
 )
 CAPTURE_MODES = ("proxy", "transparent")
 LLM_APIS = ("openai", "anthropic", "gemini")
 _MODEL_PATTERN = re.compile(r"^[A-Za-z0-9*?][A-Za-z0-9._:/@*?\-]{0,199}$")
+_NAME_GLOB = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!/]{1,128}$")
+_URI_GLOB = re.compile(r"^[\x21-\x7e]{1,2048}$")
+MAX_MCP_EXPRESSION = 4096
 _INJECTING_FIELDS = ("headers", "basicAuth", "queryParams", *CREDENTIAL_FIELDS)
 _GITHUB_ID = re.compile(r"^[0-9]+$")
 _GITHUB_APP_ID = re.compile(r"^[A-Za-z0-9.]+$")  # the numeric App ID, or its client ID
@@ -568,6 +576,67 @@ def _llm(c: _Collector, value: Any) -> Llm | None:
     return Llm(api=api, prices=tuple(prices), budgets=tuple(budgets))
 
 
+def _mcp(c: _Collector, value: Any) -> Mcp | None:
+    """``spec.mcp``: the hosts speak MCP; which tools, resources and prompts the agent may use."""
+    entry = c.mapping(value, "spec.mcp", {"tools", "resources", "prompts"})
+    if entry is None:
+        return None
+    kinds = {"tools": (_NAME_GLOB, "a tool name, or a glob such as get_* or *delete*"),
+             "resources": (_URI_GLOB, "a resource URI, or a glob such as repo://* (no spaces)"),
+             "prompts": (_NAME_GLOB, "a prompt name, or a glob")}
+    access = {kind: _mcp_access(c, entry[kind], f"spec.mcp.{kind}", *kinds[kind])
+              for kind in kinds if kind in entry}
+    return Mcp(**{k: v for k, v in access.items() if v is not None})
+
+
+def _mcp_access(c: _Collector, value: Any, path: str, pattern: re.Pattern,
+                hint: str) -> McpAccess | None:
+    entry = c.mapping(value, path, {"allow", "deny", "when"})
+    if entry is None:
+        return None
+
+    def globs(raw: Any, where: str, non_empty: bool) -> tuple[str, ...]:
+        return tuple(g for i, item in enumerate(c.sequence(raw, where, non_empty=non_empty)
+                                                or [])
+                     if (g := c.string(item, f"{where}[{i}]", pattern, hint)))
+
+    allow = globs(entry["allow"], f"{path}.allow", False) if "allow" in entry else None
+    deny = globs(entry.get("deny", []), f"{path}.deny", False)
+    when = []
+    for i, raw in enumerate(c.sequence(entry.get("when", []), f"{path}.when") or []):
+        where = f"{path}.when[{i}]"
+        item = c.mapping(raw, where, {"match", "expression", "message"})
+        if item is None:
+            continue
+        match = globs(item.get("match"), f"{where}.match", True)
+        expression = c.string(item.get("expression"), f"{where}.expression")
+        if expression is not None:
+            problem = cel_problem(expression)
+            if problem:
+                c.add(f"{where}.expression", problem)
+                expression = None
+        message = item.get("message")
+        if message is not None and (not isinstance(message, str) or not 0 < len(message) <= 500
+                                    or not message.isprintable()):
+            c.add(f"{where}.message", "must be one printable line of at most 500 characters")
+            message = None
+        if match and expression:
+            when.append(McpCondition(match, expression, message))
+    return McpAccess(allow=allow, deny=deny, when=tuple(when))
+
+
+def cel_problem(expression: str) -> str | None:
+    """Why a CEL expression does not compile (with its line, column and a caret), or None."""
+    if len(expression) > MAX_MCP_EXPRESSION:
+        return f"is longer than {MAX_MCP_EXPRESSION} characters"
+    try:
+        cel.compile(expression)
+    except ValueError as exc:  # the library's message names the position: <input>:1:22
+        text = str(exc)
+        return f"is not a CEL expression: {text[max(text.find('<input>:'), 0):]}"
+    return None
+
+
 def _usd(c: _Collector, value: Any, path: str, *, required: bool,
          what: str = "USD per million tokens") -> float | None:
     if value is None and not required:
@@ -689,6 +758,10 @@ def parse_injection(document: Any, source: str, *, signed: bool = False
     credential = _credential(c, spec, headers, basic_auth, hosts)
     limits = _limits(c, spec["limits"], "spec.limits") if "limits" in spec else None
     llm = _llm(c, spec["llm"]) if "llm" in spec else None
+    mcp = _mcp(c, spec["mcp"]) if "mcp" in spec else None
+    if llm is not None and mcp is not None:
+        c.add("spec.mcp", "an injection's hosts speak one protocol: a model API (spec.llm) or "
+                          "MCP (spec.mcp); give each its own injection")
     capture = spec.get("capture")
     if capture is not None and capture not in CAPTURE_MODES:
         c.add("spec.capture", f"{capture!r}: capture is proxy (clients use the proxy "
@@ -714,7 +787,7 @@ def parse_injection(document: Any, source: str, *, signed: bool = False
         name=name, namespace=namespace, hosts=tuple(hosts), headers=headers,
         basic_auth=basic_auth, query_params=query, rules=rules, agent_env=agent_env,
         strip_headers=strip, pod_selector=selector, credential=credential, capture=capture,
-        limits=limits, llm=llm, cluster=cluster, namespace_selector=namespace_selector,
+        limits=limits, llm=llm, mcp=mcp, cluster=cluster, namespace_selector=namespace_selector,
     ), []
 
 

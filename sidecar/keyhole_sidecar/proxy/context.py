@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -98,6 +98,10 @@ class ProxyContext:
     """The budgets an injection's pods share: slices leased from the operator."""
     inflight: InFlight = field(default_factory=InFlight)
     """Requests being answered, for the drain on SIGTERM."""
+    legacy_mcp: dict[tuple[str, str], Callable[[bytes], Awaitable[None]]] = field(
+        default_factory=dict)
+    """MCP's legacy HTTP+SSE sessions open now: (injection, the endpoint the server named) →
+    how to write an event on that session's stream, where a POST to it is answered."""
     traces: Callable[[AuditRecord], None] | None = None
     """Where each answered request's record goes as a span (--otlp-endpoint), if anywhere."""
 

@@ -205,3 +205,70 @@ def connect_failure(exc: BaseException, host: str, port: int) -> ProxyError:
                               f"({exc.strerror or type(exc).__name__})")
     return UpstreamFailed("upstream_error", f"talking to {where} failed ({type(exc).__name__})")
 
+
+class McpRefused(ProxyError):
+    """A JSON-RPC body to an MCP server with a call the policy refuses: nothing was sent, and
+    each request in it is answered in MCP's own terms (docs/mcp.md, *What the agent sees*).
+
+    A refused ``tools/call`` is a tool result with ``isError``: the SDKs hand it to the
+    model, which reads the reason and can choose another way. Any other refused request is a
+    JSON-RPC error (the SDKs raise it to the program). A request refused only because it
+    shared a batch with a refused one says so."""
+
+    decision = "denied"
+    status = 200  # a JSON-RPC answer: the HTTP exchange itself succeeded
+    CODE = -32001  # the implementation-defined server error range (JSON-RPC 2.0, 5.1)
+
+    def __init__(self, injection: str, refusals: list[tuple[object, str | None, str, str]],
+                 batch: bool):
+        """``refusals``: (id, method, reason, detail) of each request the body held."""
+        first = next((r for r in refusals if r[2] not in ("allowed", "not_governed")),
+                     refusals[0])
+        super().__init__(f"mcp_{first[2]}", first[3], injection=injection)
+        self.refusals, self.batch = refusals, batch
+        self.on_stream = False
+        if all(ident is None for ident, *_ in refusals):
+            self.status = 202  # notifications only: accepted, never answered (and not sent)
+
+    def answered_on_stream(self) -> None:
+        """The legacy transport: the answers went on the session's event stream; the POST
+        itself is accepted, as the server would (202, no body)."""
+        self.on_stream, self.status = True, 202
+
+    def parts(self) -> tuple[list[tuple[str, str]], bytes]:
+        if self.on_stream:
+            return [("X-Keyhole-Error", self.reason)], b""
+        answers = []
+        for ident, method, reason, detail in self.refusals:
+            if ident is None:
+                continue  # a notification is never answered
+            text = f"keyhole: {detail}"
+            if method == "tools/call" and reason not in ("allowed", "not_governed"):
+                answers.append({"jsonrpc": "2.0", "id": ident, "result": {
+                    "content": [{"type": "text", "text": text}], "isError": True}})
+            else:
+                answers.append({"jsonrpc": "2.0", "id": ident, "error": {
+                    "code": self.CODE, "message": text,
+                    "data": {"keyhole": reason, "injection": self.injection}}})
+        if not answers:
+            return [("X-Keyhole-Error", self.reason)], b""
+        document = answers if self.batch else answers[0]
+        return ([("Content-Type", "application/json"), ("X-Keyhole-Error", self.reason)],
+                json.dumps(document).encode())
+
+
+class McpUnreadable(BadRequest):
+    """A body to an MCP server the policy cannot read (not JSON-RPC, compressed, ambiguous,
+    too large): refused, never passed. Answered as MCP servers answer a body they cannot
+    parse: an HTTP error status with a JSON-RPC error whose id is null."""
+
+    def __init__(self, message: str, injection: str, status: int = 400):
+        super().__init__("mcp_unreadable", message, status=status, injection=injection)
+
+    def parts(self) -> tuple[list[tuple[str, str]], bytes]:
+        body = {"jsonrpc": "2.0", "id": None, "error": {
+            "code": -32700 if self.status == 400 else -32600,
+            "message": f"keyhole: {self.message}",
+            "data": {"keyhole": self.reason, "injection": self.injection}}}
+        return ([("Content-Type", "application/json"), ("X-Keyhole-Error", self.reason)],
+                json.dumps(body).encode())

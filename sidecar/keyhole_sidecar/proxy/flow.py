@@ -19,6 +19,7 @@ Stages never import each other or the wire; what they share is on the :class:`Ex
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -54,6 +55,10 @@ class Exchange:
     """The upstream's answer, once its head is in."""
     bodyless: bool = False
     """The answer carries no body (a HEAD, a 204 or 304): no ``chunk`` comes."""
+    interjections: asyncio.Lock | None = None
+    """Set by a stage that writes into this answer from another exchange (MCP's legacy
+    transport answers a POST on the session's event stream): the relay then writes each piece
+    under it, so pieces never interleave."""
 
 
 class Stage:

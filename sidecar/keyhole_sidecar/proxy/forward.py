@@ -35,6 +35,7 @@ from keyhole_sidecar.proxy.flow import Exchange, Fields, Stage, check_egress, cl
 from keyhole_sidecar.proxy.stages.bounds import Bounds
 from keyhole_sidecar.proxy.stages.credentials import Credentials
 from keyhole_sidecar.proxy.stages.limits import Limits
+from keyhole_sidecar.proxy.stages.mcp import McpPolicy
 from keyhole_sidecar.proxy.stages.redaction import Redaction, refused_encoding
 from keyhole_sidecar.proxy.stages.usage import Usage
 from keyhole_sidecar.proxy.target import Target, content_length, sensitive_fields
@@ -42,7 +43,7 @@ from keyhole_sidecar.redact import GrpcBodyError
 
 log = logging.getLogger("keyhole.proxy")
 
-STAGES: tuple[type[Stage], ...] = (Limits, Bounds, Usage, Credentials, Redaction)
+STAGES: tuple[type[Stage], ...] = (Limits, Bounds, McpPolicy, Usage, Credentials, Redaction)
 """In the order they see the request; the answer meets them in reverse (redaction first, so
 the meter counts what the client gets)."""
 WHOLE_BODY_LIMIT = 64 * 1024
@@ -211,6 +212,14 @@ async def _answer_whole(ex: Exchange, headers: Fields, stages: list[Stage]) -> N
                                 _trailers(ex, stages))
 
 
+async def _write(ex: Exchange, data: bytes) -> None:
+    if ex.interjections is None:
+        await ex.request.reply.write(data)
+        return
+    async with ex.interjections:
+        await ex.request.reply.write(data)
+
+
 async def _stream(ex: Exchange, headers: Fields, stages: list[Stage],
                   length: int | None) -> None:
     """Relay a body as it arrives; a break after the head aborts the client's connection
@@ -221,10 +230,10 @@ async def _stream(ex: Exchange, headers: Fields, stages: list[Stage],
         while data := await payload.readany():
             if out := _through(stages, data, False):
                 record.bytes_out += len(out)
-                await reply.write(out)
+                await _write(ex, out)
         if tail := _through(stages, b"", True):
             record.bytes_out += len(tail)
-            await reply.write(tail)
+            await _write(ex, tail)
     except (ConnectionError, TimeoutError):  # BadResponse and UpstreamClosed among them
         ex.ctx.metrics.upstream_errors.labels("mid_body").inc()
         record.reason = "upstream_mid_body"
