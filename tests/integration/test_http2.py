@@ -241,7 +241,8 @@ def test_a_grpc_method_outside_the_rules_never_reaches_the_upstream(grpc_channel
     with pytest.raises(grpc.RpcError) as failure:
         _call(grpc_channel, "unary_unary", "Secret")(b"x", metadata=[("x-marker", marker)],
                                                      timeout=20)
-    assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED  # HTTP 403 → gRPC
+    assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "keyhole" in failure.value.details() and "Secret" in failure.value.details()
     assert grpc_upstream.find(marker) == []
 
 
@@ -300,8 +301,8 @@ def test_go_grpc_client_makes_every_kind_of_call(h2_sidecar, grpc_upstream, grpc
 def test_a_long_grpc_stream_holds_its_concurrency_slot(limited_h2_sidecar, grpc_upstream,
                                                         marker):
     """One stream is one request: a server-streaming call that is still open holds the only
-    slot of concurrentRequests: 1, so a second call is refused (HTTP 429, gRPC UNAVAILABLE)
-    until the first ends."""
+    slot of concurrentRequests: 1, so a second call is refused (gRPC RESOURCE_EXHAUSTED, with
+    keyhole's reason) until the first ends."""
     with _channel(limited_h2_sidecar, grpc_upstream) as channel:
         hanging = _call(channel, "unary_stream", "Hang")(b"", metadata=[("x-marker", marker)],
                                                          timeout=30)
@@ -309,7 +310,8 @@ def test_a_long_grpc_stream_holds_its_concurrency_slot(limited_h2_sidecar, grpc_
         with pytest.raises(grpc.RpcError) as refused:
             _call(channel, "unary_unary", "Unary")(b"x", metadata=[("x-marker", marker + "b")],
                                                    timeout=20)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "concurrentRequests" in refused.value.details()
         assert grpc_upstream.find(marker + "b") == []
         hanging.cancel()
         limited_h2_sidecar.wait_audit(lambda r: r.get("path") == "/echo.Echo/Hang")

@@ -170,8 +170,26 @@ class Rendered:
     the client thinks it is."""
 
 
-def render(error: ProxyError) -> Rendered:
-    """The one renderer: what the client is answered for ``error``, whatever door it came in."""
+# The gRPC status a refusal is (grpc/doc/statuscodes.md): a gRPC client reads the code and
+# the message from a trailers-only answer, where an HTTP status would reach it as a guess.
+GRPC_STATUS = {400: 3, 415: 3, 403: 7, 405: 7, 421: 7, 404: 12, 413: 8, 429: 8, 503: 14,
+               502: 14, 504: 4}
+_GRPC_MESSAGE_SAFE = frozenset(range(0x20, 0x7F)) - {ord("%")}
+
+
+def grpc_message(text: str) -> str:
+    """``grpc-message``: percent-encoded UTF-8 outside printable ASCII (and ``%`` itself)."""
+    return "".join(chr(b) if b in _GRPC_MESSAGE_SAFE else f"%{b:02X}" for b in text.encode())
+
+
+def render(error: ProxyError, *, grpc: bool = False) -> Rendered:
+    """The one renderer: what the client is answered for ``error``, whatever door it came in.
+    A gRPC call (``grpc``) gets a trailers-only answer: its status and message as gRPC's."""
+    if grpc:
+        return Rendered(200, "OK", [
+            ("Content-Type", "application/grpc"), ("X-Keyhole-Error", error.reason),
+            ("grpc-status", str(GRPC_STATUS.get(error.status, 2))),
+            ("grpc-message", grpc_message(f"keyhole: {error.message}"))], b"", False)
     headers, body = error.parts()
     return Rendered(error.status, HTTPStatus(error.status).phrase, headers, body,
                     error.status == 400)

@@ -134,7 +134,8 @@ async def _answer_error(request: Request, error: ProxyError) -> None:
     if reply.started:
         reply.abort()
         return
-    answer = render(error)
+    answer = render(error, grpc=request.headers.get("Content-Type", "").startswith(
+        "application/grpc"))
     reply.close = reply.close or answer.close
     with contextlib.suppress(ConnectionError):
         await reply.send(answer.status, answer.phrase, answer.headers, answer.body)
