@@ -97,3 +97,34 @@ def test_the_internals_check_sees_an_internal_import(tmp_path):
     sample = tmp_path / "x.py"
     sample.write_text("from aiohttp.http_parser import HttpRequestParser\nfrom aiohttp import web\n")
     assert _aiohttp_imports(sample) == {"aiohttp.http_parser", "aiohttp", "aiohttp.web"}
+
+
+def test_one_intercepted_request_walks_through_each_policy_module_once(tmp_path, upstream,
+                                                                      marker):
+    """Where a request leaves for the upstream and where its answer leaves for the client,
+    the policy modules on the stack are the doors' decision (handlers), then the exchange
+    (forward): no module entered twice on one walk (tests/support/walk_probe.py notes them)."""
+    import json
+    import time
+
+    from tests.integration.clients import curl
+    from tests.support.config import INJECTIONS, SECRETS, resolve_all
+    from tests.support.sidecar import start_sidecar
+
+    sidecar = start_sidecar(tmp_path, INJECTIONS, SECRETS, resolve=resolve_all(upstream.port),
+                            upstream_ca=upstream.ca_file, module="tests.support.walk_probe")
+    try:
+        assert curl(sidecar, f"https://api.routed.test/reflect?m={marker}").status == 200
+        (tmp_path / "walk.ask").touch()
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "walk.json").exists():
+            assert time.monotonic() < deadline, "the probe did not answer"
+            time.sleep(0.05)
+        walks = json.loads((tmp_path / "walk.json").read_text())
+    finally:
+        sidecar.stop()
+    policy = [[m for i, m in enumerate(walk) if m.startswith("keyhole_sidecar.proxy.")
+               and ".wire" not in m and (i == 0 or walk[i - 1] != m)] for walk in walks]
+    assert len(policy) >= 2  # the request out, the answer back
+    assert all(walk == ["keyhole_sidecar.proxy.handlers", "keyhole_sidecar.proxy.forward"]
+               for walk in policy), policy
