@@ -32,9 +32,9 @@ async def _client(mcp_proxy, mcp_upstreams, mode: str, door: str) -> AsyncIterat
     if door == "base-url":
         url = f"{mcp_proxy.url}/mcp-{mode}{path}"
         options = {}
-    else:
+    else:  # "connect", or "connect-h2": HTTP/2 to the proxy inside the tunnel
         url = f"https://mcp-{mode}.test:{mcp_upstreams[mode].port}{path}"
-        options = {"proxy": mcp_proxy.url,
+        options = {"proxy": mcp_proxy.url, "http2": door == "connect-h2",
                    "verify": ssl.create_default_context(cafile=str(mcp_proxy.bundle))}
 
     def http(**more) -> httpx2.AsyncClient:
@@ -50,7 +50,8 @@ async def _client(mcp_proxy, mcp_upstreams, mode: str, door: str) -> AsyncIterat
         yield client
 
 
-DOORS = [(mode, door) for mode in MODES for door in ("connect", "base-url")]
+DOORS = [(mode, door) for mode in MODES for door in ("connect", "base-url")] + [
+    ("sse", "connect-h2"), ("legacy", "connect-h2")]
 
 
 @pytest.mark.parametrize(("mode", "door"), DOORS)
@@ -76,6 +77,9 @@ def test_the_agent_lists_and_calls_only_what_it_may(mcp_proxy, mcp_upstreams, mo
     assert prompts == ["summarise"]
     assert "delete_repository" not in server.calls()
     assert {e["authorization"] for e in server.received()} == {f"Bearer {TOKEN}"}
+    if door == "connect-h2":
+        assert mcp_proxy.wait_audit(lambda r: r["path"].startswith("/")
+                                    and r["protocol"] == "h2" and r.get("mcp"))
 
 
 def test_a_condition_on_the_arguments_decides_the_call(mcp_proxy, mcp_upstreams):

@@ -17,7 +17,8 @@ from tests.support.serving import serving_process
 from tests.support.sidecar import start_sidecar
 
 TOKEN = "everything-token-0123456789"
-POLICY = {"tools": {"allow": ["echo", "get-sum", "get-tiny-image"], "deny": ["get-env"],
+POLICY = {"tools": {"allow": ["echo", "get-sum", "get-tiny-image", "trigger-sampling-request"],
+                    "deny": ["get-env"],
                     "when": [{"match": ["get-sum"], "expression": "arguments.a + arguments.b < 100",
                               "message": "sums stay under 100"}]}}
 CALLS = [["echo", {"message": "hello"}], ["get-env", {}], ["get-sum", {"a": 2, "b": 3}],
@@ -62,9 +63,9 @@ def received_calls(record) -> list[str]:
     return names
 
 
-def typescript_agent(proxy, url: str, transport: str) -> dict:
+def typescript_agent(proxy, url: str, transport: str, calls=CALLS, *extra: str) -> dict:
     done = subprocess.run([str(NODE24), str(CLIENTS / "mcp_client.mjs"), url, transport,
-                           json.dumps(CALLS)], env=proxy.client_env(), capture_output=True,
+                           json.dumps(calls), *extra], env=proxy.client_env(), capture_output=True,
                           text=True, timeout=60, cwd=CLIENTS)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
@@ -90,3 +91,17 @@ def test_the_typescript_sdk_sees_only_its_tools_and_a_refusal_as_a_tool_error(
     assert received_calls(record)[before:] == ["echo", "get-sum"]
     assert all(json.loads(line)["authorization"] == f"Bearer {TOKEN}"
                for line in record.read_text().splitlines())
+
+
+def test_a_servers_own_request_to_the_agent_passes_untouched(everything_proxy, everything):
+    """Sampling: the server asks the agent (a request on the answer's event stream), the agent
+    answers (a JSON-RPC response in a POST), the tool's result carries what it sampled."""
+    port, _ = everything
+    answer = typescript_agent(everything_proxy, f"https://everything.test:{port}/mcp",
+                              "streamable", [["trigger-sampling-request",
+                                              {"prompt": "hi", "maxTokens": 5}]], "sampling")
+    assert "trigger-sampling-request" in answer["tools"]
+    [sampled] = answer["results"]
+    assert not sampled["isError"] and "sampled by the agent" in json.dumps(sampled["content"])
+    line = everything_proxy.wait_audit(lambda r: r.get("mcp") == [{"method": None}])
+    assert line["decision"] == "injected"  # the agent's answer to the server went through

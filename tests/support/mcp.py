@@ -46,7 +46,7 @@ class McpUpstream:
         return names
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mcp_upstreams(test_ca, tmp_path_factory):
     ca, _ = test_ca
     cert = ca.issue_cert(*(f"mcp-{mode}.test" for mode in MODES))
@@ -65,7 +65,7 @@ def mcp_upstreams(test_ca, tmp_path_factory):
         serving.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mcp_proxy(tmp_path_factory, test_ca, mcp_upstreams):
     """A sidecar with one injection per server, each governed by POLICY."""
     injections = [
