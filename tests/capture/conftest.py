@@ -1,11 +1,12 @@
 """A network namespace that stands for an agent's pod, with transparent capture in it.
 
-- ``kh-capture``: one veth pair to the host (agent 10.253.0.2; host 10.253.0.1, .3 and .4)
+- ``kh-capture``: one veth pair to the host (agent 10.253.0.2; host 10.253.0.1, .3, .4, .5)
   and nothing else, so nothing in it reaches past this machine. ``ip netns exec`` gives its
   processes ``/etc/netns/kh-capture/hosts``: the test names resolve to the host's addresses.
 - On the host: the HTTPS upstream on 10.253.0.1:443 (and plain HTTP on :80), and on
   10.253.0.3:443 "the agent's own server", which records every connection it gets; on
-  10.253.0.4:443 a gRPC service (grpc.routed.test).
+  10.253.0.4:443 a gRPC service (grpc.routed.test); on 10.253.0.5:443 an MCP server (the
+  official Python SDK's, mcp.routed.test), governed by spec.mcp.
 - In the namespace: the real ``keyhole-sidecar`` as root (UID 0, exempt from capture) with
   ``--transparent-listen 127.0.0.1:15081``, and the real ``keyhole-init``'s rules. Clients run
   as UID 1000 with no proxy variable at all, only a CA variable.
@@ -30,6 +31,7 @@ import pytest
 from tests.support import netns
 from tests.support.config import injection, ref
 from tests.support.h2_upstream import GrpcUpstream
+from tests.support.serving import serving_process
 from tests.support.sidecar import write_injections, write_secrets
 from tests.support.upstream import TEST_HOSTS, Upstream, UpstreamServer
 
@@ -37,6 +39,9 @@ NS = "kh-capture"
 HOST_LINK, AGENT_LINK = "khc-host", "khc-agent"
 HOST_IP, AGENT_IP, OWN_SERVER_IP = "10.253.0.1", "10.253.0.2", "10.253.0.3"
 GRPC_IP = "10.253.0.4"  # a gRPC service on 443, as Google's APIs are
+MCP_IP = "10.253.0.5"  # an MCP server on 443
+MCP_SECRET = "mcp-transparent-SECRET-4f1a7c"
+MCP_POLICY = {"tools": {"allow": ["get_*", "list_*"], "deny": ["*delete*"]}}
 HOST_IP6, AGENT_IP6 = "fd00:253::1", "fd00:253::2"
 AGENT_UID = 1000
 SECRET = "sk-transparent-SECRET-6c2d91"
@@ -53,7 +58,7 @@ def _make_namespace() -> None:
     _remove_namespace()
     _ip("netns", "add", NS)
     _ip("link", "add", HOST_LINK, "type", "veth", "peer", "name", AGENT_LINK, "netns", NS)
-    for address in (f"{HOST_IP}/29", f"{OWN_SERVER_IP}/29", f"{GRPC_IP}/29"):
+    for address in (f"{HOST_IP}/29", f"{OWN_SERVER_IP}/29", f"{GRPC_IP}/29", f"{MCP_IP}/29"):
         _ip("addr", "add", address, "dev", HOST_LINK)
     _ip("-6", "addr", "add", f"{HOST_IP6}/64", "dev", HOST_LINK, "nodad")
     _ip("link", "set", HOST_LINK, "up")
@@ -64,6 +69,7 @@ def _make_namespace() -> None:
     HOSTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     HOSTS_FILE.write_text("127.0.0.1 localhost\n::1 localhost\n"
                           f"{HOST_IP} {' '.join(TEST_HOSTS)}\n{GRPC_IP} grpc.routed.test\n"
+                          f"{MCP_IP} mcp.routed.test\n"
                           f"{OWN_SERVER_IP} own.agent.test\n")
 
 
@@ -117,6 +123,7 @@ class Capture:
     process: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
     grpc: GrpcUpstream | None = None  # a gRPC service on the host, routed with GRPC_SECRET
+    mcp_record: Path | None = None  # every request the MCP server received (tests/support/mcp)
 
     def start_sidecar(self, *extra: str) -> None:
         self.stop_sidecar()
@@ -218,16 +225,27 @@ def capture(test_ca):
     grpc_upstream = GrpcUpstream(ca, "grpc.routed.test", address=GRPC_IP, port=443).start()
     workdir = Path(tempfile.mkdtemp(prefix="keyhole-capture-sidecar-"))
     write_secrets(workdir / "secrets", {"openai": {"api-key": SECRET},
-                                        "grpc": {"key": GRPC_SECRET}})
+                                        "grpc": {"key": GRPC_SECRET},
+                                        "mcp": {"token": MCP_SECRET}})
     write_injections(workdir / "injections.yaml", [
         injection("openai", hosts=["api.routed.test"],
                   headers=[{"name": "Authorization", "valueFrom": ref("openai", "api-key"),
                             "format": "Bearer {value}"}]),
         injection("grpc", hosts=["grpc.routed.test"],
                   headers=[{"name": "Authorization", "valueFrom": ref("grpc", "key"),
+                            "format": "Bearer {value}"}]),
+        injection("mcp", hosts=["mcp.routed.test"], mcp=MCP_POLICY,
+                  headers=[{"name": "Authorization", "valueFrom": ref("mcp", "token"),
                             "format": "Bearer {value}"}])])
+    mcp_folder = Path(tempfile.mkdtemp(prefix="keyhole-capture-mcp-"))
+    mcp = serving_process([sys.executable, "-m", "tests.support.mcp_server", "sse",
+                           str(mcp_folder / "received.jsonl")],
+                          ca.issue_cert("mcp.routed.test"), mcp_folder,
+                          env={**os.environ, "MCP_LISTEN": f"{MCP_IP}:443"})
+    mcp.__enter__()
     found = Capture(workdir, shared, upstream, own)
     found.grpc = grpc_upstream
+    found.mcp_record = mcp_folder / "received.jsonl"
     try:
         found.start_sidecar()
         init = subprocess.run(in_namespace(str(Path(sys.executable).with_name("keyhole-init")),
@@ -239,6 +257,8 @@ def capture(test_ca):
     finally:
         found.stop_sidecar()
         own.close()
+        mcp.__exit__(None, None, None)
+        shutil.rmtree(mcp_folder, ignore_errors=True)
         grpc_upstream.stop()
         server.stop()
         plain_server.stop()

@@ -14,6 +14,7 @@ from tests.capture.conftest import (
     GRPC_SECRET,
     HOST_IP,
     HOST_IP6,
+    MCP_SECRET,
     NS,
     OWN_SERVER_IP,
     SECRET,
@@ -364,3 +365,26 @@ def test_a_compressed_body_is_forwarded_as_it_came(capture, http2):
     assert seen.header("content-encoding") == ["gzip"]
     assert seen.body_sha256 == hashlib.sha256(plain).hexdigest()  # decoded by the upstream
     assert capture.upstream.find(f"smuggled-{marker}") == []
+
+
+def test_an_mcp_agent_with_no_proxy_variable_is_governed_per_tool(capture):
+    """The official Python SDK in the namespace, knowing nothing of keyhole: its tools/list
+    holds only what spec.mcp allows, a refused call is a tool error and never reaches the
+    server, and the allowed call carries the key."""
+    agent = capture.shared / "mcp_agent.py"
+    agent.write_text((CLIENTS / "mcp_agent.py").read_text())
+    agent.chmod(0o644)
+    done = capture.agent(_python(), str(agent), "https://mcp.routed.test/mcp", json.dumps(
+        [["get_issue", {"number": 3}], ["delete_repository", {"name": "prod"}]]))
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["tools"] == ["get_file_contents", "get_issue", "list_issues"]
+    allowed, refused = answer["results"]
+    assert not allowed["isError"] and "issue 3" in allowed["text"]
+    assert refused["isError"] and "keyhole" in refused["text"]
+    received = [json.loads(line) for line in capture.mcp_record.read_text().splitlines()]
+    assert "delete_repository" not in "".join(entry["body"] for entry in received)
+    assert {entry["authorization"] for entry in received} == {f"Bearer {MCP_SECRET}"}
+    assert capture.wait_audit(lambda r: r["mode"] == "transparent"
+                              and any(c.get("tool") == "delete_repository"
+                                      for c in r.get("mcp") or []))["decision"] == "denied"

@@ -3,17 +3,19 @@ Streamable HTTP (uvicorn, TLS with the test CA's leaf), run as its own process.
 
     python -m tests.support.mcp_server json|sse|legacy|stateless RECORD CERT KEY
 
-prints the port it listens on (127.0.0.1), then serves until killed. ``json`` answers each
-POST with a JSON body, ``sse`` with an event stream (both Streamable HTTP, on /mcp);
+prints the port it listens on (127.0.0.1, or ``MCP_LISTEN``'s address:port), then serves
+until killed. ``json`` answers each POST with a JSON body, ``sse`` with an event stream (both
+Streamable HTTP, on /mcp);
 ``legacy`` is the HTTP+SSE transport of 2024-11-05 (GET /sse, answers on that stream);
-``stateless`` answers JSON without sessions (bench/mcp.py: each POST stands alone). Every request body it receives is
-appended to RECORD (one JSON line: method, path, body): what the server saw, so a test can
-say that a refused call never reached it.
+``stateless`` answers JSON without sessions (bench/mcp.py: each POST stands alone). Every
+request body it receives is appended to RECORD (one JSON line: method, path, body): what the
+server saw, so a test can say that a refused call never reached it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 
@@ -116,8 +118,10 @@ def main() -> None:
         app = build().streamable_http_app(json_response=mode in ("json", "stateless"),
                                           stateless_http=mode == "stateless",
                                           transport_security=security)
+    host, _, port = os.environ.get("MCP_LISTEN", "127.0.0.1:0").rpartition(":")
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
     sock.listen(64)
     print(sock.getsockname()[1], flush=True)
     config = uvicorn.Config(Recorder(app, record), ssl_certfile=cert, ssl_keyfile=key,

@@ -67,14 +67,14 @@ class ThreadedApp:
 
 
 @contextlib.contextmanager
-def serving_process(command: list[str], cert: trustme.LeafCert, folder: Path
-                    ) -> Iterator[int]:
-    """A server program (Go, Node) given its certificate and key files as its last two
+def serving_process(command: list[str], cert: trustme.LeafCert, folder: Path,
+                    env: dict[str, str] | None = None) -> Iterator[int]:
+    """A server program (Go, Node, Python) given its certificate and key files as its last two
     arguments, which prints the port it listens on first; killed at the end."""
     cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
     cert.private_key_pem.write_to_path(str(folder / "key.pem"))
     process = subprocess.Popen([*command, str(folder / "cert.pem"), str(folder / "key.pem")],
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         yield int(process.stdout.readline())
     finally:
