@@ -2,16 +2,18 @@
 could read two ways is refused, so the proxy judges exactly the call the server will run.
 
 Refused: invalid UTF-8, a byte-order mark, duplicate keys at any depth, lone surrogates
-(``"\\ud800"``), NaN and Infinity, nesting deeper than :data:`MAX_DEPTH`, more than
-:data:`MAX_BATCH` messages, a message that is not a JSON-RPC 2.0 request, notification or
-response, an id that is not a string or an integer, a method with odd case or spaces that
-looks like one keyhole governs, and a governed call whose name or arguments are of the wrong
-type. Escapes are undone by the parser (``"\\u0064elete"`` is ``delete``), as the server's.
+(``"\\ud800"``), NaN and Infinity (and numbers past a double or 64-bit integers), nesting
+deeper than :data:`MAX_DEPTH`, more than :data:`MAX_BATCH` messages, a message that is not a
+JSON-RPC 2.0 request, notification or response, an id that is not a string or an integer,
+a method with odd case or spaces that looks like one keyhole governs, and a governed call
+whose name or arguments are of the wrong type. Escapes are undone by the parser
+(``"\\u0064elete"`` is ``delete``), as the server's.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +78,13 @@ def _check(value: Any, depth: int = 0) -> None:
         except UnicodeEncodeError:
             raise Unreadable("a string holds a lone surrogate (an unpaired \\ud800-\\udfff "
                              "escape)") from None
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int) and not -(1 << 63) <= value < (1 << 64):
+        raise Unreadable("an integer outside 64 bits (readers round it differently)")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise Unreadable("a number too large for a double (readers read it as infinity, or "
+                         "refuse it)")
     elif isinstance(value, dict):
         for key, item in value.items():
             _check(key, depth + 1)
