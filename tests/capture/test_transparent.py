@@ -378,7 +378,7 @@ def test_an_mcp_agent_with_no_proxy_variable_is_governed_per_tool(capture):
         [["get_issue", {"number": 3}], ["delete_repository", {"name": "prod"}]]))
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert answer["tools"] == ["get_file_contents", "get_issue", "list_issues"]
+    assert answer["tools"] == ["get_file_contents", "get_issue", "get_whoami", "list_issues"]
     allowed, refused = answer["results"]
     assert not allowed["isError"] and "issue 3" in allowed["text"]
     assert refused["isError"] and "keyhole" in refused["text"]

@@ -62,14 +62,16 @@ def test_the_agent_lists_and_calls_only_what_it_may(mcp_proxy, mcp_upstreams, mo
         async with _client(mcp_proxy, mcp_upstreams, mode, door) as client:
             tools = sorted(t.name for t in (await client.list_tools()).tools)
             allowed = await client.call_tool("get_issue", {"number": 7})
+            echoed = await client.call_tool("get_whoami", {})
             refused = await client.call_tool("delete_repository", {"name": "prod"})
             resources = sorted(str(r.uri) for r in (await client.list_resources()).resources)
             prompts = sorted(p.name for p in (await client.list_prompts()).prompts)
-            return tools, allowed, refused, resources, prompts
+            return tools, allowed, echoed, refused, resources, prompts
 
-    tools, allowed, refused, resources, prompts = asyncio.run(session())
-    assert tools == ["get_file_contents", "get_issue", "list_issues"]
+    tools, allowed, echoed, refused, resources, prompts = asyncio.run(session())
+    assert tools == ["get_file_contents", "get_issue", "get_whoami", "list_issues"]
     assert not allowed.is_error and "issue 7" in allowed.content[0].text
+    assert echoed.content[0].text == "you sent [REDACTED]"  # redaction works on MCP too
     assert refused.is_error
     assert "keyhole" in refused.content[0].text and "delete_repository" in \
         refused.content[0].text
@@ -173,7 +175,7 @@ def test_each_protocol_version_keeps_its_session_stream_and_delete(mcp_proxy, mc
         refused = answer(rpc(client, 3, "tools/call", {"name": "delete_repository",
                                                         "arguments": {"name": "x"}}, **session))
         ended = client.delete(url, headers=session)
-    assert sorted(tools) == ["get_file_contents", "get_issue", "list_issues"]
+    assert sorted(tools) == ["get_file_contents", "get_issue", "get_whoami", "list_issues"]
     assert refused["id"] == 3 and refused["result"]["isError"]
     assert ended.status_code in (200, 204)
     assert "delete_repository" not in mcp_upstreams["sse"].calls()

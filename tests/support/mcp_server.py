@@ -20,7 +20,7 @@ import socket
 import sys
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
 
@@ -41,6 +41,12 @@ def build() -> MCPServer:
     def get_file_contents(path: str) -> str:
         """Read a file of the repository."""
         return f"contents of {path}"
+
+    @server.tool()
+    def get_whoami(ctx: Context) -> str:
+        """Says which credential came with the call: a server that echoes the key back."""
+        request = ctx.request_context.request
+        return f"you sent {request.headers.get('authorization')}"
 
     @server.tool()
     def delete_repository(name: str) -> str:
