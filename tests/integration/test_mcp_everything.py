@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.clients import CLIENTS, NODE24
 from tests.support.config import injection, ref
+from tests.support.mcp import McpUpstream
 from tests.support.serving import serving_process
 from tests.support.sidecar import start_sidecar
 
@@ -32,12 +33,12 @@ def everything(test_ca, tmp_path_factory):
     record.touch()
     with serving_process([str(NODE24), str(CLIENTS / "mcp_everything.mjs"), str(record)],
                          test_ca[0].issue_cert("everything.test"), folder) as port:
-        yield port, record
+        yield McpUpstream(port, record)
 
 
 @pytest.fixture(scope="module")
 def everything_proxy(tmp_path_factory, test_ca, everything):
-    port, _ = everything
+    port = everything.port
     proc = start_sidecar(
         tmp_path_factory.mktemp("everything-sidecar"),
         [injection("everything", hosts=[f"everything.test:{port}"], mcp=POLICY,
@@ -47,20 +48,6 @@ def everything_proxy(tmp_path_factory, test_ca, everything):
         resolve=[f"everything.test:{port}:127.0.0.1"])
     yield proc
     proc.stop()
-
-
-def received_calls(record) -> list[str]:
-    names = []
-    for line in record.read_text().splitlines():
-        entry = json.loads(line)
-        try:
-            body = json.loads(entry["body"])
-        except ValueError:
-            continue
-        for message in body if isinstance(body, list) else [body]:
-            if isinstance(message, dict) and message.get("method") == "tools/call":
-                names.append(message["params"]["name"])
-    return names
 
 
 def typescript_agent(proxy, url: str, transport: str, calls=CALLS, *extra: str) -> dict:
@@ -75,11 +62,11 @@ def typescript_agent(proxy, url: str, transport: str, calls=CALLS, *extra: str) 
     ("streamable", "connect"), ("streamable", "base-url"), ("sse", "connect")])
 def test_the_typescript_sdk_sees_only_its_tools_and_a_refusal_as_a_tool_error(
         everything_proxy, everything, transport, door):
-    port, record = everything
+    port = everything.port
     path = "/mcp" if transport == "streamable" else "/sse"
     url = (f"{everything_proxy.url}/everything{path}" if door == "base-url"
            else f"https://everything.test:{port}{path}")
-    before = len(received_calls(record))
+    before = len(everything.calls())
     answer = typescript_agent(everything_proxy, url, transport)
     assert answer["tools"] == ["echo", "get-sum", "get-tiny-image"]
     echo, env, small, large = answer["results"]
@@ -88,15 +75,14 @@ def test_the_typescript_sdk_sees_only_its_tools_and_a_refusal_as_a_tool_error(
     assert "get-env" in env["content"][0]["text"]
     assert not small["isError"] and "5" in small["content"][0]["text"]
     assert large["isError"] and "sums stay under 100" in large["content"][0]["text"]
-    assert received_calls(record)[before:] == ["echo", "get-sum"]
-    assert all(json.loads(line)["authorization"] == f"Bearer {TOKEN}"
-               for line in record.read_text().splitlines())
+    assert everything.calls()[before:] == ["echo", "get-sum"]
+    assert {entry["authorization"] for entry in everything.received()} == {f"Bearer {TOKEN}"}
 
 
 def test_a_servers_own_request_to_the_agent_passes_untouched(everything_proxy, everything):
     """Sampling: the server asks the agent (a request on the answer's event stream), the agent
     answers (a JSON-RPC response in a POST), the tool's result carries what it sampled."""
-    port, _ = everything
+    port = everything.port
     answer = typescript_agent(everything_proxy, f"https://everything.test:{port}/mcp",
                               "streamable", [["trigger-sampling-request",
                                               {"prompt": "hi", "maxTokens": 5}]], "sampling")
