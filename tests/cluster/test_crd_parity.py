@@ -75,6 +75,8 @@ CEL_RULES = {  # case → (change to a valid spec, what both messages say)
             {"per": "day", "tokens": 5, "spend": 1}]}), "give exactly one of tokens"),
     "a managed header to strip": (lambda s: s.update(stripHeaders=["Host"]),
                                   "is managed by the proxy"),
+    "a model API and MCP at once": (lambda s: s.update(llm={"api": "openai"}, mcp={}),
+                                    "an injection's hosts speak one protocol"),
     "a spend budget of 0": (
         lambda s: s.update(llm={"api": "openai", "budgets": [{"per": "day", "spend": 0}]}),
         "a spend budget of 0 allows nothing"),
@@ -93,6 +95,11 @@ SCHEMA_RULES = {  # case → (change, the field both messages name)
         {"per": "week", "tokens": 5}]}), "spec.llm.budgets[0].per"),
     "a budget for a namespace": (lambda s: s.update(llm={"api": "openai", "budgets": [
         {"per": "day", "tokens": 5, "for": "namespace"}]}), "spec.llm.budgets[0].for"),
+    "a tool glob with a space": (lambda s: s.update(mcp={"tools": {"allow": ["get issue"]}}),
+                                 "spec.mcp.tools.allow[0]"),
+    "a condition without an expression": (
+        lambda s: s.update(mcp={"tools": {"when": [{"match": ["x"]}]}}),
+        "spec.mcp.tools.when[0].expression"),
     "a price below zero": (lambda s: s.update(llm={"api": "openai", "prices": [
         {"model": "x", "input": -1, "output": 1}]}), "spec.llm.prices[0].input"),
 }

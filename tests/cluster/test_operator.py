@@ -117,6 +117,15 @@ def test_what_the_parser_refuses_the_validating_webhook_refuses_with_its_message
     assert done.returncode != 0
     assert "keyhole-validate-injection" in done.stderr
     assert "is an IP address; keyhole routes by DNS name only" in done.stderr
+    # A CEL condition is compiled at admission: a syntax error is refused at kubectl apply,
+    # with the field, the line and the column.
+    condition = openai_injection()
+    condition["spec"]["mcp"] = {"tools": {"when": [
+        {"match": ["get_*"], "expression": "arguments.path.startsWith('.github/'"}]}}
+    done = kube.apply([condition], namespace, check=False)
+    assert done.returncode != 0
+    assert "spec.mcp.tools.when[0].expression: is not a CEL expression" in done.stderr
+    assert "<input>:1:" in done.stderr, done.stderr
 
 
 def test_printer_columns_show_hosts_pods_and_readiness(kube, operator, namespace):

@@ -179,3 +179,34 @@ def test_each_protocol_version_keeps_its_session_stream_and_delete(mcp_proxy, mc
     assert refused["id"] == 3 and refused["result"]["isError"]
     assert ended.status_code in (200, 204)
     assert "delete_repository" not in mcp_upstreams["sse"].calls()
+
+
+def test_a_resumed_stream_is_filtered_as_the_first_was(mcp_proxy, mcp_upstreams):
+    """Resumption (Last-Event-ID): the server replays a listing on the GET stream; the
+    replayed events reach the agent filtered too (every stream is, whichever carries what)."""
+    url = f"{mcp_proxy.url}/mcp-sse/mcp"
+    accept = {"Accept": "application/json, text/event-stream"}
+    with httpx.Client(timeout=30) as client:
+        hello = client.post(url, headers=accept, json={
+            "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25", "capabilities": {},
+                "clientInfo": {"name": "by-hand", "version": "1"}}})
+        session = {"Mcp-Session-Id": hello.headers["mcp-session-id"],
+                   "MCP-Protocol-Version": "2025-11-25"}
+        client.post(url, headers={**accept, **session},
+                    json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        listed = client.post(url, headers={**accept, **session},
+                             json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+        ids = [line[3:].strip() for line in listed.text.splitlines() if line.startswith("id:")]
+        assert len(ids) >= 2, listed.text  # a priming event, then the answer
+        replayed = []
+        with client.stream("GET", url, headers={"Accept": "text/event-stream",
+                                                "Last-Event-ID": ids[0], **session}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:") and '"tools"' in line:
+                    replayed.append(json.loads(line[5:]))
+                    break
+        client.delete(url, headers=session)
+    names = sorted(t["name"] for t in replayed[0]["result"]["tools"])
+    assert replayed[0]["id"] == 2
+    assert names == ["get_file_contents", "get_issue", "get_whoami", "list_issues"]

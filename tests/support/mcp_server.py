@@ -4,8 +4,8 @@ Streamable HTTP (uvicorn, TLS with the test CA's leaf), run as its own process.
     python -m tests.support.mcp_server json|sse|legacy|stateless RECORD CERT KEY
 
 prints the port it listens on (127.0.0.1, or ``MCP_LISTEN``'s address:port), then serves
-until killed. ``json`` answers each POST with a JSON body, ``sse`` with an event stream (both
-Streamable HTTP, on /mcp);
+until killed. ``json`` answers each POST with a JSON body, ``sse`` with an event stream whose events can
+be resumed with ``Last-Event-ID`` (both Streamable HTTP, on /mcp);
 ``legacy`` is the HTTP+SSE transport of 2024-11-05 (GET /sse, answers on that stream);
 ``stateless`` answers JSON without sessions (bench/mcp.py: each POST stands alone). Every
 request body it receives is appended to RECORD (one JSON line: method, path, body): what the
@@ -21,6 +21,7 @@ import sys
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventMessage, EventStore
 from mcp.server.transport_security import TransportSecuritySettings
 
 
@@ -81,6 +82,26 @@ def build() -> MCPServer:
     return server
 
 
+class Remembered(EventStore):
+    """Every event the server sent, so a client can resume a stream (``Last-Event-ID``)."""
+
+    def __init__(self):
+        self.events: list[tuple[str, object]] = []  # (stream id, message), in order
+
+    async def store_event(self, stream_id, message):
+        self.events.append((stream_id, message))
+        return str(len(self.events))
+
+    async def replay_events_after(self, last_event_id, send_callback):
+        if not last_event_id.isdigit() or not 0 < int(last_event_id) <= len(self.events):
+            return None
+        stream = self.events[int(last_event_id) - 1][0]
+        for number, (stream_id, message) in enumerate(self.events, start=1):
+            if number > int(last_event_id) and stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, str(number)))
+        return stream
+
+
 class Recorder:
     """ASGI middleware: every request's method, path, Authorization and body, one JSON line each, appended
     before the request reaches the MCP app."""
@@ -123,6 +144,7 @@ def main() -> None:
     else:
         app = build().streamable_http_app(json_response=mode in ("json", "stateless"),
                                           stateless_http=mode == "stateless",
+                                          event_store=Remembered() if mode == "sse" else None,
                                           transport_security=security)
     host, _, port = os.environ.get("MCP_LISTEN", "127.0.0.1:0").rpartition(":")
     sock = socket.socket()
