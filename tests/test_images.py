@@ -39,3 +39,15 @@ def test_the_image_install_steps_give_a_working_program(tmp_path, image, module)
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
+    # --help returns before the program imports its parts: import them all, and compile a
+    # spec.mcp condition, as the running image will (its CEL engine without the package's CLI).
+    # -S: not even this interpreter's site-packages (-I alone keeps the venv's).
+    deep = "keyhole_sidecar.app" if image == "sidecar" else "keyhole_operator.handlers"
+    done = subprocess.run([sys.executable, "-I", "-S", "-c",
+                           f"import sys; sys.path.insert(0, {str(app)!r}); import {deep}; "
+                           "from keyhole_common.spec.expressions import compile_expression; "
+                           "print(compile_expression('arguments.n + 1 == 3')"
+                           ".execute({'arguments': {'n': 2}}))"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import cel
 import yaml
 
+from keyhole_common.spec.expressions import compile_expression
 from keyhole_common.spec.hosts import HostPattern, is_ip_literal
 from keyhole_common.spec.model import (
     API_GROUP,
@@ -630,7 +630,7 @@ def cel_problem(expression: str) -> str | None:
     if len(expression) > MAX_MCP_EXPRESSION:
         return f"is longer than {MAX_MCP_EXPRESSION} characters"
     try:
-        cel.compile(expression)
+        compile_expression(expression)
     except ValueError as exc:  # the library's message names the position: <input>:1:22
         text = str(exc)
         return f"is not a CEL expression: {text[max(text.find('<input>:'), 0):]}"

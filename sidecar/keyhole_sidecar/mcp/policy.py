@@ -5,12 +5,10 @@ in CEL), and each listing cut to what may be used. Pure functions of the spec an
 from __future__ import annotations
 
 import fnmatch
-import functools
 from dataclasses import dataclass
 from typing import Any
 
-import cel
-
+from keyhole_common.spec.expressions import compile_expression
 from keyhole_common.spec.model import Mcp, McpAccess
 from keyhole_sidecar.mcp.jsonrpc import Message
 
@@ -42,11 +40,6 @@ def _matches(value: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(value, glob) for glob in globs)
 
 
-@functools.lru_cache(maxsize=512)
-def _program(expression: str) -> cel.Program:
-    return cel.compile(expression)  # compiled once by the parser already: cannot fail here
-
-
 def judge(spec: Mcp, message: Message) -> Verdict:
     """Allowed or refused, and why, for one message from the agent."""
     if message.method == "completion/complete":
@@ -75,7 +68,7 @@ def _judge(access: McpAccess, kind: str, subject: str, variables: dict[str, Any]
         if not _matches(subject, condition.match):
             continue
         try:
-            result = _program(condition.expression).execute(variables)
+            result = compile_expression(condition.expression).execute(variables)
         except Exception as exc:
             return Verdict(False, kind, subject, "condition_error",
                            f"the {what} {subject!r} is refused: its condition could not be "
