@@ -7,9 +7,9 @@ without ``spec.mcp`` on its injection, against the official Python SDK's MCP ser
 Base-URL mode (no client TLS: the figure is the stage, not the handshake). Per round and
 variant: p50 / p99 of 400 sequential calls on one connection, and calls per second from 16
 connections for ``--seconds``. The rounds interleave the variants; the report gives the median
-of each figure and the difference. Results: bench/results/mcp.json. Needs nothing beyond the
-test dependencies; the server's own cost (Python, Starlette) is most of each call, so the
-difference is the figure to read.
+of each figure and of each round's difference. The server's own cost (Python, Starlette) is
+most of each call, so the stage's own work is timed in-process too (``stage``). Results:
+bench/results/mcp.json. Needs nothing beyond the test dependencies.
 """
 
 from __future__ import annotations
@@ -75,10 +75,43 @@ def measure(url: str, seconds: float) -> dict:
             "p99_ms": ordered[int(len(ordered) * 0.99)] * 1000, "rps": done / wall}
 
 
+def stage_costs() -> dict:
+    """The MCP stage's own work, in-process, per call: the strict read of a tools/call body and
+    its verdict (a glob and a CEL condition), and the filtering of a 50-tool listing."""
+    import timeit
+
+    from keyhole_common.spec.parse import parse_injection
+    from keyhole_sidecar.mcp import jsonrpc
+    from keyhole_sidecar.mcp.policy import filter_result, judge
+
+    spec, problems = parse_injection(injection("mcp", hosts=["mcp.bench"], mcp=POLICY, headers=[
+        {"name": "Authorization", "valueFrom": ref("t", "token")}]), "bench")
+    assert not problems, problems
+    mcp = spec.mcp
+    listing = {"jsonrpc": "2.0", "id": 2, "result": {"tools": [
+        {"name": f"{verb}_{n}", "description": "x" * 200, "inputSchema": {"type": "object"}}
+        for n in range(25) for verb in ("get", "delete")]}}
+    listing_text = json.dumps(listing)
+
+    def read_and_judge():
+        messages, _ = jsonrpc.read(CALL)
+        return [judge(mcp, m) for m in messages]
+
+    def filter_listing():
+        return filter_result(mcp, json.loads(listing_text))
+
+    read_and_judge()
+    runs = 20000
+    return {"call_read_and_judged_us": round(min(timeit.repeat(
+                read_and_judge, number=runs, repeat=5)) / runs * 1e6, 2),
+            "listing_of_50_filtered_us": round(min(timeit.repeat(
+                filter_listing, number=runs // 10, repeat=5)) / (runs // 10) * 1e6, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     options = parser.parse_args()
     ca = trustme.CA()
     with tempfile.TemporaryDirectory() as folder:
@@ -96,9 +129,8 @@ def main() -> None:
                 if mcp:
                     spec["mcp"] = mcp
                 sidecars[variant] = start_sidecar(
-                    root / variant, [injection("mcp", **spec)], {"t": {"token": "bench"}},
-                    resolve=[f"mcp.bench:{port}:127.0.0.1"], upstream_ca=str(root / "ca.pem"),
-                    args=["--log-level", "warning"])
+                    root / variant, [injection("mcp", **spec)], {"t": {"token": "bench-token-0123456789"}},
+                    resolve=[f"mcp.bench:{port}:127.0.0.1"], upstream_ca=str(root / "ca.pem"))
             try:
                 rounds = []
                 for number in range(options.rounds):
@@ -113,8 +145,13 @@ def main() -> None:
                     sidecar.stop()
     summary = {variant: {key: round(statistics.median(r[variant][key] for r in rounds), 3)
                          for key in ("p50_ms", "p99_ms", "rps")} for variant in ("without", "with")}
-    summary["added_p50_ms"] = round(summary["with"]["p50_ms"] - summary["without"]["p50_ms"], 3)
-    summary["rps_ratio"] = round(summary["with"]["rps"] / summary["without"]["rps"], 3)
+    # Each round's difference, then their median: the server's own drift between rounds
+    # (it warms up) is larger than the stage.
+    summary["added_p50_ms"] = round(statistics.median(
+        r["with"]["p50_ms"] - r["without"]["p50_ms"] for r in rounds), 3)
+    summary["rps_ratio"] = round(statistics.median(
+        r["with"]["rps"] / r["without"]["rps"] for r in rounds), 3)
+    summary["stage"] = stage_costs()
     RESULTS.write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
