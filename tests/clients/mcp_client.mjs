@@ -34,4 +34,7 @@ for (const [name, args] of JSON.parse(calls)) {
   }
 }
 console.log(JSON.stringify({ tools, results }));
+if (mode !== "sse") {
+  await transport.terminateSession(); // DELETE: the server ends the session and its GET stream
+}
 await client.close();
