@@ -94,18 +94,23 @@ class Request:
     """One parsed request: what the client asked for and the reply that answers it.
 
     ``length_known`` is False when the body's end is only known when it comes (HTTP/1.1
-    chunked, HTTP/2 without content-length); ``protocol`` is ``"http/1.1"`` or ``"h2"``.
+    chunked, HTTP/2 without content-length); ``version`` is the client's, (2, 0) for HTTP/2.
     """
 
-    __slots__ = ("body", "can_read_body", "headers", "length_known", "method", "protocol",
-                 "reply", "url", "version")
+    __slots__ = ("body", "can_read_body", "headers", "length_known", "method", "reply", "url",
+                 "version")
 
     def __init__(self, method: str, url: URL, headers: Headers, body: BodyReader,
                  can_read_body: bool, length_known: bool, reply: Reply,
-                 version: tuple[int, int], protocol: str):
+                 version: tuple[int, int]):
         self.method, self.url, self.headers, self.body = method, url, headers, body
         self.can_read_body, self.length_known = can_read_body, length_known
-        self.reply, self.version, self.protocol = reply, version, protocol
+        self.reply, self.version = reply, version
+
+    @property
+    def protocol(self) -> str:
+        """The client's protocol: ``"h2"`` or ``"http/1.1"``."""
+        return "h2" if self.version[0] == 2 else "http/1.1"
 
 
 class Answer:

@@ -263,8 +263,7 @@ class ClientConnection(BaseProtocol):
                 reply = Reply(self, message)
                 await self._handler(Request(
                     message.method, message.url, message.headers, body,
-                    body is not EMPTY_PAYLOAD, not message.chunked, reply, message.version,
-                    "http/1.1"))
+                    body is not EMPTY_PAYLOAD, not message.chunked, reply, message.version))
                 if reply._handed_over is not None:
                     return  # aiohttp's server owns the connection now
                 if self._parser is None:

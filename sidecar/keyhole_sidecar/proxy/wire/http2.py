@@ -343,7 +343,7 @@ class H2ClientConnection(H2Peer):
         if ended:
             body.feed_eof()
         request = Request(method, url, headers, body, not ended,
-                          ended or "content-length" in headers, reply, (2, 0), "h2")
+                          ended or "content-length" in headers, reply, (2, 0))
         task = self._loop.create_task(self._serve(stream_id, request, reply, body))
         self._streams[stream_id] = (body, task)
         if self._idle is not None:
