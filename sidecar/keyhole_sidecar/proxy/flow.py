@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
@@ -43,9 +43,9 @@ class Exchange:
     request: Request
     target: Target
     record: AuditRecord
-    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    headers: CIMultiDict[str] | None = None
     """The request's headers as they will be sent (hop-by-hop and the client's credentials
-    already gone)."""
+    already gone): set by forward (or the WebSocket hand-over) before any stage runs."""
     body: Body = None
     """The request's body as it will be sent: in hand whole, arriving, or none."""
     query: str | None = None
@@ -121,7 +121,6 @@ async def _arriving(request: Request, record: AuditRecord) -> AsyncIterator[byte
             return
         record.bytes_in += len(data)
         yield data
-
 
 
 async def read_up_to(body: Body, limit: int) -> tuple[list[bytes], bool]:
