@@ -218,12 +218,28 @@ def bodies(draw) -> tuple[bytes, dict]:
 
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(attempt=bodies())
-def test_fuzzed_bodies_only_ever_deliver_allowed_calls(mcp_proxy, json_server, attempt):
+@given(attempt=bodies(), framing=st.sampled_from(["length", "chunked", "h2"]),
+       piece=st.integers(1, 64))
+def test_fuzzed_bodies_only_ever_deliver_allowed_calls(mcp_proxy, json_server, attempt,
+                                                       framing, piece):
+    """Bodies and framings mixed: announced length, chunked in pieces of ``piece`` bytes
+    (HTTP/1.1 at the base URL), or DATA frames over HTTP/2 through CONNECT."""
     body, headers = attempt
     since = len(json_server.received())
-    with httpx.Client(timeout=30) as client:
-        client.post(f"{mcp_proxy.url}/mcp-json/mcp", content=body, headers=headers)
+
+    def pieces():
+        for start in range(0, len(body), piece):
+            yield body[start:start + piece]
+
+    if framing == "h2":
+        tls = ssl.create_default_context(cafile=str(mcp_proxy.bundle))
+        with httpx.Client(proxy=mcp_proxy.url, verify=tls, http2=True, timeout=30) as client:
+            client.post(f"https://mcp-json.test:{json_server.port}/mcp", content=body,
+                        headers=headers)
+    else:
+        with httpx.Client(timeout=30) as client:
+            client.post(f"{mcp_proxy.url}/mcp-json/mcp", headers=headers,
+                        content=body if framing == "length" else pieces())
     assert refused_calls_received(json_server, since) == []
 
 
