@@ -185,7 +185,7 @@ def _decide_absolute(ctx: ProxyContext, request: Request, url) -> Target:
                          "proxy variable")
     if not routes:
         return unrouted_target(ctx.settings.unmatched, url.scheme, host, port, url.raw_path,
-                                   url.raw_query_string)
+                               url.raw_query_string)
     entry = table.upstream_for(routes, host, port, plain_http=url.scheme == "http")
     return routed_target(request.method, routes, host, entry.upstream_port, url.raw_path,
                          url.raw_query_string)
