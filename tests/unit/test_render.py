@@ -49,5 +49,8 @@ def test_an_mcp_refusal_is_a_tool_result_for_a_call_and_an_error_for_the_rest():
     call, read = json.loads(answer.body)
     assert call["result"]["isError"] and "keyhole" in call["result"]["content"][0]["text"]
     assert read["error"]["code"] == -32001 and read["error"]["data"]["keyhole"] == "batch"
+    batched = McpRefused("gh", [(1, "tools/call", "batch", "not sent"),
+                                (2, "tools/call", "not_allowed", "the tool 'x' is not")], True)
+    assert batched.reason == "mcp_not_allowed"  # the refusal that decided, not its company
     notification = McpRefused("gh", [(None, "tools/call", "denied", "no")], batch=False)
     assert render(notification).status == 202 and render(notification).body == b""

@@ -237,11 +237,14 @@ class McpRefused(ProxyError):
     status = 200  # a JSON-RPC answer: the HTTP exchange itself succeeded
     CODE = -32001  # the implementation-defined server error range (JSON-RPC 2.0, 5.1)
 
+    BATCH = "batch"
+    """The reason of a request refused only for the company it kept in its batch."""
+
     def __init__(self, injection: str, refusals: list[tuple[object, str | None, str, str]],
                  batch: bool):
-        """``refusals``: (id, method, reason, detail) of each request the body held."""
-        first = next((r for r in refusals if r[2] not in ("allowed", "not_governed")),
-                     refusals[0])
+        """``refusals``: (id, method, reason, detail) of each request the body held; the
+        audit line and the metrics name the first refused on its own account."""
+        first = next(r for r in refusals if r[2] != self.BATCH)
         super().__init__(f"mcp_{first[2]}", first[3], injection=injection)
         self.refusals, self.batch = refusals, batch
         self.on_stream = False
@@ -261,7 +264,7 @@ class McpRefused(ProxyError):
             if ident is None:
                 continue  # a notification is never answered
             text = f"keyhole: {detail}"
-            if method == "tools/call" and reason not in ("allowed", "not_governed"):
+            if method == "tools/call":
                 answers.append({"jsonrpc": "2.0", "id": ident, "result": {
                     "content": [{"type": "text", "text": text}], "isError": True}})
             else:

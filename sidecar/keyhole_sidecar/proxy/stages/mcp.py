@@ -72,7 +72,7 @@ class McpPolicy(Stage):
             return
         refused = next(v for v in verdicts if not v.allowed)
         refusal = McpRefused(self.injection, [
-            (m.id, m.method, v.reason if not v.allowed else "batch",
+            (m.id, m.method, v.reason if not v.allowed else McpRefused.BATCH,
              v.detail if not v.allowed else "not sent: the same batch held a refused call "
              f"({refused.detail})")
             for m, v in zip(messages, verdicts, strict=True)], batch)
