@@ -15,6 +15,8 @@ from keyhole_sidecar.mcp.jsonrpc import Message
 # method → (the kind it uses, the field naming what it uses)
 _SUBJECT = {"tools/call": ("tools", "name"), "prompts/get": ("prompts", "name"),
             "resources/read": ("resources", "uri"), "resources/subscribe": ("resources", "uri")}
+NOUN = {"tools": "tool", "prompts": "prompt", "resources": "resource"}
+"""One of a kind: how the agent's answer and the audit line name it."""
 # listing key in a result → (the kind, the field naming each entry)
 LISTINGS = {"tools": ("tools", "name"), "prompts": ("prompts", "name"),
             "resources": ("resources", "uri"), "resourceTemplates": ("resources", "uriTemplate")}
@@ -57,13 +59,22 @@ def judge(spec: Mcp, message: Message) -> Verdict:
     return _judge(getattr(spec, kind), kind, subject, variables)
 
 
+def _refused_by_name(access: McpAccess, name: str) -> str | None:
+    """``denied`` or ``not_allowed`` when the globs alone refuse ``name``; None: they let it
+    be (a call then meets its conditions; a listing keeps it)."""
+    if _matches(name, access.deny):
+        return "denied"
+    if access.allow is not None and not _matches(name, access.allow):
+        return "not_allowed"
+    return None
+
+
 def _judge(access: McpAccess, kind: str, subject: str, variables: dict[str, Any]) -> Verdict:
-    what = {"tools": "tool", "prompts": "prompt", "resources": "resource"}[kind]
-    if _matches(subject, access.deny):
-        return Verdict(False, kind, subject, "denied", f"the {what} {subject!r} is denied")
-    if access.allow is not None and not _matches(subject, access.allow):
-        return Verdict(False, kind, subject, "not_allowed",
-                       f"the {what} {subject!r} is not among those allowed")
+    what = NOUN[kind]
+    refused = _refused_by_name(access, subject)
+    if refused is not None:
+        return Verdict(False, kind, subject, refused, f"the {what} {subject!r} is " + (
+            "denied" if refused == "denied" else "not among those allowed"))
     for condition in access.when:
         if not _matches(subject, condition.match):
             continue
@@ -87,10 +98,7 @@ def visible(spec: Mcp, kind: str, entry: Any, field: str) -> bool:
     access: McpAccess = getattr(spec, kind)
     if not isinstance(entry, dict) or not isinstance(entry.get(field), str):
         return False
-    name = entry[field]
-    if _matches(name, access.deny):
-        return False
-    return access.allow is None or _matches(name, access.allow)
+    return _refused_by_name(access, entry[field]) is None
 
 
 def filter_result(spec: Mcp, message: Any) -> Any | None:

@@ -14,7 +14,7 @@ import json
 from urllib.parse import urlsplit
 
 from keyhole_sidecar.mcp import jsonrpc
-from keyhole_sidecar.mcp.policy import filter_result, judge
+from keyhole_sidecar.mcp.policy import NOUN, filter_result, judge
 from keyhole_sidecar.mcp.sse import EventStream, EventTooLarge, event, fields, rewrite
 from keyhole_sidecar.proxy.errors import McpRefused, McpUnreadable
 from keyhole_sidecar.proxy.flow import Exchange, Fields, Stage, read_up_to
@@ -64,7 +64,7 @@ class McpPolicy(Stage):
             if verdict.kind is not None:
                 ex.ctx.metrics.mcp_call(self.injection, verdict.subject, verdict.kind,
                                         "allowed" if verdict.allowed else "denied")
-                calls.append({"method": message.method, verdict.kind[:-1]: verdict.subject,
+                calls.append({"method": message.method, NOUN[verdict.kind]: verdict.subject,
                               "decision": "allowed" if verdict.allowed else "denied",
                               "reason": verdict.reason})
         ex.record.mcp = calls or [{"method": m.method} for m in messages][:20]
