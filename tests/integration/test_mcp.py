@@ -139,6 +139,36 @@ def test_each_decision_is_audited_and_counted(mcp_proxy, mcp_upstreams):
                         tool="merge_pull_request", decision="denied") >= 1
 
 
+ACCEPT = {"Accept": "application/json, text/event-stream"}
+
+
+def _rpc(client, url: str, ident, method: str, params=None, **headers):
+    """One JSON-RPC message POSTed by hand (``ident`` None: a notification)."""
+    body = {"jsonrpc": "2.0", "method": method, "params": params or {}}
+    if ident is not None:
+        body["id"] = ident
+    return client.post(url, json=body, headers={**ACCEPT, **headers})
+
+
+def _answer(reply) -> dict:
+    """The JSON-RPC answer of a POST, whether it came as JSON or as events."""
+    data = [line[5:].strip() for line in reply.text.splitlines() if line.startswith("data:")]
+    return json.loads(data[-1] if data else reply.text)
+
+
+def _open_session(client, url: str, version: str) -> dict:
+    """Initialize as a client of ``version`` does; the headers every later request carries
+    (``MCP-Protocol-Version`` came with 2025-06-18)."""
+    hello = _rpc(client, url, 1, "initialize", {
+        "protocolVersion": version, "capabilities": {},
+        "clientInfo": {"name": "by-hand", "version": "1"}})
+    session = {"Mcp-Session-Id": hello.headers["mcp-session-id"]}
+    if version != "2025-03-26":
+        session["MCP-Protocol-Version"] = _answer(hello)["result"]["protocolVersion"]
+    assert _rpc(client, url, None, "notifications/initialized", **session).status_code == 202
+    return session
+
+
 @pytest.mark.parametrize("version", ["2025-03-26", "2025-06-18", "2025-11-25"])
 def test_each_protocol_version_keeps_its_session_stream_and_delete(mcp_proxy, mcp_upstreams,
                                                                    version):
@@ -146,34 +176,16 @@ def test_each_protocol_version_keeps_its_session_stream_and_delete(mcp_proxy, mc
     and protocol version on every request after, the GET stream, a filtered listing, a refused
     call, the DELETE that ends it. Only bodies are read; the rest passes as it is."""
     url = f"{mcp_proxy.url}/mcp-sse/mcp"
-    accept = {"Accept": "application/json, text/event-stream"}
-
-    def rpc(client, ident, method, params=None, **headers):
-        body = {"jsonrpc": "2.0", "method": method, "params": params or {}}
-        if ident is not None:
-            body["id"] = ident
-        return client.post(url, json=body, headers={**accept, **headers})
-
-    def answer(reply) -> dict:
-        data = [line[5:].strip() for line in reply.text.splitlines() if line.startswith("data:")]
-        return json.loads(data[-1] if data else reply.text)
-
     with httpx.Client(timeout=30) as client:
-        hello = rpc(client, 1, "initialize", {
-            "protocolVersion": version, "capabilities": {},
-            "clientInfo": {"name": "by-hand", "version": "1"}})
-        session = {"Mcp-Session-Id": hello.headers["mcp-session-id"]}
-        if version != "2025-03-26":  # the header came with 2025-06-18
-            session["MCP-Protocol-Version"] = answer(hello)["result"]["protocolVersion"]
-        assert rpc(client, None, "notifications/initialized", **session).status_code == 202
+        session = _open_session(client, url, version)
         with client.stream("GET", url, headers={"Accept": "text/event-stream",
                                                 **session}) as stream:
             assert stream.status_code == 200
             assert stream.headers["content-type"].startswith("text/event-stream")
-        tools = [t["name"] for t in answer(rpc(client, 2, "tools/list", **session))["result"][
-            "tools"]]
-        refused = answer(rpc(client, 3, "tools/call", {"name": "delete_repository",
-                                                        "arguments": {"name": "x"}}, **session))
+        tools = [t["name"] for t in _answer(_rpc(client, url, 2, "tools/list", **session))[
+            "result"]["tools"]]
+        refused = _answer(_rpc(client, url, 3, "tools/call", {
+            "name": "delete_repository", "arguments": {"name": "x"}}, **session))
         ended = client.delete(url, headers=session)
     assert sorted(tools) == ["get_file_contents", "get_issue", "get_whoami", "list_issues"]
     assert refused["id"] == 3 and refused["result"]["isError"]
@@ -185,18 +197,9 @@ def test_a_resumed_stream_is_filtered_as_the_first_was(mcp_proxy, mcp_upstreams)
     """Resumption (Last-Event-ID): the server replays a listing on the GET stream; the
     replayed events reach the agent filtered too (every stream is, whichever carries what)."""
     url = f"{mcp_proxy.url}/mcp-sse/mcp"
-    accept = {"Accept": "application/json, text/event-stream"}
     with httpx.Client(timeout=30) as client:
-        hello = client.post(url, headers=accept, json={
-            "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                "protocolVersion": "2025-11-25", "capabilities": {},
-                "clientInfo": {"name": "by-hand", "version": "1"}}})
-        session = {"Mcp-Session-Id": hello.headers["mcp-session-id"],
-                   "MCP-Protocol-Version": "2025-11-25"}
-        client.post(url, headers={**accept, **session},
-                    json={"jsonrpc": "2.0", "method": "notifications/initialized"})
-        listed = client.post(url, headers={**accept, **session},
-                             json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+        session = _open_session(client, url, "2025-11-25")
+        listed = _rpc(client, url, 2, "tools/list", **session)
         ids = [line[3:].strip() for line in listed.text.splitlines() if line.startswith("id:")]
         assert len(ids) >= 2, listed.text  # a priming event, then the answer
         replayed = []
