@@ -98,6 +98,11 @@ async def configure(settings: kopf.OperatorSettings, memo, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.keyhole.dev")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # A refresh timer still running when its injection is deleted holds kopf's finalizer:
+    # kopf then checks again only after `cancellation_polling` (60 s by default), and
+    # `kubectl delete` hangs that long. Wait briefly for the running pass, then every second.
+    settings.background.instant_exit_timeout = 2.0
+    settings.background.cancellation_polling = 1.0
     # The CRD is installed before the operator; watching CRDs would need cluster-wide
     # list/watch on them, which least privilege does not grant.
     settings.scanning.disabled = True
