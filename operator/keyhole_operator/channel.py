@@ -39,11 +39,14 @@ from dataclasses import dataclass
 from aiohttp import web
 from kubernetes.client.rest import ApiException
 
+from keyhole_common.approvals import APPROVALS_PATH, WITHDRAW_PATH, Ask
 from keyhole_common.channel import LEASES_PATH, ROUTES_PATH, VALUES_PATH, Report
 from keyhole_common.spec import SignatureError, parse_injection, verify
 from keyhole_common.spec.model import Budget, SecretInjection
 from keyhole_operator import ledger, metrics, values
 from keyhole_operator.annotations import INJECTIONS
+from keyhole_operator.approval_desk import Board, Desk, Refusal
+from keyhole_operator.approvals import Pod
 from keyhole_operator.routes import namespace_key
 
 log = logging.getLogger("keyhole.operator.channel")
@@ -121,7 +124,8 @@ def signed_document(pod: dict | None, who: Caller, key: bytes) -> dict:
     return document
 
 
-def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> SecretInjection:
+def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes,
+                for_what: str = "it may not spend its budgets") -> SecretInjection:
     """The injection as the pod's signed routes carry it; ChannelError when the pod is not
     the one the token is bound to or its routes do not name ``injection``."""
     document = signed_document(pod, who, key)
@@ -133,7 +137,7 @@ def signed_item(pod: dict | None, who: Caller, injection: str, key: bytes) -> Se
             if spec is not None:
                 return spec
     raise ChannelError(403, f"pod {who.namespace}/{who.pod} is not served by injection "
-                            f"{injection!r}: it may not spend its budgets")
+                            f"{injection!r}: {for_what}")
 
 
 def token_lifetime(token: str, now: float) -> float:
@@ -199,8 +203,9 @@ class Channel:
 
     def __init__(self, cluster, master_key: bytes, *, lease_seconds: float = ledger.LEASE_SECONDS,
                  central_namespace: str = "keyhole-system",
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, board: Board | None = None):
         self.cluster, self.master_key = cluster, master_key
+        self.desk = Desk(cluster, board or Board(), clock)
         self.central_namespace = central_namespace
         self.lease_seconds, self.clock = lease_seconds, clock
         self._locks: dict[tuple[str, str], threading.Lock] = {}
@@ -251,6 +256,41 @@ class Channel:
             lambda name: values.live_cluster_injection(self.cluster.read_cluster_injection(name)),
             lambda ref: self.cluster.read_labelled_secret(central, ref.name), central)
 
+    def _asking_pod(self, token: str, injection: object) -> tuple[Pod, bytes]:
+        """The caller's pod, once its signed routes name ``injection``, and its key."""
+        who = caller(self._review(token))
+        pod = self.cluster.read_pod(who.namespace, who.pod)
+        key = namespace_key(self.master_key, who.namespace)
+        signed_item(pod, who, str(injection), key, "it asks no approvals of it")
+        return Pod(who.namespace, who.pod, who.uid, who.service_account), key
+
+    async def approval(self, token: str, body: object) -> dict:
+        """Record (or find) the approval a sidecar holds a request for; wait for a decision."""
+        try:
+            ask = Ask.from_json(body)
+        except ValueError as exc:
+            await asyncio.to_thread(lambda: caller(self._review(token)))  # first: who asks
+            raise ChannelError(400, str(exc)) from None
+        pod, key = await asyncio.to_thread(self._asking_pod, token, ask.injection)
+        try:
+            return (await self.desk.ask(pod, ask, key)).as_json()
+        except Refusal as exc:
+            raise ChannelError(exc.status, exc.message) from None
+
+    def withdraw(self, token: str, body: object) -> dict:
+        """The client left: its pending approval is deleted."""
+        name = body.get("name") if isinstance(body, dict) else None
+        injection = body.get("injection") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not isinstance(injection, str):
+            caller(self._review(token))
+            raise ChannelError(400, "'name' and 'injection' must name the ApprovalRequest and "
+                                    "its injection")
+        pod, key = self._asking_pod(token, injection)
+        try:
+            return self.desk.withdraw(pod, name, key)
+        except Refusal as exc:
+            raise ChannelError(exc.status, exc.message) from None
+
     def lease(self, token: str, body: object) -> dict:
         """One call, answered: the grants, or ChannelError."""
         who = caller(self._review(token))  # nobody unauthenticated learns anything
@@ -298,7 +338,15 @@ def build_app(channel: Channel) -> web.Application:
     async def secret_values(request: web.Request) -> web.Response:
         return await _call(request, channel.values, with_body=False)
 
+    async def approval(request: web.Request) -> web.Response:
+        return await _call(request, channel.approval, with_body=True)
+
+    async def withdraw(request: web.Request) -> web.Response:
+        return await _call(request, channel.withdraw, with_body=True)
+
     app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post(APPROVALS_PATH, approval)
+    app.router.add_post(WITHDRAW_PATH, withdraw)
     app.router.add_post(LEASES_PATH, lease)
     app.router.add_post(ROUTES_PATH, routes)
     app.router.add_post(VALUES_PATH, secret_values)
@@ -321,7 +369,10 @@ async def _call(request: web.Request, answer_with, *, with_body: bool) -> web.Re
         except ValueError:
             return _answer(400, {"error": "the body is not JSON"})
     try:
-        answer = await asyncio.to_thread(answer_with, *args)
+        if asyncio.iscoroutinefunction(answer_with):  # it waits in this loop, not a thread
+            answer = await answer_with(*args)
+        else:
+            answer = await asyncio.to_thread(answer_with, *args)
     except ChannelError as exc:
         log.info("channel: refused (%s): %s", exc.status, exc.message)
         return _answer(exc.status, {"error": exc.message})

@@ -230,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.reload:
         _restart_on_change()
-    from keyhole_operator import handlers  # registers the handlers with kopf
+    from keyhole_operator import approval_handlers, handlers  # registers them with kopf
+    from keyhole_operator.approval_desk import Board
+
+    assert approval_handlers.DECIDE_WEBHOOK
+    board = Board()  # the channel's approval calls wait on it; the watch wakes them
 
     handlers.register_refresh(args.resync_seconds)
     handlers.register_cluster_refresh(args.resync_seconds)
@@ -279,14 +283,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         settings = replace(settings, channel_ca=channel_ca)
         serve(Channel(Cluster(), master_key, lease_seconds=args.channel_lease_seconds,
-                      central_namespace=args.cluster_secrets_namespace),
+                      central_namespace=args.cluster_secrets_namespace, board=board),
               *args.channel_listen, str(cert), str(key))
     from keyhole_operator.webhook_server import ReviewCheckingWebhookServer
 
     server = ReviewCheckingWebhookServer(addr=addr, port=port, host=host, certfile=str(cert),
                                 pkeyfile=str(key), cafile=str(ca) if ca else None)
     runtime = handlers.Runtime(settings=settings, master_key=master_key, webhook_server=server,
-                               manage_webhook_configurations=args.manage_webhook_configurations)
+                               manage_webhook_configurations=args.manage_webhook_configurations,
+                               board=board)
     # kopf pauses every replica when peers share a priority: each draws its own, and the
     # highest reconciles (all of them serve the webhooks).
     priority = 0 if args.standalone else secrets.SystemRandom().randint(1, 2**31 - 1)

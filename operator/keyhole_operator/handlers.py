@@ -39,6 +39,7 @@ from keyhole_operator.annotations import (
     SIGNING_KEY_SECRET,
     is_keyhole_key,
 )
+from keyhole_operator.approval_desk import Board
 from keyhole_operator.guard import (
     ephemeral_refusal,
     forged_refusal,
@@ -79,6 +80,8 @@ class Runtime:
     webhook_server: object | None = None
     manage_webhook_configurations: bool = False
     cluster: Cluster | None = field(default=None)
+    board: Board = field(default_factory=Board)
+    """Wakes the channel's calls waiting for an approval (``approval_handlers``)."""
     bundles_written: dict[str, bytes] = field(default_factory=dict)
     """Namespace → the CA certificate whose bundle was last written, to skip re-reading it."""
 

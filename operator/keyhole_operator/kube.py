@@ -7,6 +7,7 @@ the admission path never calls it.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
 
@@ -190,6 +191,56 @@ class Cluster:
         response = self.authn.create_token_review(body, _preload_content=False,
                                                   _request_timeout=5)
         return json.loads(response.data).get("status") or {}
+
+    # -- approvals ---------------------------------------------------------------------------
+    def list_approvals(self, namespace: str, pod_uid: str) -> list[dict]:
+        from keyhole_operator.approvals import POD_UID_LABEL
+
+        response = self.custom.list_namespaced_custom_object(
+            "keyhole.dev", "v1alpha1", namespace, "approvalrequests",
+            label_selector=f"{POD_UID_LABEL}={pod_uid}", _preload_content=False,
+            _request_timeout=5)
+        return json.loads(response.data)["items"]
+
+    def read_approval(self, namespace: str, name: str) -> dict | None:
+        return _json_or_none(self.custom.get_namespaced_custom_object, "keyhole.dev",
+                             "v1alpha1", namespace, "approvalrequests", name)
+
+    def create_approval(self, namespace: str, body: dict) -> dict:
+        response = self.custom.create_namespaced_custom_object(
+            "keyhole.dev", "v1alpha1", namespace, "approvalrequests", body,
+            _preload_content=False, _request_timeout=5)
+        return json.loads(response.data)
+
+    def delete_approval(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                "keyhole.dev", "v1alpha1", namespace, "approvalrequests", name,
+                _request_timeout=5)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def post_event(self, involved: dict, kind: str, reason: str, message: str) -> None:
+        """A core Event on ``involved`` (kopf's own posting serves only its handlers); a
+        failure is logged, never raised: an Event is news, not a decision."""
+        meta = involved.get("metadata") or {}
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{meta.get('name', 'keyhole')[:40]}.",
+                             "namespace": meta.get("namespace")},
+                "involvedObject": {"apiVersion": involved.get("apiVersion"),
+                                   "kind": involved.get("kind"), "name": meta.get("name"),
+                                   "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+                "type": kind, "reason": reason, "message": message[:1000],
+                "source": {"component": "keyhole-operator"}, "firstTimestamp": now,
+                "lastTimestamp": now, "eventTime": None, "count": 1,
+                "reportingComponent": "keyhole.dev/operator"}
+        try:
+            self.core.create_namespaced_event(meta.get("namespace"), body, _request_timeout=5)
+        except (ApiException, OSError) as exc:
+            log.warning("cannot post event %s on %s %s: %s", reason, involved.get("kind"),
+                        meta.get("name"), getattr(exc, "status", type(exc).__name__))
 
     # -- the shared budgets' ledger ----------------------------------------------------------
     def read_injection(self, namespace: str, name: str) -> dict | None:

@@ -21,9 +21,16 @@ channel_calls = Counter("keyhole_operator_channel_calls", "Operator channel call
 ledger_conflicts = Counter("keyhole_operator_ledger_conflicts", "Ledger writes refused because "
                            "another writer changed the injection first (read again and redone).",
                            registry=registry)
+approvals_asked = Counter("keyhole_operator_approvals_requested", "ApprovalRequests created for "
+                          "requests sidecars hold.", registry=registry)
+approval_decisions = Counter("keyhole_operator_approval_decisions", "Decisions on "
+                             "ApprovalRequests through the webhook, by result (approved, denied, "
+                             "refused: the webhook said no).", ["result"], registry=registry)
 for _result in ("ok", "error"):
     reconciles.labels(_result)
-for _code in ("200", "400", "401", "403", "404", "503"):
+for _result in ("approved", "denied", "refused"):
+    approval_decisions.labels(_result)
+for _code in ("200", "400", "401", "403", "404", "429", "503"):
     channel_calls.labels(_code)
 
 

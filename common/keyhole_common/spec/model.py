@@ -159,17 +159,32 @@ class Limits:
         return self.burst if self.burst is not None else self.requests_per_minute
 
 
+APPROVAL_TIMEOUT = 90.0
+"""Seconds a request that needs a person's approval is held by default (as Claw Patrol)."""
+MAX_APPROVAL_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A person approves each request (``rule.approval``, ``mcp.*.approval``) before it is
+    sent: the sidecar holds it up to ``timeout`` seconds, then refuses it."""
+
+    timeout: float = APPROVAL_TIMEOUT
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One allowlist entry: a request passes when its method and path both match.
 
     ``None`` means "any". Path globs: ``*`` matches within one segment, ``**`` across segments.
-    ``limits``, when given, replace the injection's limits for the requests this rule admits.
+    ``limits``, when given, replace the injection's limits for the requests this rule admits;
+    ``approval``, when given, holds each of them until a person approves it.
     """
 
     methods: frozenset[str] | None = None
     paths: tuple[str, ...] | None = None
     limits: Limits | None = None
+    approval: Approval | None = None
 
 
 BUDGET_PERIODS = ("hour", "day", "month")
@@ -236,13 +251,23 @@ class McpCondition:
 
 
 @dataclass(frozen=True, slots=True)
+class McpApproval:
+    """The uses (names or URIs matching ``match``) a person approves one by one."""
+
+    match: tuple[str, ...]
+    approval: Approval = Approval()
+
+
+@dataclass(frozen=True, slots=True)
 class McpAccess:
     """What of one kind (tools, resources or prompts) the agent may use: globs over names
-    (URIs for resources). ``allow`` None allows every one; ``deny`` wins over ``allow``."""
+    (URIs for resources). ``allow`` None allows every one; ``deny`` wins over ``allow``;
+    an allowed use matching ``approval`` waits for a person's yes."""
 
     allow: tuple[str, ...] | None = None
     deny: tuple[str, ...] = ()
     when: tuple[McpCondition, ...] = ()
+    approval: tuple[McpApproval, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +290,8 @@ class Mcp:
             if access.deny:
                 parts.append("never " + ", ".join(access.deny))
             parts.extend(f"{', '.join(c.match)} when {c.expression}" for c in access.when)
+            parts.extend(f"{', '.join(a.match)} after a person approves (held up to "
+                         f"{a.approval.timeout:g}s)" for a in access.approval)
             lines.append(f"{kind}: {'; '.join(parts)}")
         return lines
 

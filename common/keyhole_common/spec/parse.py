@@ -27,10 +27,12 @@ from keyhole_common.spec.model import (
     CREDENTIAL_FIELDS,
     KIND,
     LIST_KIND,
+    MAX_APPROVAL_TIMEOUT,
     SIGV4_HEADERS,
     VALUE_PLACEHOLDER,
     WINDOW_PERIODS,
     AgentEnv,
+    Approval,
     AwsSigV4,
     BasicAuth,
     Budget,
@@ -41,6 +43,7 @@ from keyhole_common.spec.model import (
     Llm,
     Mcp,
     McpAccess,
+    McpApproval,
     McpCondition,
     OAuth2ClientCredentials,
     Price,
@@ -289,10 +292,10 @@ def _rules(c: _Collector, value: Any) -> tuple[Rule, ...] | None:
     rules = []
     for i, raw in enumerate(items):
         path = f"spec.rules[{i}]"
-        entry = c.mapping(raw, path, {"methods", "paths", "limits"})
+        entry = c.mapping(raw, path, {"methods", "paths", "limits", "approval"})
         if entry is None:
             continue
-        if not entry.keys() - {"limits"}:
+        if not entry.keys() - {"limits", "approval"}:
             c.add(path, "an empty rule allows everything; give methods, paths or both")
             continue
         methods = paths = None
@@ -314,8 +317,36 @@ def _rules(c: _Collector, value: Any) -> tuple[Rule, ...] | None:
                     good.append(p)
             paths = tuple(good)
         limits = _limits(c, entry["limits"], f"{path}.limits") if "limits" in entry else None
-        rules.append(Rule(methods=methods, paths=paths, limits=limits))
+        approval = _approval(c, entry["approval"], f"{path}.approval") \
+            if "approval" in entry else None
+        rules.append(Rule(methods=methods, paths=paths, limits=limits, approval=approval))
     return tuple(rules)
+
+
+def _approval(c: _Collector, value: Any, path: str) -> Approval | None:
+    """``approval: {timeout: 90s}`` (``{}``: the default timeout)."""
+    entry = c.mapping(value, path, {"timeout"})
+    if entry is None:
+        return None
+    if "timeout" not in entry:
+        return Approval()
+    seconds = parse_duration(entry["timeout"])
+    if seconds is None or not 0 < seconds <= MAX_APPROVAL_TIMEOUT:
+        c.add(f"{path}.timeout", "must be a duration from 1s to 1h, such as 90s, 5m or 1h; "
+                                 f"got {entry['timeout']!r}")
+        return None
+    return Approval(timeout=seconds)
+
+
+_DURATION = re.compile(r"^([0-9]{1,6})(s|m|h)$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds in ``90s``, ``30m`` or ``2h`` (one whole number, one unit), else None."""
+    found = _DURATION.match(value) if isinstance(value, str) else None
+    return None if found is None else float(int(found.group(1))
+                                            * _DURATION_UNITS[found.group(2)])
 
 
 def _strip_headers(c: _Collector, value: Any) -> tuple[str, ...]:
@@ -591,7 +622,7 @@ def _mcp(c: _Collector, value: Any) -> Mcp | None:
 
 def _mcp_access(c: _Collector, value: Any, path: str, pattern: re.Pattern,
                 hint: str) -> McpAccess | None:
-    entry = c.mapping(value, path, {"allow", "deny", "when"})
+    entry = c.mapping(value, path, {"allow", "deny", "when", "approval"})
     if entry is None:
         return None
 
@@ -622,7 +653,17 @@ def _mcp_access(c: _Collector, value: Any, path: str, pattern: re.Pattern,
             message = None
         if match and expression:
             when.append(McpCondition(match, expression, message))
-    return McpAccess(allow=allow, deny=deny, when=tuple(when))
+    approvals = []
+    for i, raw in enumerate(c.sequence(entry.get("approval", []), f"{path}.approval") or []):
+        where = f"{path}.approval[{i}]"
+        item = c.mapping(raw, where, {"match", "timeout"})
+        if item is None:
+            continue
+        match = globs(item.get("match"), f"{where}.match", True)
+        approval = _approval(c, {k: v for k, v in item.items() if k == "timeout"}, where)
+        if match and approval is not None:
+            approvals.append(McpApproval(match, approval))
+    return McpAccess(allow=allow, deny=deny, when=tuple(when), approval=tuple(approvals))
 
 
 def cel_problem(expression: str) -> str | None:
