@@ -3,9 +3,12 @@
   kubectl keyhole status                    injections, readiness, pods, the CA's age
   kubectl keyhole who-can-use NAME          pods that can use an injection or a Secret
   kubectl keyhole explain pod POD           why a pod does (not) get each key
+  kubectl keyhole approvals                 requests held for a person's approval
+  kubectl keyhole approve|deny NAME         decide one (approve --for 30m: a grant)
 
 with kubectl's ``-n``, ``-A``, ``-o json|yaml|wide``, ``--kubeconfig`` and ``--context``.
-It reads the API only (get/list of secretinjections, pods and configmaps).
+It reads the API only (get/list of secretinjections, pods and configmaps), except approve
+and deny, which write an ApprovalRequest's decision (its status, with the approve verb).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ USAGE_EXAMPLES = """examples:
   kubectl keyhole status -A
   kubectl keyhole who-can-use openai-credentials -n agents
   kubectl keyhole explain pod agent-7d9f -n agents -o yaml
+  kubectl keyhole approvals -A
+  kubectl keyhole approve agent-7d9f-x2k4q -n agents --for 30m --reason "release day"
 """
 
 
@@ -59,6 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what to explain (pods only, as kubectl spells them)")
     explain.add_argument("pod", metavar="POD", help="the pod's name, in -n NAMESPACE (default: "
                                                     "the context's namespace)")
+    waiting = commands.add_parser("approvals", help="requests held for a person's approval")
+    _common(waiting)
+    waiting.add_argument("-A", "--all-namespaces", action="store_true",
+                         help="every namespace")
+    waiting.add_argument("--all", action="store_true", dest="every",
+                         help="decided and expired ones too")
+    for verb, what in (("approve", "let the held request through"),
+                       ("deny", "refuse the held request")):
+        decide = commands.add_parser(verb, help=what)
+        _common(decide)
+        decide.add_argument("name", metavar="NAME", help="the ApprovalRequest (kubectl keyhole "
+                                                         "approvals lists them)")
+        decide.add_argument("--reason", help="why, recorded with who decided")
+        if verb == "approve":
+            decide.add_argument("--for", dest="grant", metavar="DURATION",
+                                help="a grant: the same request from the same pod passes "
+                                     "this long without asking again (30m, 2h; at most "
+                                     "168h)")
     return parser
 
 
@@ -152,7 +175,51 @@ def render_explain(answer: dict, wide: bool) -> str:
     return "\n".join(out)
 
 
-def _emit(answer: dict, output: str | None, render: Callable[[], str]) -> None:
+def render_approvals(rows: list[dict], wide: bool, all_namespaces: bool) -> str:
+    if not rows:
+        return "No requests wait for approval."
+    headers = ["NAME", "AGE", "POD", "INJECTION", "WHAT", "STATE", "EXPIRES-IN"]
+    cells = [[r["name"], r["age"], r["pod"], r["injection"], r["what"], r["state"],
+              r["expiresIn"] or "-"] for r in rows]
+    if wide:
+        headers += ["DECIDED-BY", "ARGUMENTS"]
+        for row, r in zip(cells, rows, strict=True):
+            row += [r["decidedBy"] or "-", (r["arguments"] or "-")[:120]]
+    if all_namespaces:
+        headers.insert(0, "NAMESPACE")
+        for row, r in zip(cells, rows, strict=True):
+            row.insert(0, r["namespace"])
+    return table(cells, headers)
+
+
+def _approvals_command(args, api, namespace: str, all_namespaces: bool) -> int:
+    import time
+
+    from keyhole_kubectl import approvals, cluster
+
+    if args.command == "approvals":
+        with api:
+            items = cluster.approvals(api, None if all_namespaces else namespace)
+        rows = approvals.listing(items, time.time(), args.every)
+        _emit(rows, args.output,
+              lambda: render_approvals(rows, args.output == "wide", all_namespaces))
+        return 0
+    try:
+        body = approvals.decision("Approved" if args.command == "approve" else "Denied",
+                                  getattr(args, "grant", None), args.reason)
+    except approvals.BadDecision as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with api:
+        decided = cluster.decide(api, namespace, args.name, body)
+    stamped = (decided.get("status") or {}).get("decision") or {}
+    grant = f" for {args.grant}" if getattr(args, "grant", None) else ""
+    print(f"approvalrequest.keyhole.dev/{args.name} {stamped.get('verdict', '').lower()}"
+          f"{grant} (by {stamped.get('decidedBy')})")
+    return 0
+
+
+def _emit(answer: dict | list, output: str | None, render: Callable[[], str]) -> None:
     if output == "json":
         print(json.dumps(answer, indent=2))
     elif output == "yaml":
@@ -173,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         api, default_namespace = cluster.connect(args.kubeconfig, args.context)
         all_namespaces = getattr(args, "all_namespaces", False)
         namespace = None if all_namespaces else (args.namespace or default_namespace)
+        if args.command in ("approvals", "approve", "deny"):
+            return _approvals_command(args, api, namespace, all_namespaces)
         with api:
             spaces = cluster.read(api, namespace)
         wide = args.output == "wide"

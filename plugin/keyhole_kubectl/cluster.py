@@ -6,6 +6,7 @@ chart's cluster-injections viewer role grants it for the cluster kind)."""
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 
@@ -19,6 +20,7 @@ from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
 
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
 CLUSTER_PLURAL = "clustersecretinjections"
+APPROVALS = "approvalrequests"
 
 
 class ClusterError(RuntimeError):
@@ -131,3 +133,41 @@ def _cluster_injections(custom) -> list[dict]:
     except OSError as exc:
         raise ClusterError(f"cannot reach the API server to list clustersecretinjections: "
                            f"{exc}") from None
+
+
+# -- approvals ---------------------------------------------------------------------------------
+
+def approvals(api: kubernetes.client.ApiClient, namespace: str | None) -> list[dict]:
+    """The ApprovalRequests of a namespace, or (``None``) of every namespace."""
+    custom = kubernetes.client.CustomObjectsApi(api)
+    if namespace is None:
+        return _call("list approvalrequests", custom.list_cluster_custom_object, GROUP,
+                     VERSION, APPROVALS)["items"]
+    return _call("list approvalrequests", custom.list_namespaced_custom_object, GROUP,
+                 VERSION, namespace, APPROVALS)["items"]
+
+
+def decide(api: kubernetes.client.ApiClient, namespace: str, name: str, body: dict) -> dict:
+    """Write a decision (the ``status`` subresource); the operator's webhook may refuse it,
+    and its message says why."""
+    custom = kubernetes.client.CustomObjectsApi(api)
+    try:
+        return custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace,
+                                                            APPROVALS, name, body)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise ClusterError(f"no ApprovalRequest {name} in namespace {namespace} (kubectl "
+                               "keyhole approvals -n NAMESPACE lists what waits)") from None
+        if exc.status in (400, 403, 422):
+            raise ClusterError(f"the decision was refused: {_message(exc)}") from None
+        raise ClusterError(f"cannot decide {name}: {exc.status} {exc.reason}") from None
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
+        raise ClusterError(_unreachable(f"decide {name}", exc)) from None
+
+
+def _message(exc: ApiException) -> str:
+    """The API server's (or the webhook's) sentence, from the Status it answered."""
+    try:
+        return str(json.loads(exc.body).get("message"))[:2000]
+    except (TypeError, ValueError, AttributeError):
+        return f"{exc.status} {exc.reason}"

@@ -18,6 +18,7 @@ from keyhole_common.ca import CAError, CertificateAuthority, ca_fingerprint
 from keyhole_common.spec import verify
 from keyhole_sidecar import __version__, logformat
 from keyhole_sidecar.admin import admin_app
+from keyhole_sidecar.approvals import Approvals
 from keyhole_sidecar.audit import AuditLog
 from keyhole_sidecar.certs import LeafCache
 from keyhole_sidecar.cluster_values import ClusterValues
@@ -176,6 +177,9 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                            on_refused=metrics.budget_refused)
     metrics.watch_budgets(lambda: budgets.remaining() + shared.remaining(),
                           lambda: budgets.limits() + shared.limits(), budgets.used)
+    approvals = Approvals(channel)
+    metrics.approvals_held.set_function(lambda: approvals.held)
+    metrics.approval_oldest.set_function(approvals.oldest_wait)
     tracing = None
     if options.otlp_endpoint:
         from keyhole_sidecar.tracing import Tracing
@@ -184,7 +188,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
     ctx = ProxyContext(settings=settings, routes=config.current, leaves=leaves,
                        resolver=resolver, pool=pool, session=session, metrics=metrics,
                        audit=AuditLog(), limiter=limiter, budgets=budgets, shared=shared,
-                       traces=tracing.request_done if tracing else None)
+                       approvals=approvals, traces=tracing.request_done if tracing else None)
     server_kwargs = dict(
         logger=protocol_logger(metrics.decisions.labels("denied", "malformed").inc),
         keepalive_timeout=settings.idle_timeout, max_line_size=settings.max_line_size,
@@ -311,6 +315,7 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
         for server in servers:
             server.close()
         ctx.audit.flush()
+        await approvals.close()  # a client that left while held: its withdrawal sent
         await shared.close()  # what was counted goes to the operator before the pod ends
         if tracing is not None:  # sends what is queued (the exporter's timeout bounds it)
             await loop.run_in_executor(None, tracing.shutdown)

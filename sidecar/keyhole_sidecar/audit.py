@@ -33,6 +33,7 @@ class AuditRecord:
     protocol: str | None = None  # the client's: "http/1.1" or "h2" (none for tunnels)
     llm: dict | None = None  # model and tokens of a model API's answer (spec.llm)
     mcp: list[dict] | None = None  # each JSON-RPC message's method, tool and decision (spec.mcp)
+    approval: dict | None = None  # the ApprovalRequest, its decision, who, how long it waited
     started: float = field(default_factory=time.monotonic)
 
 
@@ -66,6 +67,8 @@ class AuditLog:
         }
         if record.mcp is not None:
             line["mcp"] = record.mcp
+        if record.approval is not None:
+            line["approval"] = record.approval
         self._stream.write(_ENCODE(line) + "\n")
         if self._flush_pending:
             return

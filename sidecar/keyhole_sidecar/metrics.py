@@ -120,6 +120,23 @@ class Metrics:
                                  "name (resources: -) and decision (allowed, denied).",
                                  ["injection", "kind", "tool", "decision"], registry=r)
         self._mcp_names: dict[str, set[str]] = {}
+        self.approvals = Counter("keyhole_approvals", "Requests held for a person's approval, by "
+                                 "injection and how the wait ended: approved, granted (a grant "
+                                 "made with --for was alive), denied, timeout, withdrawn (the "
+                                 "client left), unavailable (no operator to ask), backlog, "
+                                 "gone (the object deleted).", ["injection", "decision"],
+                                 registry=r)
+        self.approval_wait = Histogram("keyhole_approval_wait_seconds", "How long a request "
+                                       "was held for approval, until it was decided, timed out "
+                                       "or withdrawn.", ["injection"], registry=r,
+                                       buckets=(1, 5, 15, 30, 60, 90, 180, 300, 600, 1800,
+                                                3600))
+        self.approvals_held = Gauge("keyhole_approvals_held", "Requests held for approval "
+                                    "now.", registry=r)
+        self.approval_oldest = Gauge("keyhole_approval_oldest_wait_seconds", "Seconds the "
+                                     "longest-held request has waited for approval (0: none); "
+                                     "the chart's KeyholeApprovalWaiting alert reads it.",
+                                     registry=r)
         self.available = Gauge("keyhole_injection_available", "1 while an injection injects; "
                                "0 while its Secret or key is missing or its value unusable "
                                "(requests to its hosts are refused).", ["injection"],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
+from keyhole_common.approvals import APPROVALS_PATH, MAX_WAIT, WITHDRAW_PATH
 from keyhole_common.channel import LEASES_PATH, ROUTES_PATH, VALUES_PATH
 from keyhole_sidecar.usage.shared import CALL_TIMEOUT, ChannelUnavailable
 
@@ -28,6 +29,10 @@ log = logging.getLogger("keyhole.channel")
 
 class ChannelRefused(ChannelUnavailable):
     """The operator answered and said no (401, 403, 404): not an outage, a decision."""
+
+
+class ChannelBusy(ChannelRefused):
+    """The operator answered 429: the pod asks too much at once (approvals waiting)."""
 
 
 class OperatorChannel:
@@ -54,7 +59,7 @@ class OperatorChannel:
                 timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT))
         return self._session
 
-    async def _post(self, path: str, body: dict | None) -> dict:
+    async def _post(self, path: str, body: dict | None, timeout: float | None = None) -> dict:
         try:
             token = self.token_file.read_text().strip()
         except OSError as exc:
@@ -62,12 +67,14 @@ class OperatorChannel:
                                      f"({exc.strerror})") from None
         url = self.base + path
         try:
+            limit = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
             async with self._client().post(
-                    url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
+                    url, json=body, headers={"Authorization": f"Bearer {token}"},
+                    **limit) as resp:
                 answer = await resp.json(content_type=None)
                 if resp.status != 200:
-                    kind = ChannelRefused if resp.status in (401, 403, 404) else \
-                        ChannelUnavailable
+                    kind = ChannelBusy if resp.status == 429 else ChannelRefused \
+                        if resp.status in (401, 403, 404) else ChannelUnavailable
                     raise kind(f"the operator refused ({resp.status}): "
                                f"{str((answer or {}).get('error'))[:300]}")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -78,10 +85,10 @@ class OperatorChannel:
             raise ChannelUnavailable(f"the operator channel {url} answered no JSON object")
         return answer
 
-    async def _call(self, path: str, body: dict | None) -> dict:
-        call = path.rsplit("/", 1)[-1]  # the metric's label: leases, routes, values
+    async def _call(self, path: str, body: dict | None, timeout: float | None = None) -> dict:
+        call = path.split("/", 2)[-1].replace("/", "_")  # leases, routes, values, approvals...
         try:
-            answer = await self._post(path, body)
+            answer = await self._post(path, body, timeout)
         except ChannelUnavailable:
             self.on_answer(call, False)
             raise
@@ -99,6 +106,13 @@ class OperatorChannel:
 
     async def values(self) -> dict:
         return await self._call(VALUES_PATH, None)
+
+    async def approval(self, body: dict) -> dict:
+        """Ask for (or wait on) an approval: the operator answers within ``body['wait']``."""
+        return await self._call(APPROVALS_PATH, body, timeout=MAX_WAIT + CALL_TIMEOUT)
+
+    async def withdraw(self, body: dict) -> dict:
+        return await self._call(WITHDRAW_PATH, body)
 
     async def close(self) -> None:
         if self._session is not None:

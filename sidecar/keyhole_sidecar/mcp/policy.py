@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyhole_common.spec.expressions import compile_expression
-from keyhole_common.spec.model import Mcp, McpAccess
+from keyhole_common.spec.model import Approval, Mcp, McpAccess
 from keyhole_sidecar.mcp.jsonrpc import Message
 
 # method → (the kind it uses, the field naming what it uses)
@@ -33,6 +33,8 @@ class Verdict:
     subject: str | None = None
     reason: str = "allowed"
     detail: str = ""
+    approval: Approval | None = None
+    """Allowed once a person approves it (``approval`` in the spec): how long it is held."""
 
 
 PASS = Verdict(True, reason="not_governed")
@@ -44,11 +46,11 @@ def _matches(value: str, globs: tuple[str, ...]) -> bool:
 
 def judge(spec: Mcp, message: Message) -> Verdict:
     """Allowed or refused, and why, for one message from the agent."""
-    if message.method == "completion/complete":
+    if message.method == "completion/complete":  # suggestions only: never held for approval
         ref = message.params["ref"]
         if ref["type"] == "ref/prompt":
-            return _judge(spec.prompts, "prompts", ref["name"], {"name": ref["name"]})
-        return _judge(spec.resources, "resources", ref["uri"], {"uri": ref["uri"]})
+            return _judge(spec.prompts, "prompts", ref["name"], {"name": ref["name"]}, False)
+        return _judge(spec.resources, "resources", ref["uri"], {"uri": ref["uri"]}, False)
     if message.method not in _SUBJECT:
         return PASS
     kind, field = _SUBJECT[message.method]
@@ -69,7 +71,8 @@ def _refused_by_name(access: McpAccess, name: str) -> str | None:
     return None
 
 
-def _judge(access: McpAccess, kind: str, subject: str, variables: dict[str, Any]) -> Verdict:
+def _judge(access: McpAccess, kind: str, subject: str, variables: dict[str, Any],
+           use: bool = True) -> Verdict:
     what = NOUN[kind]
     refused = _refused_by_name(access, subject)
     if refused is not None:
@@ -89,7 +92,9 @@ def _judge(access: McpAccess, kind: str, subject: str, variables: dict[str, Any]
                                            f"is {'false' if result is False else 'not true'}"
             return Verdict(False, kind, subject, "condition",
                            f"the {what} {subject!r} is refused: {because}")
-    return Verdict(True, kind, subject, "allowed")
+    held = next((a.approval for a in access.approval if _matches(subject, a.match)), None) \
+        if use else None
+    return Verdict(True, kind, subject, "allowed", approval=held)
 
 
 def visible(spec: Mcp, kind: str, entry: Any, field: str) -> bool:

@@ -11,6 +11,7 @@ from typing import Literal
 
 import aiohttp
 
+from keyhole_sidecar.approvals import Approvals
 from keyhole_sidecar.audit import AuditLog, AuditRecord
 from keyhole_sidecar.certs import LeafCache
 from keyhole_sidecar.limits import Limiter
@@ -96,6 +97,8 @@ class ProxyContext:
     """spec.llm.budgets' counts and reservations, kept across reloads."""
     shared: SharedBudgets = field(default_factory=lambda: SharedBudgets(None, time.time))
     """The budgets an injection's pods share: slices leased from the operator."""
+    approvals: Approvals = field(default_factory=Approvals)
+    """Requests held for a person's approval, and the grants alive (``approvals``)."""
     inflight: InFlight = field(default_factory=InFlight)
     """Requests being answered, for the drain on SIGTERM."""
     legacy_mcp: dict[tuple[str, str], Callable[[bytes], Awaitable[None]]] = field(

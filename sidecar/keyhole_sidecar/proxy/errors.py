@@ -156,6 +156,27 @@ class BudgetExceeded(ProxyError):
         return headers, (json.dumps(body) + "\n").encode()
 
 
+class ApprovalRefused(ProxyError):
+    """A request held for a person's approval that was not approved: denied, timed out,
+    withdrawn by an approver deleting its object, or no operator to ask. Nothing was sent.
+    A JSON body names the ApprovalRequest (``kubectl get kar NAME``) and who decided; a gRPC
+    client reads PERMISSION_DENIED (or UNAVAILABLE: no operator)."""
+
+    decision = "denied"
+    STATUS = {"approval_denied": 403, "approval_timeout": 403, "approval_withdrawn": 403,
+              "approval_unavailable": 503, "approval_backlog": 429}
+
+    def __init__(self, reason: str, message: str, injection: str, approval: dict):
+        super().__init__(reason, message, status=self.STATUS[reason], injection=injection)
+        self.approval = approval
+
+    def parts(self) -> tuple[list[tuple[str, str]], bytes]:
+        body = {"error": self.reason, "injection": self.injection,
+                "message": f"keyhole: {self.message}", "approval": self.approval}
+        return ([("Content-Type", "application/json"), ("X-Keyhole-Error", self.reason)],
+                (json.dumps(body) + "\n").encode())
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     """A refusal as every protocol answers it: the wire frames these parts (an HTTP/1.1 head,
@@ -241,11 +262,13 @@ class McpRefused(ProxyError):
     """The reason of a request refused only for the company it kept in its batch."""
 
     def __init__(self, injection: str, refusals: list[tuple[object, str | None, str, str]],
-                 batch: bool):
+                 batch: bool, status: int | None = None):
         """``refusals``: (id, method, reason, detail) of each request the body held; the
-        audit line and the metrics name the first refused on its own account."""
+        audit line and the metrics name the first refused on its own account (an approval's
+        reason, ``approval_denied``, as it is: the same word for every protocol)."""
         first = next(r for r in refusals if r[2] != self.BATCH)
-        super().__init__(f"mcp_{first[2]}", first[3], injection=injection)
+        reason = first[2] if first[2].startswith("approval_") else f"mcp_{first[2]}"
+        super().__init__(reason, first[3], injection=injection, status=status)
         self.refusals, self.batch = refusals, batch
         self.on_stream = False
         if all(ident is None for ident, *_ in refusals):

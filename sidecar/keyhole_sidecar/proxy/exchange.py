@@ -88,6 +88,10 @@ class Reply(Protocol):
     async def send(self, status: int, reason: str, headers: list[tuple[str, str]],
                    body: bytes, trailers: Trailers = ()) -> None: ...
     def abort(self) -> None: ...
+    async def client_left(self) -> None:
+        """Returns once the client has stopped sending or is gone: what a request held for
+        a person's approval waits on beside the decision. (A wire that cancels the request
+        when its client goes, HTTP/2's reset stream, never returns.)"""
 
 
 class Request:

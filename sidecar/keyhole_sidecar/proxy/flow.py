@@ -1,8 +1,9 @@
 """One request on its way through the proxy: the :class:`Exchange` the stages share, and the
 :class:`Stage` hooks each concern implements.
 
-A stage is one concern (limits, body bounds, MCP policy, budgets, credentials, redaction),
-made for one exchange and only when it applies to it, so a passthrough request runs none.
+A stage is one concern (limits, body bounds, MCP policy, approvals, budgets, credentials,
+redaction), made for one exchange and only when it applies to it, so a passthrough request
+runs none.
 :mod:`~keyhole_sidecar.proxy.forward` keeps their order and calls, in that order on the way
 out and in the reverse order on the way back (the stage nearest the upstream sees the answer
 first):
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
+from keyhole_sidecar.approvals import Hold
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.egress import TargetRefused
 from keyhole_sidecar.proxy.context import ProxyContext
@@ -55,6 +57,9 @@ class Exchange:
     """The upstream's answer, once its head is in."""
     bodyless: bool = False
     """The answer carries no body (a HEAD, a 204 or 304): no ``chunk`` comes."""
+    hold: Hold | None = None
+    """What a person must approve before this request is sent, set by the stage that knows
+    (MCP's, for a use with approval); the approvals stage asks and waits."""
     interjections: asyncio.Lock | None = None
     """Set by a stage that writes into this answer from another exchange (MCP's legacy
     transport answers a POST on the session's event stream): the relay then writes each piece

@@ -32,6 +32,7 @@ from keyhole_sidecar.proxy.exchange import (
     UpstreamClosed,
 )
 from keyhole_sidecar.proxy.flow import Exchange, Fields, Stage, check_egress, client_body
+from keyhole_sidecar.proxy.stages.approval import Approvals
 from keyhole_sidecar.proxy.stages.bounds import Bounds
 from keyhole_sidecar.proxy.stages.credentials import Credentials
 from keyhole_sidecar.proxy.stages.limits import Limits
@@ -43,7 +44,8 @@ from keyhole_sidecar.redact import GrpcBodyError
 
 log = logging.getLogger("keyhole.proxy")
 
-STAGES: tuple[type[Stage], ...] = (Limits, Bounds, McpPolicy, Usage, Credentials, Redaction)
+STAGES: tuple[type[Stage], ...] = (Limits, Bounds, McpPolicy, Approvals, Usage, Credentials,
+                                   Redaction)
 """In the order they see the request; the answer meets them in reverse (redaction first, so
 the meter counts what the client gets)."""
 WHOLE_BODY_LIMIT = 64 * 1024

@@ -58,7 +58,7 @@ def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_po
         if route.unavailable is not None:
             raise Unavailable("secret_unavailable", f"{route.unavailable}; nothing was sent",
                               injection=route.name)
-    limits = []
+    limits, approvals = [], []
     for route in routes:
         verdict = check_rules(route.injection.rules, method, path)
         if not verdict.allowed:
@@ -70,10 +70,12 @@ def routed_target(method: str, routes: tuple[Route, ...], host: str, upstream_po
             limits.append((route.name, verdict.reason, rule.limits))
         elif route.injection.limits is not None:
             limits.append((route.name, "spec", route.injection.limits))
+        if rule is not None and rule.approval is not None:
+            approvals.append((route.name, rule.approval))
     if not any(r.injection.rules is not None for r in routes):
         path = raw_path or "/"  # nothing was judged on the path: forward it untouched
     return Target("https", normalise_hostname(host), upstream_port, path, raw_query, routes,
-                  tuple(limits))
+                  tuple(limits), tuple(approvals))
 
 
 def _query_keys(raw_query: str) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from yarl import URL
 
 from keyhole_common.spec import Limits
+from keyhole_common.spec.model import Approval
 from keyhole_sidecar.credentials import CredentialSource
 from keyhole_sidecar.inject import forwarded_query
 from keyhole_sidecar.proxy.errors import Denied
@@ -39,6 +40,8 @@ class Target:
     routes: tuple[Route, ...] = ()
     limits: tuple[tuple[str, str, Limits], ...] = ()
     """(injection, scope, limits) for each injection whose limits apply to this request."""
+    approvals: tuple[tuple[str, Approval], ...] = ()
+    """(injection, approval) for each injection whose rule holds this request for a person."""
 
     @property
     def routed(self) -> bool:

@@ -22,6 +22,7 @@ from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import ProxyError, UpstreamFailed, connect_failure, render
 from keyhole_sidecar.proxy.flow import Exchange, check_egress
 from keyhole_sidecar.proxy.forward import open_stages, prepare
+from keyhole_sidecar.proxy.stages.approval import Approvals
 from keyhole_sidecar.proxy.stages.credentials import Credentials
 from keyhole_sidecar.proxy.stages.limits import Limits
 from keyhole_sidecar.proxy.stages.redaction import Redaction
@@ -30,7 +31,7 @@ from keyhole_sidecar.redact import Redactor
 
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version",
                            "sec-websocket-protocol", "sec-websocket-extensions"})
-WEBSOCKET_STAGES = (Limits, Credentials, Redaction)
+WEBSOCKET_STAGES = (Limits, Approvals, Credentials, Redaction)
 
 
 async def forward_websocket(ex: Exchange) -> None:

@@ -13,8 +13,10 @@ import asyncio
 import json
 from urllib.parse import urlsplit
 
+from keyhole_common.approvals import MAX_PREVIEW, call_digest
+from keyhole_sidecar.approvals import Hold
 from keyhole_sidecar.mcp import jsonrpc
-from keyhole_sidecar.mcp.policy import NOUN, filter_result, judge
+from keyhole_sidecar.mcp.policy import NOUN, Verdict, filter_result, judge
 from keyhole_sidecar.mcp.sse import EventStream, EventTooLarge, event, fields, rewrite
 from keyhole_sidecar.proxy.errors import McpRefused, McpUnreadable
 from keyhole_sidecar.proxy.flow import Exchange, Fields, Stage, read_up_to
@@ -69,6 +71,7 @@ class McpPolicy(Stage):
                               "reason": verdict.reason})
         ex.record.mcp = calls or [{"method": m.method} for m in messages][:20]
         if all(v.allowed for v in verdicts):
+            self._hold(messages, verdicts, batch)
             return
         refused = next(v for v in verdicts if not v.allowed)
         refusal = McpRefused(self.injection, [
@@ -87,6 +90,29 @@ class McpPolicy(Stage):
                 raise refusal from None  # the stream is gone: the POST carries the answer
             refusal.answered_on_stream()
         raise refusal
+
+    def _hold(self, messages: list[jsonrpc.Message], verdicts: list[Verdict],
+              batch: bool) -> None:
+        """A use a person approves first: described for them and bound to its digest (the
+        use and its arguments, not the JSON-RPC id) on the exchange; the approvals stage
+        waits. One at a time: a batch holding one is refused."""
+        held = [(m, v) for m, v in zip(messages, verdicts, strict=True) if v.approval]
+        if not held:
+            return
+        if batch or len(messages) > 1:
+            raise McpRefused(self.injection, [
+                (m.id, m.method, "approval_batch", "a use that needs a person's approval is "
+                 "sent alone, not in a batch") for m in messages], batch)
+        message, verdict = held[0]
+        target, noun = self.ex.target, NOUN[verdict.kind]
+        arguments = message.params.get("arguments", {}) if verdict.kind != "resources" else {}
+        shown = self.ex.target.redactor().redact_text(json.dumps(arguments)[:MAX_PREVIEW])
+        self.ex.hold = Hold(
+            self.injection, call_digest(target.host, target.port, target.path, noun,
+                                        verdict.subject, arguments),
+            verdict.approval.timeout,
+            {"kind": noun, "host": target.host, "method": "POST", "path": target.path,
+             "subject": verdict.subject, "arguments": shown}, (message.id, message.method))
 
     async def _body(self) -> bytes:
         """The body whole, as sent: JSON, uncompressed, at most jsonrpc.MAX_BODY."""

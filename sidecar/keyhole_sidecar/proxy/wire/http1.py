@@ -61,6 +61,12 @@ class Reply:
         self.close = message.should_close
         self._handed_over: asyncio.Future | None = None
 
+    async def client_left(self) -> None:
+        """Once the client has sent its FIN or gone. A FIN alone is half-close (the request
+        is still answered), but a request held for approval takes it as leaving: a client
+        that waits for its answer does not stop the connection it waits on."""
+        await self._conn.left().wait()
+
     def interim(self, status: int) -> None:
         """A 1xx answer before the final one (``100 Continue``)."""
         if self._version >= (1, 1) and not self.started:
@@ -153,6 +159,7 @@ class ClientConnection(BaseProtocol):
         self._after_upgrade: list[bytes] = []
         self._other: asyncio.Protocol | None = None  # aiohttp's server, after a hand-over
         self._client_eof = False
+        self._left: asyncio.Event | None = None  # made when a held request waits on it
         self._idle: asyncio.TimerHandle | None = None  # one timer, moved lazily
         self._idle_since = 0.0  # 0: a request is in flight
         self._last_body: StreamReader | None = None
@@ -194,6 +201,8 @@ class ClientConnection(BaseProtocol):
         if self._other is not None:
             return self._other.eof_received()
         self._client_eof = True
+        if self._left is not None:
+            self._left.set()
         try:
             self._parser.feed_eof()
         except HttpProcessingError as exc:  # a body cut short: its reader fails
@@ -205,6 +214,8 @@ class ClientConnection(BaseProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        if self._left is not None:
+            self._left.set()
         self._on_lost()
         if self._other is not None:
             self._other.connection_lost(exc)
@@ -253,6 +264,14 @@ class ClientConnection(BaseProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def left(self) -> asyncio.Event:
+        """Set once the client has sent its FIN or the connection is gone."""
+        if self._left is None:
+            self._left = asyncio.Event()
+            if self._client_eof or self.transport is None:
+                self._left.set()
+        return self._left
 
     # -- serving ---------------------------------------------------------------------------
     async def _serve(self) -> None:

@@ -84,6 +84,10 @@ class H2Reply:
         self.close = False  # one stream cannot close the connection
         self._head: list[tuple[bytes, bytes]] | None = None
 
+    async def client_left(self) -> None:
+        """A stream the client resets cancels its request's task: nothing to wait for."""
+        await asyncio.Future()
+
     def interim(self, status: int) -> None:
         """HTTP/2 clients do not wait for 100 Continue; nothing to send."""
 
