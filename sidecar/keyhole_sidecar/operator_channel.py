@@ -40,8 +40,8 @@ class OperatorChannel:
     the pod-bound token the kubelet keeps fresh in ``token_file``."""
 
     def __init__(self, url: str, ca_file: Path, token_file: Path,
-                 on_answer: Callable[[str, bool], None] | None = None):
-        self.base = url.rstrip("/")
+                 on_answer: Callable[[str, bool], None] | None = None, limit: int = 4):
+        self.base, self.limit = url.rstrip("/"), limit
         self.ca_file, self.token_file = ca_file, token_file
         self.on_answer = on_answer or (lambda call, ok: None)  # (call, answered 200), metrics
         self._session: aiohttp.ClientSession | None = None
@@ -55,7 +55,7 @@ class OperatorChannel:
                     f"the operator channel's CA ({self.ca_file}) is not readable yet: the "
                     "operator writes it into the namespace's keyhole-ca-bundle") from None
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=context, limit=4), trust_env=False,
+                connector=aiohttp.TCPConnector(ssl=context, limit=self.limit), trust_env=False,
                 timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT))
         return self._session
 
@@ -115,9 +115,13 @@ class OperatorChannel:
         return await self._call(WITHDRAW_PATH, body)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the session, forgetting it first: a call made while it closes dials a new
+        one, where it would have been handed the closing session and failed with
+        ``RuntimeError('Session is closed')`` — which ended the routes or values follower
+        that made it, so a pod stayed revoked after the operator came back."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
 class OperatorRoutes:
