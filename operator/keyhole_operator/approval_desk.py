@@ -72,8 +72,10 @@ class Refusal(Exception):
 
 
 class Desk:
-    def __init__(self, cluster, board: Board, clock: Callable[[], float] = time.time):
+    def __init__(self, cluster, board: Board, clock: Callable[[], float] = time.time,
+                 notifier=None):
         self.cluster, self.board, self.clock = cluster, board, clock
+        self.notifier = notifier  # keyhole_operator.notify.Notifier: tells someone, or None
         self._creating = threading.Lock()
 
     async def ask(self, pod: Pod, ask: Ask, key: bytes) -> Answer:
@@ -112,6 +114,8 @@ class Desk:
         self.cluster.post_event(_pod_ref(pod), "Normal", "ApprovalRequested",
                                 f"{message}; ApprovalRequest {name}")
         log.info("approval %s/%s requested: %s", pod.namespace, name, what)
+        if self.notifier is not None:
+            self.notifier.approval_requested(created, what)
         return Answer(name, PENDING)
 
     def withdraw(self, pod: Pod, name: str, key: bytes) -> dict:

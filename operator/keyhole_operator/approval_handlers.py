@@ -60,6 +60,37 @@ async def decide(old: kopf.Body, new: kopf.Body, userinfo: dict, patch: kopf.Pat
     metrics.approval_decisions.labels(approvals.VERDICTS[stamped["verdict"]]).inc()
 
 
+@kopf.on.startup(id="approvals-retention")
+async def start_retention(memo, logger, **_) -> None:
+    """Delete what has been over for ``--approvals-keep-seconds``, every few minutes (in each
+    replica: a delete that lost the race is a 404, ignored)."""
+    runtime = memo["runtime"]
+    keep = runtime.settings.approvals_keep_seconds
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(min(max(keep / 4, 1.0), 300.0))
+            try:
+                found = await asyncio.to_thread(runtime.cluster.list_all_approvals)
+                now = time.time()
+                for obj in found:
+                    if approvals.collectable(obj, now, keep):
+                        meta = obj["metadata"]
+                        await asyncio.to_thread(runtime.cluster.delete_approval,
+                                                meta["namespace"], meta["name"])
+            except Exception as exc:  # the next sweep tries again
+                logger.warning(f"approvals retention: cannot sweep ({type(exc).__name__})")
+
+    memo["approvals_retention"] = asyncio.get_running_loop().create_task(sweep_forever())
+
+
+@kopf.on.cleanup(id="approvals-retention-stop")
+async def stop_retention(memo, **_) -> None:
+    task = memo.get("approvals_retention")
+    if task is not None:
+        task.cancel()
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL, id="approval-changed")
 async def approval_changed(type: str, body: kopf.Body, namespace: str, memo, **_) -> None:
     """Wake the channel's waiters; tell the pod and the object what was decided."""

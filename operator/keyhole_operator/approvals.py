@@ -131,6 +131,23 @@ def state(obj: dict, key: bytes, now: float) -> Answer:
     return Answer(name, PENDING)
 
 
+def collectable(obj: dict, now: float, keep: float) -> bool:
+    """Whether an ApprovalRequest has been over for ``keep`` seconds: decided (and its grant
+    ended), or never decided and past its timeout. Its outcome stays in the Events and the
+    sidecar's audit log."""
+    spec = obj.get("spec") or {}
+    decision = (obj.get("status") or {}).get("decision") or {}
+    if decision.get("verdict"):
+        decided = seconds(decision.get("decidedAt"))
+        grant = decision.get("grantSeconds") or 0
+        ended = None if decided is None else decided + (grant if isinstance(grant, int) else 0)
+    else:
+        ended = seconds(spec.get("expiresAt"))
+    if ended is None:  # not an object keyhole wrote: its creation time decides
+        ended = seconds((obj.get("metadata") or {}).get("creationTimestamp"))
+    return ended is not None and ended + keep <= now
+
+
 def look(objects: list[dict], pod_uid: str, ask: Ask, key: bytes, now: float
          ) -> tuple[Answer | None, int]:
     """What the pod's approvals say of ``ask``, and how many of them wait.

@@ -203,9 +203,10 @@ class Channel:
 
     def __init__(self, cluster, master_key: bytes, *, lease_seconds: float = ledger.LEASE_SECONDS,
                  central_namespace: str = "keyhole-system",
-                 clock: Callable[[], float] = time.time, board: Board | None = None):
+                 clock: Callable[[], float] = time.time, board: Board | None = None,
+                 notifier=None):
         self.cluster, self.master_key = cluster, master_key
-        self.desk = Desk(cluster, board or Board(), clock)
+        self.desk = Desk(cluster, board or Board(), clock, notifier)
         self.central_namespace = central_namespace
         self.lease_seconds, self.clock = lease_seconds, clock
         self._locks: dict[tuple[str, str], threading.Lock] = {}

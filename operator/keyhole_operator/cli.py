@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long sidecars keep serving a cluster injection's last values "
                         "while the operator does not answer (default 300); then they refuse "
                         "its requests until it does")
+    p.add_argument("--approvals-keep-seconds", type=_positive_seconds,
+                   default=Settings.approvals_keep_seconds, metavar="SECONDS",
+                   help="how long a decided or expired ApprovalRequest is kept before it is "
+                        "deleted (default 86400, a day); its outcome stays in Events and the "
+                        "sidecar's audit log")
+    p.add_argument("--approvals-notify-url", metavar="URL",
+                   default=os.environ.get("KEYHOLE_APPROVALS_NOTIFY_URL") or None,
+                   help="POST a JSON notification here when a request starts waiting for "
+                        "approval (default: $KEYHOLE_APPROVALS_NOTIFY_URL; none)")
+    p.add_argument("--approvals-notify-format", choices=("json", "slack"), default="json",
+                   help="json (keyhole's fields) or slack (an incoming webhook's text)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--standalone", action="store_true",
                        help="no peering: for a single replica or development")
@@ -227,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         protected_secrets_configmap=args.protected_secrets_configmap,
         cluster_secrets_namespace=args.cluster_secrets_namespace,
         cluster_values_keep_seconds=args.cluster_values_keep_seconds,
+        approvals_keep_seconds=args.approvals_keep_seconds,
     )
     if args.reload:
         _restart_on_change()
@@ -282,8 +294,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"keyhole-operator: {exc}", file=sys.stderr)
             return 2
         settings = replace(settings, channel_ca=channel_ca)
+        notifier = None
+        if args.approvals_notify_url:
+            from keyhole_operator.notify import Notifier
+
+            notifier = Notifier(args.approvals_notify_url, args.approvals_notify_format)
         serve(Channel(Cluster(), master_key, lease_seconds=args.channel_lease_seconds,
-                      central_namespace=args.cluster_secrets_namespace, board=board),
+                      central_namespace=args.cluster_secrets_namespace, board=board,
+                      notifier=notifier),
               *args.channel_listen, str(cert), str(key))
     from keyhole_operator.webhook_server import ReviewCheckingWebhookServer
 

@@ -202,6 +202,12 @@ class Cluster:
             _request_timeout=5)
         return json.loads(response.data)["items"]
 
+    def list_all_approvals(self) -> list[dict]:
+        response = self.custom.list_cluster_custom_object(
+            "keyhole.dev", "v1alpha1", "approvalrequests", _preload_content=False,
+            _request_timeout=10)
+        return json.loads(response.data)["items"]
+
     def read_approval(self, namespace: str, name: str) -> dict | None:
         return _json_or_none(self.custom.get_namespaced_custom_object, "keyhole.dev",
                              "v1alpha1", namespace, "approvalrequests", name)

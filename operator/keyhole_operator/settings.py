@@ -74,6 +74,8 @@ class Settings:
     cluster_secrets_namespace: str = "keyhole-system"
     """Where the Secrets of ClusterSecretInjections live (the chart: its release namespace). The
     operator reads them there and sends their values to the sidecars they serve."""
+    approvals_keep_seconds: float = 86400.0
+    """How long a decided or expired ApprovalRequest is kept before it is deleted."""
     cluster_values_keep_seconds: float = 300.0
     """How long a sidecar keeps serving a cluster injection's last values while the operator
     does not answer; then it refuses that injection's requests until the operator answers."""

@@ -18,6 +18,7 @@ from keyhole_common.ca import CAError, CertificateAuthority, ca_fingerprint
 from keyhole_common.spec import verify
 from keyhole_sidecar import __version__, logformat
 from keyhole_sidecar.admin import admin_app
+from keyhole_sidecar.approvals import MAX_HELD as APPROVALS_HELD
 from keyhole_sidecar.approvals import Approvals
 from keyhole_sidecar.audit import AuditLog
 from keyhole_sidecar.certs import LeafCache
@@ -177,7 +178,11 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                            on_refused=metrics.budget_refused)
     metrics.watch_budgets(lambda: budgets.remaining() + shared.remaining(),
                           lambda: budgets.limits() + shared.limits(), budgets.used)
-    approvals = Approvals(channel)
+    # Long-polls of their own: requests held for approval never take the connections that
+    # routes, values and budgets ride on.
+    approvals = Approvals(None if channel is None else OperatorChannel(
+        options.operator_url, options.operator_ca, options.operator_token,
+        on_answer=channel.on_answer, limit=APPROVALS_HELD))
     metrics.approvals_held.set_function(lambda: approvals.held)
     metrics.approval_oldest.set_function(approvals.oldest_wait)
     tracing = None

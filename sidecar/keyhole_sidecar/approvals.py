@@ -196,3 +196,5 @@ class Approvals:
     async def close(self) -> None:
         if self._withdrawing:
             await asyncio.wait(self._withdrawing, timeout=5)
+        if self.channel is not None:
+            await self.channel.close()

@@ -26,6 +26,8 @@ from tests.support.probe import http_status
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_USER = "system:serviceaccount:keyhole-system:keyhole-operator"
+APPROVALS_KEEP = 8
+"""Seconds the test operator keeps a decided or expired ApprovalRequest."""
 _names = itertools.count()
 
 
@@ -135,7 +137,8 @@ def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
     command = [sys.executable, "-m", "keyhole_operator.cli", "--master-key-file", str(key),
                "--standalone", "--webhook-listen", f"127.0.0.1:{webhook_port}",
                "--webhook-host", "127.0.0.1", "--operator-service-account", OPERATOR_USER,
-               "--resync-seconds", "2", "--liveness", f"http://127.0.0.1:{health_port}/healthz",
+               "--resync-seconds", "2", "--approvals-keep-seconds", str(APPROVALS_KEEP),
+               "--liveness", f"http://127.0.0.1:{health_port}/healthz",
                "--sidecar-image", "keyhole-sidecar:test", *extra]
     if manage:
         command.append("--manage-webhook-configurations")
@@ -158,7 +161,17 @@ def start_operator(kube: Kube, workdir: Path, *extra: str, manage: bool = True,
 
 
 @pytest.fixture(scope="session")
-def operator(kube: Kube, crd, tmp_path_factory) -> OperatorProcess:
+def notifications():
+    """Where the operator sends approval notifications (the chart's approvals.notify.url)."""
+    from tests.support.receiver import Receiver
+
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def operator(kube: Kube, crd, tmp_path_factory, notifications) -> OperatorProcess:
     # The chart's own RBAC (one source), plus the development-only webhook management role.
     from tests.chart.helm import CHART, helm
 
@@ -173,7 +186,8 @@ def operator(kube: Kube, crd, tmp_path_factory) -> OperatorProcess:
     # One certificate for the session: a restarted operator serves the same one, as a pod
     # restarted from the chart's Secret does.
     cert = self_signed(workdir / "tls", ["127.0.0.1"])
-    proc = start_operator(kube, workdir, cert=cert, channel=True)
+    proc = start_operator(kube, workdir, "--approvals-notify-url", notifications.url,
+                          cert=cert, channel=True)
     yield proc
     proc.stop()
     kube.kubectl("delete", "mutatingwebhookconfiguration,validatingwebhookconfiguration",

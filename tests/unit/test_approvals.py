@@ -219,3 +219,27 @@ def test_the_plugin_lists_what_waits_and_writes_a_decision():
                           (("Approved", "169h", None), "up to 168h")):
         with pytest.raises(plugin.BadDecision, match=message):
             plugin.decision(*args)
+
+
+def test_a_notification_in_slack_shape_carries_the_command_and_no_more():
+    from keyhole_operator.notify import payload
+
+    obj = stored(approvals.manifest(POD, ask(), KEY, NOW))
+    slack = payload(obj, "POST https://api.stripe.test/v1/refunds", "slack")
+    assert set(slack) == {"text", "blocks"}
+    assert "kubectl keyhole approve agent-1-abcde -n agents" in slack["text"]
+    assert slack["blocks"] == [{"type": "section", "text": {"type": "mrkdwn",
+                                                            "text": slack["text"]}}]
+    plain = payload(obj, "POST https://api.stripe.test/v1/refunds", "json")
+    assert plain["deny"] == "kubectl keyhole deny agent-1-abcde -n agents"
+    assert plain["expiresAt"] == approvals.timestamp(NOW + 90)
+
+
+def test_what_is_over_is_collected_after_the_time_kept():
+    obj = stored(approvals.manifest(POD, ask(timeout=60), KEY, NOW))
+    assert not approvals.collectable(obj, NOW + 60 + 99, keep=100)
+    assert approvals.collectable(obj, NOW + 60 + 100, keep=100)  # expired, undecided
+    granted = decided(obj, grant=3600)
+    assert not approvals.collectable(granted, NOW + 3600 + 99, keep=100)  # the grant lives on
+    assert approvals.collectable(granted, NOW + 3600 + 100, keep=100)
+    assert approvals.collectable(decided(obj, "Denied"), NOW + 100, keep=100)
