@@ -298,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.approvals_notify_url:
             from keyhole_operator.notify import Notifier
 
-            notifier = Notifier(args.approvals_notify_url, args.approvals_notify_format)
+            try:
+                notifier = Notifier(args.approvals_notify_url, args.approvals_notify_format)
+            except ValueError as exc:
+                print(f"keyhole-operator: --approvals-notify-url: {exc}", file=sys.stderr)
+                return 2
         serve(Channel(Cluster(), master_key, lease_seconds=args.channel_lease_seconds,
                       central_namespace=args.cluster_secrets_namespace, board=board,
                       notifier=notifier),
