@@ -25,6 +25,11 @@ from keyhole_operator.approvals import MAX_PENDING_PER_POD, Pod
 log = logging.getLogger("keyhole.operator.approvals")
 
 
+REREAD = 5.0
+"""Seconds between reads of a waiting request's object when no watch event wakes it: a
+replica that kopf's peering keeps from watching still answers within this."""
+
+
 class Board:
     """Wakes those waiting on a namespace's ApprovalRequests when one of them changes: the
     watch calls ``changed`` from kopf's thread; the channel's calls wait in their own loop."""
@@ -89,7 +94,7 @@ class Desk:
             if answer.state != PENDING or left <= 0:
                 return answer
             ask = Ask(ask.injection, ask.digest, ask.timeout, ask.wait, ask.what, answer.name)
-            await self.board.wait(pod.namespace, seen, left)
+            await self.board.wait(pod.namespace, seen, min(left, REREAD))
 
     def _look_or_create(self, pod: Pod, ask: Ask, key: bytes) -> Answer:
         with self._creating:  # in this replica, one object for a request asked twice at once

@@ -20,26 +20,22 @@ writes the result back. Importing this module registers them with kopf.
   served before) in line and writes its status; ``follow_namespace`` re-plans a namespace's
   pods when its labels change, so relabelling a namespace grants and revokes live. Their
   values reach sidecars over the operator channel (``channel``, ``values``), never a mount.
+
+What a reconcile does is ``reconcile``'s; approvals are ``approval_handlers``'.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-from dataclasses import dataclass, field
 
 import kopf
 
 from keyhole_common.spec.hosts import host_risk
 from keyhole_operator import metrics
 from keyhole_operator.annotations import (
-    CA_BUNDLE_CONFIGMAP,
-    CA_SECRET,
-    SIGNING_KEY_SECRET,
     is_keyhole_key,
 )
-from keyhole_operator.approval_desk import Board
 from keyhole_operator.guard import (
     ephemeral_refusal,
     forged_refusal,
@@ -47,46 +43,35 @@ from keyhole_operator.guard import (
     port_forward_refusal,
     update_refusal,
 )
+from keyhole_operator.indexes import (
+    CLUSTER,
+    cluster_injections,
+    injections_of,
+    namespace_labels,
+    plain,
+)
 from keyhole_operator.kube import Cluster
-from keyhole_operator.layout import SIGNING_KEY_FILE
-from keyhole_operator.live import PodPlan, injected, plan_pod
+from keyhole_operator.live import injected, plan_pod
 from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.mutation.sidecar_container import wants_transparent
-from keyhole_operator.privileges import BYPASSES, access_review, service_account_user
-from keyhole_operator.routes import Injection, namespace_key
+from keyhole_operator.reconcile import (
+    ensure_namespace,
+    publish_managed_secrets,
+    reconcile_cluster_injection,
+    reconcile_injection,
+    sync_pods,
+)
+from keyhole_operator.routes import Injection
+from keyhole_operator.runtime import Runtime
 from keyhole_operator.selectors import (
     clashes,
     injections_for_pod,
     namespace_served,
-    selector_matches,
 )
-from keyhole_operator.settings import Settings
-from keyhole_operator.status import cluster_injection_status, injection_status
-from keyhole_operator.trust import NEXT_CERT, PREVIOUS_KEY, bundle_data, plan_ca
-from keyhole_operator.values import secret_problem
 
 log = logging.getLogger("keyhole.operator")
 GROUP, VERSION, PLURAL = "keyhole.dev", "v1alpha1", "secretinjections"
 CLUSTER_PLURAL = "clustersecretinjections"
-CLUSTER = "*"  # the one key of cluster_index
-
-
-@dataclass
-class Runtime:
-    """What the handlers share, passed through kopf's memo."""
-
-    settings: Settings
-    master_key: bytes
-    webhook_server: object | None = None
-    manage_webhook_configurations: bool = False
-    cluster: Cluster | None = field(default=None)
-    board: Board = field(default_factory=Board)
-    """Wakes the channel's calls waiting for an approval (``approval_handlers``)."""
-    bundles_written: dict[str, bytes] = field(default_factory=dict)
-    """Namespace → the CA certificate whose bundle was last written, to skip re-reading it."""
-
-    def key(self, namespace: str) -> bytes:
-        return namespace_key(self.master_key, namespace)
 
 
 def _runtime(memo) -> Runtime:
@@ -155,11 +140,6 @@ def injection_index(namespace: str, name: str, body: kopf.Body, **_) -> dict | N
         return None
 
 
-def _injections(index: kopf.Index, namespace: str, *, without: str | None = None
-                ) -> list[Injection]:
-    return [i for i in index.get(namespace, []) if i.name != without]
-
-
 @kopf.index(GROUP, VERSION, CLUSTER_PLURAL)
 def cluster_index(name: str, body: kopf.Body, **_) -> dict | None:
     try:
@@ -172,21 +152,6 @@ def cluster_index(name: str, body: kopf.Body, **_) -> dict | None:
 @kopf.index("v1", "namespaces")
 def namespace_index(name: str, labels, **_) -> dict:
     return {name: dict(labels or {})}
-
-
-def _namespace_labels(index: kopf.Index, namespace: str) -> dict | None:
-    """A namespace's labels as last seen; None when not seen (it then gets no cluster
-    injection: fail closed)."""
-    return next(iter(index.get(namespace, [])), None)
-
-
-def _cluster_injections(index: kopf.Index, runtime: Runtime, *, without: str | None = None
-                        ) -> list[Injection]:
-    """The cluster injections that may serve pods: none while the operator runs without the
-    channel, which is the only way their values reach a sidecar."""
-    if not runtime.settings.channel_url:
-        return []
-    return [i for i in index.get(CLUSTER, []) if i.name != without]
 
 
 # -- webhooks ---------------------------------------------------------------------------------------
@@ -215,7 +180,7 @@ def _deny(webhook: str, problem: str | None, code: int = 403) -> None:
 @kopf.on.mutate("v1", "pods", operations=["CREATE"], id="keyhole-inject", side_effects=False)
 async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, **_) -> None:
     runtime = _runtime(memo)
-    pod = _plain(body)
+    pod = plain(body)
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
     listed = await _ask("keyhole-inject", f"the SecretInjections of namespace {namespace}",
                         runtime.cluster.list_namespace_injections, namespace)
@@ -260,7 +225,7 @@ async def validate_injection(body: kopf.Body, old: kopf.Body | None, warnings: l
                              memo, **_) -> None:
     webhook = "keyhole-validate-injection"
     try:
-        injection = Injection.from_object(_plain(body))
+        injection = Injection.from_object(plain(body))
     except ValueError as exc:
         metrics.admissions.labels(webhook, "denied").inc()
         raise kopf.AdmissionError(f"keyhole refuses this SecretInjection: {exc}", code=422) from None
@@ -285,7 +250,7 @@ async def validate_cluster_injection(body: kopf.Body, old: kopf.Body | None,
                                      warnings: list[str], memo, **_) -> None:
     webhook = "keyhole-validate-cluster-injection"
     try:
-        injection = Injection.from_object(_plain(body))
+        injection = Injection.from_object(plain(body))
     except ValueError as exc:
         metrics.admissions.labels(webhook, "denied").inc()
         raise kopf.AdmissionError(f"keyhole refuses this ClusterSecretInjection: {exc}",
@@ -365,7 +330,7 @@ def _selects_by_tag(selector: dict | None) -> bool:
 async def protect_pod(old: kopf.Body, new: kopf.Body, userinfo: dict, memo, **_) -> None:
     """Only the operator changes keyhole.dev/ annotations; nobody changes keyhole's containers
     or volumes of an injected pod."""
-    old, new = _plain(old or {}), _plain(new or {})
+    old, new = plain(old or {}), plain(new or {})
     before = {k: v for k, v in ((old.get("metadata") or {}).get("annotations") or {}).items()
               if is_keyhole_key(k)}
     after = {k: v for k, v in ((new.get("metadata") or {}).get("annotations") or {}).items()
@@ -384,7 +349,7 @@ async def protect_pod(old: kopf.Body, new: kopf.Body, userinfo: dict, memo, **_)
 async def protect_from_debug(old: kopf.Body, new: kopf.Body, memo, **_) -> None:
     """kubectl debug on an injected pod: never into the sidecar, never above the ceiling."""
     _deny("keyhole-protect-debug",
-          ephemeral_refusal(_plain(old or {}), _plain(new or {}), _runtime(memo).settings))
+          ephemeral_refusal(plain(old or {}), plain(new or {}), _runtime(memo).settings))
 
 
 @kopf.on.validate("v1", "pods", operations=["CONNECT"], subresource="portforward",
@@ -393,7 +358,7 @@ async def protect_port_forward(body: kopf.Body, memo, **_) -> None:
     """kubectl port-forward to the proxy ports of an injected pod. The webhook server puts the
     pod's name and namespace into the options' metadata (a CONNECT review names no pod)."""
     runtime = _runtime(memo)
-    options = _plain(body)
+    options = plain(body)
     meta = options.get("metadata") or {}
     pod = await _ask("keyhole-protect-port-forward",
                      f"pod {meta.get('namespace')}/{meta.get('name')}",
@@ -401,105 +366,7 @@ async def protect_port_forward(body: kopf.Body, memo, **_) -> None:
     _deny("keyhole-protect-port-forward", port_forward_refusal(options, pod, runtime.settings))
 
 
-def _plain(body) -> dict:
-    import copy
-
-    return copy.deepcopy(dict(body))
-
-
-
 # -- reconciliation -----------------------------------------------------------------------------
-
-def ensure_namespace(cluster: Cluster, runtime: Runtime, namespace: str) -> list[str]:
-    """The CA, its bundle and the signing key of a namespace; returns what changed."""
-    changed = []
-    existing = cluster.read_secret(namespace, CA_SECRET)
-    plan = plan_ca(namespace, existing,
-                   promote_after=dt.timedelta(seconds=runtime.settings.ca_promote_after))
-    ca_data = plan.data
-    if plan.changed:
-        cluster.put_secret(namespace, CA_SECRET, ca_data, kind="kubernetes.io/tls",
-                           component="ca")
-        changed.append(f"CA {plan.reason}")
-    trusted = b"".join(ca_data.get(k, b"") for k in ("tls.crt", NEXT_CERT, PREVIOUS_KEY))
-    if runtime.bundles_written.get(namespace) != trusted:
-        data, binary = bundle_data(ca_data, runtime.settings.java_truststore_password,
-                                   runtime.settings.upstream_ca, runtime.settings.channel_ca)
-        current = cluster.read_config_map(namespace, CA_BUNDLE_CONFIGMAP)
-        if plan.changed or current is None or current.get("data") != data:
-            cluster.put_config_map(namespace, CA_BUNDLE_CONFIGMAP, data, binary,
-                                   component="ca-bundle")
-            changed.append("CA bundle written")
-        runtime.bundles_written[namespace] = trusted
-    key = runtime.key(namespace)
-    if cluster.read_secret(namespace, SIGNING_KEY_SECRET) != {SIGNING_KEY_FILE: key}:
-        cluster.put_secret(namespace, SIGNING_KEY_SECRET, {SIGNING_KEY_FILE: key}, kind="Opaque",
-                           component="signing-key")
-        changed.append("signing key written")
-    return changed
-
-
-def publish_managed_secrets(cluster: Cluster, runtime: Runtime, namespace: str,
-                            injections: list[Injection], index: kopf.Index) -> None:
-    """Tell the API server's policy which Secrets of ``namespace`` no pod but the sidecar may
-    read (one key of the ConfigMap it takes as its parameter). Written on every reconcile, not
-    cached: a merge patch that changes nothing writes nothing, and a ConfigMap someone deleted
-    (the policy then refuses pods in agent namespaces) is back within a resync — with every
-    namespace's key at once, from the index, so none is unprotected until its own reconcile."""
-    target = runtime.settings.protected_secrets_configmap
-    if not target:
-        return
-    config_namespace, config_name = target.split("/", 1)
-    whole = {ns: ",".join(managed_secrets(list(index.get(ns, [])))) or None for ns in index}
-    cluster.set_config_map_key(config_namespace, config_name, namespace,
-                               ",".join(managed_secrets(injections)) or None, whole=whole)
-
-
-def sync_pods(cluster: Cluster, runtime: Runtime, namespace: str, pods: list[dict],
-              injections: list[Injection], labels: dict | None = None) -> list[PodPlan]:
-    """Bring every pod's routes in line with the injections selecting it now (``labels``:
-    the namespace's, for the cluster injections among them); each pod's plan, in order."""
-    plans = []
-    for pod in pods:
-        plan = plan_pod(pod, injections, runtime.key(namespace), labels)
-        plans.append(plan)
-        if plan.annotations:
-            name = pod["metadata"]["name"]
-            cluster.annotate_pod(namespace, name, plan.annotations)
-            metrics.route_updates.inc()
-            log.info("pod %s/%s: routes now %s%s", namespace, name, list(plan.granted) or "none",
-                     f"; restart needed for {', '.join(plan.restart_for)}" if plan.restart_for
-                     else "")
-    return plans
-
-
-def _secret_problems(cluster: Cluster, namespace: str, injection: Injection) -> list[str]:
-    problems = []
-    for ref in injection.spec.secret_refs():
-        keys = cluster.secret_keys(namespace, ref.name)
-        if keys is None:
-            problems.append(f"Secret {ref.name!r} not found")
-        elif ref.key not in keys:
-            problems.append(f"Secret {ref.name!r} has no key {ref.key!r}")
-    return problems
-
-
-def _over_privileged(cluster: Cluster, namespace: str, pods: list[dict]) -> list[dict]:
-    """Each selected pod's ServiceAccount that holds a way around keyhole: its pods and every
-    such permission with its reason (``status.canBypass``)."""
-    by_account: dict[str, list[str]] = {}
-    for pod in pods:
-        account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
-        by_account.setdefault(account, []).append(pod["metadata"]["name"])
-    verdicts = []
-    for account, names in sorted(by_account.items()):
-        user, groups = service_account_user(namespace, account)
-        held = [bypass.describe() for bypass in BYPASSES
-                if cluster.allowed(access_review(namespace, user, groups, bypass))]
-        if held:
-            verdicts.append({"serviceAccount": account, "pods": sorted(names),
-                             "permissions": held})
-    return verdicts
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile")
@@ -509,51 +376,15 @@ def reconcile(body: kopf.Body, namespace: str, name: str, meta, status, patch: k
               injection_index: kopf.Index, cluster_index: kopf.Index,
               namespace_index: kopf.Index, memo, **_) -> None:
     runtime = _runtime(memo)
-    fleet = (_cluster_injections(cluster_index, runtime),
-             _namespace_labels(namespace_index, namespace))
+    fleet = (cluster_injections(cluster_index, runtime),
+             namespace_labels(namespace_index, namespace))
     try:
-        _reconcile(body, namespace, name, meta, status, patch, injection_index, runtime, fleet)
+        reconcile_injection(body, namespace, name, meta, status, patch, injection_index,
+                            runtime, fleet)
     except Exception:
         metrics.reconciles.labels("error").inc()
         raise
     metrics.reconciles.labels("ok").inc()
-
-
-def _parse_or_give_up(body) -> Injection:
-    """The object parsed, or a Warning Event and a permanent failure (no retries: the
-    validating webhook should have refused it; a retry cannot fix a spec)."""
-    try:
-        return Injection.from_object(_plain(body))
-    except ValueError as exc:
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc)[:1000])
-        raise kopf.PermanentError(f"invalid spec: {exc}") from None
-
-
-def _reconcile(body, namespace: str, name: str, meta, status, patch: kopf.Patch,
-               injection_index: kopf.Index, runtime: Runtime,
-               fleet: tuple[list[Injection], dict | None]) -> None:
-    cluster = runtime.cluster
-    injection = _parse_or_give_up(body)
-    for change in ensure_namespace(cluster, runtime, namespace):
-        kopf.event(body, type="Normal", reason="NamespaceTrust", message=change)
-    others = [i for i in _injections(injection_index, namespace) if i.name != name]
-    injections = [*others, injection]
-    publish_managed_secrets(cluster, runtime, namespace, injections, injection_index)
-    pods = cluster.list_pods(namespace)
-    cluster_injections, labels = fleet
-    sync_pods(cluster, runtime, namespace, pods, [*injections, *cluster_injections], labels)
-
-    selected = [p for p in pods if injections_for_pod([injection], p)]
-    restart = [p for p in selected
-               if name in plan_pod(p, injections, runtime.key(namespace)).restart_for]
-    problems = _secret_problems(cluster, namespace, injection)
-    risky = _over_privileged(cluster, namespace, selected)
-    new_status = injection_status(
-        generation=meta.get("generation"), matched=len(selected), restart_required=len(restart),
-        secret_problems=problems, over_privileged=risky,
-        previous=(status or {}).get("conditions"))
-    _announce(body, status, new_status)
-    patch.status.update(new_status)
 
 
 def register_refresh(interval: float) -> None:
@@ -562,26 +393,17 @@ def register_refresh(interval: float) -> None:
                id="refresh")(reconcile)
 
 
-def _announce(body, old_status, new_status) -> None:
-    """An Event when a condition turns bad (not every minute while it stays bad)."""
-    before = {c["type"]: c["status"] for c in (old_status or {}).get("conditions") or []}
-    for cond in new_status["conditions"]:
-        bad = (cond["type"] == "AgentsOverPrivileged") == (cond["status"] == "True")
-        if bad and before.get(cond["type"]) != cond["status"]:
-            kopf.event(body, type="Warning", reason=cond["reason"], message=cond["message"][:1000])
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL, id="revoke-on-delete")
 def revoke_on_delete(type: str, namespace: str, name: str, injection_index: kopf.Index,
                      cluster_index: kopf.Index, namespace_index: kopf.Index, memo, **_) -> None:
     if type != "DELETED":
         return
     runtime = _runtime(memo)
-    remaining = _injections(injection_index, namespace, without=name)
+    remaining = injections_of(injection_index, namespace, without=name)
     publish_managed_secrets(runtime.cluster, runtime, namespace, remaining, injection_index)
     sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace),
-              [*remaining, *_cluster_injections(cluster_index, runtime)],
-              _namespace_labels(namespace_index, namespace))
+              [*remaining, *cluster_injections(cluster_index, runtime)],
+              namespace_labels(namespace_index, namespace))
 
 
 @kopf.on.event("v1", "pods", id="follow-pod")
@@ -590,14 +412,14 @@ def follow_pod(type: str, body: kopf.Body, namespace: str, name: str,
                namespace_index: kopf.Index, memo, **_) -> None:
     if type not in ("ADDED", "MODIFIED", None):
         return
-    pod = _plain(body)
+    pod = plain(body)
     runtime = _runtime(memo)
-    injections = [*_injections(injection_index, namespace),
-                  *_cluster_injections(cluster_index, runtime)]
+    injections = [*injections_of(injection_index, namespace),
+                  *cluster_injections(cluster_index, runtime)]
     if not injections and injected(pod) is None:
         return
     plan = plan_pod(pod, injections, runtime.key(namespace),
-                    _namespace_labels(namespace_index, namespace))
+                    namespace_labels(namespace_index, namespace))
     if not plan.annotations:
         return
     runtime.cluster.annotate_pod(namespace, name, plan.annotations)
@@ -618,63 +440,12 @@ def reconcile_cluster(body: kopf.Body, name: str, meta, status, patch: kopf.Patc
                       injection_index: kopf.Index, cluster_index: kopf.Index,
                       namespace_index: kopf.Index, memo, **_) -> None:
     try:
-        _reconcile_cluster(body, name, meta, status, patch, injection_index, cluster_index,
-                           namespace_index, _runtime(memo))
+        reconcile_cluster_injection(body, name, meta, status, patch, injection_index,
+                                    cluster_index, namespace_index, _runtime(memo))
     except Exception:
         metrics.reconciles.labels("error").inc()
         raise
     metrics.reconciles.labels("ok").inc()
-
-
-def _reconcile_cluster(body, name: str, meta, status, patch: kopf.Patch,
-                       injection_index: kopf.Index, cluster_index: kopf.Index,
-                       namespace_index: kopf.Index, runtime: Runtime) -> None:
-    """The pods of every namespace the injection serves now, or served at the last reconcile
-    (a namespace it left is revoked here too), in line; its status and Events."""
-    cluster = runtime.cluster
-    injection = _parse_or_give_up(body)
-    channel = bool(runtime.settings.channel_url)
-    fleet = [*_cluster_injections(cluster_index, runtime, without=name),
-             *([injection] if channel else [])]
-    served = sorted(ns for ns in namespace_index
-                    if namespace_served(injection.spec, _namespace_labels(namespace_index, ns)))
-    before = set((status or {}).get("namespaces") or [])
-    matched, restart, shadowed = 0, 0, []
-    for namespace in sorted(before | set(served)):
-        labels = _namespace_labels(namespace_index, namespace)
-        if namespace in served and channel:
-            for change in ensure_namespace(cluster, runtime, namespace):
-                log.info("namespace %s: %s", namespace, change)
-        pods = cluster.list_pods(namespace)
-        injections = [*_injections(injection_index, namespace), *fleet]
-        plans = sync_pods(cluster, runtime, namespace, pods, injections, labels)
-        for pod, plan in zip(pods, plans, strict=True):
-            if namespace not in served or not selector_matches(
-                    injection.spec.pod_selector, (pod.get("metadata") or {}).get("labels")):
-                continue
-            set_aside = [s for s in plan.shadowed if s.cluster == name]
-            shadowed += [f"namespace {namespace}: SecretInjection {s.namespaced} ({s.why})"
-                         for s in set_aside]
-            if not set_aside and name in plan.granted + plan.restart_for:  # it serves the pod
-                matched += 1
-                restart += name in plan.restart_for
-    central = runtime.settings.cluster_secrets_namespace
-    problems = [why for ref in injection.spec.secret_refs()
-                if (why := secret_problem(cluster.read_labelled_secret(central, ref.name), ref,
-                                          central))]
-    new_status = cluster_injection_status(
-        generation=meta.get("generation"), namespaces=served, matched=matched,
-        restart_required=restart, secret_problems=problems,
-        shadowed=sorted(set(shadowed)), channel=channel,
-        previous=(status or {}).get("conditions"))
-    gained, lost = sorted(set(served) - before), sorted(before - set(served))
-    if gained or lost:
-        said = [f"now serves namespace(s) {', '.join(gained)}" if gained else "",
-                f"no longer serves {', '.join(lost)} (revoked)" if lost else ""]
-        kopf.event(body, type="Normal", reason="NamespacesChanged",
-                   message="; ".join(filter(None, said))[:1000])
-    _announce(body, status, new_status)
-    patch.status.update(new_status)
 
 
 def register_cluster_refresh(interval: float) -> None:
@@ -690,18 +461,18 @@ def revoke_cluster_on_delete(type: str, name: str, body: kopf.Body,
     if type != "DELETED":
         return
     runtime = _runtime(memo)
-    remaining = _cluster_injections(cluster_index, runtime, without=name)
+    remaining = cluster_injections(cluster_index, runtime, without=name)
     served = set((body.get("status") or {}).get("namespaces") or [])
     try:  # and those its spec serves now (the status lists 200 at most)
-        spec = Injection.from_object(_plain(body)).spec
+        spec = Injection.from_object(plain(body)).spec
         served |= {ns for ns in namespace_index
-                   if namespace_served(spec, _namespace_labels(namespace_index, ns))}
+                   if namespace_served(spec, namespace_labels(namespace_index, ns))}
     except ValueError:
         pass
     for namespace in sorted(served):
         sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace),
-                  [*_injections(injection_index, namespace), *remaining],
-                  _namespace_labels(namespace_index, namespace))
+                  [*injections_of(injection_index, namespace), *remaining],
+                  namespace_labels(namespace_index, namespace))
 
 
 @kopf.on.event("v1", "namespaces", id="follow-namespace")
@@ -712,14 +483,14 @@ def follow_namespace(type: str, name: str, injection_index: kopf.Index,
     if type not in ("ADDED", "MODIFIED", None):
         return
     runtime = _runtime(memo)
-    fleet = _cluster_injections(cluster_index, runtime)
+    fleet = cluster_injections(cluster_index, runtime)
     if not fleet:
         return
-    labels = _namespace_labels(namespace_index, name)
+    labels = namespace_labels(namespace_index, name)
     if any(namespace_served(i.spec, labels) for i in fleet):
         ensure_namespace(runtime.cluster, runtime, name)
     pods = runtime.cluster.list_pods(name)
     if not any(injected(p) is not None for p in pods):
         return
     sync_pods(runtime.cluster, runtime, name, pods,
-              [*_injections(injection_index, name), *fleet], labels)
+              [*injections_of(injection_index, name), *fleet], labels)

@@ -26,7 +26,7 @@ from tests.support.probe import http_status
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_USER = "system:serviceaccount:keyhole-system:keyhole-operator"
-APPROVALS_KEEP = 8
+APPROVALS_KEEP = 3
 """Seconds the test operator keeps a decided or expired ApprovalRequest."""
 _names = itertools.count()
 

@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.test_mcp import ACCEPT, _answer, _open_session, _rpc
 from tests.support.config import injection, ref
+from tests.support.mcp import TOKEN
 from tests.support.sidecar import start_sidecar
 
 HELD = injection("held", hosts=["api.routed.test"],
@@ -70,7 +71,7 @@ def held_mcp(tmp_path, test_ca, mcp_upstreams):
                    mcp={"tools": {"approval": [{"match": ["merge_*"], "timeout": "5s"}]}},
                    headers=[{"name": "Authorization", "valueFrom": ref("github", "token"),
                              "format": "Bearer {value}"}])],
-        {"github": {"token": "ghp_APPROVALS0123456789"}}, upstream_ca=test_ca[1],
+        {"github": {"token": TOKEN}}, upstream_ca=test_ca[1],
         resolve=[f"mcp-json.test:{server.port}:127.0.0.1"])
     yield proc, server
     proc.stop()
