@@ -242,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.reload:
         _restart_on_change()
-    from keyhole_operator import approval_handlers, handlers  # registers them with kopf
+    from keyhole_operator import approval_handlers, grant_handlers, handlers  # kopf's now
     from keyhole_operator.approval_desk import Board
 
-    assert approval_handlers.DECIDE_WEBHOOK
+    assert approval_handlers.DECIDE_WEBHOOK and grant_handlers.STAMP_WEBHOOK
     board = Board()  # the channel's approval calls wait on it; the watch wakes them
 
     handlers.register_refresh(args.resync_seconds)

@@ -31,6 +31,7 @@ class Cluster:
         self.authz = kubernetes.client.AuthorizationV1Api(api_client)
         self.authn = kubernetes.client.AuthenticationV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.apps = kubernetes.client.AppsV1Api(api_client)
 
     # -- Secrets and ConfigMaps the operator owns ----------------------------------------------
     def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
@@ -247,6 +248,29 @@ class Cluster:
         except (ApiException, OSError) as exc:
             log.warning("cannot post event %s on %s %s: %s", reason, involved.get("kind"),
                         meta.get("name"), getattr(exc, "status", type(exc).__name__))
+
+    # -- access grants -----------------------------------------------------------------------
+    def read_target(self, kind: str, namespace: str, name: str) -> dict | None:
+        """A grant's target (a Pod, Deployment or StatefulSet); None when it does not exist."""
+        read = {"Pod": self.core.read_namespaced_pod,
+                "Deployment": self.apps.read_namespaced_deployment,
+                "StatefulSet": self.apps.read_namespaced_stateful_set}[kind]
+        return _json_or_none(read, name, namespace)
+
+    def label_target(self, kind: str, namespace: str, name: str, patch: dict) -> None:
+        write = {"Pod": self.core.patch_namespaced_pod,
+                 "Deployment": self.apps.patch_namespaced_deployment,
+                 "StatefulSet": self.apps.patch_namespaced_stateful_set}[kind]
+        write(name, namespace, patch, _request_timeout=5)
+
+    def grant_status(self, namespace: str, name: str, status: dict) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                "keyhole.dev", "v1alpha1", namespace, "accessgrants", name, {"status": status},
+                _request_timeout=5)
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to record
+                raise
 
     # -- the shared budgets' ledger ----------------------------------------------------------
     def read_injection(self, namespace: str, name: str) -> dict | None:

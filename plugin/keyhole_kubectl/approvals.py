@@ -65,6 +65,33 @@ def listing(items: list[dict], now: float, every: bool = False) -> list[dict]:
     return sorted(rows, key=lambda r: (r["namespace"] or "", r["age"]))
 
 
+TARGET_KINDS = {"pod": "Pod", "po": "Pod", "pods": "Pod", "deployment": "Deployment",
+                "deploy": "Deployment", "deployments": "Deployment",
+                "statefulset": "StatefulSet", "sts": "StatefulSet",
+                "statefulsets": "StatefulSet"}
+
+
+def access_grant(target: str, injection: str, length: str, reason: str | None,
+                 suffix: str) -> dict:
+    """The AccessGrant ``kubectl keyhole grant`` creates; the webhook stamps who and when."""
+    kind, _, name = target.partition("/")
+    if kind.lower() not in TARGET_KINDS or not name:
+        raise BadDecision(f"{target!r}: name the target as pod/NAME, deployment/NAME or "
+                          "statefulset/NAME")
+    found = parse_duration(length)
+    if found is None or not 0 < found <= MAX_GRANT_SECONDS:
+        raise BadDecision(f"--for {length!r}: give a duration up to 168h, such as 30m or 2h")
+    if reason is not None and (len(reason) > 1000 or not reason.isprintable()):
+        raise BadDecision("--reason: one printable line of at most 1000 characters")
+    spec = {"target": {"kind": TARGET_KINDS[kind.lower()], "name": name},
+            "injection": injection, "seconds": int(found)}
+    if reason:
+        spec["reason"] = reason
+    stem = f"{name[:40]}-{injection[:20]}".lower().strip("-.")
+    return {"apiVersion": "keyhole.dev/v1alpha1", "kind": "AccessGrant",
+            "metadata": {"name": f"{stem}-{suffix}"}, "spec": spec}
+
+
 def decision(verdict: str, grant: str | None, reason: str | None) -> dict:
     """The ``status.decision`` a person writes; the operator's webhook checks who they are
     and stamps who decided and when."""

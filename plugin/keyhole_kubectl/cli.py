@@ -5,6 +5,7 @@
   kubectl keyhole explain pod POD           why a pod does (not) get each key
   kubectl keyhole approvals                 requests held for a person's approval
   kubectl keyhole approve|deny NAME         decide one (approve --for 30m: a grant)
+  kubectl keyhole grant pod/NAME --injection I --for 2h   just-in-time access
 
 with kubectl's ``-n``, ``-A``, ``-o json|yaml|wide``, ``--kubeconfig`` and ``--context``.
 It reads the API only (get/list of secretinjections, pods and configmaps), except approve
@@ -70,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="every namespace")
     waiting.add_argument("--all", action="store_true", dest="every",
                          help="decided and expired ones too")
+    give = commands.add_parser(
+        "grant", help="an injection for a pod, Deployment or StatefulSet, for a bounded time",
+        description="The operator applies the injection's labels to the target and removes "
+                    "them when the time is up (deleting the AccessGrant revokes at once).",
+        epilog="example:\n  kubectl keyhole grant deployment/agent --injection stripe --for 2h "
+               "--reason 'refunds backlog' -n agents",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(give)
+    give.add_argument("target", metavar="KIND/NAME", help="pod/NAME, deployment/NAME or "
+                                                          "statefulset/NAME")
+    give.add_argument("--injection", required=True, help="the SecretInjection (or "
+                                                         "ClusterSecretInjection) to grant")
+    give.add_argument("--for", dest="length", required=True, metavar="DURATION",
+                      help="how long: 30m, 2h (at most 168h)")
+    give.add_argument("--reason", help="why, recorded with who granted it")
     for verb, what in (("approve", "let the held request through"),
                        ("deny", "refuse the held request")):
         decide = commands.add_parser(verb, help=what)
@@ -121,6 +137,12 @@ def render_status(answer: dict, wide: bool, all_namespaces: bool) -> str:
                f"{s['ca']['ageDays']}d" if s["ca"] else "<none>",
                s["ca"]["expires"] if s["ca"] else "<none>"] for s in answer["namespaces"]]
     out.append(table(spaces, ["NAMESPACE", "PODS", "WITH-SIDECAR", "CA-AGE", "CA-EXPIRES"]))
+    if answer["grants"]:
+        grants = [[g["namespace"], g["name"], g["target"], g["injection"], g["grantedBy"],
+                   f"{g['secondsLeft'] // 60}m{g['secondsLeft'] % 60}s"]
+                  for g in answer["grants"]]
+        out += ["", table(grants, ["NAMESPACE", "GRANT", "TARGET", "INJECTION", "GRANTED-BY",
+                                   "LEFT"])]
     return "\n".join(out)
 
 
@@ -197,6 +219,22 @@ def _approvals_command(args, api, namespace: str, all_namespaces: bool) -> int:
 
     from keyhole_kubectl import approvals, cluster
 
+    if args.command == "grant":
+        import secrets
+
+        try:
+            body = approvals.access_grant(args.target, args.injection, args.length,
+                                          args.reason, secrets.token_hex(3))
+        except approvals.BadDecision as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        with api:
+            made = cluster.grant(api, namespace, body)
+        stamped = (made.get("metadata") or {}).get("annotations") or {}
+        print(f"accessgrant.keyhole.dev/{made['metadata']['name']} created: {args.target} may "
+              f"use injection {args.injection} for {args.length} (granted by "
+              f"{stamped.get('keyhole.dev/granted-by')})")
+        return 0
     if args.command == "approvals":
         with api:
             items = cluster.approvals(api, None if all_namespaces else namespace)
@@ -240,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         api, default_namespace = cluster.connect(args.kubeconfig, args.context)
         all_namespaces = getattr(args, "all_namespaces", False)
         namespace = None if all_namespaces else (args.namespace or default_namespace)
-        if args.command in ("approvals", "approve", "deny"):
+        if args.command in ("approvals", "approve", "deny", "grant"):
             return _approvals_command(args, api, namespace, all_namespaces)
         with api:
             spaces = cluster.read(api, namespace)

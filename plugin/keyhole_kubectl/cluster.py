@@ -108,6 +108,7 @@ def read(api: kubernetes.client.ApiClient, namespace: str | None) -> list[Namesp
             if served in spaces:
                 spaces[served].cluster_injections.append(item)
     for space in spaces.values():
+        space.grants = _grants(custom, space.name)
         pods = _call("list pods", core.list_namespaced_pod, space.name)
         space.pods = [api.sanitize_for_serialization(p) for p in pods.items]
         try:
@@ -118,6 +119,31 @@ def read(api: kubernetes.client.ApiClient, namespace: str | None) -> list[Namesp
                 raise ClusterError(f"cannot read ConfigMap {CA_BUNDLE_CONFIGMAP}: "
                                    f"{exc.status} {exc.reason}") from None
     return [spaces[name] for name in sorted(spaces)]
+
+
+def _grants(custom, namespace: str) -> list[dict]:
+    """A namespace's AccessGrants; none when their API is not installed or not ours to read."""
+    try:
+        return custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                    "accessgrants")["items"]
+    except ApiException as exc:
+        if exc.status in (403, 404):
+            return []
+        raise ClusterError(f"cannot list accessgrants: {exc.status} {exc.reason}") from None
+
+
+def grant(api: kubernetes.client.ApiClient, namespace: str, body: dict) -> dict:
+    """Create an AccessGrant; the operator's webhook may refuse it, and says why."""
+    custom = kubernetes.client.CustomObjectsApi(api)
+    try:
+        return custom.create_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                      "accessgrants", body)
+    except ApiException as exc:
+        if exc.status in (400, 403, 404, 422):
+            raise ClusterError(f"the grant was refused: {_message(exc)}") from None
+        raise ClusterError(f"cannot grant: {exc.status} {exc.reason}") from None
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
+        raise ClusterError(_unreachable("grant", exc)) from None
 
 
 def _cluster_injections(custom) -> list[dict]:

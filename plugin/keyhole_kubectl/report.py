@@ -258,10 +258,30 @@ def status(spaces: list[Namespace], now: dt.datetime | None = None) -> dict:
         for raw in sorted(space.cluster_injections, key=lambda i: _meta(i).get("name", "")):
             injections.append(_cluster_status_row(space, raw, routes))
     return {"injections": injections,
+            "grants": [row for s in spaces for row in live_grants(s.grants, now.timestamp())],
             "namespaces": [{"namespace": s.name, "ca": _ca(s.ca_bundle, now),
                             "pods": len(s.pods),
                             "podsWithSidecar": sum(sidecar_state(p)["present"]
                                                    for p in s.pods)} for s in spaces]}
+
+
+def live_grants(items: list[dict], now: float) -> list[dict]:
+    """The AccessGrants in force: what, for whom, who gave it and the time left."""
+    from keyhole_operator.approvals import seconds
+
+    rows = []
+    for item in items:
+        state = item.get("status") or {}
+        ends = seconds(state.get("expiresAt"))
+        if state.get("state") != "Active" or ends is None or ends <= now:
+            continue
+        target = (item.get("spec") or {}).get("target") or {}
+        rows.append({"namespace": _meta(item).get("namespace"), "name": _meta(item).get("name"),
+                     "target": f"{str(target.get('kind', '')).lower()}/{target.get('name')}",
+                     "injection": (item.get("spec") or {}).get("injection"),
+                     "grantedBy": state.get("grantedBy"), "secondsLeft": int(ends - now),
+                     "reason": (item.get("spec") or {}).get("reason")})
+    return sorted(rows, key=lambda r: r["secondsLeft"])
 
 
 def _cluster_status_row(space: Namespace, raw: dict, routes: list[list[str]]) -> dict:

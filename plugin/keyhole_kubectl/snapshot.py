@@ -11,5 +11,7 @@ class Namespace:
     injections: list[dict] = field(default_factory=list)
     pods: list[dict] = field(default_factory=list)
     ca_bundle: dict[str, str] | None = None  # keyhole-ca-bundle's data; None when absent
+    grants: list[dict] = field(default_factory=list)
+    """The namespace's AccessGrants (kubectl keyhole grant); none when not ours to read."""
     cluster_injections: list[dict] = field(default_factory=list)
     """The ClusterSecretInjections whose status says they serve this namespace."""

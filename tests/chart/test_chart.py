@@ -74,7 +74,7 @@ def test_every_snapshot_has_its_combination():
 
 
 @pytest.mark.parametrize("kind", ["secretinjection", "clustersecretinjection",
-                                  "approvalrequest"])
+                                  "approvalrequest", "accessgrant"])
 def test_the_charts_crds_equal_crds(kind):
     source = yaml.safe_load((ROOT / "crds" / f"{kind}.yaml").read_text())
     copy = yaml.safe_load((CHART / "files" / "crds" / f"{kind}.yaml").read_text())
@@ -89,7 +89,7 @@ def test_crds_can_be_left_out_or_not_kept():
     assert not any(d["kind"] == "CustomResourceDefinition" for d in render({"crds.enabled": "false"}))
     crds = [d for d in render({"crds.keep": "false"}) if d["kind"] == "CustomResourceDefinition"
             and d["spec"]["group"] == "keyhole.dev"]
-    assert len(crds) == 3
+    assert len(crds) == 4
     assert not any("annotations" in crd["metadata"] for crd in crds)
 
 

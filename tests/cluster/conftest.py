@@ -59,7 +59,7 @@ def kube(tmp_path_factory, request) -> Kube:
 
 @pytest.fixture(scope="session")
 def crd(kube: Kube) -> None:
-    for kind in ("secretinjection", "clustersecretinjection", "approvalrequest"):
+    for kind in ("secretinjection", "clustersecretinjection", "approvalrequest", "accessgrant"):
         kube.kubectl("apply", "-f", str(ROOT / "crds" / f"{kind}.yaml"))
         kube.wait_established(f"{kind}s.keyhole.dev")
 

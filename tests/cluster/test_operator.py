@@ -349,6 +349,12 @@ def test_editing_and_deleting_the_injection_follow_into_running_pods(kube, opera
     ("watch", "secrets", False), ("delete", "secrets", False), ("update", "secrets", False),
     ("patch", "pods", True), ("create", "pods", False), ("delete", "pods", False),
     ("create", "pods/exec", False), ("create", "subjectaccessreviews.authorization.k8s.io", True),
+    # approvals: it records and withdraws them, never decides (the status is approvers')
+    ("create", "approvalrequests.keyhole.dev", True), ("delete", "approvalrequests.keyhole.dev", True),
+    ("patch", "approvalrequests.keyhole.dev", False),
+    # grants: labels on a workload's template, nothing else of it
+    ("patch", "deployments.apps", True), ("create", "deployments.apps", False),
+    ("delete", "deployments.apps", False), ("create", "accessgrants.keyhole.dev", False),
 ])
 def test_the_operator_has_only_the_permissions_it_documents(kube, operator, verb, resource,
                                                             allowed):

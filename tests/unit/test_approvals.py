@@ -243,3 +243,54 @@ def test_what_is_over_is_collected_after_the_time_kept():
     assert not approvals.collectable(granted, NOW + 3600 + 99, keep=100)  # the grant lives on
     assert approvals.collectable(granted, NOW + 3600 + 100, keep=100)
     assert approvals.collectable(decided(obj, "Denied"), NOW + 100, keep=100)
+
+
+def test_a_grant_is_honoured_only_as_the_webhook_stamped_it():
+    from keyhole_operator import grants
+
+    obj = {"metadata": {"name": "agent-stripe-a1b2c3", "namespace": "agents"},
+           "spec": {"target": {"kind": "Pod", "name": "agent"}, "injection": "stripe",
+                    "seconds": 7200}}
+    obj["metadata"]["annotations"] = grants.stamp(obj, "alice", NOW, KEY)
+    assert grants.honoured(obj, KEY)
+    assert grants.expires(obj) == NOW + 7200
+    assert grants.status("Active", obj, "ok")["expiresAt"] == approvals.timestamp(NOW + 7200)
+    for changed in ({**obj, "spec": {**obj["spec"], "seconds": 604800}},
+                    {**obj, "spec": {**obj["spec"], "injection": "github"}},
+                    {**obj, "metadata": {**obj["metadata"], "name": "another"}},
+                    {**obj, "metadata": {**obj["metadata"], "annotations": {
+                        **obj["metadata"]["annotations"], grants.GRANTED_BY: "mallory"}}}):
+        assert not grants.honoured(changed, KEY)
+    assert not grants.honoured(obj, b"another namespace's key")
+
+
+def test_a_grant_adds_the_injections_labels_and_takes_back_only_what_it_added():
+    from keyhole_operator import grants
+
+    injection = {"spec": {"podSelector": {"matchLabels": {"keyhole.dev/stripe": "true",
+                                                          "team": "pay"}}}}
+    wanted = grants.selector_labels(injection, "stripe")
+    added = grants.to_add(wanted, {"team": "pay", "app": "agent"})
+    assert added == {"keyhole.dev/stripe": "true"}  # team=pay was there already
+    assert grants.to_remove(added, {"keyhole.dev/stripe": "true", "team": "pay"}) == {
+        "keyhole.dev/stripe": None}
+    assert grants.to_remove(added, {"keyhole.dev/stripe": "other"}) == {}  # changed since
+    assert grants.label_patch("Pod", {"a": "b"}) == {"metadata": {"labels": {"a": "b"}}}
+    assert grants.label_patch("Deployment", {"a": None}) == {
+        "spec": {"template": {"metadata": {"labels": {"a": None}}}}}
+    with pytest.raises(grants.Refused, match="not plain matchLabels"):
+        grants.selector_labels({"spec": {"podSelector": {"matchExpressions": [
+            {"key": "a", "operator": "Exists"}]}}}, "x")
+    with pytest.raises(grants.Refused, match="no SecretInjection"):
+        grants.selector_labels(None, "missing")
+
+
+def test_the_plugin_names_a_grant_and_refuses_what_it_cannot_make():
+    body = plugin.access_grant("deploy/agent", "stripe", "2h", "refunds", "a1b2c3")
+    assert body["metadata"]["name"] == "agent-stripe-a1b2c3"
+    assert body["spec"] == {"target": {"kind": "Deployment", "name": "agent"},
+                            "injection": "stripe", "seconds": 7200, "reason": "refunds"}
+    for args, message in ((("job/x", "s", "1h", None), "pod/NAME"),
+                          (("pod/x", "s", "9d", None), "up to 168h")):
+        with pytest.raises(plugin.BadDecision, match=message):
+            plugin.access_grant(*args, "a1b2c3")
