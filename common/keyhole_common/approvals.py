@@ -19,6 +19,12 @@ GROUP, VERSION = "keyhole.dev", "v1alpha1"
 KIND, PLURAL = "ApprovalRequest", "approvalrequests"
 APPROVALS_PATH = "/v1/approvals"
 WITHDRAW_PATH = "/v1/approvals/withdraw"
+ACCESS_PATH = "/v1/access"
+LOCAL_ACCESS_PATH = "/.keyhole/access"
+"""Where an agent asks its own sidecar for access it lacks (the proxy port, base-URL form: no
+injection may be named ``.keyhole``)."""
+ACCESS_WAIT = 3600.0
+"""Seconds an agent's ask for access waits for a person."""
 MAX_WAIT = 20.0
 """The longest one channel call waits for a decision; the sidecar calls again until its
 timeout."""
@@ -31,6 +37,7 @@ STATES = (APPROVED, DENIED, PENDING, EXPIRED, GONE)
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,251}[a-z0-9])?$")
 KINDS = ("request", "tool", "resource", "prompt")
+"""What a sidecar holds for approval; ``access`` (an agent's ask) has a path of its own."""
 
 
 def _digest(parts: list[bytes]) -> str:
@@ -60,6 +67,11 @@ def call_digest(host: str, port: int, path: str, kind: str, subject: str,
                            ensure_ascii=False, allow_nan=False)
     return _digest([b"mcp", host.lower().encode(), str(port).encode(), path.encode(),
                     kind.encode(), subject.encode(), canonical.encode()])
+
+
+def access_digest(injection: str, seconds: int) -> str:
+    """What an agent's ask for access binds to: the injection and the time asked for."""
+    return _digest([b"access", injection.encode(), str(seconds).encode()])
 
 
 @dataclass(frozen=True, slots=True)

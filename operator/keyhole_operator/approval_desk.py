@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from keyhole_common.approvals import GONE, PENDING, Answer, Ask
+from keyhole_common.approvals import ACCESS_WAIT, GONE, PENDING, Answer, Ask, access_digest
 from keyhole_operator import approvals, metrics
 from keyhole_operator.approvals import MAX_PENDING_PER_POD, Pod
 
@@ -123,6 +123,17 @@ class Desk:
             self.notifier.approval_requested(created, what)
         return Answer(name, PENDING)
 
+    def ask_access(self, pod: Pod, injection: str, seconds: int, reason: str | None,
+                   key: bytes) -> dict:
+        """An agent asks for an injection it lacks: an ApprovalRequest of kind access (the
+        same ask again finds it). Nothing is granted until a person approves it; then the
+        operator makes an AccessGrant for the pod (``approval_handlers``)."""
+        what = {"kind": "access", "seconds": seconds, "reason": reason}
+        ask = Ask(injection, access_digest(injection, seconds), ACCESS_WAIT, 0.0, what)
+        answer = self._look_or_create(pod, ask, key)
+        return {**answer.as_json(), "approve": f"kubectl keyhole approve {answer.name} -n "
+                                               f"{pod.namespace}"}
+
     def withdraw(self, pod: Pod, name: str, key: bytes) -> dict:
         found = self.cluster.read_approval(pod.namespace, name)
         if found is None:
@@ -141,6 +152,9 @@ class Desk:
 
 def describe(spec: dict) -> str:
     """One line a person reads: what the request would do."""
+    if spec.get("kind") == "access":
+        return (f"access to injection {spec.get('injection')} for {spec.get('accessSeconds')}s"
+                + (f" ({spec['reason']})" if spec.get("reason") else ""))
     where = f"{spec.get('method', '')} https://{spec.get('host', '')}{spec.get('path', '')}"
     if spec.get("kind") in ("tool", "resource", "prompt"):
         return f"{spec['kind']} {spec.get('subject')} ({where}, injection {spec.get('injection')})"

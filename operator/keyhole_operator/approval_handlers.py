@@ -7,10 +7,12 @@ import asyncio
 import time
 
 import kopf
+from kubernetes.client.rest import ApiException
 
-from keyhole_common.approvals import GROUP, PLURAL, VERSION
+from keyhole_common.approvals import APPROVED, GROUP, PLURAL, VERSION
 from keyhole_operator import approvals, metrics
 from keyhole_operator.approval_desk import describe
+from keyhole_operator.grants import access_grant
 
 DECIDE_WEBHOOK = "keyhole-decide-approval"
 
@@ -108,3 +110,21 @@ async def approval_changed(type: str, body: kopf.Body, namespace: str, memo, **_
     kopf.event([body, {"apiVersion": "v1", "kind": "Pod", "metadata": {
         "name": pod.get("name"), "namespace": namespace, "uid": pod.get("uid")}}],
         type="Normal", reason=reason, message=message[:1000])
+    if spec.get("kind") == "access" and decision["verdict"] == "Approved":
+        await _grant_access(memo["runtime"], {k: dict(v) if hasattr(v, "items") else v
+                                              for k, v in dict(body).items()}, namespace)
+
+
+async def _grant_access(runtime, obj: dict, namespace: str) -> None:
+    """An agent's ask for access, approved: the AccessGrant it asked for, stamped with who
+    approved it (the decision's seal vouches for them), for the time they gave."""
+    key = runtime.key(namespace)
+    if not approvals.honoured(obj, key) or approvals.state(obj, key, time.time()).state != \
+            APPROVED:
+        return  # not keyhole's, or the decision carries no seal: nothing is granted
+    grant = access_grant(obj, key, time.time())
+    try:
+        await asyncio.to_thread(runtime.cluster.create_grant, namespace, grant)
+    except ApiException as exc:
+        if exc.status != 409:  # made already (the event seen twice)
+            raise

@@ -77,6 +77,10 @@ def manifest(pod: Pod, ask: Ask, key: bytes, now: float) -> dict:
     for field in ("subject", "arguments"):
         if what.get(field) is not None:
             spec[field] = str(what[field])[:4096]
+    if what["kind"] == "access":  # an agent's ask: for how long, and why (its own words)
+        spec["accessSeconds"] = int(what["seconds"])
+        if what.get("reason"):
+            spec["reason"] = str(what["reason"])[:1000]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"generateName": f"{pod.name[:40]}-", "namespace": pod.namespace,
                          "labels": {POD_UID_LABEL: pod.uid, MANAGED_BY_LABEL: MANAGED_BY,

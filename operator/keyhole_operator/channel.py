@@ -39,7 +39,13 @@ from dataclasses import dataclass
 from aiohttp import web
 from kubernetes.client.rest import ApiException
 
-from keyhole_common.approvals import APPROVALS_PATH, WITHDRAW_PATH, Ask
+from keyhole_common.approvals import (
+    ACCESS_PATH,
+    APPROVALS_PATH,
+    MAX_GRANT_SECONDS,
+    WITHDRAW_PATH,
+    Ask,
+)
 from keyhole_common.channel import LEASES_PATH, ROUTES_PATH, VALUES_PATH, Report
 from keyhole_common.spec import SignatureError, parse_injection, verify
 from keyhole_common.spec.model import Budget, SecretInjection
@@ -56,6 +62,7 @@ POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 MAX_BODY = 64 * 1024
 _LEASE_ID = re.compile(r"^[0-9a-f]{16,64}$")
+_INJECTION = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _SERVICE_ACCOUNT = re.compile(r"^system:serviceaccount:([^:]+):([^:]+)$")
 CONFLICT_RETRIES = 8
 REVIEW_CACHE_SECONDS = 300.0
@@ -169,6 +176,24 @@ def parse_ask(body: object) -> tuple[str, str, list[ledger.Report]]:
     return injection, lease, reports
 
 
+def parse_access(body: object) -> tuple[str, int, str | None]:
+    """An ask for access: the injection, the seconds asked for, and why; or ChannelError."""
+    if not isinstance(body, dict):
+        raise ChannelError(400, "the body must be a JSON object")
+    injection, seconds, reason = body.get("injection"), body.get("seconds"), body.get("reason")
+    if not isinstance(injection, str) or not _INJECTION.match(injection):
+        raise ChannelError(400, "'injection' must name an injection")
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or \
+            not 0 < seconds <= MAX_GRANT_SECONDS:
+        raise ChannelError(400, f"'seconds' must be a whole number from 1 to "
+                                f"{MAX_GRANT_SECONDS}")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 1000
+                               or not reason.isprintable()):
+        raise ChannelError(400, "'reason' must be one printable line of at most 1000 "
+                                "characters")
+    return injection, seconds, reason or None
+
+
 def shared_budgets(spec: SecretInjection | None) -> dict[str, Budget | None]:
     """What the channel counts for an injection: its shared budgets, and the day's usage."""
     if spec is None or spec.llm is None:
@@ -278,6 +303,24 @@ class Channel:
         except Refusal as exc:
             raise ChannelError(exc.status, exc.message) from None
 
+    def access(self, token: str, body: object) -> dict:
+        """An agent's ask for an injection its pod lacks, recorded for a person to decide."""
+        who = caller(self._review(token))
+        injection, seconds, reason = parse_access(body)
+        pod = self.cluster.read_pod(who.namespace, who.pod)
+        key = namespace_key(self.master_key, who.namespace)
+        signed_document(pod, who, key)  # a pod keyhole injected, and the token's own
+        if self.cluster.read_injection(who.namespace, injection) is None and \
+                self.cluster.read_cluster_injection(injection) is None:
+            raise ChannelError(404, f"no SecretInjection {injection!r} in namespace "
+                                    f"{who.namespace} (nor a ClusterSecretInjection)")
+        try:
+            return self.desk.ask_access(Pod(who.namespace, who.pod, who.uid,
+                                            who.service_account), injection, seconds, reason,
+                                        key)
+        except Refusal as exc:
+            raise ChannelError(exc.status, exc.message) from None
+
     def withdraw(self, token: str, body: object) -> dict:
         """The client left: its pending approval is deleted."""
         name = body.get("name") if isinstance(body, dict) else None
@@ -345,9 +388,13 @@ def build_app(channel: Channel) -> web.Application:
     async def withdraw(request: web.Request) -> web.Response:
         return await _call(request, channel.withdraw, with_body=True)
 
+    async def access(request: web.Request) -> web.Response:
+        return await _call(request, channel.access, with_body=True)
+
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post(APPROVALS_PATH, approval)
     app.router.add_post(WITHDRAW_PATH, withdraw)
+    app.router.add_post(ACCESS_PATH, access)
     app.router.add_post(LEASES_PATH, lease)
     app.router.add_post(ROUTES_PATH, routes)
     app.router.add_post(VALUES_PATH, secret_values)

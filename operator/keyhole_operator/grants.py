@@ -56,6 +56,25 @@ def expires(obj: dict) -> float | None:
     return granted + length
 
 
+def access_grant(approval: dict, key: bytes, now: float) -> dict:
+    """The AccessGrant an approved ask for access becomes: for the asking pod, the injection
+    it named, the time the person gave (or the agent asked for), stamped with who approved."""
+    meta, spec = approval.get("metadata") or {}, approval.get("spec") or {}
+    decision = (approval.get("status") or {}).get("decision") or {}
+    reasons = [f"asked by the agent: {spec['reason']}" if spec.get("reason") else "asked by "
+               "the agent", f"approved: {decision['reason']}" if decision.get("reason") else ""]
+    obj = {"apiVersion": "keyhole.dev/v1alpha1", "kind": "AccessGrant",
+           "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
+                        "labels": {PREFIX + "approval": str(meta.get("name"))[:63]}},
+           "spec": {"target": {"kind": "Pod", "name": (spec.get("pod") or {}).get("name")},
+                    "injection": spec.get("injection"),
+                    "seconds": int(decision.get("grantSeconds") or spec.get("accessSeconds")
+                                   or 3600),
+                    "reason": "; ".join(filter(None, reasons))[:1000]}}
+    obj["metadata"]["annotations"] = stamp(obj, str(decision.get("decidedBy")), now, key)
+    return obj
+
+
 def selector_labels(injection: dict | None, name: str) -> dict[str, str]:
     """The labels that grant ``injection`` (its podSelector's matchLabels), or Refused."""
     if injection is None:

@@ -263,6 +263,10 @@ class Cluster:
                  "StatefulSet": self.apps.patch_namespaced_stateful_set}[kind]
         write(name, namespace, patch, _request_timeout=5)
 
+    def create_grant(self, namespace: str, body: dict) -> None:
+        self.custom.create_namespaced_custom_object("keyhole.dev", "v1alpha1", namespace,
+                                                    "accessgrants", body, _request_timeout=5)
+
     def grant_status(self, namespace: str, name: str, status: dict) -> None:
         try:
             self.custom.patch_namespaced_custom_object_status(

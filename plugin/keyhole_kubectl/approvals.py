@@ -28,6 +28,9 @@ def state(item: dict, now: float) -> str:
 
 
 def what(spec: dict) -> str:
+    if spec.get("kind") == "access":
+        return (f"access to injection {spec.get('injection')} for {spec.get('accessSeconds')}s"
+                + (f": {spec['reason']}" if spec.get("reason") else ""))
     where = f"{spec.get('method', '')} {spec.get('host', '')}{spec.get('path', '')}"
     if spec.get("kind") in ("tool", "resource", "prompt"):
         return f"{spec['kind']} {spec.get('subject')} ({where})"

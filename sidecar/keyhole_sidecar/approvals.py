@@ -26,7 +26,7 @@ from keyhole_common.approvals import (
     Answer,
     Ask,
 )
-from keyhole_sidecar.operator_channel import ChannelBusy
+from keyhole_sidecar.operator_channel import ChannelBusy, ChannelRefused
 from keyhole_sidecar.usage.shared import ChannelUnavailable
 
 log = logging.getLogger("keyhole.approvals")
@@ -73,6 +73,14 @@ class Outcome:
 
 class ApprovalUnavailable(Exception):
     """The operator did not answer, or said no to the call itself."""
+
+
+class AskRefused(ApprovalUnavailable):
+    """The operator said no to an ask for access (no such injection, too many waiting)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 class ApprovalBacklog(ApprovalUnavailable):
@@ -179,6 +187,18 @@ class Approvals:
         except ChannelBusy as exc:
             raise ApprovalBacklog(str(exc)) from None
         except ChannelUnavailable as exc:  # and the operator's refusals
+            raise ApprovalUnavailable(str(exc)) from None
+
+    async def ask_access(self, injection: str, seconds: int, reason: str | None) -> dict:
+        """An agent's ask for access, passed to the operator (``proxy.access``)."""
+        if self.channel is None:
+            raise ApprovalUnavailable("this sidecar runs without the operator channel")
+        try:
+            return await self.channel.access({"injection": injection, "seconds": seconds,
+                                              "reason": reason})
+        except ChannelRefused as exc:
+            raise AskRefused(str(exc), exc.status) from None
+        except ChannelUnavailable as exc:
             raise ApprovalUnavailable(str(exc)) from None
 
     def _withdraw(self, injection: str, name: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from keyhole_common.approvals import APPROVALS_PATH, MAX_WAIT, WITHDRAW_PATH
+from keyhole_common.approvals import ACCESS_PATH, APPROVALS_PATH, MAX_WAIT, WITHDRAW_PATH
 from keyhole_common.channel import LEASES_PATH, ROUTES_PATH, VALUES_PATH
 from keyhole_sidecar.usage.shared import CALL_TIMEOUT, ChannelUnavailable
 
@@ -29,6 +29,8 @@ log = logging.getLogger("keyhole.channel")
 
 class ChannelRefused(ChannelUnavailable):
     """The operator answered and said no (401, 403, 404): not an outage, a decision."""
+
+    status = 403
 
 
 class ChannelBusy(ChannelRefused):
@@ -75,8 +77,10 @@ class OperatorChannel:
                 if resp.status != 200:
                     kind = ChannelBusy if resp.status == 429 else ChannelRefused \
                         if resp.status in (401, 403, 404) else ChannelUnavailable
-                    raise kind(f"the operator refused ({resp.status}): "
-                               f"{str((answer or {}).get('error'))[:300]}")
+                    refused = kind(f"the operator refused ({resp.status}): "
+                                   f"{str((answer or {}).get('error'))[:300]}")
+                    refused.status = resp.status
+                    raise refused
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             await self.close()  # the next call dials afresh, with the CA file as it is then
             raise ChannelUnavailable(f"the operator channel {url} did not answer "
@@ -113,6 +117,9 @@ class OperatorChannel:
 
     async def withdraw(self, body: dict) -> dict:
         return await self._call(WITHDRAW_PATH, body)
+
+    async def access(self, body: dict) -> dict:
+        return await self._call(ACCESS_PATH, body)
 
     async def close(self) -> None:
         """Close the session, forgetting it first: a call made while it closes dials a new

@@ -87,3 +87,51 @@ def test_deleting_a_grant_revokes_at_once_and_the_agent_cannot_grant_itself(
     refused = granted(kube, namespace, "pod/agent", "--injection", "second", "--for", "1h",
                       "--kubeconfig", str(agent), check=False)
     assert "an agent never grants itself access" in refused.stderr, refused.stderr
+
+
+def test_an_agent_asks_for_access_it_lacks_and_gets_it_only_once_a_person_approves(
+        kube, operator, namespace, llm_upstream, tmp_path):
+    import httpx
+
+    from tests.cluster.test_shared_budgets import Agents
+    from tests.support.config import injection, ref
+
+    def named(name: str, host: str) -> dict:
+        doc = injection(name, hosts=[host], headers=[{
+            "name": "Authorization", "valueFrom": ref("openai", "key"),
+            "format": "Bearer {value}"}])
+        doc["spec"]["podSelector"] = {"matchLabels": {f"keyhole.dev/{name}": "true"}}
+        return doc
+
+    agents = Agents(kube, operator, namespace, llm_upstream, tmp_path)
+    try:
+        apply_injections(kube, namespace, named("openai", "api.openai.test"),
+                         named("second", "api.second.test"))
+        found = agents.pod("agent")
+        sidecar = agents.sidecar(found, report_seconds=60)
+        with httpx.Client(timeout=20) as http:
+            asked = http.post(f"{sidecar.url}/.keyhole/access", json={
+                "injection": "second", "for": "1m", "reason": "the refunds job"})
+            unknown = http.post(f"{sidecar.url}/.keyhole/access", json={"injection": "nosuch"})
+        assert asked.status_code == 202, asked.text
+        name = asked.json()["approval"]
+        assert f"kubectl keyhole approve {name} -n {namespace}" in asked.json()["message"]
+        assert unknown.status_code == 404 and "no SecretInjection 'nosuch'" in unknown.text
+        (row,) = json.loads(kube.keyhole("approvals", "-n", namespace, "-o", "json").stdout)
+        assert row["what"] == "access to injection second for 60s: the refunds job"
+        assert routes_of(kube, namespace, "agent") == ["openai"]  # nothing granted yet
+
+        assert kube.keyhole("approve", name, "-n", namespace).returncode == 0
+        kube.wait_for(lambda: routes_of(kube, namespace, "agent") == ["openai", "second"],
+                      what="the approved ask granted")
+        grant = kube.get("accessgrant", name, namespace)
+        assert grant["spec"]["seconds"] == 60 and grant["spec"]["target"] == {
+            "kind": "Pod", "name": "agent"}
+        assert grant["status"]["grantedBy"] == grant["metadata"]["annotations"][
+            "keyhole.dev/granted-by"] != "system:serviceaccount:keyhole-system:keyhole-operator"
+        assert "the refunds job" in grant["spec"]["reason"]
+        line = sidecar.wait_audit(lambda r: r.get("reason") == "access_asked")
+        assert line["injection"] == "second" and line["status"] == 202
+    finally:
+        kube.kubectl("delete", "accessgrants", "--all", "-n", namespace, check=False)
+        agents.close()

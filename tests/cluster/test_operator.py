@@ -354,7 +354,7 @@ def test_editing_and_deleting_the_injection_follow_into_running_pods(kube, opera
     ("patch", "approvalrequests.keyhole.dev", False),
     # grants: labels on a workload's template, nothing else of it
     ("patch", "deployments.apps", True), ("create", "deployments.apps", False),
-    ("delete", "deployments.apps", False), ("create", "accessgrants.keyhole.dev", False),
+    ("delete", "deployments.apps", False), ("delete", "accessgrants.keyhole.dev", False),
 ])
 def test_the_operator_has_only_the_permissions_it_documents(kube, operator, verb, resource,
                                                             allowed):

@@ -294,3 +294,33 @@ def test_the_plugin_names_a_grant_and_refuses_what_it_cannot_make():
                           (("pod/x", "s", "9d", None), "up to 168h")):
         with pytest.raises(plugin.BadDecision, match=message):
             plugin.access_grant(*args, "a1b2c3")
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"not json", "send a JSON object"), (b'{"for": "1h"}', "'injection' must name"),
+    (b'{"injection": "x", "for": "8d"}', "'for' must be a duration"),
+    (b'{"injection": "x", "reason": "a\\nb"}', "one printable line"),
+])
+def test_an_agents_ask_for_access_is_read_strictly(body, message):
+    from keyhole_sidecar.proxy.access import ask_of
+
+    with pytest.raises(ValueError, match=message):
+        ask_of(body)
+    assert ask_of(b'{"injection": "stripe"}') == ("stripe", 3600, None)
+
+
+def test_an_approved_ask_for_access_becomes_a_grant_stamped_with_who_approved():
+    from keyhole_common.approvals import access_digest
+    from keyhole_operator import grants
+
+    asked = Ask("stripe", access_digest("stripe", 1800), 3600, 0.0,
+                {"kind": "access", "seconds": 1800, "reason": "refunds"})
+    obj = stored(approvals.manifest(POD, asked, KEY, NOW))
+    assert obj["spec"]["accessSeconds"] == 1800 and obj["spec"]["reason"] == "refunds"
+    grant = grants.access_grant(decided(obj, grant=600, user="alice"), KEY, NOW + 5)
+    assert grant["spec"] == {"target": {"kind": "Pod", "name": "agent-1"}, "injection": "stripe",
+                             "seconds": 600, "reason": "asked by the agent: refunds"}
+    assert grant["metadata"]["name"] == obj["metadata"]["name"]
+    assert grants.honoured(grant, KEY) and grant["metadata"]["annotations"][
+        grants.GRANTED_BY] == "alice"
+    assert grants.access_grant(decided(obj), KEY, NOW)["spec"]["seconds"] == 1800

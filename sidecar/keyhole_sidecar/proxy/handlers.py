@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from urllib.parse import unquote_plus
 
+from keyhole_common.approvals import LOCAL_ACCESS_PATH
 from keyhole_common.spec import normalise_hostname, split_authority
 from keyhole_sidecar.audit import AuditRecord
 from keyhole_sidecar.policy import BaseUrlError, PathRejected, check_rules, normalise_path, split_base_url
+from keyhole_sidecar.proxy import access
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.errors import (
     BadRequest,
@@ -152,6 +154,9 @@ async def handle_plain(ctx: ProxyContext, request: Request) -> None:
     record = AuditRecord(mode="absolute" if url.absolute else "base-url", method=request.method,
                          host=host, path=url.raw_path,
                          query_keys=_query_keys(url.raw_query_string))
+    if not url.absolute and url.raw_path == LOCAL_ACCESS_PATH:
+        await access.serve(ctx, request, record)  # the agent asks for access it lacks
+        return
 
     def decide() -> Target:
         if request.method == "CONNECT":
@@ -203,8 +208,9 @@ def _decide_base_url(ctx: ProxyContext, record: AuditRecord, raw_path: str,
     table = ctx.routes()
     route = table.by_name(name)
     if route is None:
-        raise Denied("not_found", f"no injection is named {name!r}; base-URL requests look "
-                                  "like /<injection>/<path>", status=404)
+        raise Denied("not_found", f"no injection is named {name!r} in this pod; base-URL "
+                                  "requests look like /<injection>/<path> (to ask a person "
+                                  f"for one it lacks: POST {LOCAL_ACCESS_PATH})", status=404)
     upstream = route.injection.base_url_upstream
     if upstream is None:
         raise Denied("not_found", f"injection {name!r} lists only wildcard hosts; base-URL "
