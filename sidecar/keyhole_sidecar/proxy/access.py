@@ -72,6 +72,7 @@ async def _answer(ctx: ProxyContext, request: Request, record: AuditRecord
                               "NAME, \"for\": \"30m\", \"reason\": WHY}"}
     parts, over = await read_up_to(client_body(request, record), MAX_ASK)
     if over:
+        request.reply.close = True  # the rest of the body is not read: the stream is unclear
         return 413, {"error": f"an ask for access is at most {MAX_ASK} bytes"}
     try:
         injection, seconds, reason = ask_of(b"".join(parts))
