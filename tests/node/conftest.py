@@ -137,7 +137,18 @@ def image_values(images: dict) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def release(node: Node, kube: Kube, node_upstream: Upstream) -> Release:
+def node_notifications(node: Node):
+    """Where the release's operator sends approval notifications: a receiver on the node's
+    address, as a chat tool's incoming webhook would be."""
+    from tests.support.receiver import Receiver
+
+    receiver = Receiver(node.listen(8089))
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def release(node: Node, kube: Kube, node_upstream: Upstream, node_notifications) -> Release:
     """``helm install`` of charts/keyhole, as the README's quick start, with the local images."""
     started = time.monotonic()
     helm(kube, "install", "keyhole", str(CHART), "--namespace", RELEASE_NAMESPACE,
@@ -146,6 +157,7 @@ def release(node: Node, kube: Kube, node_upstream: Upstream) -> Release:
          "--set", "operator.resyncSeconds=3",
          "--set", "clusterInjections.keepValuesSeconds=10",  # (default 300)
          "--set", "operator.extraArgs={--ca-promote-after=15}",  # (default 600)
+         "--set", f"approvals.notify.url={node_notifications.url}",
          "--wait", "--timeout", "4m")
     _log(f"helm install --wait: {time.monotonic() - started:.1f}s")
     installed = Release(kube, node.images)

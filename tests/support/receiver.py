@@ -5,12 +5,15 @@ so the sender's retry is part of every test that uses it."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Receiver:
-    def __init__(self):
+    def __init__(self, sock: socket.socket | None = None):
+        """On 127.0.0.1, or on ``sock`` (a listening socket bound elsewhere: the test node's
+        address, where the operator's pod reaches it)."""
         self.received: list[dict] = []
         self.refused: list[dict] = []
         self._lock = threading.Lock()
@@ -29,8 +32,15 @@ class Receiver:
             def log_message(self, *args) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hooks/approvals"
+        if sock is None:
+            self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        else:
+            self._server = ThreadingHTTPServer(sock.getsockname(), Handler,
+                                               bind_and_activate=False)
+            self._server.socket.close()
+            self._server.socket = sock
+        host, port = self._server.server_address[:2]
+        self.url = f"http://{host}:{port}/hooks/approvals"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
