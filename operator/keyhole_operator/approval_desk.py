@@ -25,9 +25,9 @@ from keyhole_operator.approvals import MAX_PENDING_PER_POD, Pod
 log = logging.getLogger("keyhole.operator.approvals")
 
 
-REREAD = 5.0
-"""Seconds between reads of a waiting request's object when no watch event wakes it: a
-replica that kopf's peering keeps from watching still answers within this."""
+REREAD = 1.0
+"""Seconds between reads (a GET) of a waiting request's object when no watch event wakes it:
+a replica that kopf's peering keeps from watching still answers within this."""
 
 
 class Board:
@@ -87,14 +87,20 @@ class Desk:
         """The state of ``ask`` for ``pod`` once decided, or after ``ask.wait`` seconds (the
         wait holds no worker thread: the API calls do, one at a time)."""
         deadline = time.monotonic() + ask.wait
-        while True:
-            seen = self.board.version(pod.namespace)
-            answer = await asyncio.to_thread(self._look_or_create, pod, ask, key)
-            left = deadline - time.monotonic()
-            if answer.state != PENDING or left <= 0:
-                return answer
-            ask = Ask(ask.injection, ask.digest, ask.timeout, ask.wait, ask.what, answer.name)
+        seen = self.board.version(pod.namespace)
+        answer = await asyncio.to_thread(self._look_or_create, pod, ask, key)
+        while answer.state == PENDING and (left := deadline - time.monotonic()) > 0:
             await self.board.wait(pod.namespace, seen, min(left, REREAD))
+            seen = self.board.version(pod.namespace)
+            answer = await asyncio.to_thread(self._reread, pod, ask, answer.name, key)
+        return answer
+
+    def _reread(self, pod: Pod, ask: Ask, name: str, key: bytes) -> Answer:
+        """The named object's state now: one GET, cheap enough to repeat every second."""
+        found = self.cluster.read_approval(pod.namespace, name)
+        named = Ask(ask.injection, ask.digest, ask.timeout, ask.wait, ask.what, name)
+        answer, _ = approvals.look([found] if found else [], pod.uid, named, key, self.clock())
+        return answer or Answer(name, GONE)
 
     def _look_or_create(self, pod: Pod, ask: Ask, key: bytes) -> Answer:
         with self._creating:  # in this replica, one object for a request asked twice at once
