@@ -105,7 +105,10 @@ class Desk:
     def _look_or_create(self, pod: Pod, ask: Ask, key: bytes) -> Answer:
         with self._creating:  # in this replica, one object for a request asked twice at once
             objects = self.cluster.list_approvals(pod.namespace, pod.uid)
-            found, waiting = approvals.look(objects, pod.uid, ask, key, self.clock())
+            if pod.workload is not None and ask.name is None:  # grants given its workload
+                objects += self.cluster.list_approvals(pod.namespace, workload=pod.workload)
+            found, waiting = approvals.look(objects, pod.uid, ask, key, self.clock(),
+                                            pod.owner)
             if found is not None:
                 return found
             if ask.name is not None:  # deleted while the sidecar waited

@@ -11,6 +11,7 @@ when both seals hold: whoever else may write ApprovalRequests cannot make one it
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 
 from keyhole_common.approvals import (
@@ -32,6 +33,7 @@ from keyhole_operator.annotations import MANAGED_BY, MANAGED_BY_LABEL, PREFIX
 from keyhole_operator.privileges import Bypass, access_review, service_account_user
 
 POD_UID_LABEL = PREFIX + "pod-uid"
+WORKLOAD_LABEL = PREFIX + "workload"
 INJECTION_LABEL = PREFIX + "approval-injection"
 SEAL_ANNOTATION = PREFIX + "seal"
 MAX_PENDING_PER_POD = 20
@@ -56,20 +58,41 @@ def seconds(stamp: object) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Pod:
-    """The asking pod, as its TokenReview and the API server name it."""
+    """The asking pod, as its TokenReview and the API server name it, and its workload (the
+    controller that owns it: a ReplicaSet, StatefulSet, Job…; None for a bare pod)."""
 
     namespace: str
     name: str
     uid: str
     service_account: str
+    owner: tuple[str, str] | None = None
+
+    @property
+    def workload(self) -> str | None:
+        """A label value naming the workload (its kind and name hashed: a name may be
+        longer than a label value)."""
+        if self.owner is None:
+            return None
+        return hashlib.sha256("/".join(self.owner).encode()).hexdigest()[:32]
+
+
+def owner_of(pod: dict | None) -> tuple[str, str] | None:
+    """The pod's controller (kind, name), from its ownerReferences."""
+    for ref in ((pod or {}).get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") and ref.get("name"):
+            return str(ref["kind"]), str(ref["name"])
+    return None
 
 
 def manifest(pod: Pod, ask: Ask, key: bytes, now: float) -> dict:
     """The ApprovalRequest the operator creates for ``ask``, sealed, owned by the pod (deleted
     with it)."""
     what = ask.what
+    owner = {} if pod.owner is None else {"owner": {"kind": pod.owner[0],
+                                                    "name": pod.owner[1]}}
     spec = {"kind": what["kind"], "injection": ask.injection, "digest": ask.digest,
-            "pod": {"name": pod.name, "uid": pod.uid, "serviceAccount": pod.service_account},
+            "pod": {"name": pod.name, "uid": pod.uid, "serviceAccount": pod.service_account,
+                    **owner},
             "host": str(what.get("host", ""))[:253], "method": str(what.get("method", ""))[:32],
             "path": str(what.get("path", ""))[:2048],
             "timeoutSeconds": int(ask.timeout), "requestedAt": timestamp(now),
@@ -84,7 +107,9 @@ def manifest(pod: Pod, ask: Ask, key: bytes, now: float) -> dict:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"generateName": f"{pod.name[:40]}-", "namespace": pod.namespace,
                          "labels": {POD_UID_LABEL: pod.uid, MANAGED_BY_LABEL: MANAGED_BY,
-                                    INJECTION_LABEL: ask.injection[:63]},
+                                    INJECTION_LABEL: ask.injection[:63],
+                                    **({WORKLOAD_LABEL: pod.workload} if pod.workload
+                                       else {})},
                          "annotations": {SEAL_ANNOTATION: seal(key, spec)},
                          "ownerReferences": [{"apiVersion": "v1", "kind": "Pod",
                                               "name": pod.name, "uid": pod.uid}]},
@@ -103,7 +128,7 @@ def _decision_fields(obj: dict, decision: dict) -> dict:
     return {"uid": meta.get("uid"), "name": meta.get("name"),
             "digest": (obj.get("spec") or {}).get("digest"),
             **{k: decision.get(k) for k in ("verdict", "grantSeconds", "decidedBy",
-                                            "decidedAt", "reason")}}
+                                            "decidedAt", "reason", "scope")}}
 
 
 def seal_decision(obj: dict, decision: dict, key: bytes) -> str:
@@ -152,15 +177,25 @@ def collectable(obj: dict, now: float, keep: float) -> bool:
     return ended is not None and ended + keep <= now
 
 
-def look(objects: list[dict], pod_uid: str, ask: Ask, key: bytes, now: float
-         ) -> tuple[Answer | None, int]:
+def _workload_grant(obj: dict, owner: tuple[str, str] | None) -> bool:
+    """A grant its approver gave the asking pod's whole workload (``approve --workload``)."""
+    pod = (obj.get("spec") or {}).get("pod") or {}
+    decision = (obj.get("status") or {}).get("decision") or {}
+    return owner is not None and decision.get("scope") == "workload" and (
+        (pod.get("owner") or {}).get("kind"), (pod.get("owner") or {}).get("name")) == owner
+
+
+def look(objects: list[dict], pod_uid: str, ask: Ask, key: bytes, now: float,
+         owner: tuple[str, str] | None = None) -> tuple[Answer | None, int]:
     """What the pod's approvals say of ``ask``, and how many of them wait.
 
     Named (a sidecar asking again): that object's state, if it is the pod's, for this request.
-    Otherwise a grant alive for this exact request, else one still waiting for it (asked
-    again: one person's yes serves them both); None when there is neither (create one)."""
-    mine = [o for o in objects if honoured(o, key)
-            and ((o["spec"].get("pod") or {}).get("uid")) == pod_uid]
+    Otherwise a grant alive for this exact request — the pod's own, or one given to its
+    workload (``owner``) — else one still waiting for it (asked again: one person's yes
+    serves them both); None when there is neither (create one)."""
+    honest = [o for o in objects if honoured(o, key)]
+    mine = [o for o in honest if ((o["spec"].get("pod") or {}).get("uid")) == pod_uid]
+    shared = [o for o in honest if o not in mine and _workload_grant(o, owner)]
     states = [(o, state(o, key, now)) for o in mine]
     waiting = sum(1 for _, s in states if s.state == PENDING)
     same = [(o, s) for o, s in states if o["spec"].get("digest") == ask.digest
@@ -168,10 +203,13 @@ def look(objects: list[dict], pod_uid: str, ask: Ask, key: bytes, now: float
     if ask.name is not None:
         named = [s for o, s in same if o["metadata"].get("name") == ask.name]
         return (named[0] if named else None), waiting
+    same += [(o, s) for o in shared if o["spec"].get("digest") == ask.digest
+             and o["spec"].get("injection") == ask.injection
+             for s in [state(o, key, now)]]
     for wanted in (lambda s: s.state == APPROVED and s.grant_seconds > 0,
                    lambda s: s.state == PENDING):
-        for _, found in same:
-            if wanted(found):
+        for obj, found in same:
+            if wanted(found) and (found.state == APPROVED or obj in mine):
                 return found, waiting
     return None, waiting
 
@@ -213,6 +251,13 @@ def check_decision(old: dict, new: dict, user: str, key: bytes, now: float) -> d
             MAX_GRANT_SECONDS or (grant and verdict != "Approved"):
         raise Refused(f"status.decision.grantSeconds must be whole seconds from 0 to "
                       f"{MAX_GRANT_SECONDS} (7 days), and only with Approved")
+    scope = after.get("scope", "pod")
+    if scope not in ("pod", "workload") or (scope == "workload" and not grant):
+        raise Refused("status.decision.scope is pod or workload, and workload goes with a "
+                      "grant (--for)")
+    if scope == "workload" and not ((spec.get("pod") or {}).get("owner")):
+        raise Refused("the pod that asked belongs to no workload (no controller owns it): "
+                      "approve it for the pod alone")
     reason = after.get("reason")
     if reason is not None and (not isinstance(reason, str) or len(reason) > 1000
                                or not reason.isprintable()):
@@ -226,6 +271,8 @@ def check_decision(old: dict, new: dict, user: str, key: bytes, now: float) -> d
                       "approves its own requests")
     stamped = {"verdict": verdict, "grantSeconds": grant, "decidedBy": user,
                "decidedAt": timestamp(now)}
+    if scope == "workload":
+        stamped["scope"] = "workload"
     if reason:
         stamped["reason"] = reason
     stamped["seal"] = seal_decision(old, stamped, key)

@@ -52,7 +52,7 @@ from keyhole_common.spec.model import Budget, SecretInjection
 from keyhole_operator import ledger, metrics, values
 from keyhole_operator.annotations import INJECTIONS
 from keyhole_operator.approval_desk import Board, Desk, Refusal
-from keyhole_operator.approvals import Pod
+from keyhole_operator.approvals import Pod, owner_of
 from keyhole_operator.routes import namespace_key
 
 log = logging.getLogger("keyhole.operator.channel")
@@ -288,7 +288,7 @@ class Channel:
         pod = self.cluster.read_pod(who.namespace, who.pod)
         key = namespace_key(self.master_key, who.namespace)
         signed_item(pod, who, str(injection), key, "it asks no approvals of it")
-        return Pod(who.namespace, who.pod, who.uid, who.service_account), key
+        return Pod(who.namespace, who.pod, who.uid, who.service_account, owner_of(pod)), key
 
     async def approval(self, token: str, body: object) -> dict:
         """Record (or find) the approval a sidecar holds a request for; wait for a decision."""
@@ -316,8 +316,8 @@ class Channel:
                                     f"{who.namespace} (nor a ClusterSecretInjection)")
         try:
             return self.desk.ask_access(Pod(who.namespace, who.pod, who.uid,
-                                            who.service_account), injection, seconds, reason,
-                                        key)
+                                            who.service_account, owner_of(pod)), injection,
+                                        seconds, reason, key)
         except Refusal as exc:
             raise ChannelError(exc.status, exc.message) from None
 

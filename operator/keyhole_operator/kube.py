@@ -194,13 +194,16 @@ class Cluster:
         return json.loads(response.data).get("status") or {}
 
     # -- approvals ---------------------------------------------------------------------------
-    def list_approvals(self, namespace: str, pod_uid: str) -> list[dict]:
-        from keyhole_operator.approvals import POD_UID_LABEL
+    def list_approvals(self, namespace: str, pod_uid: str | None = None, *,
+                       workload: str | None = None) -> list[dict]:
+        """A pod's ApprovalRequests, or (``workload``) those of every pod of a workload."""
+        from keyhole_operator.approvals import POD_UID_LABEL, WORKLOAD_LABEL
 
+        selector = f"{POD_UID_LABEL}={pod_uid}" if workload is None else \
+            f"{WORKLOAD_LABEL}={workload}"
         response = self.custom.list_namespaced_custom_object(
             "keyhole.dev", "v1alpha1", namespace, "approvalrequests",
-            label_selector=f"{POD_UID_LABEL}={pod_uid}", _preload_content=False,
-            _request_timeout=5)
+            label_selector=selector, _preload_content=False, _request_timeout=5)
         return json.loads(response.data)["items"]
 
     def list_all_approvals(self) -> list[dict]:

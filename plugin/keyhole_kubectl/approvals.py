@@ -95,7 +95,8 @@ def access_grant(target: str, injection: str, length: str, reason: str | None,
             "metadata": {"name": f"{stem}-{suffix}"}, "spec": spec}
 
 
-def decision(verdict: str, grant: str | None, reason: str | None) -> dict:
+def decision(verdict: str, grant: str | None, reason: str | None,
+             workload: bool = False) -> dict:
     """The ``status.decision`` a person writes; the operator's webhook checks who they are
     and stamps who decided and when."""
     found: dict = {"verdict": verdict}
@@ -106,6 +107,10 @@ def decision(verdict: str, grant: str | None, reason: str | None) -> dict:
         if length is None or not 0 < length <= MAX_GRANT_SECONDS:
             raise BadDecision(f"--for {grant!r}: give a duration up to 168h, such as 30m or 2h")
         found["grantSeconds"] = int(length)
+    if workload:
+        if grant is None:
+            raise BadDecision("--workload widens a grant: give --for too")
+        found["scope"] = "workload"
     if reason:
         if len(reason) > 1000 or not reason.isprintable():
             raise BadDecision("--reason: one printable line of at most 1000 characters")

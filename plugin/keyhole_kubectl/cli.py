@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="a grant: the same request from the same pod passes "
                                      "this long without asking again (30m, 2h; at most "
                                      "168h)")
+            decide.add_argument("--workload", action="store_true",
+                                help="with --for: every pod of the asking pod's workload "
+                                     "(its Deployment's ReplicaSet, StatefulSet, Job) too")
     return parser
 
 
@@ -244,7 +247,8 @@ def _approvals_command(args, api, namespace: str, all_namespaces: bool) -> int:
         return 0
     try:
         body = approvals.decision("Approved" if args.command == "approve" else "Denied",
-                                  getattr(args, "grant", None), args.reason)
+                                  getattr(args, "grant", None), args.reason,
+                                  getattr(args, "workload", False))
     except approvals.BadDecision as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

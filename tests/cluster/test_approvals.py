@@ -272,3 +272,36 @@ def test_nobody_deciding_in_time_refuses_and_the_object_is_collected_later(
     finally:
         agents.close()
         desk.close()
+
+
+def test_a_grant_given_to_the_workload_serves_its_other_pods(
+        kube, operator, namespace, llm_upstream, tmp_path):
+    from tests.cluster.test_operator import pod as plain_pod
+
+    agents = Agents(kube, operator, namespace, llm_upstream, tmp_path)
+    try:
+        apply_injections(kube, namespace, held_injection())
+        owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "agent-5d8f",
+                 "uid": "7b0c3f5e-0000-4000-8000-000000000001", "controller": True}
+        sidecars = []
+        for name in ("agent-a", "agent-b"):
+            made = plain_pod(name, {"keyhole.dev/openai": "true"})
+            made["metadata"]["ownerReferences"] = [owner]
+            kube.apply([made], namespace)
+            sidecars.append(agents.sidecar(kube.get("pod", name, namespace),
+                                           report_seconds=60))
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(chat, sidecars[0], "Paris?")
+            row = kube.wait_for(lambda: json.loads(kube.keyhole(
+                "approvals", "-n", namespace, "-o", "json").stdout), what="the ask")[0]
+            decided = kube.keyhole("approve", row["name"], "-n", namespace, "--for", "2m",
+                                   "--workload")
+            assert decided.returncode == 0, decided.stderr
+            assert first.result(timeout=30).status_code == 200
+        # The other pod of the same ReplicaSet: its identical request passes at once.
+        assert chat(sidecars[1], "Paris?").status_code == 200
+        line = sidecars[1].wait_audit(lambda r: r.get("approval") is not None)
+        assert line["approval"]["decision"] == "approved" and line["approval"]["by"]
+        assert json.loads(kube.keyhole("approvals", "-n", namespace, "-o", "json").stdout) == []
+    finally:
+        agents.close()

@@ -324,3 +324,34 @@ def test_an_approved_ask_for_access_becomes_a_grant_stamped_with_who_approved():
     assert grants.honoured(grant, KEY) and grant["metadata"]["annotations"][
         grants.GRANTED_BY] == "alice"
     assert grants.access_grant(decided(obj), KEY, NOW)["spec"]["seconds"] == 1800
+
+
+def test_a_grant_for_the_workload_serves_its_other_pods_and_no_one_else():
+    owner = ("ReplicaSet", "agent-5d8f")
+    mine = Pod("agents", "agent-1", "uid-1", "agent", owner)
+    asked = stored(approvals.manifest(mine, ask(), KEY, NOW), "a")
+    assert asked["metadata"]["labels"][approvals.WORKLOAD_LABEL] == mine.workload
+    after = {**asked, "status": {"decision": {"verdict": "Approved", "grantSeconds": 600,
+                                              "scope": "workload"}}}
+    widened = {**asked, "status": {"decision": approvals.check_decision(
+        asked, after, "alice", KEY, NOW)}}
+    found, _ = approvals.look([widened], "uid-2", ask(), KEY, NOW + 10, owner)
+    assert (found.state, found.grant_seconds) == (APPROVED, 590)  # a sibling pod: served
+    assert approvals.look([widened], "uid-3", ask(), KEY, NOW + 10,
+                          ("ReplicaSet", "other-7f"))[0] is None  # another workload: not
+    assert approvals.look([widened], "uid-2", ask("sha256:" + "1" * 64), KEY, NOW + 10,
+                          owner)[0] is None  # another request: not
+    narrow = decided(asked, grant=600)  # a grant for the pod alone
+    assert approvals.look([narrow], "uid-2", ask(), KEY, NOW + 10, owner)[0] is None
+    pending = stored(approvals.manifest(mine, ask(), KEY, NOW), "b")  # a sibling's wait
+    assert approvals.look([pending], "uid-2", ask(), KEY, NOW + 10, owner)[0] is None
+    # A stretched scope is no decision: the seal covers it.
+    forged = {**narrow, "status": {"decision": {**narrow["status"]["decision"],
+                                                "scope": "workload"}}}
+    assert approvals.look([forged], "uid-2", ask(), KEY, NOW + 10, owner)[0] is None
+    bare = stored(approvals.manifest(POD, ask(), KEY, NOW))
+    with pytest.raises(Refused, match="belongs to no workload"):
+        approvals.check_decision(bare, {**bare, "status": {"decision": {
+            "verdict": "Approved", "grantSeconds": 60, "scope": "workload"}}}, "al", KEY, NOW)
+    with pytest.raises(plugin.BadDecision, match="give --for too"):
+        plugin.decision("Approved", None, None, workload=True)
