@@ -305,3 +305,28 @@ def test_a_grant_given_to_the_workload_serves_its_other_pods(
         assert json.loads(kube.keyhole("approvals", "-n", namespace, "-o", "json").stdout) == []
     finally:
         agents.close()
+
+
+def test_a_pods_token_can_neither_wait_on_nor_withdraw_another_pods_approval(
+        desk, kube, operator, tmp_path):
+    import ssl
+
+    held = desk.send("Mine?")
+    row = desk.next_waiting()
+    digest = kube.get("approvalrequest", row["name"], desk.namespace)["spec"]["digest"]
+    other = desk.agents.pod("other")  # tagged too: injected, its own pod-bound token
+    ca_file = tmp_path / "operator-ca.crt"
+    ca_file.write_text(desk.agents.channel_ca())
+    headers = {"Authorization": f"Bearer {desk.agents.token(other)}"}
+    url = f"https://127.0.0.1:{operator.channel_port}"
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file))) as http:
+        withdrawn = http.post(f"{url}/v1/approvals/withdraw", headers=headers,
+                              json={"name": row["name"], "injection": "openai"})
+        waited = http.post(f"{url}/v1/approvals", headers=headers, json={
+            "injection": "openai", "digest": digest, "timeout": 30, "wait": 0,
+            "what": {"kind": "request"}, "name": row["name"]})
+    assert withdrawn.status_code == 403 and "is not this pod's" in withdrawn.text
+    assert waited.status_code == 200 and waited.json()["state"] == "gone"
+    assert kube.get("approvalrequest", row["name"], desk.namespace)  # still there, still A's
+    assert desk.decide("deny", row["name"]).returncode == 0
+    assert held.result(timeout=30).status_code == 403

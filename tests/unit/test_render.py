@@ -6,6 +6,7 @@ import json
 
 from keyhole_sidecar.limits import Refusal
 from keyhole_sidecar.proxy.errors import (
+    ApprovalRefused,
     BadRequest,
     Denied,
     LimitExceeded,
@@ -54,3 +55,19 @@ def test_an_mcp_refusal_is_a_tool_result_for_a_call_and_an_error_for_the_rest():
     assert batched.reason == "mcp_not_allowed"  # the refusal that decided, not its company
     notification = McpRefused("gh", [(None, "tools/call", "denied", "no")], batch=False)
     assert render(notification).status == 202 and render(notification).body == b""
+
+
+def test_an_approval_refusal_names_its_object_and_is_permission_denied_for_grpc():
+    denied = ApprovalRefused("approval_denied", "POST https://a.test/x was denied by alice",
+                             "stripe", {"name": "agent-x2k4q", "decidedBy": "alice"})
+    answer = render(denied)
+    assert answer.status == 403 and ("X-Keyhole-Error", "approval_denied") in answer.headers
+    assert json.loads(answer.body)["approval"] == {"name": "agent-x2k4q", "decidedBy": "alice"}
+    for reason, status in (("approval_timeout", "7"), ("approval_denied", "7"),
+                           ("approval_unavailable", "14"), ("approval_backlog", "8")):
+        grpc = dict(render(ApprovalRefused(reason, "no", "stripe", {}), grpc=True).headers)
+        assert grpc["grpc-status"] == status, reason
+        assert grpc["X-Keyhole-Error"] == reason
+    held = McpRefused("gh", [(7, "tools/call", "approval_timeout", "nobody approved it")], False)
+    assert held.reason == "approval_timeout"  # one word for every protocol
+    assert json.loads(render(held).body)["result"]["isError"] is True
