@@ -132,7 +132,6 @@ class Answer:
     by: str | None = None
     reason: str | None = None
     grant_seconds: float = 0.0
-    waited: float = 0.0
 
     def as_json(self) -> dict:
         return {"name": self.name, "state": self.state, "by": self.by, "reason": self.reason,
