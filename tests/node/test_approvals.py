@@ -15,7 +15,7 @@ from tests.node.conftest import SECRET_VALUE, agent_deployment
 from tests.node.test_shared_budgets import channel_alias
 
 NAMESPACE = "approvals"
-GRANT_SECONDS = 15
+GRANT_SECONDS = 8
 
 
 def injection(name: str, host: str, **spec) -> dict:
