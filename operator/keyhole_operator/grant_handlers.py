@@ -88,6 +88,8 @@ async def keep_grant(body: kopf.Body, namespace: str, name: str, stopped, memo, 
     elif current.get("state") != "Active":
         return  # over already: nothing applied, nothing to remove
     ends = grants.expires(obj) or time.time()
+    if not grants.honoured(obj, runtime.key(namespace)):
+        ends = time.time()  # edited since it was stamped (its time stretched?): revoke now
     await stopped.wait(max(ends - time.time(), 0))
     deleted = bool(stopped) and kopf.DaemonStoppingReason.RESOURCE_DELETED in (
         stopped.reason or kopf.DaemonStoppingReason(0))
