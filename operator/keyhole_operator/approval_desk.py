@@ -160,14 +160,10 @@ class Desk:
 
 
 def describe(spec: dict) -> str:
-    """One line a person reads: what the request would do."""
+    """What the request would do, and through which injection: Events and the log."""
     if spec.get("kind") == "access":
-        return (f"access to injection {spec.get('injection')} for {spec.get('accessSeconds')}s"
-                + (f" ({spec['reason']})" if spec.get("reason") else ""))
-    where = f"{spec.get('method', '')} https://{spec.get('host', '')}{spec.get('path', '')}"
-    if spec.get("kind") in ("tool", "resource", "prompt"):
-        return f"{spec['kind']} {spec.get('subject')} ({where}, injection {spec.get('injection')})"
-    return f"{where} (injection {spec.get('injection')})"
+        return approvals.what(spec)
+    return f"{approvals.what(spec)}, injection {spec.get('injection')}"
 
 
 def _pod_ref(pod: Pod) -> dict:

@@ -116,6 +116,18 @@ def manifest(pod: Pod, ask: Ask, key: bytes, now: float) -> dict:
             "spec": spec}
 
 
+def what(spec: dict) -> str:
+    """One line a person reads: what the held request would do (the plugin's WHAT column,
+    Events, notifications)."""
+    if spec.get("kind") == "access":
+        return (f"access to injection {spec.get('injection')} for {spec.get('accessSeconds')}s"
+                + (f": {spec['reason']}" if spec.get("reason") else ""))
+    where = f"{spec.get('method', '')} {spec.get('host', '')}{spec.get('path', '')}"
+    if spec.get("kind") in ("tool", "resource", "prompt"):
+        return f"{spec['kind']} {spec.get('subject')} ({where})"
+    return where
+
+
 def honoured(obj: dict, key: bytes) -> bool:
     """The object's spec is as the operator wrote it."""
     meta = obj.get("metadata") or {}

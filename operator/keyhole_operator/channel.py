@@ -373,32 +373,20 @@ def _answer(status: int, body: dict) -> web.Response:
 
 
 def build_app(channel: Channel) -> web.Application:
-    async def lease(request: web.Request) -> web.Response:
-        return await _call(request, channel.lease, with_body=True)
-
-    async def routes(request: web.Request) -> web.Response:
-        return await _call(request, channel.routes, with_body=False)
-
-    async def secret_values(request: web.Request) -> web.Response:
-        return await _call(request, channel.values, with_body=False)
-
-    async def approval(request: web.Request) -> web.Response:
-        return await _call(request, channel.approval, with_body=True)
-
-    async def withdraw(request: web.Request) -> web.Response:
-        return await _call(request, channel.withdraw, with_body=True)
-
-    async def access(request: web.Request) -> web.Response:
-        return await _call(request, channel.access, with_body=True)
-
+    """Every call of the channel: its path, who answers it, and whether it carries a body."""
+    calls = {LEASES_PATH: (channel.lease, True), ROUTES_PATH: (channel.routes, False),
+             VALUES_PATH: (channel.values, False), APPROVALS_PATH: (channel.approval, True),
+             WITHDRAW_PATH: (channel.withdraw, True), ACCESS_PATH: (channel.access, True)}
     app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_post(APPROVALS_PATH, approval)
-    app.router.add_post(WITHDRAW_PATH, withdraw)
-    app.router.add_post(ACCESS_PATH, access)
-    app.router.add_post(LEASES_PATH, lease)
-    app.router.add_post(ROUTES_PATH, routes)
-    app.router.add_post(VALUES_PATH, secret_values)
+    for path, (answer_with, with_body) in calls.items():
+        app.router.add_post(path, _handler(answer_with, with_body))
     return app
+
+
+def _handler(answer_with, with_body: bool):
+    async def handle(request: web.Request) -> web.Response:
+        return await _call(request, answer_with, with_body=with_body)
+    return handle
 
 
 async def _call(request: web.Request, answer_with, *, with_body: bool) -> web.Response:

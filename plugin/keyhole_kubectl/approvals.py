@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from keyhole_common.approvals import MAX_GRANT_SECONDS
 from keyhole_common.spec.parse import parse_duration
-from keyhole_operator.approvals import seconds
+from keyhole_operator.approvals import seconds, what
 
 
 class BadDecision(ValueError):
@@ -25,16 +25,6 @@ def state(item: dict, now: float) -> str:
         return verdict
     expires = seconds((item.get("spec") or {}).get("expiresAt"))
     return "Pending" if expires is not None and expires > now else "Expired"
-
-
-def what(spec: dict) -> str:
-    if spec.get("kind") == "access":
-        return (f"access to injection {spec.get('injection')} for {spec.get('accessSeconds')}s"
-                + (f": {spec['reason']}" if spec.get("reason") else ""))
-    where = f"{spec.get('method', '')} {spec.get('host', '')}{spec.get('path', '')}"
-    if spec.get("kind") in ("tool", "resource", "prompt"):
-        return f"{spec['kind']} {spec.get('subject')} ({where})"
-    return where
 
 
 def _duration(seconds_: float) -> str:

@@ -86,6 +86,19 @@ class Kube:
         path.write_text(yaml.safe_dump(config))
         return path
 
+    def bind_role(self, namespace: str, name: str, rules: list[dict],
+                  accounts: tuple[str, ...] = ("default",)) -> None:
+        """A Role of ``rules`` in ``namespace``, bound to its ServiceAccounts ``accounts``."""
+        self.apply([{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                     "metadata": {"name": name}, "rules": rules},
+                    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                     "metadata": {"name": name},
+                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                 "name": name},
+                     "subjects": [{"kind": "ServiceAccount", "name": account,
+                                   "namespace": namespace} for account in accounts]}],
+                   namespace)
+
     def can_i(self, verb: str, resource: str, namespace: str | None, as_user: str) -> bool:
         args = ["auth", "can-i", verb, resource, "--as", as_user]
         args += ["-n", namespace] if namespace else ["--all-namespaces"]

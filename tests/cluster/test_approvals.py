@@ -167,33 +167,17 @@ def test_the_agent_cannot_decide_its_own_requests_nor_make_one_keyhole_honours(
     refused = desk.decide("approve", name, kubeconfig=agent)
     assert refused.returncode == 1 and "refused" in refused.stderr, refused.stderr
     # Given every right an approver has, the operator's webhook still refuses its own.
-    kube.apply([{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                 "metadata": {"name": "decide"},
-                 "rules": [{"apiGroups": ["keyhole.dev"], "resources": ["approvalrequests"],
-                            "verbs": ["get", "list", "approve"]},
-                           {"apiGroups": ["keyhole.dev"],
-                            "resources": ["approvalrequests/status"],
-                            "verbs": ["get", "patch"]}]},
-                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                 "metadata": {"name": "decide"},
-                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                             "name": "decide"},
-                 "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": ns},
-                              {"kind": "ServiceAccount", "name": "approver",
-                               "namespace": ns}]}], ns)
+    kube.bind_role(ns, "decide", [
+        {"apiGroups": ["keyhole.dev"], "resources": ["approvalrequests"],
+         "verbs": ["get", "list", "approve"]},
+        {"apiGroups": ["keyhole.dev"], "resources": ["approvalrequests/status"],
+         "verbs": ["get", "patch"]}], ("default", "approver"))
     refused = desk.decide("approve", name, kubeconfig=agent)
     assert "never approves its own requests" in refused.stderr, refused.stderr
     # Another account the agent could act as (it may run pods in that account's namespace).
     kube.kubectl("create", "serviceaccount", "approver", "-n", ns)
-    kube.apply([{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                 "metadata": {"name": "run-pods"},
-                 "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}]},
-                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                 "metadata": {"name": "run-pods"},
-                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                             "name": "run-pods"},
-                 "subjects": [{"kind": "ServiceAccount", "name": "default",
-                               "namespace": ns}]}], ns)
+    kube.bind_role(ns, "run-pods", [{"apiGroups": [""], "resources": ["pods"],
+                                     "verbs": ["create"]}])
     approver = kube.service_account_kubeconfig(ns, "approver", tmp_path / "approver.kubeconfig")
     refused = desk.decide("approve", name, kubeconfig=approver)
     assert f"could create pods in namespace {ns}" in refused.stderr, refused.stderr

@@ -74,16 +74,8 @@ def test_deleting_a_grant_revokes_at_once_and_the_agent_cannot_grant_itself(
     refused = granted(kube, namespace, "pod/agent", "--injection", "second", "--for", "1h",
                       "--kubeconfig", str(agent), check=False)
     assert refused.returncode == 1 and "refused" in refused.stderr  # no RBAC to create one
-    kube.apply([{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                 "metadata": {"name": "grant"},
-                 "rules": [{"apiGroups": ["keyhole.dev"], "resources": ["accessgrants"],
-                            "verbs": ["create"]}]},
-                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                 "metadata": {"name": "grant"},
-                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                             "name": "grant"},
-                 "subjects": [{"kind": "ServiceAccount", "name": "default",
-                               "namespace": namespace}]}], namespace)
+    kube.bind_role(namespace, "grant", [{"apiGroups": ["keyhole.dev"],
+                                         "resources": ["accessgrants"], "verbs": ["create"]}])
     refused = granted(kube, namespace, "pod/agent", "--injection", "second", "--for", "1h",
                       "--kubeconfig", str(agent), check=False)
     assert "an agent never grants itself access" in refused.stderr, refused.stderr
