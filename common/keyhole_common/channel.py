@@ -12,6 +12,11 @@ from dataclasses import dataclass
 LEASES_PATH = "/v1/leases"
 ROUTES_PATH = "/v1/routes"
 VALUES_PATH = "/v1/values"
+IDENTITY_PATH = "/v1/identity"
+"""A federated injection's subject token: ``{"injection", "audience"}`` → ``{"token",
+"expiresIn", "subject"}``."""
+EXCHANGES_PATH = "/v1/identity/exchanges"
+"""What a sidecar's last exchange gave: ``{"injection", "expiresAt", "error"}`` → ``{}``."""
 USAGE = "usage/day"
 """The meter of what an injection's pods spent today: a ledger entry with no limit."""
 

@@ -24,6 +24,7 @@ from keyhole_sidecar.audit import AuditLog
 from keyhole_sidecar.certs import LeafCache
 from keyhole_sidecar.cluster_values import ClusterValues
 from keyhole_sidecar.config import LiveConfig, Sources, read_signing_key
+from keyhole_sidecar.credentials.subject import ChannelSubjectTokens, FileSubjectTokens
 from keyhole_sidecar.egress import Egress, EgressPolicy
 from keyhole_sidecar.httplog import protocol_logger
 from keyhole_sidecar.inventory import inventory
@@ -74,6 +75,7 @@ class Options:
     operator_routes_seconds: float = 10.0  # how often the pod's routes are asked of the operator
     operator_values_seconds: float = 10.0  # how often cluster injections' values are asked
     operator_values_keep_seconds: float = 300.0  # their last values serve this long unanswered
+    identity_token: Path | None = None  # standalone: spec.workloadIdentity's subject token
 
 
 class CAWatch:
@@ -142,10 +144,13 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
                                     lambda doc: verify(doc, read_signing_key(signing_key)))
             values = ClusterValues(channel, options.operator_values_seconds,
                                    options.operator_values_keep_seconds)
+    subjects = (ChannelSubjectTokens(channel) if channel is not None else
+                FileSubjectTokens(options.identity_token) if options.identity_token else None)
     config = LiveConfig(Sources(options.injections, options.secrets_dir, options.signing_key,
-                                operator=channel is not None),
+                                operator=channel is not None,
+                                identity=subjects is not None),
                         metrics, channel_routes=routes.current if routes else None,
-                        cluster_values=values)
+                        cluster_values=values, subjects=subjects)
     if values is not None:
         values.wanted = config.wants_cluster_values
         if config.wants_cluster_values():  # asked before the first load, so none waits for it
@@ -321,6 +326,8 @@ async def run(options: Options, *, ready: asyncio.Event | None = None,
             server.close()
         ctx.audit.flush()
         await approvals.close()  # a client that left while held: its withdrawal sent
+        if channel is not None:
+            await channel.reported()  # how the last exchanges went, for the status
         await shared.close()  # what was counted goes to the operator before the pod ends
         if tracing is not None:  # sends what is queued (the exporter's timeout bounds it)
             await loop.run_in_executor(None, tracing.shutdown)

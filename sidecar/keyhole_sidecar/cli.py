@@ -155,6 +155,10 @@ def build_parser(check: bool) -> argparse.ArgumentParser:
                             metavar="URL", help="send a span per request (GenAI semantic "
                                                 "conventions for model APIs) to this OTLP/HTTP "
                                                 "collector, e.g. http://otel-collector:4318")
+        parser.add_argument("--identity-token", type=Path, metavar="FILE",
+                            help="standalone: the JWT that spec.workloadIdentity presents to "
+                                 "its provider (re-read at every exchange; whatever writes it "
+                                 "keeps it fresh). In Kubernetes the operator hands it over")
         parser.add_argument("--operator-url", metavar="URL",
                             help="the operator channel, for budgets the injection's pods "
                                  "share (for: injection), e.g. "
@@ -202,8 +206,9 @@ def check(argv: list[str]) -> int:
     skipped: list[str] = []
     table = ca = None
     try:
+        # Where a federated injection's identity comes from is the running proxy's concern.
         table, skipped = load_route_table(Sources(args.injections, args.secrets_dir,
-                                                  args.signing_key))
+                                                  args.signing_key, identity=True))
     except SpecError as exc:
         problems.extend(str(p) for p in exc.problems)
     if args.ca_dir.exists():
@@ -294,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         operator_routes_seconds=args.operator_routes_seconds,
         operator_values_seconds=args.operator_values_seconds,
         operator_values_keep_seconds=args.operator_values_keep_seconds,
+        identity_token=args.identity_token,
     )
     try:
         _event_loop_runner()(run(options))

@@ -30,8 +30,10 @@ from keyhole_common.spec import (
     read_documents,
     verify,
 )
+from keyhole_common.spec.model import WorkloadIdentity
 from keyhole_sidecar.cluster_values import ClusterValues
 from keyhole_sidecar.credentials import CredentialRegistry
+from keyhole_sidecar.credentials.subject import SubjectTokens
 from keyhole_sidecar.metrics import Metrics
 from keyhole_sidecar.routes import RouteTable, build_route_table, require_usable
 from keyhole_sidecar.secrets import SecretsDir
@@ -48,6 +50,9 @@ class Sources:
     operator: bool = False
     """The operator channel is configured: what only the operator can serve (a budget all
     the injection's pods share) is servable."""
+    identity: bool = False
+    """Subject tokens for spec.workloadIdentity come from somewhere (the operator, or
+    --identity-token)."""
 
 
 def read_signing_key(path: Path) -> bytes:
@@ -91,6 +96,8 @@ def load_injections(sources: Sources, fresher: dict | None = None
     injections = parse_injections(documents, signed=sources.signing_key is not None)
     if not sources.operator and (problems := needs_the_operator(injections)):
         raise SpecError(problems)
+    if not sources.identity and (problems := needs_an_identity(injections)):
+        raise SpecError(problems)
     return injections, skipped
 
 
@@ -104,6 +111,15 @@ def needs_the_operator(injections: list[SecretInjection]) -> list[Problem]:
                     "process's own count")
             for injection in injections if injection.llm is not None
             for index, budget in enumerate(injection.llm.budgets) if budget.shared]
+
+
+def needs_an_identity(injections: list[SecretInjection]) -> list[Problem]:
+    """Federated injections with nothing to present: refused at load, as above."""
+    return [Problem(injection.name, "spec.workloadIdentity",
+                    "needs an identity to present to the provider: in Kubernetes the "
+                    "operator hands it over; standalone, run with --identity-token FILE "
+                    "(a JWT for audience " + injection.credential.audience + ")")
+            for injection in injections if isinstance(injection.credential, WorkloadIdentity)]
 
 
 def load_route_table(sources: Sources) -> tuple[RouteTable, list[str]]:
@@ -158,7 +174,8 @@ class LiveConfig:
     def __init__(self, sources: Sources, metrics: Metrics,
                  channel_routes: Callable[[], tuple[dict, float] | None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 cluster_values: ClusterValues | None = None):
+                 cluster_values: ClusterValues | None = None,
+                 subjects: SubjectTokens | None = None):
         self.sources = sources
         self.cluster_values = cluster_values  # the operator's values of cluster injections
         self.metrics = metrics
@@ -171,7 +188,8 @@ class LiveConfig:
         self._injections: list[SecretInjection] = []
         self._fingerprint: str | None = None
         self.credentials = CredentialRegistry(on_minted=metrics.credential_minted,
-                                              on_failed=metrics.credential_failed)
+                                              on_failed=metrics.credential_failed,
+                                              subjects=subjects)
 
     def current(self) -> RouteTable:
         assert self.table is not None, "load() first"

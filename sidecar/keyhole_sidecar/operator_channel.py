@@ -21,7 +21,13 @@ from pathlib import Path
 import aiohttp
 
 from keyhole_common.approvals import ACCESS_PATH, APPROVALS_PATH, MAX_WAIT, WITHDRAW_PATH
-from keyhole_common.channel import LEASES_PATH, ROUTES_PATH, VALUES_PATH
+from keyhole_common.channel import (
+    EXCHANGES_PATH,
+    IDENTITY_PATH,
+    LEASES_PATH,
+    ROUTES_PATH,
+    VALUES_PATH,
+)
 from keyhole_sidecar.usage.shared import CALL_TIMEOUT, ChannelUnavailable
 
 log = logging.getLogger("keyhole.channel")
@@ -47,6 +53,7 @@ class OperatorChannel:
         self.ca_file, self.token_file = ca_file, token_file
         self.on_answer = on_answer or (lambda call, ok: None)  # (call, answered 200), metrics
         self._session: aiohttp.ClientSession | None = None
+        self._reports: set[asyncio.Task] = set()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -120,6 +127,27 @@ class OperatorChannel:
 
     async def access(self, body: dict) -> dict:
         return await self._call(ACCESS_PATH, body)
+
+    async def identity(self, body: dict) -> dict:
+        return await self._call(IDENTITY_PATH, body)
+
+    def report_exchange(self, body: dict) -> None:
+        """Tell the operator how an exchange went (it shows it in the injection's status), in
+        the background: the request that caused the exchange never waits for this."""
+        task = asyncio.ensure_future(self._report(body))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def reported(self) -> None:
+        """Wait for the reports under way (at shutdown, before the session closes)."""
+        if self._reports:
+            await asyncio.gather(*self._reports, return_exceptions=True)
+
+    async def _report(self, body: dict) -> None:
+        try:
+            await self._call(EXCHANGES_PATH, body)
+        except ChannelUnavailable as exc:
+            log.info("could not report an exchange to the operator: %s", exc)
 
     async def close(self) -> None:
         """Close the session, forgetting it first: a call made while it closes dials a new

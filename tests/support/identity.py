@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, unquote_plus
@@ -196,10 +197,17 @@ def build_app(state: IdentityState) -> web.Application:
     return app
 
 
-def verify_sigv4(request: web.Request, body: bytes) -> str | None:
+def static_keys(key_id: str) -> tuple[str, str] | None:
+    """The one key pair the AWS stand-in knows: (secret, session token)."""
+    return (AWS_SECRET, AWS_SESSION_TOKEN) if key_id == AWS_KEY_ID else None
+
+
+def verify_sigv4(request: web.Request, body: bytes,
+                 keys: Callable[[str], tuple[str, str] | None] = static_keys) -> str | None:
     """What is wrong with the request's signature, or None. Signed payloads are checked with
     requests-aws4auth; UNSIGNED-PAYLOAD (which it cannot express) with keyhole's own signer,
-    whose correctness the AWS test vectors establish."""
+    whose correctness the AWS test vectors establish. ``keys``: the secret and session token
+    of an access key ID, as the service knows them."""
     auth = request.headers.get("Authorization", "")
     try:
         credential = auth.split("Credential=")[1].split(",")[0]
@@ -207,13 +215,15 @@ def verify_sigv4(request: web.Request, body: bytes) -> str | None:
     except IndexError:
         return f"malformed Authorization: {auth[:40]!r}"
     key_id, date, region, service, _ = credential.split("/")
-    if key_id != AWS_KEY_ID:
+    known = keys(key_id)
+    if known is None:
         return f"unknown access key {key_id}"
+    secret, session_token = known
     amz_date = request.headers.get("X-Amz-Date", "")
     if abs(datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
            - time.time()) > 300:
         return "x-amz-date is more than five minutes off"
-    if request.headers.get("X-Amz-Security-Token") != AWS_SESSION_TOKEN or \
+    if request.headers.get("X-Amz-Security-Token") != session_token or \
             "x-amz-security-token" not in signed:
         return "the session token is missing or unsigned"
     content_hash = request.headers.get("X-Amz-Content-Sha256", "")
@@ -226,7 +236,7 @@ def verify_sigv4(request: web.Request, body: bytes) -> str | None:
         path, _, query = request.raw_path.partition("?")
         expected = sign(method=request.method, raw_path=path, raw_query=query,
                         headers=headers.items(), signed_headers=signed,
-                        payload_hash=content_hash, keys=AwsKeys(AWS_KEY_ID, AWS_SECRET),
+                        payload_hash=content_hash, keys=AwsKeys(key_id, secret),
                         region=region, service=service, amz_date=amz_date).authorization
     else:
         if content_hash != hashlib.sha256(body).hexdigest():
@@ -234,8 +244,7 @@ def verify_sigv4(request: web.Request, body: bytes) -> str | None:
         prepared = requests.Request(request.method, url, headers=headers, data=body).prepare()
         prepared.headers = requests.structures.CaseInsensitiveDict(
             {k: v for k, v in prepared.headers.items() if k.lower() in signed})
-        signer = AWS4Auth(AWS_KEY_ID, AWS_SECRET, region, service, date,
-                          session_token=AWS_SESSION_TOKEN)
+        signer = AWS4Auth(key_id, secret, region, service, date, session_token=session_token)
         expected = signer(prepared).headers["Authorization"]
     if expected != auth:
         return "SignatureDoesNotMatch"

@@ -116,10 +116,46 @@ class AwsSigV4:
                 *((self.session_token,) if self.session_token else ()))
 
 
-Credential = GitHubApp | OAuth2ClientCredentials | AwsSigV4
+FEDERATION_PROVIDERS = ("claude", "aws", "gcp", "entra", "tokenExchange", "jwtBearer",
+                        "clientAssertion")
+"""``spec.workloadIdentity``'s providers: where a subject token is exchanged, and how."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadIdentity:
+    """No key at all (``spec.workloadIdentity``): the proxy presents a short-lived token of an
+    identity only keyhole holds (its ``audience`` is the token's ``aud``) to a provider's
+    token endpoint and injects what the provider answers. ``settings`` are the provider's own
+    fields by their spec names (organizationID, roleARN, ...), defaults filled in."""
+
+    provider: str  # one of FEDERATION_PROVIDERS
+    audience: str
+    token_url: str  # where the subject token is sent (AWS: the STS endpoint)
+    settings: tuple[tuple[str, str], ...] = ()
+    scopes: tuple[str, ...] = ()
+
+    def get(self, name: str) -> str | None:
+        return dict(self.settings).get(name)
+
+    @property
+    def signs(self) -> bool:
+        """AWS: the session credentials sign each request (SigV4) rather than ride in it."""
+        return self.provider == "aws"
+
+    @property
+    def header_names(self) -> frozenset[str]:
+        """Lower-case names of the headers the minted credential owns."""
+        if self.signs:
+            return SIGV4_HEADERS
+        if self.provider == "claude":  # a bearer token, never beside an API key
+            return frozenset({"authorization", "x-api-key"})
+        return frozenset({"authorization"})
+
+
+Credential = GitHubApp | OAuth2ClientCredentials | AwsSigV4 | WorkloadIdentity
 """A credential source: the proxy makes the value itself instead of reading it verbatim."""
 CREDENTIAL_FIELDS = {"githubApp": GitHubApp, "oauth2": OAuth2ClientCredentials,
-                     "awsSigV4": AwsSigV4}
+                     "awsSigV4": AwsSigV4, "workloadIdentity": WorkloadIdentity}
 # Headers a SigV4 signature owns; a client's own values are dropped like any injected header.
 SIGV4_HEADERS = frozenset({"authorization", "x-amz-date", "x-amz-security-token",
                            "x-amz-content-sha256"})
@@ -364,6 +400,8 @@ class SecretInjection:
             names.add("authorization")
         if isinstance(self.credential, AwsSigV4):
             names |= SIGV4_HEADERS
+        if isinstance(self.credential, WorkloadIdentity):
+            names |= self.credential.header_names
         return frozenset(names)
 
     def dropped_header_names(self) -> frozenset[str]:

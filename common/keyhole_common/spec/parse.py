@@ -25,6 +25,7 @@ from keyhole_common.spec.model import (
     BUDGET_SCOPES,
     CLUSTER_KIND,
     CREDENTIAL_FIELDS,
+    FEDERATION_PROVIDERS,
     KIND,
     LIST_KIND,
     MAX_APPROVAL_TIMEOUT,
@@ -51,6 +52,7 @@ from keyhole_common.spec.model import (
     Rule,
     SecretInjection,
     SecretKeyRef,
+    WorkloadIdentity,
 )
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (header names, methods)
@@ -540,7 +542,124 @@ def _aws_sigv4(c: _Collector, value: Any) -> AwsSigV4 | None:
                     secret_access_key=secret, session_token=token, payload=payload)
 
 
-_CREDENTIAL_PARSERS = {"githubApp": _github_app, "oauth2": _oauth2, "awsSigV4": _aws_sigv4}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/+=-]{0,255}$")  # a provider's identifier
+_AUDIENCE = re.compile(r"^[\x21-\x7e]{1,512}$")
+_GCP_PROVIDER = re.compile(r"^projects/[0-9]+/locations/global/workloadIdentityPools/"
+                           r"[a-z0-9-]{4,32}/providers/[a-z0-9-]{4,32}$")
+_EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+$")
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$")
+_SESSION_NAME = re.compile(r"^[\w+=,.@-]{2,64}$")
+# Per provider: its required and optional fields (besides tokenURL), and its defaults: the
+# subject token's audience and the endpoint, each as its documentation gives them.
+_PROVIDER_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "claude": (frozenset({"organizationID", "federationRuleID"}),
+               frozenset({"serviceAccountID", "workspaceID", "tokenURL"})),
+    "aws": (frozenset({"roleARN", "region", "service"}),
+            frozenset({"sessionName", "durationSeconds", "stsURL", "payload"})),
+    "gcp": (frozenset({"workloadIdentityProvider"}),
+            frozenset({"serviceAccount", "scopes", "stsURL", "iamCredentialsURL"})),
+    "entra": (frozenset({"tenantID", "clientID", "scopes"}), frozenset({"authorityURL"})),
+    "tokenExchange": (frozenset({"tokenURL"}),
+                      frozenset({"targetAudience", "resource", "scopes", "requestedTokenType"})),
+    "jwtBearer": (frozenset({"tokenURL"}), frozenset({"clientID", "scopes"})),
+    "clientAssertion": (frozenset({"tokenURL", "clientID"}), frozenset({"scopes"})),
+}
+_URL_FIELDS = ("tokenURL", "stsURL", "iamCredentialsURL", "authorityURL")
+
+
+def _federation_defaults(provider: str, fields: dict[str, str]) -> tuple[str | None, str]:
+    """(the subject token's default audience, the endpoint) for a provider's fields."""
+    if provider == "claude":
+        return "https://api.anthropic.com", fields.get(
+            "tokenURL", "https://api.anthropic.com/v1/oauth/token")
+    if provider == "aws":
+        return "sts.amazonaws.com", fields.get(
+            "stsURL", f"https://sts.{fields.get('region', 'us-east-1')}.amazonaws.com/")
+    if provider == "gcp":
+        return (f"https://iam.googleapis.com/{fields.get('workloadIdentityProvider', '')}",
+                fields.get("stsURL", "https://sts.googleapis.com/v1/token"))
+    if provider == "entra":
+        authority = fields.get("authorityURL", "https://login.microsoftonline.com").rstrip("/")
+        return ("api://AzureADTokenExchange",
+                f"{authority}/{fields.get('tenantID', '')}/oauth2/v2.0/token")
+    return None, fields.get("tokenURL", "")
+
+
+def _workload_identity(c: _Collector, value: Any) -> WorkloadIdentity | None:
+    path = "spec.workloadIdentity"
+    entry = c.mapping(value, path, {"audience", *FEDERATION_PROVIDERS})
+    if entry is None:
+        return None
+    given = [name for name in FEDERATION_PROVIDERS if name in entry]
+    if len(given) != 1:
+        c.add(path, f"name exactly one provider: {', '.join(FEDERATION_PROVIDERS)}"
+                    + (f" (got {' and '.join(given)})" if given else ""))
+        return None
+    provider = given[0]
+    where = f"{path}.{provider}"
+    required, optional = _PROVIDER_FIELDS[provider]
+    raw = c.mapping(entry[provider], where, required | optional)
+    if raw is None:
+        return None
+    problems = len(c.problems)
+    fields: dict[str, str] = {}
+    scopes: list[str] = []
+    for name in sorted(required - raw.keys()):
+        c.add(f"{where}.{name}", f"is required for {provider}")
+    for name, item in sorted(raw.items()):
+        if name not in required | optional:
+            continue
+        if name == "scopes":
+            listed = c.sequence(item, f"{where}.scopes", non_empty=True) or []
+            scopes = [s for j, s in enumerate(listed) if c.string(
+                s, f"{where}.scopes[{j}]", _SCOPE, "a scope has no spaces or quotes")]
+        elif name in _URL_FIELDS:
+            url = _https_url(c, item, f"{where}.{name}", "https://sts.example.com/token")
+            if url:
+                fields[name] = url
+        elif name == "durationSeconds":
+            if isinstance(item, bool) or not isinstance(item, int) or not 900 <= item <= 43200:
+                c.add(f"{where}.durationSeconds", "must be a whole number of seconds from 900 "
+                                                  "to 43200 (AWS's bounds)")
+            else:
+                fields[name] = str(item)
+        elif name == "payload":
+            if item not in ("signed", "unsigned"):
+                c.add(f"{where}.payload", "must be signed (the default) or unsigned")
+            else:
+                fields[name] = item
+        else:
+            pattern, hint = {
+                "roleARN": (_ROLE_ARN, "arn:aws:iam::123456789012:role/NAME"),
+                "region": (_AWS_NAME, "e.g. us-east-1"),
+                "service": (_AWS_NAME, "the signing name, e.g. bedrock, s3, sqs"),
+                "sessionName": (_SESSION_NAME, "2 to 64 letters, digits and +=,.@-"),
+                "workloadIdentityProvider": (_GCP_PROVIDER, "projects/NUMBER/locations/global/"
+                                             "workloadIdentityPools/POOL/providers/PROVIDER"),
+                "serviceAccount": (_EMAIL, "the service account's email"),
+                "targetAudience": (_AUDIENCE, "printable, no spaces"),
+                "resource": (_AUDIENCE, "printable, no spaces"),
+                "requestedTokenType": (_AUDIENCE, "a token type URN"),
+            }.get(name, (_ID, "letters, digits and _.:@/+=-"))
+            text = c.string(str(item) if isinstance(item, int) else item, f"{where}.{name}",
+                            pattern, hint)
+            if text:
+                fields[name] = text
+    default_audience, token_url = _federation_defaults(provider, fields)
+    audience = entry.get("audience", default_audience)
+    if audience is None:
+        c.add(f"{path}.audience", f"is required for {provider}: the audience the token "
+                                  "endpoint's trust rule expects in the subject token's aud")
+    else:
+        audience = c.string(audience, f"{path}.audience", _AUDIENCE, "printable, no spaces")
+    if len(c.problems) > problems or not audience or not token_url:
+        return None
+    return WorkloadIdentity(provider=provider, audience=audience, token_url=token_url,
+                            settings=tuple(sorted(fields.items())), scopes=tuple(scopes))
+
+
+_CREDENTIAL_PARSERS = {"githubApp": _github_app, "oauth2": _oauth2, "awsSigV4": _aws_sigv4,
+                       "workloadIdentity": _workload_identity}
 
 
 def _credential(c: _Collector, spec: dict, headers: tuple[HeaderInjection, ...],
@@ -554,19 +673,23 @@ def _credential(c: _Collector, spec: dict, headers: tuple[HeaderInjection, ...],
         return None
     name = given[0]
     credential = _CREDENTIAL_PARSERS[name](c, spec[name])
-    owned = SIGV4_HEADERS if name == "awsSigV4" else frozenset({"authorization"})
+    owned = SIGV4_HEADERS if name == "awsSigV4" else credential.header_names if isinstance(
+        credential, WorkloadIdentity) else frozenset({"authorization"})
     clashing = sorted(h.name for h in headers if h.name.lower() in owned)
     if clashing:
         c.add(f"spec.{name}", f"{name} sets {', '.join(clashing)}, which spec.headers also sets")
     if basic_auth:
         c.add(f"spec.{name}", f"{name} and basicAuth both set Authorization; keep one")
-    if isinstance(credential, OAuth2ClientCredentials):
+    # Claude's token endpoint is on the API's own host; what reaches it there with the
+    # minted token cannot mint another (a jwt-bearer grant needs the subject token).
+    if isinstance(credential, OAuth2ClientCredentials | WorkloadIdentity) and not (
+            isinstance(credential, WorkloadIdentity) and credential.provider == "claude"):
         token_host = urlsplit(credential.token_url)
         port = token_host.port or 443
         if any(h.matches(token_host.hostname or "", port) for h in hosts):
-            c.add("spec.oauth2.tokenURL", "the token endpoint's host is one of spec.hosts: "
-                                          "agents must not reach the endpoint that mints "
-                                          "their tokens through the proxy")
+            c.add(f"spec.{name}", "the token endpoint's host is one of spec.hosts: "
+                                  "agents must not reach the endpoint that mints "
+                                  "their tokens through the proxy")
     return credential
 
 

@@ -1,5 +1,6 @@
-"""Credentials the proxy makes itself: GitHub App tokens, OAuth 2.0 client credentials and
-AWS Signature Version 4, beside the static values of ``headers``/``basicAuth``/``queryParams``.
+"""Credentials the proxy makes itself: GitHub App tokens, OAuth 2.0 client credentials, AWS
+Signature Version 4 and workload identity federation, beside the static values of
+``headers``/``basicAuth``/``queryParams``.
 
 :func:`build_source` turns a spec and its secret material into a :class:`CredentialSource`;
 a :class:`CredentialRegistry` hands back the same source (and so the same cached token) for as
@@ -17,13 +18,16 @@ from keyhole_common.spec.model import (
     OAuth2ClientCredentials,
     SecretInjection,
     SecretKeyRef,
+    WorkloadIdentity,
     credential_refs,
 )
 from keyhole_sidecar.credentials.aws import AwsSigV4Source
+from keyhole_sidecar.credentials.federation import FederatedSource
 from keyhole_sidecar.credentials.github_app import GitHubAppSource
 from keyhole_sidecar.credentials.oauth2 import OAuth2Source
 from keyhole_sidecar.credentials.sigv4 import AwsKeys
 from keyhole_sidecar.credentials.source import CredentialSource, Outgoing, material_digest
+from keyhole_sidecar.credentials.subject import NoSubjectTokens, SubjectTokens
 from keyhole_sidecar.credentials.tokens import CredentialError, Token
 
 __all__ = ["CredentialError", "CredentialRegistry", "CredentialSource", "Outgoing", "build_source"]
@@ -43,9 +47,11 @@ def read_material(spec: Credential, read: Reader) -> dict[SecretKeyRef, str]:
 def build_source(injection: str, spec: Credential, material: dict[SecretKeyRef, str], *,
                  on_minted: Callable[[str, str, Token], None] = _ignore,
                  on_failed: Callable[[str, str, CredentialError], None] = _ignore,
-                 ) -> CredentialSource:
+                 subjects: SubjectTokens | None = None) -> CredentialSource:
     """Build the source from its secret material; ValueError names what is wrong."""
     hooks = {"on_minted": on_minted, "on_failed": on_failed}
+    if isinstance(spec, WorkloadIdentity):
+        return FederatedSource(injection, spec, subjects or NoSubjectTokens(), **hooks)
     if isinstance(spec, GitHubApp):
         return GitHubAppSource(injection, spec, material[spec.private_key], **hooks)
     if isinstance(spec, OAuth2ClientCredentials):
@@ -62,8 +68,10 @@ class CredentialRegistry:
     """The live sources, by injection, spec and a digest of their secret material."""
 
     def __init__(self, on_minted: Callable[[str, str, Token], None] = _ignore,
-                 on_failed: Callable[[str, str, CredentialError], None] = _ignore):
+                 on_failed: Callable[[str, str, CredentialError], None] = _ignore,
+                 subjects: SubjectTokens | None = None):
         self._hooks = {"on_minted": on_minted, "on_failed": on_failed}
+        self.subjects = subjects or NoSubjectTokens()  # federated injections' identities
         self._live: dict[tuple, CredentialSource] = {}
         self._used: set[tuple] = set()
 
@@ -76,12 +84,14 @@ class CredentialRegistry:
         self._used.add(key)
         found = self._live.get(key)
         if found is None:
-            found = self._live[key] = build_source(injection.name, spec, material, **self._hooks)
+            found = self._live[key] = build_source(injection.name, spec, material,
+                                                   subjects=self.subjects, **self._hooks)
         return found
 
     def keep_only_used(self) -> None:
         """After a table is built: forget sources no longer in it (and their tokens)."""
         self._live = {k: v for k, v in self._live.items() if k in self._used}
+        self.subjects.forget({key[0] for key in self._used})
         self._used = set()
 
     def sources(self) -> list[CredentialSource]:

@@ -30,27 +30,33 @@ class AwsSigV4Source(CredentialSource):
         self.hashes_payload = spec.payload == "signed"
 
     async def authorize(self, out: Outgoing, session: aiohttp.ClientSession) -> None:
-        content_hash = out.client_headers.get("x-amz-content-sha256", "")
-        if content_hash.upper().startswith("STREAMING-"):
-            raise CredentialError("unsupported", "the client signs its body in chunks "
-                                  f"({content_hash}), which only its own key can do; turn "
-                                  "chunked signing off in the SDK (the proxy re-signs)")
-        payload_hash = out.payload_hash or sigv4.UNSIGNED_PAYLOAD
-        for name in SIGV4_HEADERS:  # the client's own signature, if any, never leaves
-            out.headers.popall(name, None)
-        out.query = sigv4.without_presign_parameters(out.query)
-        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        out.headers["Host"] = out.authority
-        out.headers["X-Amz-Date"] = amz_date
-        out.headers["X-Amz-Content-Sha256"] = payload_hash
-        if self.keys.session_token:
-            out.headers["X-Amz-Security-Token"] = self.keys.session_token
-        signed_names = {name.lower() for name in out.headers
-                        if name.lower().startswith("x-amz-") or name.lower() in EXTRA_SIGNED}
-        signed = sigv4.sign(
-            method=out.method, raw_path=out.path, raw_query=out.query,
-            headers=out.headers.items(), signed_headers=signed_names | {"host"},
-            payload_hash=payload_hash, keys=self.keys, region=self.spec.region,
-            service=self.spec.service, amz_date=amz_date,
-        )
-        out.headers["Authorization"] = signed.authorization
+        sign_outgoing(out, self.keys, self.spec.region, self.spec.service)
+
+
+def sign_outgoing(out: Outgoing, keys: sigv4.AwsKeys, region: str, service: str) -> None:
+    """Sign ``out`` with ``keys``: the client's own signature (headers or presigned query)
+    never leaves; ``out.payload_hash`` is the body's hash, or None for UNSIGNED-PAYLOAD."""
+    content_hash = out.client_headers.get("x-amz-content-sha256", "")
+    if content_hash.upper().startswith("STREAMING-"):
+        raise CredentialError("unsupported", "the client signs its body in chunks "
+                              f"({content_hash}), which only its own key can do; turn "
+                              "chunked signing off in the SDK (the proxy re-signs)")
+    payload_hash = out.payload_hash or sigv4.UNSIGNED_PAYLOAD
+    for name in SIGV4_HEADERS:  # the client's own signature, if any, never leaves
+        out.headers.popall(name, None)
+    out.query = sigv4.without_presign_parameters(out.query)
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out.headers["Host"] = out.authority
+    out.headers["X-Amz-Date"] = amz_date
+    out.headers["X-Amz-Content-Sha256"] = payload_hash
+    if keys.session_token:
+        out.headers["X-Amz-Security-Token"] = keys.session_token
+    signed_names = {name.lower() for name in out.headers
+                    if name.lower().startswith("x-amz-") or name.lower() in EXTRA_SIGNED}
+    signed = sigv4.sign(
+        method=out.method, raw_path=out.path, raw_query=out.query,
+        headers=out.headers.items(), signed_headers=signed_names | {"host"},
+        payload_hash=payload_hash, keys=keys, region=region, service=service,
+        amz_date=amz_date,
+    )
+    out.headers["Authorization"] = signed.authorization

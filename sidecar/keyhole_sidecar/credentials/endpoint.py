@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from keyhole_sidecar.credentials.tokens import CredentialError
+from keyhole_sidecar.credentials.tokens import DEFAULT_LIFETIME, CredentialError, Token
 from keyhole_sidecar.redact import Redactor
 
 TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -33,10 +33,10 @@ def where(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
-async def call(session: aiohttp.ClientSession, method: str, url: str, *, what: str,
-               headers: dict[str, str], data: str | None = None,
-               json_body: dict | None = None) -> Answer:
-    """Send one request; return the status and the JSON object it answered (or {})."""
+async def call_raw(session: aiohttp.ClientSession, method: str, url: str, *, what: str,
+                   headers: dict[str, str], data: str | None = None,
+                   json_body: dict | None = None) -> tuple[int, bytes]:
+    """Send one request; return its status and body (at most MAX_ANSWER bytes)."""
     try:
         async with session.request(method, url, headers=headers, data=data, json=json_body,
                                    allow_redirects=False, timeout=TIMEOUT) as response:
@@ -53,6 +53,15 @@ async def call(session: aiohttp.ClientSession, method: str, url: str, *, what: s
     if len(raw) > MAX_ANSWER:
         raise CredentialError("endpoint_answer", f"{what} at {where(url)} answered more than "
                                                  f"{MAX_ANSWER // 1024} KiB")
+    return status, raw
+
+
+async def call(session: aiohttp.ClientSession, method: str, url: str, *, what: str,
+               headers: dict[str, str], data: str | None = None,
+               json_body: dict | None = None) -> Answer:
+    """Send one request; return the status and the JSON object it answered (or {})."""
+    status, raw = await call_raw(session, method, url, what=what, headers=headers, data=data,
+                                 json_body=json_body)
     try:
         body = json.loads(raw) if raw.strip() else {}
     except ValueError:
@@ -76,3 +85,23 @@ def detail(answer: Answer, redactor: Redactor, *keys: str) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:DETAIL_LENGTH]
+
+
+def bearer_token(answer: Answer, endpoint: str, now: float,
+                 types: tuple[str, ...] = ("bearer",)) -> Token:
+    """An OAuth 2.0 token answer (RFC 6749 §5.1) as a Token; ``types``: the token_type values
+    accepted (RFC 8693 answers N_A for a token that is not an access token; "" where the
+    endpoint may leave it out)."""
+    token = answer.body.get("access_token")
+    kind = str(answer.body.get("token_type", "")).lower()
+    if not isinstance(token, str) or not token:
+        raise CredentialError("endpoint_answer", f"{endpoint} answered without an access_token")
+    if kind not in types:
+        raise CredentialError("endpoint_answer", f"{endpoint} issued a {kind or 'untyped'!r} "
+                                                 "token; keyhole presents bearer tokens only")
+    lifetime = answer.body.get("expires_in")
+    if isinstance(lifetime, str) and lifetime.isdigit():
+        lifetime = int(lifetime)
+    seconds = float(lifetime) if isinstance(lifetime, int | float) and not isinstance(
+        lifetime, bool) and lifetime > 0 else DEFAULT_LIFETIME
+    return Token(token, now + seconds, now)

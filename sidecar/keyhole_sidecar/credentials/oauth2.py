@@ -10,9 +10,9 @@ from urllib.parse import quote_plus, urlencode
 import aiohttp
 
 from keyhole_common.spec.model import OAuth2ClientCredentials
-from keyhole_sidecar.credentials.endpoint import call, detail, where
+from keyhole_sidecar.credentials.endpoint import bearer_token, call, detail, where
 from keyhole_sidecar.credentials.source import Outgoing, TokenSource
-from keyhole_sidecar.credentials.tokens import DEFAULT_LIFETIME, CredentialError, Token
+from keyhole_sidecar.credentials.tokens import CredentialError, Token
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -57,18 +57,7 @@ class OAuth2Source(TokenSource):
             reason = "refused" if answer.status in (400, 401, 403) else "endpoint_answer"
             raise CredentialError(reason, f"the token endpoint {endpoint} answered "
                                                f"{answer.status}{said}: {hint}")
-        token = answer.body.get("access_token")
-        kind = str(answer.body.get("token_type", "")).lower()
-        if not isinstance(token, str) or not token:
-            raise CredentialError("endpoint_answer", f"{endpoint} answered without an "
-                                                     "access_token")
-        if kind != "bearer":
-            raise CredentialError("endpoint_answer", f"{endpoint} issued a {kind or 'untyped'!r} "
-                                                     "token; keyhole presents bearer tokens only")
-        lifetime = answer.body.get("expires_in")
-        seconds = float(lifetime) if isinstance(lifetime, int | float) and lifetime > 0 else (
-            DEFAULT_LIFETIME)
-        return Token(token, now + seconds, now)
+        return bearer_token(answer, endpoint, now)
 
     def present(self, token: str, out: Outgoing) -> None:
         out.headers["Authorization"] = f"Bearer {token}"

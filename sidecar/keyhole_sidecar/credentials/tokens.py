@@ -20,7 +20,8 @@ log = logging.getLogger("keyhole.credentials")
 REFRESH_AHEAD_MAX = 300.0  # seconds before expiry to start a refresh (at most)
 REFRESH_AHEAD_FRACTION = 0.25  # ... or this share of the token's lifetime, if that is shorter
 STALE_MARGIN = 5.0  # a token this close to expiry is not handed out: it may die in flight
-FAILURE_HOLD = 2.0  # after a failed mint, the same error is answered for this long
+FAILURE_HOLD = 2.0  # after a failed mint, the same error is answered for this long ...
+FAILURE_HOLD_MAX = 60.0  # ... doubled after each failure in a row, up to this
 DEFAULT_LIFETIME = 300.0  # when the endpoint does not say (expires_in is only RECOMMENDED)
 
 
@@ -28,10 +29,11 @@ class CredentialError(Exception):
     """Minting failed. ``reason`` is a short code for metrics; the message says what to check
     and never holds a secret (it may hold the endpoint's own error text, redacted)."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, *, status: int = 502):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.status = status  # 503: the credential is unavailable (federation), not the upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,7 @@ class Token:
     value: str
     expires_at: float  # wall-clock seconds
     minted_at: float
+    material: object = None  # what a source needs beside the value (AWS: its session keys)
 
     @property
     def refresh_at(self) -> float:
@@ -64,6 +67,7 @@ class TokenCache:
         self.previous: Token | None = None  # still redacted: responses may be in flight
         self._inflight: asyncio.Future[Token] | None = None
         self._failure: tuple[float, CredentialError] | None = None
+        self.failures = 0  # failed mints in a row: the hold doubles with each
 
     async def get(self) -> Token:
         now = self._clock()
@@ -79,7 +83,13 @@ class TokenCache:
         return await asyncio.shield(self._inflight)
 
     def _holding(self, now: float) -> bool:
-        return self._failure is not None and now < self._failure[0] + FAILURE_HOLD
+        return self._failure is not None and now < self._failure[0] + self.hold
+
+    @property
+    def hold(self) -> float:
+        """How long the last failure is answered from memory: an endpoint that keeps refusing
+        is asked again after 2, 4, 8 ... 60 s, however many requests wait for it."""
+        return min(FAILURE_HOLD * 2 ** max(self.failures - 1, 0), FAILURE_HOLD_MAX)
 
     def _start_mint(self) -> asyncio.Future[Token]:
         self._inflight = asyncio.ensure_future(self._mint_once())
@@ -91,12 +101,13 @@ class TokenCache:
             token = await self._mint()
         except CredentialError as error:
             self._failure = (self._clock(), error)
+            self.failures += 1
             self._on_failed(error)
             log.warning("minting a token failed: %s", error.message)
             raise
         finally:
             self._inflight = None
-        self._failure = None
+        self._failure, self.failures = None, 0
         self.previous, self.token = self.token, token
         self._on_minted(token)
         return token

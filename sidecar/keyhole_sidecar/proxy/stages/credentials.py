@@ -8,7 +8,7 @@ import hashlib
 
 from keyhole_sidecar.credentials import CredentialError, Outgoing
 from keyhole_sidecar.inject import forwarded_query
-from keyhole_sidecar.proxy.errors import BadRequest, UpstreamFailed
+from keyhole_sidecar.proxy.errors import BadRequest, Unavailable, UpstreamFailed
 from keyhole_sidecar.proxy.flow import Exchange, Stage, read_up_to
 
 SIGNED_BODY_LIMIT = 16 * 1024 * 1024
@@ -43,5 +43,7 @@ class Credentials(Stage):
             message = f"injection {target.label!r}: {error.message}"
             if error.reason == "unsupported":  # the client's request, not the credential
                 raise BadRequest("credential_unsupported", message) from None
+            if error.status == 503:  # federation: keyhole cannot make the credential now
+                raise Unavailable("credential", message) from None
             raise UpstreamFailed("credential", message) from None
         ex.query = out.query
