@@ -13,8 +13,8 @@ LEASES_PATH = "/v1/leases"
 ROUTES_PATH = "/v1/routes"
 VALUES_PATH = "/v1/values"
 IDENTITY_PATH = "/v1/identity"
-"""A federated injection's subject token: ``{"injection", "audience"}`` → ``{"token",
-"expiresIn", "subject"}``."""
+"""A federated injection's subject token: ``{"injection"}`` → ``{"token", "expiresIn",
+"subject"}`` (the audience is the injection's, as the API server has it now)."""
 EXCHANGES_PATH = "/v1/identity/exchanges"
 """What a sidecar's last exchange gave: ``{"injection", "expiresAt", "error"}`` → ``{}``."""
 USAGE = "usage/day"

@@ -46,13 +46,21 @@ from keyhole_common.approvals import (
     WITHDRAW_PATH,
     Ask,
 )
-from keyhole_common.channel import LEASES_PATH, ROUTES_PATH, VALUES_PATH, Report
+from keyhole_common.channel import (
+    EXCHANGES_PATH,
+    IDENTITY_PATH,
+    LEASES_PATH,
+    ROUTES_PATH,
+    VALUES_PATH,
+    Report,
+)
 from keyhole_common.spec import SignatureError, parse_injection, verify
-from keyhole_common.spec.model import Budget, SecretInjection
-from keyhole_operator import ledger, metrics, values
+from keyhole_common.spec.model import Budget, SecretInjection, WorkloadIdentity
+from keyhole_operator import identities, ledger, metrics, values
 from keyhole_operator.annotations import INJECTIONS
 from keyhole_operator.approval_desk import Board, Desk, Refusal
 from keyhole_operator.approvals import Pod, owner_of
+from keyhole_operator.identity_desk import IdentityDesk
 from keyhole_operator.routes import namespace_key
 
 log = logging.getLogger("keyhole.operator.channel")
@@ -229,8 +237,10 @@ class Channel:
     def __init__(self, cluster, master_key: bytes, *, lease_seconds: float = ledger.LEASE_SECONDS,
                  central_namespace: str = "keyhole-system",
                  clock: Callable[[], float] = time.time, board: Board | None = None,
-                 notifier=None):
+                 notifier=None, home: str | None = None):
         self.cluster, self.master_key = cluster, master_key
+        # Federated injections' identities: ServiceAccounts of keyhole's own namespace.
+        self.identities = IdentityDesk(cluster, home or central_namespace, clock)
         self.desk = Desk(cluster, board or Board(), clock, notifier)
         self.central_namespace = central_namespace
         self.lease_seconds, self.clock = lease_seconds, clock
@@ -281,6 +291,59 @@ class Channel:
             document, pod, who.namespace, labels,
             lambda name: values.live_cluster_injection(self.cluster.read_cluster_injection(name)),
             lambda ref: self.cluster.read_labelled_secret(central, ref.name), central)
+
+    def _federated(self, token: str, body: object) -> tuple[Caller, str | None, str,
+                                                           WorkloadIdentity]:
+        """(the caller, the injection's namespace or None, its name, its workloadIdentity),
+        once the caller's pod is served by it now and it federates; ChannelError otherwise."""
+        who = caller(self._review(token))
+        injection = body.get("injection") if isinstance(body, dict) else None
+        if not isinstance(injection, str) or not _INJECTION.match(injection):
+            raise ChannelError(400, "'injection' must name an injection")
+        pod = self.cluster.read_pod(who.namespace, who.pod)
+        document = signed_document(pod, who, namespace_key(self.master_key, who.namespace))
+
+        def live(namespace: str | None, name: str) -> SecretInjection | None:
+            if namespace is None:
+                return values.live_cluster_injection(self.cluster.read_cluster_injection(name))
+            obj = self.cluster.read_injection(namespace, name)
+            if obj is None:
+                return None
+            found, _ = parse_injection({k: obj.get(k) for k in ("apiVersion", "kind", "spec")}
+                                       | {"metadata": {"name": name, "namespace": namespace}},
+                                       f"SecretInjection {namespace}/{name}")
+            return found
+
+        try:
+            owner, spec = identities.identity_for(document, pod, who.namespace,
+                                                  self.cluster.namespace_labels(who.namespace),
+                                                  injection, live)
+        except PermissionError as exc:
+            raise ChannelError(403, str(exc)) from None
+        return who, owner, injection, spec
+
+    def identity(self, token: str, body: object) -> dict:
+        """A token of the injection's own identity, for the sidecar to exchange at its
+        provider: only for a pod the injection serves now, and only while it federates."""
+        _, owner, injection, spec = self._federated(token, body)
+        try:
+            value, seconds = self.identities.token(owner, injection, spec.audience)
+        except ValueError as exc:
+            raise ChannelError(422, str(exc)) from None
+        account = identities.account_name(owner, injection)
+        return {"token": value, "expiresIn": int(seconds),
+                "subject": identities.subject(self.identities.home, account)}
+
+    def exchanges(self, token: str, body: object) -> dict:
+        """A sidecar's report of its last exchange, kept in the injection's status."""
+        try:
+            exchange = identities.Exchange.from_json(body)
+        except ValueError as exc:
+            caller(self._review(token))  # first: who asks
+            raise ChannelError(400, str(exc)) from None
+        who, owner, injection, _ = self._federated(token, body)
+        written = self.identities.report(owner, injection, who.pod, exchange)
+        return {"recorded": written}
 
     def _asking_pod(self, token: str, injection: object) -> tuple[Pod, bytes]:
         """The caller's pod, once its signed routes name ``injection``, and its key."""
@@ -376,7 +439,8 @@ def build_app(channel: Channel) -> web.Application:
     """Every call of the channel: its path, who answers it, and whether it carries a body."""
     calls = {LEASES_PATH: (channel.lease, True), ROUTES_PATH: (channel.routes, False),
              VALUES_PATH: (channel.values, False), APPROVALS_PATH: (channel.approval, True),
-             WITHDRAW_PATH: (channel.withdraw, True), ACCESS_PATH: (channel.access, True)}
+             WITHDRAW_PATH: (channel.withdraw, True), ACCESS_PATH: (channel.access, True),
+             IDENTITY_PATH: (channel.identity, True), EXCHANGES_PATH: (channel.exchanges, True)}
     app = web.Application(client_max_size=MAX_BODY)
     for path, (answer_with, with_body) in calls.items():
         app.router.add_post(path, _handler(answer_with, with_body))

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the Secrets of ClusterSecretInjections live (default "
                         f"{Settings.cluster_secrets_namespace}); their values reach sidecars "
                         "over the operator channel, never a mount")
+    p.add_argument("--identity-namespace", default=Settings.identity_namespace,
+                   metavar="NAMESPACE",
+                   help="where federated injections' ServiceAccounts live (default "
+                        f"{Settings.identity_namespace}; keyhole's own namespace): their "
+                        "tokens are the identities spec.workloadIdentity presents")
     p.add_argument("--cluster-values-keep-seconds", type=_positive_seconds,
                    default=Settings.cluster_values_keep_seconds, metavar="SECONDS",
                    help="how long sidecars keep serving a cluster injection's last values "
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed_host_paths=tuple(args.allow_host_path),
         protected_secrets_configmap=args.protected_secrets_configmap,
         cluster_secrets_namespace=args.cluster_secrets_namespace,
+        identity_namespace=args.identity_namespace,
         cluster_values_keep_seconds=args.cluster_values_keep_seconds,
         approvals_keep_seconds=args.approvals_keep_seconds,
     )
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         serve(Channel(Cluster(), master_key, lease_seconds=args.channel_lease_seconds,
                       central_namespace=args.cluster_secrets_namespace, board=board,
-                      notifier=notifier),
+                      notifier=notifier, home=args.identity_namespace),
               *args.channel_listen, str(cert), str(key))
     from keyhole_operator.webhook_server import ReviewCheckingWebhookServer
 

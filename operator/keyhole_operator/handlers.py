@@ -30,6 +30,7 @@ import asyncio
 import logging
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from keyhole_common.spec.hosts import host_risk
 from keyhole_operator import metrics
@@ -43,6 +44,7 @@ from keyhole_operator.guard import (
     port_forward_refusal,
     update_refusal,
 )
+from keyhole_operator.identity_desk import IdentityDesk
 from keyhole_operator.indexes import (
     CLUSTER,
     cluster_injections,
@@ -56,9 +58,11 @@ from keyhole_operator.mutation import Refused, mutate
 from keyhole_operator.mutation.sidecar_container import wants_transparent
 from keyhole_operator.reconcile import (
     ensure_namespace,
+    forget_identity,
     publish_managed_secrets,
     reconcile_cluster_injection,
     reconcile_injection,
+    sweep_identities,
     sync_pods,
 )
 from keyhole_operator.routes import Injection
@@ -99,6 +103,13 @@ async def configure(settings: kopf.OperatorSettings, memo, **_) -> None:
         settings.admission.managed = "keyhole.dev" if runtime.manage_webhook_configurations else None
     if runtime.cluster is None:
         runtime.cluster = Cluster()
+    if runtime.identities is None:
+        runtime.identities = IdentityDesk(runtime.cluster, runtime.settings.identity_namespace)
+    try:
+        for account in await asyncio.to_thread(sweep_identities, runtime):
+            log.info("deleted ServiceAccount %s: its injection no longer exists", account)
+    except (ApiException, OSError) as exc:  # the next start sweeps again
+        log.warning("could not sweep the identities of deleted injections: %s", exc)
 
 
 @kopf.on.probe(id="api-reachable")
@@ -399,6 +410,7 @@ def revoke_on_delete(type: str, namespace: str, name: str, injection_index: kopf
     if type != "DELETED":
         return
     runtime = _runtime(memo)
+    forget_identity(runtime, namespace, name)
     remaining = injections_of(injection_index, namespace, without=name)
     publish_managed_secrets(runtime.cluster, runtime, namespace, remaining, injection_index)
     sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace),
@@ -461,6 +473,7 @@ def revoke_cluster_on_delete(type: str, name: str, body: kopf.Body,
     if type != "DELETED":
         return
     runtime = _runtime(memo)
+    forget_identity(runtime, None, name)
     remaining = cluster_injections(cluster_index, runtime, without=name)
     served = set((body.get("status") or {}).get("namespaces") or [])
     try:  # and those its spec serves now (the status lists 200 at most)

@@ -32,6 +32,7 @@ class Cluster:
         self.authn = kubernetes.client.AuthenticationV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
+        self.well_known = kubernetes.client.WellKnownApi(api_client)
 
     # -- Secrets and ConfigMaps the operator owns ----------------------------------------------
     def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
@@ -278,6 +279,64 @@ class Cluster:
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to record
                 raise
+
+    # -- identities for workload identity federation (in keyhole's own namespace) ------------
+    def ensure_service_account(self, manifest: dict) -> None:
+        """Create the ServiceAccount unless it exists (it holds nothing: no Secret, no mount)."""
+        meta = manifest["metadata"]
+        try:
+            self.core.create_namespaced_service_account(meta["namespace"], manifest,
+                                                        _request_timeout=5)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def delete_service_account(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_service_account(name, namespace, _request_timeout=5)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def list_service_accounts(self, namespace: str, selector: str) -> list[dict]:
+        response = self.core.list_namespaced_service_account(
+            namespace, label_selector=selector, _preload_content=False, _request_timeout=10)
+        return json.loads(response.data).get("items") or []
+
+    def request_token(self, namespace: str, account: str, audience: str,
+                      seconds: int) -> tuple[str, float] | None:
+        """A token of the ServiceAccount for ``audience`` (TokenRequest) and its expiry in
+        epoch seconds; None when the account does not exist."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [audience], "expirationSeconds": seconds}}
+        try:
+            response = self.core.create_namespaced_service_account_token(
+                account, namespace, body, _preload_content=False, _request_timeout=5)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        status = json.loads(response.data).get("status") or {}
+        expires = dt.datetime.fromisoformat(status["expirationTimestamp"].replace("Z", "+00:00"))
+        return status["token"], expires.timestamp()
+
+    def discovery(self) -> dict:
+        """The API server's OIDC discovery document (the issuer, where its keys are)."""
+        response = self.well_known.get_service_account_issuer_open_id_configuration(
+            _preload_content=False, _request_timeout=5)
+        return json.loads(response.data)
+
+    def patch_identity_status(self, namespace: str | None, name: str, block: dict) -> None:
+        """Merge ``status.workloadIdentity`` of a (cluster) injection."""
+        body = {"status": {"workloadIdentity": block}}
+        if namespace is None:
+            self.custom.patch_cluster_custom_object_status(
+                "keyhole.dev", "v1alpha1", "clustersecretinjections", name, body,
+                _request_timeout=5)
+        else:
+            self.custom.patch_namespaced_custom_object_status(
+                "keyhole.dev", "v1alpha1", namespace, "secretinjections", name, body,
+                _request_timeout=5)
 
     # -- the shared budgets' ledger ----------------------------------------------------------
     def read_injection(self, namespace: str, name: str) -> dict | None:

@@ -5,14 +5,18 @@ gather what kopf hands over and call here."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 
 import kopf
 
+from keyhole_common.spec.model import WorkloadIdentity
 from keyhole_operator import metrics
 from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP, CA_SECRET, SIGNING_KEY_SECRET
 from keyhole_operator.guard import managed_secrets
+from keyhole_operator.identities import IDENTITY_SELECTOR
+from keyhole_operator.identities import owner_of as owner_of_account
 from keyhole_operator.indexes import cluster_injections, injections_of, namespace_labels, plain
 from keyhole_operator.kube import Cluster
 from keyhole_operator.layout import SIGNING_KEY_FILE
@@ -155,8 +159,53 @@ def reconcile_injection(body, namespace: str, name: str, meta, status, patch: ko
         generation=meta.get("generation"), matched=len(selected), restart_required=len(restart),
         secret_problems=problems, over_privileged=risky,
         previous=(status or {}).get("conditions"))
+    new_status.update(identity_status(runtime, body, namespace, name, injection, status))
     announce(body, status, new_status)
     patch.status.update(new_status)
+
+
+def identity_status(runtime: Runtime, body, namespace: str | None, name: str,
+                    injection: Injection, status) -> dict:
+    """``status.workloadIdentity`` of a federated injection (its ServiceAccount made); for one
+    that stopped federating, the account deleted and the block removed."""
+    spec = injection.spec.credential
+    if isinstance(spec, WorkloadIdentity):
+        try:
+            return {"workloadIdentity": runtime.identities.published(namespace, name,
+                                                                     spec.audience)}
+        except ValueError as exc:  # a name too long for a ServiceAccount
+            kopf.event(body, type="Warning", reason="NoIdentity", message=str(exc))
+            return {}
+    if (status or {}).get("workloadIdentity"):
+        forget_identity(runtime, namespace, name)
+        return {"workloadIdentity": None}
+    return {}
+
+
+def forget_identity(runtime: Runtime, namespace: str | None, name: str) -> None:
+    """The injection is gone or no longer federates: its ServiceAccount goes (the tokens
+    already handed out expire within minutes; no sidecar is given another)."""
+    with contextlib.suppress(ValueError):  # a name no ServiceAccount could have: none made
+        runtime.identities.forget(namespace, name)
+
+
+def sweep_identities(runtime: Runtime) -> list[str]:
+    """Delete the ServiceAccounts of federated injections deleted while no operator watched;
+    the names deleted."""
+    identities_ = runtime.identities
+    cluster = runtime.cluster
+    gone = []
+    for account in cluster.list_service_accounts(identities_.home, IDENTITY_SELECTOR):
+        owner = owner_of_account(account)
+        if owner is None:
+            continue
+        namespace, name = owner
+        exists = (cluster.read_cluster_injection(name) if namespace is None
+                  else cluster.read_injection(namespace, name))
+        if exists is None:
+            forget_identity(runtime, namespace, name)
+            gone.append(account["metadata"]["name"])
+    return gone
 
 
 def announce(body, old_status, new_status) -> None:
@@ -209,6 +258,7 @@ def reconcile_cluster_injection(body, name: str, meta, status, patch: kopf.Patch
         restart_required=restart, secret_problems=problems,
         shadowed=sorted(set(shadowed)), channel=channel,
         previous=(status or {}).get("conditions"))
+    new_status.update(identity_status(runtime, body, None, name, injection, status))
     gained, lost = sorted(set(served) - before), sorted(before - set(served))
     if gained or lost:
         said = [f"now serves namespace(s) {', '.join(gained)}" if gained else "",

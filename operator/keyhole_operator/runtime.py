@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from keyhole_operator.approval_desk import Board
+from keyhole_operator.identity_desk import IdentityDesk
 from keyhole_operator.kube import Cluster
 from keyhole_operator.routes import namespace_key
 from keyhole_operator.settings import Settings
@@ -22,6 +23,8 @@ class Runtime:
     cluster: Cluster | None = field(default=None)
     board: Board = field(default_factory=Board)
     """Wakes the channel's calls waiting for an approval (``approval_handlers``)."""
+    identities: IdentityDesk | None = None
+    """Federated injections' ServiceAccounts and what their status publishes."""
     bundles_written: dict[str, bytes] = field(default_factory=dict)
     """Namespace → the CA certificate whose bundle was last written, to skip re-reading it."""
 

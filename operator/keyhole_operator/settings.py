@@ -74,6 +74,9 @@ class Settings:
     cluster_secrets_namespace: str = "keyhole-system"
     """Where the Secrets of ClusterSecretInjections live (the chart: its release namespace). The
     operator reads them there and sends their values to the sidecars they serve."""
+    identity_namespace: str = "keyhole-system"
+    """Where each federated injection's ServiceAccount lives (the chart: its release
+    namespace): nobody who may only create pods in an agent's namespace can mint its tokens."""
     approvals_keep_seconds: float = 86400.0
     """How long a decided or expired ApprovalRequest is kept before it is deleted."""
     cluster_values_keep_seconds: float = 300.0

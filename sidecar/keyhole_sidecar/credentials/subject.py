@@ -129,7 +129,7 @@ class ChannelSubjectTokens(SubjectTokens):
         if held is not None and held.fresh(now):
             return held.value
         try:
-            answer = await self.channel.identity({"injection": injection, "audience": audience})
+            answer = await self.channel.identity({"injection": injection})
         except ChannelRefused as exc:
             self._held.pop(injection, None)
             raise unavailable("identity_refused", f"the operator refused the identity of "
