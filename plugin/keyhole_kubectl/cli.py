@@ -3,6 +3,7 @@
   kubectl keyhole status                    injections, readiness, pods, the CA's age
   kubectl keyhole who-can-use NAME          pods that can use an injection or a Secret
   kubectl keyhole explain pod POD           why a pod does (not) get each key
+  kubectl keyhole explain si NAME           what a provider's trust rule must name
   kubectl keyhole approvals                 requests held for a person's approval
   kubectl keyhole approve|deny NAME         decide one (approve --for 30m: a grant)
   kubectl keyhole grant pod/NAME --injection I --for 2h   just-in-time access
@@ -61,10 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  kubectl keyhole explain pod agent-7d9f -n agents -o wide",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(explain)
-    explain.add_argument("kind", choices=("pod", "po", "pods"), metavar="pod",
-                         help="what to explain (pods only, as kubectl spells them)")
-    explain.add_argument("pod", metavar="POD", help="the pod's name, in -n NAMESPACE (default: "
-                                                    "the context's namespace)")
+    explain.add_argument("kind", choices=(*POD_KINDS, *INJECTION_KINDS, *CLUSTER_KINDS),
+                         metavar="pod|si|clustersi",
+                         help="a pod: why it does (not) get each key; an injection that "
+                              "federates (spec.workloadIdentity): the issuer, keys, subject "
+                              "and audience a provider's trust rule must name")
+    explain.add_argument("pod", metavar="NAME", help="its name, in -n NAMESPACE (default: "
+                                                     "the context's namespace)")
     waiting = commands.add_parser("approvals", help="requests held for a person's approval")
     _common(waiting)
     waiting.add_argument("-A", "--all-namespaces", action="store_true",
@@ -104,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+POD_KINDS = ("pod", "po", "pods")
+INJECTION_KINDS = ("si", "secretinjection", "secretinjections")
+CLUSTER_KINDS = ("clustersi", "clustersecretinjection", "clustersecretinjections")
+
+
 def table(rows: list[list[str]], headers: list[str]) -> str:
     """kubectl's layout: upper-case headers, columns three spaces apart."""
     cells = [headers, *rows]
@@ -126,6 +135,10 @@ def render_status(answer: dict, wide: bool, all_namespaces: bool) -> str:
     headers = ["NAME", "HOSTS", "READY", "SELECTED", "WITH-KEY", "RESTART", "CAN-BYPASS"]
     rows = [[_shown_name(i), _dash(i["hosts"]), i["ready"], i["selectedPods"], i["withKey"],
              i["restartRequired"], len(i["canBypass"])] for i in answer["injections"]]
+    if any(i.get("exchange") for i in answer["injections"]):  # some federate
+        headers.append("LAST-EXCHANGE")
+        for row, item in zip(rows, answer["injections"], strict=True):
+            row.append(item.get("exchange") or "-")
     if wide:
         headers += ["SPENT-TODAY", "BUDGET-LEFT", "MESSAGE"]
         for row, item in zip(rows, answer["injections"], strict=True):
@@ -198,6 +211,26 @@ def render_explain(answer: dict, wide: bool) -> str:
             row.insert(1, _dash(item["hosts"]))
     out += ["", table(rows, headers) if rows else "no SecretInjection in this namespace"]
     return "\n".join(out)
+
+
+def render_identity(answer: dict) -> str:
+    shown = _shown_name({"kind": answer["kind"], "name": answer["name"]})
+    out = [f"{shown} (namespace {answer['namespace']}): hosts {_dash(answer['hosts'])}"]
+    if answer["provider"] is None:
+        return "\n".join([*out, "  no spec.workloadIdentity: it injects a key, it does not "
+                                 "federate"])
+    out.append(f"  federates with {answer['provider']}; a trust rule there must name:")
+    issuer = answer["issuer"] or "<not yet published: is the operator running?>"
+    out += [f"    issuer     {issuer}",
+            f"    discovery  {issuer}/.well-known/openid-configuration" if answer["issuer"]
+            else "",
+            f"    keys       {answer['jwksURI'] or '-'}",
+            f"    subject    {answer['subject'] or '-'}",
+            f"    audience   {answer['audience'] or '-'}",
+            f"  identity: ServiceAccount {answer['serviceAccount'] or '-'} (only the operator "
+            "mints its tokens)",
+            f"  last exchange: {answer['lastExchange']}"]
+    return "\n".join(line for line in out if line)
 
 
 def render_approvals(rows: list[dict], wide: bool, all_namespaces: bool) -> str:
@@ -293,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "who-can-use":
             answer = report.who_can_use(spaces[0], args.name)
             _emit(answer, args.output, lambda: render_who(answer, wide))
-        else:
+        elif args.kind in POD_KINDS:
             answer = report.explain_pod(spaces[0], args.pod)
             _emit(answer, args.output, lambda: render_explain(answer, wide))
+        else:
+            answer = report.explain_identity(spaces[0], args.pod, args.kind in CLUSTER_KINDS)
+            _emit(answer, args.output, lambda: render_identity(answer))
     except (cluster.ClusterError, report.NotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -297,7 +297,8 @@ def _cluster_status_row(space: Namespace, raw: dict, routes: list[list[str]]) ->
             "selectedPods": len(selected),
             "withKey": sum(name in served for served in routes),
             "restartRequired": sum(name in restart_for(p) for p in selected),
-            "canBypass": [], "spentToday": None, "budgetLeft": None}
+            "canBypass": [], "spentToday": None, "budgetLeft": None,
+            "exchange": last_exchange(raw)}
 
 
 def _status_row(space: Namespace, raw: dict, routes: list[list[str]]) -> dict:
@@ -319,4 +320,39 @@ def _status_row(space: Namespace, raw: dict, routes: list[list[str]]) -> dict:
         # (spec.llm; the operator keeps them in status.usage).
         "spentToday": (state.get("usage") or {}).get("spentToday"),
         "budgetLeft": (state.get("usage") or {}).get("budgetLeft"),
+        "exchange": last_exchange(raw),
     }
+
+
+def last_exchange(raw: dict) -> str | None:
+    """A federated injection's last exchange in a few words (never a token); None for one
+    that does not federate."""
+    if "workloadIdentity" not in (raw.get("spec") or {}):
+        return None
+    last = ((raw.get("status") or {}).get("workloadIdentity") or {}).get("lastExchange")
+    if not last:
+        return "none yet"
+    if last.get("ok"):
+        return f"exchanged {last.get('at')} by {last.get('pod')}, expires {last.get('expiresAt')}"
+    return f"failed {last.get('at')} in {last.get('pod')}: {last.get('error')}"
+
+
+def explain_identity(space: Namespace, name: str, cluster: bool) -> dict:
+    """What a provider's trust rule must name for a federated injection, and how its last
+    exchange went: the operator's ``status.workloadIdentity``."""
+    found = space.cluster_injections if cluster else space.injections
+    raw = next((i for i in found if _meta(i).get("name") == name), None)
+    kind = "ClusterSecretInjection" if cluster else "SecretInjection"
+    if raw is None:
+        names = ", ".join(sorted(_meta(i).get("name", "") for i in found)) or "none"
+        raise NotFound(f"no {kind} {name!r} serves namespace {space.name} (there: {names})")
+    spec = raw.get("spec") or {}
+    federation = spec.get("workloadIdentity")
+    provider = next((k for k in (federation or {}) if k != "audience"), None)
+    published = (raw.get("status") or {}).get("workloadIdentity") or {}
+    return {"kind": kind, "namespace": space.name, "name": name,
+            "hosts": list(spec.get("hosts") or []), "provider": provider,
+            "issuer": published.get("issuer"), "jwksURI": published.get("jwksURI"),
+            "subject": published.get("subject"), "audience": published.get("audience"),
+            "serviceAccount": published.get("serviceAccount"),
+            "lastExchange": last_exchange(raw) if federation else None}

@@ -75,7 +75,9 @@ class Agents:
         return published()
 
     def sidecar(self, found: dict, report_seconds: float = 0.5, tag: str = "",
-                routes_seconds: float = 1.0, extra: tuple[str, ...] = ()):
+                routes_seconds: float = 1.0, extra: tuple[str, ...] = (),
+                resolve: list[str] | None = None, upstream_ca: str | None = None,
+                secrets: dict | None = None):
         folder = self.workdir / f"{found['metadata']['name']}{tag}"
         folder.mkdir(parents=True)
         signing = self.kube.get("secret", "keyhole-signing-key", self.namespace)["data"]["key"]
@@ -84,7 +86,9 @@ class Agents:
         (folder / "token").write_text(self.token(found))
         proc = start_sidecar(
             folder, found["metadata"]["annotations"]["keyhole.dev/injections"],
-            {"openai": {"key": KEY}}, resolve=LlmServer.resolve(), upstream_ca=self.llm.ca_file,
+            {"openai": {"key": KEY}} if secrets is None else secrets,
+            resolve=LlmServer.resolve() if resolve is None else resolve,
+            upstream_ca=upstream_ca or self.llm.ca_file,
             args=["--signing-key", str(folder / "signing.key"),
                   "--operator-url", f"https://127.0.0.1:{self.operator.channel_port}",
                   "--operator-ca", str(folder / "operator-ca.crt"),
