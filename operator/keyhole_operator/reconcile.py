@@ -25,7 +25,11 @@ from keyhole_operator.privileges import BYPASSES, access_review, service_account
 from keyhole_operator.routes import Injection
 from keyhole_operator.runtime import Runtime
 from keyhole_operator.selectors import injections_for_pod, namespace_served, selector_matches
-from keyhole_operator.status import cluster_injection_status, injection_status
+from keyhole_operator.status import (
+    cluster_injection_status,
+    exchange_condition,
+    injection_status,
+)
 from keyhole_operator.trust import NEXT_CERT, PREVIOUS_KEY, bundle_data, plan_ca
 from keyhole_operator.values import secret_problem
 
@@ -160,6 +164,7 @@ def reconcile_injection(body, namespace: str, name: str, meta, status, patch: ko
         secret_problems=problems, over_privileged=risky,
         previous=(status or {}).get("conditions"))
     new_status.update(identity_status(runtime, body, namespace, name, injection, status))
+    with_exchange(new_status, status, meta)
     announce(body, status, new_status)
     patch.status.update(new_status)
 
@@ -180,6 +185,16 @@ def identity_status(runtime: Runtime, body, namespace: str | None, name: str,
         forget_identity(runtime, namespace, name)
         return {"workloadIdentity": None}
     return {}
+
+
+def with_exchange(new_status: dict, status, meta) -> None:
+    """Add the ``IdentityExchanged`` condition from the last exchange the channel wrote."""
+    if new_status.get("workloadIdentity") is None:
+        return
+    last = ((status or {}).get("workloadIdentity") or {}).get("lastExchange")
+    found = exchange_condition(last, meta.get("generation"), (status or {}).get("conditions"))
+    if found is not None:
+        new_status["conditions"].append(found)
 
 
 def forget_identity(runtime: Runtime, namespace: str | None, name: str) -> None:
@@ -259,6 +274,7 @@ def reconcile_cluster_injection(body, name: str, meta, status, patch: kopf.Patch
         shadowed=sorted(set(shadowed)), channel=channel,
         previous=(status or {}).get("conditions"))
     new_status.update(identity_status(runtime, body, None, name, injection, status))
+    with_exchange(new_status, status, meta)
     gained, lost = sorted(set(served) - before), sorted(before - set(served))
     if gained or lost:
         said = [f"now serves namespace(s) {', '.join(gained)}" if gained else "",

@@ -83,3 +83,21 @@ def cluster_injection_status(*, generation: int | None, namespaces: list[str], m
     return {"observedGeneration": generation, "matchedNamespaces": len(namespaces),
             "namespaces": sorted(namespaces)[:200], "matchedPods": matched,
             "restartRequired": restart_required, "conditions": conditions}
+
+
+def exchange_condition(last: dict | None, generation: int | None,
+                       previous: list[dict] | None) -> dict | None:
+    """``IdentityExchanged`` of a federated injection, from the last exchange a sidecar
+    reported (``status.workloadIdentity.lastExchange``); None before any was."""
+    if not last:
+        return None
+    if last.get("ok"):
+        return condition("IdentityExchanged", True, "Exchanged",
+                         f"pod {last.get('pod')} exchanged its identity at {last.get('at')}; "
+                         f"the credential expires at {last.get('expiresAt')}",
+                         generation, previous)
+    return condition("IdentityExchanged", False, "ExchangeFailed",
+                     f"pod {last.get('pod')}'s exchange at {last.get('at')} failed: "
+                     f"{last.get('error')}. Requests to the injection's hosts are answered 503 "
+                     "until an exchange succeeds; kubectl keyhole explain si shows what the "
+                     "provider's trust rule must name", generation, previous)

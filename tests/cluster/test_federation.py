@@ -125,6 +125,26 @@ def test_a_pod_with_no_secret_reaches_claude_as_the_identity_only_keyhole_holds(
             t.value for t in provider.issued]:
         assert secret not in seen
 
+    # the provider refuses: a 503 naming the injection and its words, and the status says so
+    provider.refuse = "no federation rule matches"
+    try:
+        other = federated.sidecar(federated.agents.pod("agent-2", "claude"))
+        refused = curl(other, f"https://{federated.host}/v1/messages")
+    finally:
+        provider.refuse = None
+    assert refused.status == 503
+    assert "injection 'claude'" in refused.body and "no federation rule matches" in refused.body
+
+    def exchange_condition() -> dict:
+        conditions = (kube.get("si", "claude", federated.namespace).get("status") or {}).get(
+            "conditions") or []
+        return next((c for c in conditions if c["type"] == "IdentityExchanged"), {})
+
+    kube.wait_for(lambda: exchange_condition().get("status") == "False",
+                  what="IdentityExchanged turning False")
+    assert "no federation rule matches" in exchange_condition()["message"]
+    assert "ExchangeFailed" in kube.kubectl("get", "events", "-n", federated.namespace).stdout
+
     # the tag removed: the channel gives that pod no identity any more
     token = federated.agents.token(pod)
     kube.kubectl("label", "pod", "agent", "-n", federated.namespace, "keyhole.dev/claude-")
