@@ -112,6 +112,59 @@ def test_no_output_stream_holds_any_form_of_any_secret_at_debug_level(
                           f"{found[-1][:6]!r}… (length {len(found[-1])})"
 
 
+def test_federation_leaves_no_identity_or_credential_in_any_output_stream(
+        tmp_path, test_ca, marker):
+    """Workload identity at debug level: the subject tokens, what each provider issued (AWS's
+    session keys too) and what their APIs echo, exchanged through CONNECT (HTTP/1.1 and
+    HTTP/2) and base-URL, one refused."""
+    from moto.sts.models import sts_backends
+
+    from tests.integration.test_federation import SUBJECT, _spec
+    from tests.support import federation
+
+    server = federation.FederationServer(test_ca[0], federation.Issuer())
+    fed = server.start()
+    try:
+        fed.trust = server.trust_issuer(SUBJECT)
+        fed.server = server
+        sidecars = []
+        for provider in ("claude", "aws", "gcp", "entra", "tokenExchange"):
+            spec, url = _spec(fed, provider)
+            token = tmp_path / f"{provider}.jwt"
+            token.write_text(server.issuer.mint(SUBJECT, federation.AUDIENCES[provider]))
+            sidecar = start_sidecar(
+                tmp_path / provider, [spec], {}, upstream_ca=test_ca[1],
+                resolve=[f"{h}:{fed.port}:127.0.0.1" for h in federation.HOSTS],
+                args=["--log-level", "debug", "--identity-token", str(token)])
+            sidecars.append(sidecar)
+            assert curl(sidecar, f"{url}?m={marker}").status == 200
+            assert curl(sidecar, f"{url}?m={marker}", http2=True).status == 200
+            name = spec["metadata"]["name"]
+            assert curl(sidecar, f"{sidecar.url}/{name}/{url.split('/', 3)[3]}").status == 200
+        fed.refuse = f"rule mismatch {marker}"
+        refused = start_sidecar(
+            tmp_path / "refused", [_spec(fed, "entra")[0]], {}, upstream_ca=test_ca[1],
+            resolve=[f"{h}:{fed.port}:127.0.0.1" for h in federation.HOSTS],
+            args=["--log-level", "debug", "--identity-token", str(tmp_path / "entra.jwt")])
+        sidecars.append(refused)
+        assert curl(refused, _spec(fed, "entra")[1]).status == 503
+        for sidecar in sidecars:
+            sidecar.stop()
+        values = [t.value for t in fed.issued] + [e["subject_token"] for e in fed.exchanges]
+        for backend in sts_backends["123456789012"].values():
+            values += [v for r in backend.assumed_roles
+                       for v in (r.secret_access_key, r.session_token)]
+        assert len(values) > 10
+        forms = sorted(secret_forms([*values, *(f"Bearer {v}" for v in values)]), key=len)
+        for sidecar in sidecars:
+            for stream in ("stdout.log", "stderr.log"):
+                data = (sidecar.workdir / stream).read_bytes()
+                found = [form for form in forms if form in data]
+                assert not found, f"{sidecar.workdir.name} {stream} holds a form of a secret"
+    finally:
+        server.stop()
+
+
 def test_a_secret_any_logger_writes_is_masked_on_its_way_out(caplog):
     """Defence in depth: whatever a library writes (a message, its arguments, a traceback),
     the forms of the secrets being served leave as [REDACTED]."""

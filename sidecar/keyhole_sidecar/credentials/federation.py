@@ -236,12 +236,13 @@ class FederatedSource(TokenSource):
                  **hooks):
         super().__init__(injection, (), **hooks)
         self.spec, self.subjects = spec, subjects
+        self._subject: str | None = None  # the identity last presented: masked like a token
         self.header_names = spec.header_names
         self.hashes_payload = spec.signs and spec.get("payload") != "unsigned"
 
     async def mint(self, session: aiohttp.ClientSession) -> Token:
         now = time.time()
-        subject = await self.subjects.get(self.injection, self.spec.audience)
+        subject = self._subject = await self.subjects.get(self.injection, self.spec.audience)
         # The subject token must never come back in an error message either.
         redactor = Redactor((*self.redactor().forms, *secret_forms([subject])))
         try:
@@ -272,7 +273,7 @@ class FederatedSource(TokenSource):
             out.headers["anthropic-beta"] = ",".join(dict.fromkeys([*betas, CLAUDE_BETA]))
 
     def live_secrets(self) -> tuple[str, ...]:
-        found: list[str] = []
+        found: list[str] = [self._subject] if self._subject else []
         for token in (self.cache.token, self.cache.previous):
             if token is not None:
                 found.append(token.value)
