@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import netns
+from tests.support import federation, netns
 from tests.support.config import injection, ref
 from tests.support.h2_upstream import GrpcUpstream
 from tests.support.serving import serving_process
@@ -40,11 +40,13 @@ HOST_LINK, AGENT_LINK = "khc-host", "khc-agent"
 HOST_IP, AGENT_IP, OWN_SERVER_IP = "10.253.0.1", "10.253.0.2", "10.253.0.3"
 GRPC_IP = "10.253.0.4"  # a gRPC service on 443, as Google's APIs are
 MCP_IP = "10.253.0.5"  # an MCP server on 443
+FED_IP = "10.253.0.6"  # the workload identity stand-ins on 443 (tests/support/federation.py)
 MCP_SECRET = "mcp-transparent-SECRET-4f1a7c"
 MCP_POLICY = {"tools": {"allow": ["get_*", "list_*"], "deny": ["*delete*"]}}
 HOST_IP6, AGENT_IP6 = "fd00:253::1", "fd00:253::2"
 AGENT_UID = 1000
 SECRET = "sk-transparent-SECRET-6c2d91"
+FEDERATED_SUBJECT = "system:serviceaccount:keyhole-system:ns.agents.transparent"
 GRPC_SECRET = "grpc-transparent-SECRET-83ba0e"
 ROOT = Path(__file__).resolve().parents[2]
 HOSTS_FILE = Path("/etc/netns") / NS / "hosts"
@@ -58,7 +60,8 @@ def _make_namespace() -> None:
     _remove_namespace()
     _ip("netns", "add", NS)
     _ip("link", "add", HOST_LINK, "type", "veth", "peer", "name", AGENT_LINK, "netns", NS)
-    for address in (f"{HOST_IP}/29", f"{OWN_SERVER_IP}/29", f"{GRPC_IP}/29", f"{MCP_IP}/29"):
+    for address in (f"{HOST_IP}/29", f"{OWN_SERVER_IP}/29", f"{GRPC_IP}/29", f"{MCP_IP}/29",
+                    f"{FED_IP}/29"):
         _ip("addr", "add", address, "dev", HOST_LINK)
     _ip("-6", "addr", "add", f"{HOST_IP6}/64", "dev", HOST_LINK, "nodad")
     _ip("link", "set", HOST_LINK, "up")
@@ -70,6 +73,7 @@ def _make_namespace() -> None:
     HOSTS_FILE.write_text("127.0.0.1 localhost\n::1 localhost\n"
                           f"{HOST_IP} {' '.join(TEST_HOSTS)}\n{GRPC_IP} grpc.routed.test\n"
                           f"{MCP_IP} mcp.routed.test\n"
+                          f"{FED_IP} {' '.join(federation.HOSTS)}\n"
                           f"{OWN_SERVER_IP} own.agent.test\n")
 
 
@@ -124,6 +128,8 @@ class Capture:
     env: dict[str, str] = field(default_factory=dict)
     grpc: GrpcUpstream | None = None  # a gRPC service on the host, routed with GRPC_SECRET
     mcp_record: Path | None = None  # every request the MCP server received (tests/support/mcp)
+    federation: object = None  # the workload identity stand-ins' state
+    identity_token: Path | None = None
 
     def start_sidecar(self, *extra: str) -> None:
         self.stop_sidecar()
@@ -132,7 +138,7 @@ class Capture:
             "--secrets-dir", str(self.workdir / "secrets"), "--ca-dir", str(self.workdir / "ca"),
             "--listen", "127.0.0.1:15080", "--admin-listen", "127.0.0.1:15090",
             "--transparent-listen", "127.0.0.1:15081", "--upstream-ca", self.upstream.ca_file,
-            *extra)
+            "--identity-token", str(self.identity_token), *extra)
         with (self.workdir / "sidecar.out").open("a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -224,6 +230,17 @@ def capture(test_ca):
     own = OwnServer()
     grpc_upstream = GrpcUpstream(ca, "grpc.routed.test", address=GRPC_IP, port=443).start()
     workdir = Path(tempfile.mkdtemp(prefix="keyhole-capture-sidecar-"))
+    # Workload identity: every provider's stand-in on FED_IP:443, one identity token whose
+    # aud names them all (standalone, --identity-token)
+    fed_server = federation.FederationServer(ca, federation.Issuer(),
+                                             sock=socket.create_server((FED_IP, 443)))
+    fed = fed_server.start()
+    fed.trust = fed_server.trust_issuer(FEDERATED_SUBJECT)
+    identity_token = workdir / "identity.jwt"
+    identity_token.write_text(fed_server.issuer.mint_for(  # for the session: an hour
+        FEDERATED_SUBJECT, list(federation.AUDIENCES.values()), lifetime=3600))
+    federated = [federation.injection_for(p, lambda host: host)[0]
+                 for p in federation.AUDIENCES]
     write_secrets(workdir / "secrets", {"openai": {"api-key": SECRET},
                                         "grpc": {"key": GRPC_SECRET},
                                         "mcp": {"token": MCP_SECRET}})
@@ -236,14 +253,15 @@ def capture(test_ca):
                             "format": "Bearer {value}"}]),
         injection("mcp", hosts=["mcp.routed.test"], mcp=MCP_POLICY,
                   headers=[{"name": "Authorization", "valueFrom": ref("mcp", "token"),
-                            "format": "Bearer {value}"}])])
+                            "format": "Bearer {value}"}]), *federated])
     mcp_folder = Path(tempfile.mkdtemp(prefix="keyhole-capture-mcp-"))
     mcp = serving_process([sys.executable, "-m", "tests.support.mcp_server", "sse",
                            str(mcp_folder / "received.jsonl")],
                           ca.issue_cert("mcp.routed.test"), mcp_folder,
                           env={**os.environ, "MCP_LISTEN": f"{MCP_IP}:443"})
     mcp.__enter__()
-    found = Capture(workdir, shared, upstream, own)
+    found = Capture(workdir, shared, upstream, own, identity_token=identity_token)
+    found.federation = fed
     found.grpc = grpc_upstream
     found.mcp_record = mcp_folder / "received.jsonl"
     try:
@@ -260,6 +278,7 @@ def capture(test_ca):
         mcp.__exit__(None, None, None)
         shutil.rmtree(mcp_folder, ignore_errors=True)
         grpc_upstream.stop()
+        fed_server.stop()
         server.stop()
         plain_server.stop()
         _remove_namespace()

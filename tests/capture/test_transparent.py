@@ -388,3 +388,24 @@ def test_an_mcp_agent_with_no_proxy_variable_is_governed_per_tool(capture):
     assert capture.wait_audit(lambda r: r["mode"] == "transparent"
                               and any(c.get("tool") == "delete_repository"
                                       for c in r.get("mcp") or []))["decision"] == "denied"
+
+
+@pytest.mark.parametrize("provider", ["claude", "aws", "gcp", "entra", "tokenExchange"])
+def test_a_federated_provider_is_reached_with_no_key_and_no_proxy_variable(capture, provider):
+    """Workload identity under transparent capture: the agent dials the API's name; the
+    sidecar exchanges the identity token at the provider's stand-in (which verifies it
+    against the issuer's JWKS) and injects what it answered, over HTTP/1.1 and HTTP/2."""
+    from tests.support import federation
+
+    _, url = federation.injection_for(provider, lambda host: host)
+    before = capture.federation.count(provider)
+    for version in ("--http1.1", "--http2"):
+        done = capture.agent("curl", "-sS", version, "--max-time", "20", url)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert "[REDACTED]" in answer["you_sent"], answer  # accepted, and masked coming back
+    assert capture.federation.count(provider) - before == 1  # one exchange served both
+    assert capture.federation.exchanges, "the stand-in saw the identity"
+    output = capture.output()
+    for token in capture.federation.issued:
+        assert token.value not in output

@@ -13,7 +13,6 @@ import pytest
 
 from tests.integration.clients import curl
 from tests.support import federation
-from tests.support.config import injection
 from tests.support.federation import AUDIENCES, FederationServer, Issuer
 
 SUBJECT = "system:serviceaccount:keyhole:ns.agents.claude"
@@ -42,37 +41,7 @@ def _at(fed, host: str) -> str:
 
 
 def _spec(fed, provider: str) -> tuple[dict, str]:
-    """(the injection, the URL an agent calls) for one provider's stand-in."""
-    at = lambda host: _at(fed, host)  # noqa: E731
-    if provider == "claude":
-        spec = {"claude": {"organizationID": federation.ORGANIZATION,
-                           "federationRuleID": federation.RULE,
-                           "tokenURL": f"https://{at('claude.test')}/v1/oauth/token"}}
-        return injection("claude", hosts=[at("claude.test")], workloadIdentity=spec), \
-            f"https://{at('claude.test')}/v1/messages"
-    if provider == "aws":
-        spec = {"aws": {"roleARN": federation.ROLE_ARN, "region": "eu-west-1",
-                        "service": "bedrock", "stsURL": f"https://{at('sts.aws.test')}/"}}
-        return injection("aws", hosts=[at("bedrock.aws.test")], workloadIdentity=spec), \
-            f"https://{at('bedrock.aws.test')}/model/claude/invoke"
-    if provider == "gcp":
-        spec = {"gcp": {"workloadIdentityProvider": federation.GCP_PROVIDER,
-                        "serviceAccount": federation.GCP_ACCOUNT,
-                        "stsURL": f"https://{at('sts.gcp.test')}/v1/token",
-                        "iamCredentialsURL": f"https://{at('iamcredentials.gcp.test')}"}}
-        return injection("gcp", hosts=[at("api.gcp.test")], workloadIdentity=spec), \
-            f"https://{at('api.gcp.test')}/v1/projects/p/locations/us/models"
-    if provider == "entra":
-        spec = {"entra": {"tenantID": federation.TENANT, "clientID": federation.ENTRA_CLIENT,
-                          "scopes": ["https://graph.microsoft.com/.default"],
-                          "authorityURL": f"https://{at('login.entra.test')}"}}
-        return injection("entra", hosts=[at("graph.entra.test")], workloadIdentity=spec), \
-            f"https://{at('graph.entra.test')}/v1.0/users"
-    spec = {"audience": AUDIENCES["tokenExchange"],
-            "tokenExchange": {"tokenURL": f"https://{at('exchange.test')}/token",
-                              "targetAudience": "https://api.exchange.test"}}
-    return injection("exchange", hosts=[at("api.exchange.test")], workloadIdentity=spec), \
-        f"https://{at('api.exchange.test')}/things"
+    return federation.injection_for(provider, lambda host: _at(fed, host))
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.config import injection
 from tests.support.identity import verify_sigv4
 from tests.support.serving import ThreadedApp
 
@@ -72,9 +73,12 @@ class Issuer:
         self.keys = [(secrets.token_hex(8), rsa.generate_private_key(65537, 2048))]
 
     def mint(self, subject: str, audience: str, lifetime: float = 600) -> str:
+        return self.mint_for(subject, [audience], lifetime)
+
+    def mint_for(self, subject: str, audiences: list[str], lifetime: float = 600) -> str:
         kid, key = self.keys[-1]
         now = int(time.time())
-        return jwt.encode({"iss": self.url, "sub": subject, "aud": [audience], "iat": now,
+        return jwt.encode({"iss": self.url, "sub": subject, "aud": audiences, "iat": now,
                            "nbf": now, "exp": now + int(lifetime)}, key, algorithm="RS256",
                           headers={"kid": kid})
 
@@ -353,12 +357,50 @@ def build_app(state: FederationState, issuer: Issuer | None) -> web.Application:
     return app
 
 
+def injection_for(provider: str, at: Callable[[str], str]) -> tuple[dict, str]:
+    """(the injection, the URL an agent calls) for one provider's stand-in; ``at`` gives a
+    host's authority as the agent and the sidecar reach it (``host:port``, or ``host``)."""
+    if provider == "claude":
+        spec = {"claude": {"organizationID": ORGANIZATION,
+                           "federationRuleID": RULE,
+                           "tokenURL": f"https://{at('claude.test')}/v1/oauth/token"}}
+        return injection("claude", hosts=[at("claude.test")], workloadIdentity=spec), \
+            f"https://{at('claude.test')}/v1/messages"
+    if provider == "aws":
+        spec = {"aws": {"roleARN": ROLE_ARN, "region": "eu-west-1",
+                        "service": "bedrock", "stsURL": f"https://{at('sts.aws.test')}/"}}
+        return injection("aws", hosts=[at("bedrock.aws.test")], workloadIdentity=spec), \
+            f"https://{at('bedrock.aws.test')}/model/claude/invoke"
+    if provider == "gcp":
+        spec = {"gcp": {"workloadIdentityProvider": GCP_PROVIDER,
+                        "serviceAccount": GCP_ACCOUNT,
+                        "stsURL": f"https://{at('sts.gcp.test')}/v1/token",
+                        "iamCredentialsURL": f"https://{at('iamcredentials.gcp.test')}"}}
+        return injection("gcp", hosts=[at("api.gcp.test")], workloadIdentity=spec), \
+            f"https://{at('api.gcp.test')}/v1/projects/p/locations/us/models"
+    if provider == "entra":
+        spec = {"entra": {"tenantID": TENANT, "clientID": ENTRA_CLIENT,
+                          "scopes": ["https://graph.microsoft.com/.default"],
+                          "authorityURL": f"https://{at('login.entra.test')}"}}
+        return injection("entra", hosts=[at("graph.entra.test")], workloadIdentity=spec), \
+            f"https://{at('graph.entra.test')}/v1.0/users"
+    spec = {"audience": AUDIENCES["tokenExchange"],
+            "tokenExchange": {"tokenURL": f"https://{at('exchange.test')}/token",
+                              "targetAudience": "https://api.exchange.test"}}
+    return injection("exchange", hosts=[at("api.exchange.test")], workloadIdentity=spec), \
+        f"https://{at('api.exchange.test')}/things"
+
+
 class Loopback(AbstractResolver):
-    """Every name resolves to 127.0.0.1: the stand-ins' names, verified by TLS as they are."""
+    """Every name resolves to where the stand-ins listen (127.0.0.1 unless told): their
+    names, verified by TLS as they are."""
+
+    def __init__(self, address: str = "127.0.0.1"):
+        self.address = address
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
-        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
-                 "proto": 0, "flags": 0}]
+        return [{"hostname": host, "host": self.address, "port": port,
+                 "family": socket.AF_INET, "proto": 0, "flags": 0}]
 
     async def close(self) -> None:
         return None
@@ -379,7 +421,7 @@ def https_fetcher(context: ssl.SSLContext, headers: dict[str, str] | None = None
 class FederationServer:
     """The stand-ins over TLS in a thread on 127.0.0.1, with moto's STS beside them."""
 
-    def __init__(self, ca, issuer: Issuer | None = None):
+    def __init__(self, ca, issuer: Issuer | None = None, sock: socket.socket | None = None):
         from moto.server import ThreadedMotoServer
 
         self.ca = ca
@@ -387,7 +429,9 @@ class FederationServer:
         self.state = FederationState()
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server = ThreadedApp(lambda: build_app(self.state, self.issuer),
-                                   ca.issue_cert(*HOSTS))
+                                   ca.issue_cert(*HOSTS), sock=sock)
+        self._default_port = sock is not None and sock.getsockname()[1] == 443
+        self.address = "127.0.0.1" if sock is None else sock.getsockname()[0]
 
     def start(self) -> FederationState:
         self._moto.start()
@@ -395,14 +439,15 @@ class FederationServer:
         self.state.moto_url = f"http://{host}:{port}/"
         self.state.port = self._server.start()
         if self.issuer is not None:
-            self.issuer.url = f"https://issuer.test:{self.state.port}/issuer"
+            where = "issuer.test" if self._default_port else f"issuer.test:{self.state.port}"
+            self.issuer.url = f"https://{where}/issuer"
         return self.state
 
     def trust_issuer(self, subject: str) -> Trust:
         """Trust the test issuer (its documents fetched from this server, TLS verified)."""
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
-        fetch = https_fetcher(context)
+        fetch = https_fetcher(context, resolver=Loopback(self.address))
         return Trust(self.issuer.url, subject,
                      lambda: fetch(f"{self.issuer.url}/.well-known/openid-configuration"), fetch)
 
