@@ -103,12 +103,12 @@ class Trust:
     key not yet seen, as providers do on rotation)."""
 
     issuer: str
-    subject: str
+    subject: str | dict[str, str]  # one subject, or the subject each provider's rule names
     discovery: Callable[[], Awaitable[dict]]  # the issuer's discovery document
     fetch: Callable[[str], Awaitable[dict]]  # GET a URL of the issuer's (the JWKS)
     _keys: dict = field(default_factory=dict)
 
-    async def verify(self, token: str, audience: str) -> dict | str:
+    async def verify(self, token: str, audience: str, provider: str = "") -> dict | str:
         """The token's claims, or what a provider would say is wrong with it."""
         try:
             kid = jwt.get_unverified_header(token).get("kid")
@@ -129,7 +129,8 @@ class Trust:
                                 options={"require": ["iss", "sub", "aud", "exp", "iat"]})
         except jwt.PyJWTError as exc:
             return f"token rejected: {exc}"
-        if claims["sub"] != self.subject:
+        expected = self.subject.get(provider) if isinstance(self.subject, dict) else self.subject
+        if claims["sub"] != expected:
             return f"no rule matches subject {claims['sub']!r}"
         return claims
 
@@ -198,7 +199,7 @@ def build_app(state: FederationState, issuer: Issuer | None) -> web.Application:
                                 "headers": dict(request.headers)})
         if state.refuse:
             return _oauth_error(401, "invalid_grant", state.refuse)
-        claims = await state.trust.verify(token, audience)
+        claims = await state.trust.verify(token, audience, provider)
         if isinstance(claims, str):
             # as careless endpoints do: the error echoes the assertion it refused
             return _oauth_error(401, "invalid_grant", f"{claims} (assertion {token})")
