@@ -14,12 +14,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from keyhole_common.spec import SecretInjection
-from keyhole_common.spec.model import AwsSigV4, GitHubApp, Limits, OAuth2ClientCredentials
+from keyhole_common.spec.model import CREDENTIAL_FIELDS, Limits, WorkloadIdentity
 from keyhole_sidecar.limits import describe
 from keyhole_sidecar.routes import Route, RouteTable
 
-_CREDENTIAL_KINDS = {GitHubApp: "githubApp", OAuth2ClientCredentials: "oauth2",
-                     AwsSigV4: "awsSigV4"}
+_CREDENTIAL_KINDS = {kind: field for field, kind in CREDENTIAL_FIELDS.items()}
 
 
 def credential_kinds(injection: SecretInjection) -> list[str]:
@@ -31,8 +30,11 @@ def credential_kinds(injection: SecretInjection) -> list[str]:
         kinds.append("basicAuth")
     if injection.query_params:
         kinds.append("queryParams")
-    if injection.credential is not None:
-        kinds.append(_CREDENTIAL_KINDS[type(injection.credential)])
+    credential = injection.credential
+    if isinstance(credential, WorkloadIdentity):  # which provider, and who it presents as
+        kinds.append(f"workloadIdentity: {credential.provider}, audience {credential.audience}")
+    elif credential is not None:
+        kinds.append(_CREDENTIAL_KINDS[type(credential)])
     return kinds
 
 

@@ -275,6 +275,13 @@ def build_app(state: FederationState, issuer: Issuer | None) -> web.Application:
             return web.json_response({"message": problem}, status=403)
         return _echo(request, request.headers.get("X-Amz-Security-Token", ""))
 
+    def exchanged(token: Issued) -> web.Response:
+        """An RFC 8693 answer (section 2.2.1)."""
+        return web.json_response({"access_token": token.value, "token_type": "Bearer",
+                                  "issued_token_type": "urn:ietf:params:oauth:token-type:"
+                                                       "access_token",
+                                  "expires_in": state.lifetime})
+
     # -- Google Cloud ----------------------------------------------------------------------
     async def gcp_sts(request: web.Request) -> web.StreamResponse:
         form = dict(urllib.parse.parse_qsl(await request.text()))
@@ -286,11 +293,7 @@ def build_app(state: FederationState, issuer: Issuer | None) -> web.Application:
                                 AUDIENCES["gcp"])
         if isinstance(claims, web.Response):
             return claims
-        token = state.issue("gcp-federated", "ya29.fed-")
-        return web.json_response({"access_token": token.value, "token_type": "Bearer",
-                                  "issued_token_type": "urn:ietf:params:oauth:token-type:"
-                                                       "access_token",
-                                  "expires_in": state.lifetime})
+        return exchanged(state.issue("gcp-federated", "ya29.fed-"))
 
     async def gcp_iam(request: web.Request) -> web.StreamResponse:
         expected = f"/v1/projects/-/serviceAccounts/{GCP_ACCOUNT}:generateAccessToken"
@@ -334,11 +337,7 @@ def build_app(state: FederationState, issuer: Issuer | None) -> web.Application:
                                 AUDIENCES["tokenExchange"])
         if isinstance(claims, web.Response):
             return claims
-        token = state.issue("exchange", "xch-")
-        return web.json_response({"access_token": token.value, "token_type": "Bearer",
-                                  "issued_token_type": "urn:ietf:params:oauth:token-type:"
-                                                       "access_token",
-                                  "expires_in": state.lifetime})
+        return exchanged(state.issue("exchange", "xch-"))
 
     def api(kind: str):
         async def handler(request: web.Request) -> web.StreamResponse:

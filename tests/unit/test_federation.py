@@ -356,3 +356,33 @@ def test_a_sidecars_report_is_checked_and_never_carries_more_than_it_should():
     assert not identities.worth_writing(same, same, 10, 0)
     assert identities.worth_writing(same, same, 31, 0)
     assert identities.worth_writing(same, {"ok": False, "error": "x"}, 1, 0)
+
+
+def test_check_and_config_name_the_provider_and_audience(tmp_path):
+    from keyhole_sidecar.credentials import CredentialRegistry
+    from keyhole_sidecar.inventory import inventory, render_text
+    from keyhole_sidecar.routes import build_route_table
+
+    spec, _ = parse_injection(_doc(FED), "test")
+    table = build_route_table([spec], lambda ref, **_: "", CredentialRegistry().source)
+    described = inventory(table, None, version="test")
+    (entry,) = described["injections"]
+    assert entry["credential"] == ["workloadIdentity: claude, audience https://api.anthropic.com"]
+    assert "fed: api.anthropic.com ← Authorization (workloadIdentity: claude" in \
+        "\n".join(render_text(described))
+
+
+def test_a_cluster_injection_gives_its_identity_only_where_it_serves_now():
+    cluster = {"apiVersion": "keyhole.dev/v1alpha1", "kind": "ClusterSecretInjection",
+               "metadata": {"name": "fleet"},
+               "spec": {"namespaceSelector": {"matchLabels": {"team": "a"}},
+                        "podSelector": {"matchLabels": {"keyhole.dev/fed": "true"}},
+                        "hosts": ["api.anthropic.com"], "workloadIdentity": FED}}
+    routes = _routes({k: cluster[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+    live = _live({(None, "fleet"): cluster})
+    owner, spec = identities.identity_for(routes, POD, "agents", {"team": "a"}, "fleet", live)
+    assert owner is None and spec.provider == "claude"
+    with pytest.raises(PermissionError, match="does not serve namespace agents now"):
+        identities.identity_for(routes, POD, "agents", {"team": "b"}, "fleet", live)
+    with pytest.raises(PermissionError, match="no longer exists"):
+        identities.identity_for(routes, POD, "agents", {"team": "a"}, "fleet", _live({}))

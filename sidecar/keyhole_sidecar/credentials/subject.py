@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyhole_sidecar.credentials.tokens import CredentialError
+from keyhole_sidecar.operator_channel import ChannelRefused
+from keyhole_sidecar.usage.shared import ChannelUnavailable
 
 EARLY = 60.0  # a subject token this close to its expiry is not presented: ask for a new one
 
@@ -121,9 +123,6 @@ class ChannelSubjectTokens(SubjectTokens):
         self._held: dict[str, SubjectToken] = {}
 
     async def get(self, injection: str, audience: str) -> str:
-        from keyhole_sidecar.operator_channel import ChannelRefused
-        from keyhole_sidecar.usage.shared import ChannelUnavailable
-
         now = self.clock()
         held = self._held.get(injection)
         if held is not None and held.fresh(now):
