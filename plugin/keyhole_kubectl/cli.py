@@ -55,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("name", metavar="SECRET|INJECTION",
                      help="a SecretInjection or Secret name (or si/NAME, secret/NAME)")
     explain = commands.add_parser(
-        "explain", help="why a pod does or does not get each key",
+        "explain", help="why a pod does or does not get each key; what a federated "
+                        "injection's trust rule must name",
         description="Why a pod does or does not get each key: for every injection of its "
                     "namespace (and the cluster injections that serve it), whether its labels "
-                    "are selected, whether the sidecar holds the key, and what to change.",
-        epilog="example:\n  kubectl keyhole explain pod agent-7d9f -n agents -o wide",
+                    "are selected, whether the sidecar holds the key, and what to change. For "
+                    "an injection with spec.workloadIdentity: the issuer, keys, subject and "
+                    "audience a provider's trust rule must name, and its last exchange.",
+        epilog="examples:\n  kubectl keyhole explain pod agent-7d9f -n agents -o wide\n"
+               "  kubectl keyhole explain si claude -n agents",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(explain)
     explain.add_argument("kind", choices=(*POD_KINDS, *INJECTION_KINDS, *CLUSTER_KINDS),

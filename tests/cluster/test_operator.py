@@ -106,7 +106,8 @@ def test_the_crd_refuses_two_credential_sources_and_a_malformed_app_id(kube, crd
     bad["spec"]["githubApp"] = {"appID": "12 34", "installationID": 5, "privateKeyFrom": ref}
     done = kube.apply([bad], namespace, check=False)
     assert done.returncode != 0
-    assert "githubApp, oauth2 and awsSigV4 are credential sources" in done.stderr
+    assert "githubApp, oauth2, awsSigV4 and workloadIdentity are credential sources" in \
+        done.stderr
     assert "the App's ID (a number) or its client ID" in done.stderr
 
 

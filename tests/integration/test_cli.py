@@ -307,7 +307,8 @@ def test_help_names_the_subcommands_and_describes_every_option():
     assert "edits apply live" not in check and "checked when present, never created" in check
     explain = subprocess.run([str(bin_dir / "kubectl-keyhole"), "explain", "--help"],
                              capture_output=True, text=True, timeout=30).stdout
-    assert "the pod's name, in -n NAMESPACE" in explain
+    assert "its name, in -n NAMESPACE" in explain
+    assert "kubectl keyhole explain si claude -n agents" in explain
 
 
 def test_every_input_is_checked_before_a_ca_is_made_and_making_one_is_a_warning(tmp_path):
