@@ -49,7 +49,8 @@ def start(make_sidecar, fed, tmp_path):
     def start(provider: str, token: str | None = None, *, subject: str = SUBJECT):
         spec, url = _spec(fed, provider)
         path = tmp_path / "identity-token"
-        path.write_text(token or fed.server.issuer.mint(subject, AUDIENCES[provider]))
+        path.write_text(token or fed.server.issuer.mint(
+            subject, AUDIENCES.get(provider, AUDIENCES["tokenExchange"])))
         resolve = [arg for host in federation.HOSTS
                    for arg in ("--resolve", f"{host}:{fed.port}:127.0.0.1")]
         sidecar = make_sidecar([spec], {}, args=[*resolve, "--identity-token", str(path)])
@@ -74,10 +75,11 @@ def _never_leaked(sidecar, fed, *texts: str) -> None:
         assert secret not in everything
 
 
-@pytest.mark.parametrize("provider", ["claude", "aws", "gcp", "entra", "tokenExchange"])
+@pytest.mark.parametrize("provider", ["claude", "aws", "gcp", "entra", "tokenExchange",
+                                      "jwtBearer", "clientAssertion"])
 def test_an_agent_with_no_key_reaches_each_provider_through_every_mode(start, fed, provider):
     sidecar = start(provider)
-    name = {"tokenExchange": "exchange"}.get(provider, provider)
+    name = {"tokenExchange": "exchange"}.get(provider, provider.lower())
     before = fed.count(provider)
     replies = [curl(sidecar, sidecar.target),  # CONNECT, HTTP/1.1 inside
                curl(sidecar, sidecar.target, http2=True),  # CONNECT, HTTP/2 inside

@@ -52,6 +52,7 @@ GCP_PROVIDER = "projects/123456/locations/global/workloadIdentityPools/agents/pr
 GCP_ACCOUNT = "agent@proj.iam.gserviceaccount.com"
 TENANT = "7f3c-tenant"
 ENTRA_CLIENT = "0c1d-client"
+EXCHANGE_CLIENT = "keyhole-agents"  # the generic server's client, for clientAssertion
 TOKEN_HOSTS = frozenset({"sts.aws.test", "sts.gcp.test", "iamcredentials.gcp.test",
                          "login.entra.test", "exchange.test"})  # claude.test: the API's too
 AUDIENCES = {"claude": "https://api.anthropic.com", "aws": "sts.amazonaws.com",
@@ -330,11 +331,22 @@ def build_app(state: FederationState, issuer: Issuer | None) -> web.Application:
                                   "access_token": token.value})
 
     async def exchange(request: web.Request) -> web.StreamResponse:
+        """An authorisation server of the generic kinds: RFC 8693 token exchange, the RFC 7523
+        jwt-bearer grant (§2.1), client credentials with a client assertion (§2.2)."""
         form = dict(urllib.parse.parse_qsl(await request.text()))
-        if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange":
-            return _oauth_error(400, "unsupported_grant_type", "token exchange only")
-        claims = await verified(request, "tokenExchange", form.get("subject_token", ""),
-                                AUDIENCES["tokenExchange"])
+        grant = form.get("grant_type")
+        if grant == "urn:ietf:params:oauth:grant-type:token-exchange" and \
+                form.get("subject_token_type") == "urn:ietf:params:oauth:token-type:jwt":
+            provider, token = "tokenExchange", form.get("subject_token", "")
+        elif grant == "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            provider, token = "jwtBearer", form.get("assertion", "")
+        elif grant == "client_credentials" and form.get("client_id") == EXCHANGE_CLIENT and \
+                form.get("client_assertion_type") == \
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer":
+            provider, token = "clientAssertion", form.get("client_assertion", "")
+        else:
+            return _oauth_error(400, "unsupported_grant_type", f"{grant!r} with these fields")
+        claims = await verified(request, provider, token, AUDIENCES["tokenExchange"])
         if isinstance(claims, web.Response):
             return claims
         return exchanged(state.issue("exchange", "xch-"))
@@ -384,10 +396,13 @@ def injection_for(provider: str, at: Callable[[str], str]) -> tuple[dict, str]:
                           "authorityURL": f"https://{at('login.entra.test')}"}}
         return injection("entra", hosts=[at("graph.entra.test")], workloadIdentity=spec), \
             f"https://{at('graph.entra.test')}/v1.0/users"
+    shape = {"tokenExchange": {"targetAudience": "https://api.exchange.test"},
+             "jwtBearer": {"scopes": ["things.read"]},
+             "clientAssertion": {"clientID": EXCHANGE_CLIENT}}[provider]
     spec = {"audience": AUDIENCES["tokenExchange"],
-            "tokenExchange": {"tokenURL": f"https://{at('exchange.test')}/token",
-                              "targetAudience": "https://api.exchange.test"}}
-    return injection("exchange", hosts=[at("api.exchange.test")], workloadIdentity=spec), \
+            provider: {"tokenURL": f"https://{at('exchange.test')}/token", **shape}}
+    name = {"tokenExchange": "exchange"}.get(provider, provider.lower())
+    return injection(name, hosts=[at("api.exchange.test")], workloadIdentity=spec), \
         f"https://{at('api.exchange.test')}/things"
 
 
