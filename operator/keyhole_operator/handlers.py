@@ -410,12 +410,12 @@ def revoke_on_delete(type: str, namespace: str, name: str, injection_index: kopf
     if type != "DELETED":
         return
     runtime = _runtime(memo)
-    forget_identity(runtime, namespace, name)
     remaining = injections_of(injection_index, namespace, without=name)
     publish_managed_secrets(runtime.cluster, runtime, namespace, remaining, injection_index)
     sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace),
               [*remaining, *cluster_injections(cluster_index, runtime)],
               namespace_labels(namespace_index, namespace))
+    forget_identity(runtime, namespace, name)  # after the revocation, which must not wait
 
 
 @kopf.on.event("v1", "pods", id="follow-pod")
@@ -473,7 +473,6 @@ def revoke_cluster_on_delete(type: str, name: str, body: kopf.Body,
     if type != "DELETED":
         return
     runtime = _runtime(memo)
-    forget_identity(runtime, None, name)
     remaining = cluster_injections(cluster_index, runtime, without=name)
     served = set((body.get("status") or {}).get("namespaces") or [])
     try:  # and those its spec serves now (the status lists 200 at most)
@@ -486,6 +485,7 @@ def revoke_cluster_on_delete(type: str, name: str, body: kopf.Body,
         sync_pods(runtime.cluster, runtime, namespace, runtime.cluster.list_pods(namespace),
                   [*injections_of(injection_index, namespace), *remaining],
                   namespace_labels(namespace_index, namespace))
+    forget_identity(runtime, None, name)  # after the revocation, which must not wait
 
 
 @kopf.on.event("v1", "namespaces", id="follow-namespace")

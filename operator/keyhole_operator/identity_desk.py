@@ -25,6 +25,7 @@ class IdentityDesk:
         self._tokens: dict[tuple[str, str], tuple[str, float, float]] = {}
         self._written: dict[tuple[str | None, str], tuple[float, dict]] = {}
         self._discovery: tuple[float, dict] | None = None
+        self._made: set[str] = set()  # accounts known to exist
         self._lock = threading.Lock()
 
     def token(self, namespace: str | None, injection: str, audience: str) -> tuple[str, float]:
@@ -41,6 +42,7 @@ class IdentityDesk:
         found = self.cluster.request_token(self.home, account, audience,
                                            identities.TOKEN_SECONDS)
         if found is None:  # first use, or someone deleted it: make it, then ask again
+            self._made.discard(account)
             self.ensure(namespace, injection)
             found = self.cluster.request_token(self.home, account, audience,
                                                identities.TOKEN_SECONDS)
@@ -54,8 +56,10 @@ class IdentityDesk:
     def ensure(self, namespace: str | None, injection: str) -> str:
         """The injection's ServiceAccount exists (created if not); its name."""
         account = identities.account_name(namespace, injection)
-        self.cluster.ensure_service_account(
-            identities.account_manifest(self.home, account, namespace, injection))
+        if account not in self._made:  # once per process: every reconcile asks
+            self.cluster.ensure_service_account(
+                identities.account_manifest(self.home, account, namespace, injection))
+            self._made.add(account)
         return account
 
     def forget(self, namespace: str | None, injection: str) -> None:
@@ -64,6 +68,7 @@ class IdentityDesk:
         with self._lock:
             self._tokens = {k: v for k, v in self._tokens.items() if k[0] != account}
             self._written.pop((namespace, injection), None)
+            self._made.discard(account)
         self.cluster.delete_service_account(self.home, account)
 
     def discovery(self) -> dict | None:

@@ -5,11 +5,11 @@ gather what kopf hands over and call here."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from keyhole_common.spec.model import WorkloadIdentity
 from keyhole_operator import metrics
@@ -199,9 +199,15 @@ def with_exchange(new_status: dict, status, meta) -> None:
 
 def forget_identity(runtime: Runtime, namespace: str | None, name: str) -> None:
     """The injection is gone or no longer federates: its ServiceAccount goes (the tokens
-    already handed out expire within minutes; no sidecar is given another)."""
-    with contextlib.suppress(ValueError):  # a name no ServiceAccount could have: none made
+    already handed out expire within minutes; no sidecar is given another). A failure is
+    logged, never raised: it must not stop the revocation around it (the startup sweep
+    deletes what is left)."""
+    try:
         runtime.identities.forget(namespace, name)
+    except ValueError:  # a name no ServiceAccount could have: none was made
+        pass
+    except (ApiException, OSError) as exc:
+        log.warning("could not delete the identity of injection %s: %s", name, exc)
 
 
 def sweep_identities(runtime: Runtime) -> list[str]:
