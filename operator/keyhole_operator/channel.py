@@ -20,6 +20,11 @@ the channel can carry only what the operator signed.
 ``POST /v1/values`` — → ``{"injections": {NAME: {"values": {"SECRET/KEY": BASE64},
 "missing": {...}}}, "refused": {NAME: WHY}}``: the Secret values of the pod's cluster
 injections, read from the central namespace (``values``), for those that serve it now.
+
+``POST /v1/identity`` — ``{"injection": NAME}`` → ``{"token", "expiresIn", "subject"}``: a token
+of a federated injection's own ServiceAccount in keyhole's namespace (``identities``), for a pod
+the injection serves now; ``POST /v1/identity/exchanges`` — how the sidecar's last exchange at
+the provider went, kept in the injection's ``status.workloadIdentity``.
 """
 
 from __future__ import annotations
