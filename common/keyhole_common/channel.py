@@ -5,7 +5,9 @@ a lease call; DESIGN.md, *The operator channel*, says what each means."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import math
 from dataclasses import dataclass
 
@@ -19,6 +21,18 @@ EXCHANGES_PATH = "/v1/identity/exchanges"
 """What a sidecar's last exchange gave: ``{"injection", "expiresAt", "error"}`` → ``{}``."""
 USAGE = "usage/day"
 """The meter of what an injection's pods spent today: a ledger entry with no limit."""
+
+
+def unverified_claims(token: str) -> dict:
+    """A JWT's claims, read and **not** verified — the tokens the channel carries are checked
+    by whoever accepts them (the API server, a provider); this only tells how long one lives
+    or whom it names. {} when it is not a JWT."""
+    try:
+        payload = token.split(".")[1]
+        found = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def window(now: float, per: str) -> tuple[float, float]:

@@ -30,7 +30,6 @@ the provider went, kept in the injection's ``status.workloadIdentity``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -58,6 +57,7 @@ from keyhole_common.channel import (
     ROUTES_PATH,
     VALUES_PATH,
     Report,
+    unverified_claims,
 )
 from keyhole_common.spec import SignatureError, parse_injection, verify
 from keyhole_common.spec.model import Budget, SecretInjection, WorkloadIdentity
@@ -164,10 +164,8 @@ def token_lifetime(token: str, now: float) -> float:
     """Seconds until the token's ``exp`` (read, not verified: the API server verified it);
     0 when it cannot be read. Only bounds how long a review is remembered."""
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return max(float(claims["exp"]) - now, 0.0)
-    except (IndexError, KeyError, TypeError, ValueError):
+        return max(float(unverified_claims(token)["exp"]) - now, 0.0)
+    except (KeyError, TypeError, ValueError):
         return 0.0
 
 
@@ -311,13 +309,8 @@ class Channel:
         def live(namespace: str | None, name: str) -> SecretInjection | None:
             if namespace is None:
                 return values.live_cluster_injection(self.cluster.read_cluster_injection(name))
-            obj = self.cluster.read_injection(namespace, name)
-            if obj is None:
-                return None
-            found, _ = parse_injection({k: obj.get(k) for k in ("apiVersion", "kind", "spec")}
-                                       | {"metadata": {"name": name, "namespace": namespace}},
-                                       f"SecretInjection {namespace}/{name}")
-            return found
+            return values.live_injection(self.cluster.read_injection(namespace, name),
+                                         namespace, name)
 
         try:
             owner, spec = identities.identity_for(document, pod, who.namespace,
@@ -419,10 +412,7 @@ class Channel:
                 if obj is None:
                     raise ChannelError(404, f"injection {who.namespace}/{injection} no longer "
                                             "exists")
-                live, _ = parse_injection({k: obj.get(k) for k in ("apiVersion", "kind",
-                                                                  "spec")} | {
-                    "metadata": {"name": injection, "namespace": who.namespace}},
-                    f"SecretInjection {who.namespace}/{injection}")
+                live = values.live_injection(obj, who.namespace, injection)
                 entries = list(((obj.get("status") or {}).get("ledger")) or [])
                 kept, grants = apply(entries, live, signed, holder, reports, self.clock(),
                                      self.lease_seconds)

@@ -99,6 +99,17 @@ def secret_problem(found: Labelled | None, ref: SecretKeyRef, central: str) -> s
     return None
 
 
+def live_injection(obj: dict | None, namespace: str, name: str) -> SecretInjection | None:
+    """A SecretInjection object as the API server has it, parsed; None when it is gone or
+    does not parse."""
+    if obj is None:
+        return None
+    clean = {k: obj.get(k) for k in ("apiVersion", "kind", "spec")}
+    found, _ = parse_injection(clean | {"metadata": {"name": name, "namespace": namespace}},
+                               f"SecretInjection {namespace}/{name}")
+    return found
+
+
 def live_cluster_injection(obj: dict | None) -> SecretInjection | None:
     """A ClusterSecretInjection object as the API server has it, parsed; None when it is gone
     or does not parse (then it serves nobody: fail closed)."""

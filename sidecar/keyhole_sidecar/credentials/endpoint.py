@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -16,6 +17,7 @@ import aiohttp
 from keyhole_sidecar.credentials.tokens import DEFAULT_LIFETIME, CredentialError, Token
 from keyhole_sidecar.redact import Redactor
 
+FORM = "application/x-www-form-urlencoded"
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 MAX_ANSWER = 64 * 1024
 DETAIL_LENGTH = 200
@@ -85,6 +87,17 @@ def detail(answer: Answer, redactor: Redactor, *keys: str) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:DETAIL_LENGTH]
+
+
+def timestamp(stamp: object, who: str) -> float:
+    """An endpoint's absolute expiry (RFC 3339, ``Z`` or an offset) as wall-clock seconds."""
+    if not isinstance(stamp, str):
+        raise CredentialError("endpoint_answer", f"{who} answered no expiry")
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise CredentialError("endpoint_answer", f"{who}'s expiry {stamp!r} is not a "
+                                                 "timestamp") from None
 
 
 def bearer_token(answer: Answer, endpoint: str, now: float,

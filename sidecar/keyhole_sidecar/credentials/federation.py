@@ -15,21 +15,28 @@ from __future__ import annotations
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from urllib.parse import quote, urlencode
 
 import aiohttp
 
 from keyhole_common.spec.model import WorkloadIdentity
 from keyhole_sidecar.credentials.aws import sign_outgoing
-from keyhole_sidecar.credentials.endpoint import Answer, bearer_token, call, call_raw, detail, where
+from keyhole_sidecar.credentials.endpoint import (
+    FORM,
+    Answer,
+    bearer_token,
+    call,
+    call_raw,
+    detail,
+    timestamp,
+    where,
+)
 from keyhole_sidecar.credentials.sigv4 import AwsKeys
 from keyhole_sidecar.credentials.source import Outgoing, TokenSource
 from keyhole_sidecar.credentials.subject import SubjectTokens, unavailable
 from keyhole_sidecar.credentials.tokens import CredentialError, Token
 from keyhole_sidecar.redact import Redactor, secret_forms
 
-FORM = "application/x-www-form-urlencoded"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a URN
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -48,12 +55,16 @@ Exchange = Callable[[aiohttp.ClientSession, WorkloadIdentity, str, Redactor, flo
 """(session, spec, subject token, redactor, now, injection) → the minted credential."""
 
 
+def _refusal(status: int, message: str) -> CredentialError:
+    """A provider's no: ``refused`` for a 4xx (the rule, the token), else its answer."""
+    return unavailable("refused" if 400 <= status < 500 else "endpoint_answer", message)
+
+
 def _refused(spec: WorkloadIdentity, answer: Answer, redactor: Redactor, hint: str,
              *keys: str) -> CredentialError:
     said = detail(answer, redactor, *keys)
-    return unavailable("refused" if 400 <= answer.status < 500 else "endpoint_answer",
-                       f"{spec.provider} at {where(spec.token_url)} refused the exchange "
-                       f"({answer.status}{said}): {hint}")
+    return _refusal(answer.status, f"{spec.provider} at {where(spec.token_url)} refused the "
+                                   f"exchange ({answer.status}{said}): {hint}")
 
 
 OAUTH_ERROR = ("error", "error_description")
@@ -135,10 +146,10 @@ async def aws(session, spec, subject, redactor, now, injection) -> Token:
     found = sts_fields(raw)
     if status != 200:
         said = detail(Answer(status, found), redactor, "Code", "Message")
-        raise unavailable("refused" if 400 <= status < 500 else "endpoint_answer",
-                          f"AWS STS at {where(spec.token_url)} refused AssumeRoleWithWebIdentity "
-                          f"for {spec.get('roleARN')} ({status}{said}): check the role's trust "
-                          "policy (issuer, aud and sub as kubectl keyhole explain shows them)")
+        raise _refusal(status, f"AWS STS at {where(spec.token_url)} refused "
+                               f"AssumeRoleWithWebIdentity for {spec.get('roleARN')} ({status}"
+                               f"{said}): check the role's trust policy (issuer, aud and sub "
+                               "as kubectl keyhole explain shows them)")
     key_id, secret, token = (found.get(k) for k in ("AccessKeyId", "SecretAccessKey",
                                                      "SessionToken"))
     if not (key_id and secret and token):
@@ -163,17 +174,10 @@ def sts_fields(raw: bytes) -> dict[str, str]:
 
 
 def expiry(stamp: object, now: float, who: str, lifetime: float) -> float:
-    """An absolute expiry (RFC 3339) as wall-clock seconds, never later than ``lifetime``
-    (what was asked for) from now: a provider whose clock runs ahead of ours would otherwise
-    have a token served after it expired. One whose clock runs behind makes it end early."""
-    if not isinstance(stamp, str):
-        raise unavailable("endpoint_answer", f"{who} answered no expiry")
-    try:
-        when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise unavailable("endpoint_answer", f"{who}'s expiry {stamp!r} is not a "
-                                             "timestamp") from None
-    return min(when, now + lifetime)
+    """An absolute expiry as wall-clock seconds, never later than ``lifetime`` (what was
+    asked for) from now: a provider whose clock runs ahead of ours would otherwise have a
+    token served after it expired. One whose clock runs behind makes it end early."""
+    return min(timestamp(stamp, who), now + lifetime)
 
 
 async def gcp(session, spec, subject, redactor, now, injection) -> Token:
@@ -197,10 +201,9 @@ async def gcp(session, spec, subject, redactor, now, injection) -> Token:
         error = answer.body.get("error") if isinstance(answer.body.get("error"), dict) else {}
         said = detail(Answer(answer.status, error), Redactor(
             (*redactor.forms, *secret_forms([federated.value]))), "status", "message")
-        raise unavailable("refused" if 400 <= answer.status < 500 else "endpoint_answer",
-                          f"Google Cloud refused to impersonate {account} ({answer.status}"
-                          f"{said}): grant the pool's principal roles/iam."
-                          "workloadIdentityUser on it")
+        raise _refusal(answer.status, f"Google Cloud refused to impersonate {account} "
+                                      f"({answer.status}{said}): grant the pool's principal "
+                                      "roles/iam.workloadIdentityUser on it")
     token = answer.body.get("accessToken")
     if not isinstance(token, str) or not token:
         raise unavailable("endpoint_answer", "generateAccessToken answered no accessToken")
@@ -273,11 +276,8 @@ class FederatedSource(TokenSource):
             out.headers["anthropic-beta"] = ",".join(dict.fromkeys([*betas, CLAUDE_BETA]))
 
     def live_secrets(self) -> tuple[str, ...]:
-        found: list[str] = [self._subject] if self._subject else []
-        for token in (self.cache.token, self.cache.previous):
-            if token is not None:
-                found.append(token.value)
-                if isinstance(token.material, AwsKeys):
-                    found.append(token.material.secret_access_key)
-        return tuple(found)
+        """The tokens (``TokenSource``'s), the subject presented, AWS's secret keys."""
+        keys = tuple(t.material.secret_access_key for t in (self.cache.token, self.cache.previous)
+                     if t is not None and isinstance(t.material, AwsKeys))
+        return (*super().live_secrets(), *keys, *((self._subject,) if self._subject else ()))
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import base64
 import json
 import time
-from datetime import datetime
 
 import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from keyhole_common.spec.model import GitHubApp
-from keyhole_sidecar.credentials.endpoint import call, detail
+from keyhole_sidecar.credentials.endpoint import call, detail, timestamp
 from keyhole_sidecar.credentials.source import Outgoing, TokenSource
 from keyhole_sidecar.credentials.tokens import CredentialError, Token
 from keyhole_sidecar.redact import Redactor, secret_forms
@@ -85,12 +84,7 @@ class GitHubAppSource(TokenSource):
         token, expires = answer.body.get("token"), answer.body.get("expires_at")
         if not isinstance(token, str) or not token or not isinstance(expires, str):
             raise CredentialError("endpoint_answer", "GitHub's answer had no token or expires_at")
-        try:
-            expires_at = datetime.fromisoformat(expires.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            raise CredentialError("endpoint_answer", f"GitHub's expires_at {expires!r} is not "
-                                                     "a timestamp") from None
-        return Token(token, expires_at, now)
+        return Token(token, timestamp(expires, "GitHub"), now)
 
     async def _look_up_installation(self, session: aiohttp.ClientSession,
                                     auth: dict[str, str]) -> str:

@@ -10,11 +10,9 @@ from urllib.parse import quote_plus, urlencode
 import aiohttp
 
 from keyhole_common.spec.model import OAuth2ClientCredentials
-from keyhole_sidecar.credentials.endpoint import bearer_token, call, detail, where
+from keyhole_sidecar.credentials.endpoint import FORM, bearer_token, call, detail, where
 from keyhole_sidecar.credentials.source import Outgoing, TokenSource
 from keyhole_sidecar.credentials.tokens import CredentialError, Token
-
-FORM = "application/x-www-form-urlencoded"
 
 
 def token_request(spec: OAuth2ClientCredentials, client_id: str,

@@ -13,14 +13,13 @@ Either way the token lives in the proxy's memory and goes only to the provider's
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from keyhole_common.channel import unverified_claims
 from keyhole_sidecar.credentials.tokens import CredentialError
 from keyhole_sidecar.operator_channel import ChannelRefused
 from keyhole_sidecar.usage.shared import ChannelUnavailable
@@ -40,17 +39,6 @@ class SubjectToken:
 
     def usable(self, now: float) -> bool:
         return now < self.expires_at - EARLY
-
-
-def claims(token: str) -> dict:
-    """A JWT's claims, read and not verified (the provider verifies it): only to tell a user
-    that a token file holds the wrong audience or an expired token. {} when unreadable."""
-    try:
-        payload = token.split(".")[1]
-        found = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def unavailable(reason: str, message: str) -> CredentialError:
@@ -93,7 +81,7 @@ class FileSubjectTokens(SubjectTokens):
         except OSError as exc:
             raise unavailable("no_identity", f"cannot read the identity token {self.path} "
                                              f"({exc.strerror})") from None
-        found = claims(token)
+        found = unverified_claims(token)  # the provider verifies it; this only explains
         if not found:
             raise unavailable("no_identity", f"{self.path} holds no JWT (header.payload."
                                              "signature)")
