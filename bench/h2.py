@@ -18,7 +18,6 @@ so these are base-URL figures; interception adds the client-side TLS that figure
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -37,19 +36,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GRPC_MESSAGE = b"\x00\x00\x00\x00\x05hello"  # one uncompressed gRPC message: "hello"
 
 
-def grpc_server_binary() -> Path:
-    source = Path(__file__).resolve().parent / "grpcserver"
-    digest = hashlib.sha256(b"".join((source / n).read_bytes()
-                                     for n in ("main.go", "go.mod", "go.sum"))).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
-    binary = cache / f"bench-grpcserver-{digest}"
-    if not binary.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source, check=True,
-                       env={**os.environ, "GOFLAGS": "-mod=mod"}, timeout=600)
-    return binary
-
-
 def start_upstreams(ws: Workspace) -> tuple[peers.Process, peers.Process]:
     port = free_port()
     nginx = peers.nginx(ws, "nginx-h2", f"""
@@ -62,7 +48,7 @@ def start_upstreams(ws: Workspace) -> tuple[peers.Process, peers.Process]:
     wait_for_port(port)
     nginx.extra["port"] = port
     grpc_port = free_port()
-    grpc = spawn("grpcserver", pinned(0, [str(grpc_server_binary()), str(ws.root / "upstream.pem"),
+    grpc = spawn("grpcserver", pinned(0, [str(peers.go_binary("grpcserver")), str(ws.root / "upstream.pem"),
                                           str(grpc_port)]), ws.root / "grpcserver.log")
     wait_for_port(grpc_port)
     grpc.extra["port"] = grpc_port

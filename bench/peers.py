@@ -31,6 +31,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def go_binary(name: str) -> Path:
+    """The Go program in ``bench/<name>`` built once per version of its source, in the cache
+    outside the work tree (Go builds the bench's own tools: nothing of the product is Go)."""
+    import hashlib
+
+    source = Path(__file__).resolve().parent / name
+    files = sorted(n for n in ("main.go", "go.mod", "go.sum") if (source / n).exists())
+    digest = hashlib.sha256(b"".join((source / n).read_bytes() for n in files)).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
+    binary = cache / f"bench-{name}-{digest}"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source, check=True,
+                       env={**os.environ, "GOFLAGS": "-mod=mod"}, timeout=600)
+    return binary
+
+
 def pinned(cpu: int, command: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *command] if shutil.which("taskset") else command
 

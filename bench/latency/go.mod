@@ -1,0 +1,3 @@
+module keyhole.dev/bench/latency
+
+go 1.22
