@@ -39,6 +39,13 @@ TRUST_VOLUME = "keyhole-trust"
 UPSTREAM_CA_VOLUME = "keyhole-upstream-ca"
 STATE_VOLUME = "keyhole-state"
 CHANNEL_VOLUME = "keyhole-channel"
+# Mounted over the path where the API server's ServiceAccount admission puts the pod's API
+# token, in keyhole's own containers: they never use it (the channel has its own token), and
+# a container that already mounts that path is one the plugin leaves alone. Without it the
+# plugin, run again after keyhole's patch, changed the pod, and with the chart's
+# reinvocationPolicy IfNeeded the API server reviewed every tagged pod a second time.
+NO_API_TOKEN_VOLUME = "keyhole-no-api-token"  # noqa: S105 - a volume name
+API_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105 - a path
 
 # Files in Secret, ConfigMap and downward-API volumes keyhole adds. Readable by the
 # non-root sidecar: the kubelet makes these files root-owned unless the pod sets fsGroup,

@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from keyhole_operator import layout
 from tests.cluster.conftest import OPERATOR_USER, ROOT
 from tests.support.config import injection, ref
 
@@ -155,6 +156,49 @@ def test_a_labelled_pod_comes_back_with_the_sidecar(kube, operator, namespace):
     assert env["OPENAI_API_KEY"] == "keyhole-placeholder-not-a-secret"
     assert json.loads(created["metadata"]["annotations"]["keyhole.dev/status"])["injections"] == [
         "openai"]
+
+
+def _reviews_injected(operator) -> float:
+    """How many pod reviews the operator answered with the sidecar (its own counter)."""
+    import httpx
+
+    with httpx.Client() as http:
+        text = http.get(f"http://127.0.0.1:{operator.metrics_port}/metrics").text
+    sample = 'keyhole_operator_admissions_total{result="injected",webhook="keyhole-inject"}'
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith(sample))
+
+
+def test_a_tagged_pod_is_reviewed_once_under_the_charts_reinvocation_policy(kube, operator,
+                                                                          namespace):
+    """The chart's pod webhook asks to be called again if another admission plugin changes
+    the pod after it (IfNeeded: a container a later webhook adds still gets the proxy
+    settings). The API server's own ServiceAccount plugin, run again after keyhole's patch,
+    mounted the pod's API token into keyhole's containers — a change, so every tagged pod was
+    reviewed twice. keyhole's containers now hold the path it mounts, and it changes nothing."""
+    config = kube.get("mutatingwebhookconfiguration", "keyhole.dev", None)
+    index = next(i for i, hook in enumerate(config["webhooks"])
+                 if hook["name"].startswith("keyhole-inject"))
+    policy = f"/webhooks/{index}/reinvocationPolicy"
+    kube.kubectl("patch", "mutatingwebhookconfiguration", "keyhole.dev", "--type", "json",
+                 "-p", json.dumps([{"op": "add", "path": policy, "value": "IfNeeded"}]))
+    try:
+        apply_injections(kube, namespace, openai_injection())
+        before = _reviews_injected(operator)
+        kube.apply([pod("agent", {"keyhole.dev/openai": "true"})], namespace)
+        assert _reviews_injected(operator) - before == 1
+    finally:
+        kube.kubectl("patch", "mutatingwebhookconfiguration", "keyhole.dev", "--type", "json",
+                     "-p", json.dumps([{"op": "replace", "path": policy, "value": "Never"}]))
+    created = kube.get("pod", "agent", namespace)
+    spec = created["spec"]
+    token_volume = next(v["name"] for v in spec["volumes"]
+                        if v["name"].startswith("kube-api-access-"))
+    agent_mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    assert agent_mounts[layout.API_TOKEN_DIR] == token_volume  # the agent's own, untouched
+    sidecar = spec["initContainers"][0]
+    assert sidecar["name"] == "keyhole-proxy"
+    assert token_volume not in {m["name"] for m in sidecar["volumeMounts"]}
 
 
 def test_a_pod_from_a_template_with_generate_name_is_mutated(kube, operator, namespace):

@@ -62,6 +62,8 @@ try:
 except OSError as exc:
     write = errno.errorcode[exc.errno]
 seen = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "write": write}
+token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"  # the pod's API token, elsewhere
+seen["api_token_dir"] = sorted(n for n in os.listdir(token_dir) if not n.startswith(".."))
 if len(sys.argv) > 1:  # a file it must be able to read, and what it holds (as a hash)
     seen["file_gid"] = os.stat(sys.argv[1]).st_gid
     seen["file_sha256"] = hashlib.sha256(open(sys.argv[1], "rb").read().strip()).hexdigest()
@@ -184,6 +186,7 @@ def test_the_sidecar_runs_unprivileged_on_a_read_only_root_and_reads_its_secret(
     seen = json.loads(done.stdout)
     assert seen["uid"] == 65532 and seen["gid"] == 65532
     assert seen["write"] == "EROFS"
+    assert seen["api_token_dir"] == []  # mounted, empty: the sidecar holds no API token
     assert seen["file_sha256"] == hashlib.sha256(SECRET_VALUE.encode()).hexdigest()
     if fs_group is not None:
         assert fs_group in seen["groups"] and seen["file_gid"] == fs_group

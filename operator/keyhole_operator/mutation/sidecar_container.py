@@ -62,6 +62,7 @@ def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dic
              "fieldRef": {"fieldPath": f"metadata.annotations['{INJECTIONS}']"}}]}},
         # Window counts outlive a restarted or crash-looping sidecar (not the pod): a few bytes.
         {"name": layout.STATE_VOLUME, "emptyDir": {"sizeLimit": "1Mi"}},
+        no_api_token_volume(),
     ]
     if settings.channel_url:
         from keyhole_operator.annotations import CA_BUNDLE_CONFIGMAP
@@ -83,6 +84,15 @@ def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dic
             "name": CA_BUNDLE_CONFIGMAP, "defaultMode": mode,
             "items": [{"key": layout.UPSTREAM_CA, "path": layout.UPSTREAM_CA}]}})
     return volumes
+
+
+def no_api_token_volume() -> dict:
+    """Nothing, read-only: what keyhole's containers see where the pod's API token would be."""
+    return {"name": layout.NO_API_TOKEN_VOLUME, "projected": {"sources": []}}
+
+
+NO_API_TOKEN_MOUNT = {"name": layout.NO_API_TOKEN_VOLUME, "mountPath": layout.API_TOKEN_DIR,
+                      "readOnly": True}
 
 
 def trust_volume() -> dict:
@@ -120,6 +130,7 @@ def capture_container(settings: Settings) -> dict:
             "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        "volumeMounts": [dict(NO_API_TOKEN_MOUNT)],
     }
 
 
@@ -144,6 +155,7 @@ def sidecar_container(injections: list[Injection], settings: Settings) -> dict:
         {"name": layout.SIGNING_VOLUME, "mountPath": layout.SIGNING_DIR, "readOnly": True},
         {"name": layout.ROUTES_VOLUME, "mountPath": layout.ROUTES_DIR, "readOnly": True},
         {"name": layout.STATE_VOLUME, "mountPath": layout.STATE_DIR},
+        dict(NO_API_TOKEN_MOUNT),
     ]
     upstream_ca: list[str] = []
     if settings.upstream_ca:
