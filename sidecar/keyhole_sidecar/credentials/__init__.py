@@ -21,11 +21,6 @@ from keyhole_common.spec.model import (
     WorkloadIdentity,
     credential_refs,
 )
-from keyhole_sidecar.credentials.aws import AwsSigV4Source
-from keyhole_sidecar.credentials.federation import FederatedSource
-from keyhole_sidecar.credentials.github_app import GitHubAppSource
-from keyhole_sidecar.credentials.oauth2 import OAuth2Source
-from keyhole_sidecar.credentials.sigv4 import AwsKeys
 from keyhole_sidecar.credentials.source import CredentialSource, Outgoing, material_digest
 from keyhole_sidecar.credentials.subject import NoSubjectTokens, SubjectTokens
 from keyhole_sidecar.credentials.tokens import CredentialError, Token
@@ -48,16 +43,27 @@ def build_source(injection: str, spec: Credential, material: dict[SecretKeyRef, 
                  on_minted: Callable[[str, str, Token], None] = _ignore,
                  on_failed: Callable[[str, str, CredentialError], None] = _ignore,
                  subjects: SubjectTokens | None = None) -> CredentialSource:
-    """Build the source from its secret material; ValueError names what is wrong."""
+    """Build the source from its secret material; ValueError names what is wrong. Each kind's
+    module is imported when an injection first uses it (a sidecar that uses none carries none
+    of their dependencies: XML for STS, JWT signing, their HTTP clients)."""
     hooks = {"on_minted": on_minted, "on_failed": on_failed}
     if isinstance(spec, WorkloadIdentity):
+        from keyhole_sidecar.credentials.federation import FederatedSource
+
         return FederatedSource(injection, spec, subjects or NoSubjectTokens(), **hooks)
     if isinstance(spec, GitHubApp):
+        from keyhole_sidecar.credentials.github_app import GitHubAppSource
+
         return GitHubAppSource(injection, spec, material[spec.private_key], **hooks)
     if isinstance(spec, OAuth2ClientCredentials):
+        from keyhole_sidecar.credentials.oauth2 import OAuth2Source
+
         return OAuth2Source(injection, spec, material[spec.client_id],
                             material[spec.client_secret], **hooks)
     if isinstance(spec, AwsSigV4):
+        from keyhole_sidecar.credentials.aws import AwsSigV4Source
+        from keyhole_sidecar.credentials.sigv4 import AwsKeys
+
         token = material[spec.session_token] if spec.session_token else None
         return AwsSigV4Source(injection, spec, AwsKeys(material[spec.access_key_id],
                                                        material[spec.secret_access_key], token))

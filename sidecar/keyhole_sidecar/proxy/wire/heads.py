@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Iterable
 
-from hpack import NeverIndexedHeaderTuple
-
 from keyhole_sidecar.proxy.exchange import UnsafeHead
 
 # RFC 9110 §5.6.2: a token; header names and methods are tokens.
@@ -113,6 +111,8 @@ def header_block(kind: str, pseudo: Fields, headers: Fields,
         # (RFC 9113 8.2.1): the block holds the value as it goes on the wire.
         block.append((name.encode(), value.strip(" \t").encode(_ENCODING, _ERRORS)))
     if sensitive:
+        from hpack import NeverIndexedHeaderTuple  # HTTP/2 only: loaded with its stack
+
         block = [NeverIndexedHeaderTuple(*field) if field[0].decode() in sensitive else field
                  for field in block]
     return block
