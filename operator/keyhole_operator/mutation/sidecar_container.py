@@ -87,8 +87,10 @@ def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dic
 
 
 def no_api_token_volume() -> dict:
-    """Nothing, read-only: what keyhole's containers see where the pod's API token would be."""
-    return {"name": layout.NO_API_TOKEN_VOLUME, "projected": {"sources": []}}
+    """Nothing, mounted read-only: what keyhole's containers see where the pod's API token
+    would be (an emptyDir: the API server writes an empty projected volume's sources as null,
+    which the protect-secrets policy's CEL cannot iterate)."""
+    return {"name": layout.NO_API_TOKEN_VOLUME, "emptyDir": {"sizeLimit": "1Ki"}}
 
 
 NO_API_TOKEN_MOUNT = {"name": layout.NO_API_TOKEN_VOLUME, "mountPath": layout.API_TOKEN_DIR,
