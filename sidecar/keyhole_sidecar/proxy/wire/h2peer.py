@@ -1,37 +1,38 @@
-"""What both ends of an HTTP/2 connection do the same way: framing by ``h2``, flow control.
+"""What both ends of an HTTP/2 connection do the same way: framing by libnghttp2, flow control.
 
-``h2`` (python-hyper) parses and writes every frame and header block; this module gives it a
-transport: bytes in, events out, bytes out, and the two kinds of back-pressure HTTP/2 has —
-a peer's window (wait for WINDOW_UPDATE before sending more DATA) and our own (acknowledge
-received DATA only as it is read, so a reader that stops stops its sender).
+``ngh2`` (sans-I/O over libnghttp2, the C library nghttpx and curl use) parses and writes
+every frame and header block, checks what a peer sends against RFC 9113 and bounds it (header
+lists, CONTINUATION, SETTINGS, acknowledgements); this module gives it a transport — bytes
+in, events out, bytes out — and the two kinds of back-pressure HTTP/2 has: the peer's window
+(a body handed to ``ngh2`` waits in its queue until the peer's WINDOW_UPDATE lets it go; a
+writer waits until its stream's queue is empty) and our own (received DATA is acknowledged
+only as it is read, so a reader that stops stops its sender).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 
-import h2.connection
-import h2.events
-import h2.exceptions
+import ngh2
 
 # Our receive window for the whole connection: large, so one stream whose reader stopped does
 # not stall the others (each stream's own window stays at the default 64 KiB, which bounds
 # what a stalled stream can hold).
 CONNECTION_WINDOW = 2**24
 MAX_FRAME = 2**14  # the default SETTINGS_MAX_FRAME_SIZE; larger frames are refused
+# What ngh2 raises for a call on a stream (or a connection) that can no longer take it.
+Gone = (ngh2.StreamProtocolError, ngh2.ConnectionStateError, ngh2.ConnectionClosingError)
 
 
-class Connection(h2.connection.H2Connection):
-    """``h2``'s connection, remembering fewer closed streams. It keeps how each closed stream
-    ended, to answer a frame that arrives for it late, and by default 65,536 of them: a kept-
-    alive connection grew by some 100 bytes a request up to ~6 MB, so a sidecar's memory
-    climbed for hours under HTTP/2 load (issue 30). Ten times the streams a peer may have
-    open at once covers what is still in flight when a stream closes (nghttp2 keeps about as
-    many as may be open)."""
-
-    MAX_CLOSED_STREAMS = 1024
+def configuration(max_header_list: int) -> ngh2.Configuration:
+    """Receive windows acknowledged by hand (as bodies are read); a decoded header list over
+    ``max_header_list`` fails the connection (HPACK bombs); libnghttp2's other bounds as they
+    come (8 CONTINUATION frames per block, 32 SETTINGS entries, 1,000 acknowledgements)."""
+    return ngh2.Configuration(auto_window_update=False,
+                              max_inbound_header_list_size=max_header_list)
 
 
 class StreamGone(ConnectionResetError):
@@ -46,17 +47,17 @@ class H2Body:
 
     def __init__(self, acknowledge: Callable[[int], None]):
         self._acknowledge = acknowledge
-        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._chunks: deque[bytes] = deque()
         self._eof = False
         self._exception: BaseException | None = None
         self._waiter: asyncio.Future | None = None
 
     # -- the connection's side --------------------------------------------------------------
-    def feed(self, data: bytes, flow_controlled: int) -> None:
+    def feed(self, data: bytes) -> None:
         if self._eof or self._exception is not None:
-            self._acknowledge(flow_controlled)  # nobody will read it: give the window back
+            self._acknowledge(len(data))  # nobody will read it: give the window back
             return
-        self._chunks.append((data, flow_controlled))
+        self._chunks.append(data)
         self._wake()
 
     def feed_eof(self) -> None:
@@ -81,14 +82,11 @@ class H2Body:
         return self._exception
 
     def read_nowait(self, n: int = -1) -> bytes:
-        parts, acknowledged = [], 0
-        while self._chunks:
-            data, flow = self._chunks.popleft()
-            parts.append(data)
-            acknowledged += flow
-        if acknowledged:
-            self._acknowledge(acknowledged)
-        return b"".join(parts)
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        if data:
+            self._acknowledge(len(data))
+        return data
 
     async def readany(self) -> bytes:
         while not self._chunks:
@@ -98,9 +96,9 @@ class H2Body:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        data, flow = self._chunks.popleft()
-        if flow:
-            self._acknowledge(flow)
+        data = self._chunks.popleft()
+        if data:
+            self._acknowledge(len(data))
         return data
 
     async def read(self) -> bytes:
@@ -111,39 +109,46 @@ class H2Body:
 
 
 class H2Peer(asyncio.Protocol):
-    """One HTTP/2 connection's transport, ``h2`` state machine and write-side back-pressure."""
+    """One HTTP/2 connection's transport, ``ngh2`` state machine and write-side back-pressure."""
 
-    def __init__(self, conn: h2.connection.H2Connection):
+    def __init__(self, conn: ngh2.Connection):
         self.h2 = conn
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._paused = False
         self._drained: asyncio.Future | None = None
-        self._windows: dict[int, asyncio.Future] = {}  # stream id → waiting for a window
+        self._sending: dict[int, asyncio.Future] = {}  # stream id → waiting for its queue
         self._flush_pending = False
         self.closed = False
+        self.failed = False  # ngh2 refused the peer's bytes: the connection object is spent
         self.done_writing = False  # the GOAWAY went out and our side is shut: write nothing more
+        self.last_stream_id = 0  # the highest stream the peer opened that we acted on
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        """Bytes in, ``h2``'s events out, each to :meth:`on_event`, and what they made us
-        frame written; a protocol error goes to :meth:`protocol_error` (``h2`` has queued the
-        GOAWAY that says why)."""
+        """Bytes in, ``ngh2``'s events out, each to :meth:`on_event`, and what they made us
+        frame written; bytes it refuses go to :meth:`protocol_error`."""
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            self.h2.receive_data(data)
+        except ngh2.ConnectionProtocolError as exc:  # DenialOfServiceError too
+            self.failed = True
             self.protocol_error(exc)
             return
-        for event in events:
+        except ngh2.ConnectionStateError:
+            return  # failed or closed before: nothing more is read
+        for event in self.h2.events():
             self.on_event(event)
-        self.flush()
+        self.flush_now()
+        with contextlib.suppress(ngh2.ConnectionStateError):
+            for event in self.h2.events():  # what writing concluded (ConnectionClosed)
+                self.on_event(event)
 
-    def on_event(self, event: h2.events.Event) -> None:
+    def on_event(self, event: ngh2.Event) -> None:
         raise NotImplementedError
 
-    def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+    def protocol_error(self, exc: ngh2.ConnectionProtocolError) -> None:
         raise NotImplementedError
 
     def eof_received(self) -> bool | None:
@@ -153,28 +158,36 @@ class H2Peer(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self._wake_all()
-        # ``h2`` keeps its frame handlers as bound methods in a table of its own: a cycle
-        # that holds the connection's HPACK tables and streams until the cycle collector
-        # runs, which for long-lived garbage is rarely (memory climbed under load). No frame
-        # is read after the connection is lost, so the table can go. (Private to h2, pinned
-        # <5 in pyproject.toml; tests/security/test_memory.py fails if it stops working.)
-        handlers = getattr(self.h2, "_frame_dispatch_table", None)
-        if isinstance(handlers, dict):
-            handlers.clear()
 
     def flush(self) -> None:
-        """Write what ``h2`` has framed — once per turn of the event loop, however many frames
-        were made in it (one TLS record and one send, not one per frame)."""
+        """Write what ``ngh2`` has framed — once per turn of the event loop, however many
+        frames were made in it (one TLS record and one send, not one per frame)."""
         if not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self.flush_now)
 
     def flush_now(self) -> None:
         self._flush_pending = False
-        data = self.h2.data_to_send()
+        if self.failed:
+            return
+        try:
+            data = self.h2.data_to_send()
+        except ngh2.ConnectionStateError:
+            return
         if data and not self.done_writing and self.transport is not None \
                 and not self.transport.is_closing():
             self.transport.write(data)
+        if self._sending:
+            self._wake_sent()
+
+    def write_goaway(self, code: int) -> None:
+        """The GOAWAY for a connection ``ngh2`` can no longer frame for (it refused the peer's
+        bytes): built by hyperframe from the last stream we acted on and ``code``."""
+        from hyperframe.frame import GoAwayFrame
+
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(GoAwayFrame(0, last_stream_id=self.last_stream_id,
+                                             error_code=code).serialize())
 
     # -- back-pressure: the socket -----------------------------------------------------------
     def pause_writing(self) -> None:
@@ -193,18 +206,27 @@ class H2Peer(asyncio.Protocol):
             await asyncio.shield(self._drained)
 
     # -- back-pressure: the peer's windows ---------------------------------------------------
-    def window_opened(self, stream_id: int | None = None) -> None:
-        """A WINDOW_UPDATE or a new SETTINGS arrived: let writers look again."""
-        if stream_id:
-            waiter = self._windows.pop(stream_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        else:
-            self._wake_all()
+    def stream_done(self, stream_id: int) -> None:
+        """The stream closed: a writer waiting on it hears so."""
+        waiter = self._sending.pop(stream_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_sent(self) -> None:
+        """After a write: writers whose stream's queue emptied (or whose stream is gone)."""
+        for stream_id, waiter in list(self._sending.items()):
+            try:
+                queued = self.h2.queued_body_size(stream_id)
+            except Exception:  # the stream is gone; the writer finds out
+                queued = 0
+            if queued == 0:
+                del self._sending[stream_id]
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _wake_all(self) -> None:
-        windows, self._windows = self._windows, {}
-        for waiter in windows.values():
+        sending, self._sending = self._sending, {}
+        for waiter in sending.values():
             if not waiter.done():
                 waiter.set_result(None)
         drained, self._drained = self._drained, None
@@ -212,49 +234,41 @@ class H2Peer(asyncio.Protocol):
             drained.set_result(None)
 
     async def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
-        """Send ``data`` on a stream as fast as the peer's windows and our socket allow."""
-        view = memoryview(data)
-        while True:
+        """Send ``data`` on a stream; return once ``ngh2`` has framed all of it (the peer's
+        windows let it) and our socket takes more: one chunk per stream is ever held."""
+        if self.closed or self.failed:
+            raise StreamGone("the connection closed")
+        try:
+            if data:
+                self.h2.send_data(stream_id, data, end_stream=end_stream)
+            elif end_stream:
+                self.h2.end_stream(stream_id)
+        except Gone:
+            raise StreamGone("the stream was reset") from None
+        self.flush()
+        if data:
+            waiter = self._sending.get(stream_id)
+            if waiter is None:
+                waiter = self._sending[stream_id] = self._loop.create_future()
+            await waiter
             if self.closed:
                 raise StreamGone("the connection closed")
-            try:
-                window = self.h2.local_flow_control_window(stream_id)
-            except h2.exceptions.StreamClosedError:
-                raise StreamGone("the stream was reset") from None
-            size = min(window, self.h2.max_outbound_frame_size, len(view))
-            if size > 0 or (not view and end_stream):
-                try:
-                    self.h2.send_data(stream_id, bytes(view[:size]),
-                                      end_stream=end_stream and size == len(view))
-                except h2.exceptions.StreamClosedError:
-                    raise StreamGone("the stream was reset") from None
-                view = view[size:]
-                self.flush()
-                if not view:
-                    break
-                continue
-            if not view:
-                break
-            waiter = self._windows.get(stream_id)
-            if waiter is None:
-                waiter = self._windows[stream_id] = self._loop.create_future()
-            await waiter
         await self.drain()
 
     def reset(self, stream_id: int, code: int) -> None:
         """RST_STREAM, if the stream is still open on either side."""
+        if self.failed:
+            return
         try:
             self.h2.reset_stream(stream_id, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except (ngh2.NGH2Error, ValueError):
             return
         self.flush()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         """``size`` bytes of DATA on ``stream_id`` were read: open the windows again."""
-        if self.closed:
+        if self.closed or self.failed:
             return
-        try:  # a closed stream's bytes still count for the connection's window (h2 sees to it)
+        with contextlib.suppress(ngh2.NGH2Error, ValueError):
             self.h2.acknowledge_received_data(size, stream_id)
-        except h2.exceptions.ProtocolError:
-            return
         self.flush()

@@ -111,9 +111,9 @@ def header_block(kind: str, pseudo: Fields, headers: Fields,
         # (RFC 9113 8.2.1): the block holds the value as it goes on the wire.
         block.append((name.encode(), value.strip(" \t").encode(_ENCODING, _ERRORS)))
     if sensitive:
-        from hpack import NeverIndexedHeaderTuple  # HTTP/2 only: loaded with its stack
+        from ngh2 import NeverIndexedHeader  # HTTP/2 only: loaded with its stack
 
-        block = [NeverIndexedHeaderTuple(*field) if field[0].decode() in sensitive else field
+        block = [NeverIndexedHeader(*field) if field[0].decode() in sensitive else field
                  for field in block]
     return block
 

@@ -1,13 +1,14 @@
 """The client's side of the relay over HTTP/2: streams in, each one a request for the policy.
 
-Framing, HPACK and the protocol's rules are ``h2``'s (a request it refuses never becomes a
-stream here). Each stream gets a :class:`~keyhole_sidecar.proxy.exchange.Request` and a task
-running the same handler HTTP/1.1 requests get; a stream the client resets cancels its task
-(and so its upstream stream). The attacks particular to HTTP/2 are bounded per connection:
-streams by SETTINGS_MAX_CONCURRENT_STREAMS (more is a protocol error), header lists by
-SETTINGS_MAX_HEADER_LIST_SIZE (HPACK bombs, CONTINUATION floods: ``h2`` counts both), and
-resets, PINGs and SETTINGS by a budget per window — past it the connection is closed with
-ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+Framing, HPACK and the protocol's rules are libnghttp2's, through ``ngh2`` (a request it
+refuses never becomes a stream here: it resets it, or the connection). Each stream gets a
+:class:`~keyhole_sidecar.proxy.exchange.Request` and a task running the same handler HTTP/1.1
+requests get; a stream the client resets cancels its task (and so its upstream stream). The
+attacks particular to HTTP/2 are bounded per connection: streams by
+SETTINGS_MAX_CONCURRENT_STREAMS (more is a protocol error), header lists by
+SETTINGS_MAX_HEADER_LIST_SIZE (HPACK bombs), CONTINUATION frames per block (floods: libnghttp2
+counts both), and resets, PINGs and SETTINGS by a budget per window — past it the connection
+is closed with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
 """
 
 from __future__ import annotations
@@ -17,25 +18,22 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
+import ngh2
 from multidict import CIMultiDict
 from yarl import URL
 
 from keyhole_sidecar.proxy.context import ProxyContext
 from keyhole_sidecar.proxy.exchange import Request, Trailers
 from keyhole_sidecar.proxy.wire import heads
+from keyhole_sidecar.proxy.wire.h2guard import FLOW_CONTROL_ERROR, FrameGuard, Window
 from keyhole_sidecar.proxy.wire.h2peer import (
     CONNECTION_WINDOW,
     MAX_FRAME,
-    Connection,
+    Gone,
     H2Body,
     H2Peer,
     StreamGone,
+    configuration,
 )
 
 log = logging.getLogger("keyhole.proxy")
@@ -59,14 +57,31 @@ DISCARD_SECONDS = 2.0
 DISCARD_BYTES = 4 << 20
 
 Handler = Callable[[Request], Awaitable[None]]
-# What each of h2's refusals means, for the log (their messages quote the client's bytes).
-_PROTOCOL_ERRORS = {
-    "DenialOfServiceError": f"its header list was over {MAX_HEADER_LIST} bytes, or it sent "
-                            "more than h2 allows of a kind of frame",
-    "FrameTooLargeError": "a frame was over SETTINGS_MAX_FRAME_SIZE",
-    "TooManyStreamsError": f"it opened more than {MAX_STREAMS} streams at once",
-    "FlowControlError": "it sent more than its flow-control window",
+Codes = ngh2.ErrorCode
+# What libnghttp2's refusals mean, for the log: its words for each (a GOAWAY's code when it
+# closes the connection itself, an exception's message when it cannot go on).
+_REFUSALS = (
+    ("header list", f"its header list was over {MAX_HEADER_LIST} bytes"),
+    ("continuation", "it sent more CONTINUATION frames than a header block may have"),
+    ("settings", "it sent more SETTINGS entries or acknowledgements than allowed"),
+    ("flood", "it sent more of a kind of frame than allowed"),
+    ("frame size", "a frame was over SETTINGS_MAX_FRAME_SIZE"),
+    ("flow control", "it sent more than its flow-control window"),
+)
+_GOAWAYS = {
+    Codes.PROTOCOL_ERROR: "it broke the HTTP/2 protocol (or opened more than "
+                          f"{MAX_STREAMS} streams at once)",
+    Codes.FLOW_CONTROL_ERROR: "it sent more than its flow-control window",
+    Codes.FRAME_SIZE_ERROR: "a frame was over SETTINGS_MAX_FRAME_SIZE",
+    Codes.COMPRESSION_ERROR: "its header block could not be decoded (HPACK)",
+    Codes.ENHANCE_YOUR_CALM: "it sent more of a kind of frame than allowed",
 }
+
+
+def _refusal(exc: BaseException) -> str:
+    words = str(exc).lower()
+    return next((said for key, said in _REFUSALS if key in words),
+                "it broke the HTTP/2 protocol")
 
 
 class H2Reply:
@@ -109,8 +124,8 @@ class H2Reply:
         if head is None:
             return
         try:
-            self._conn.h2.send_headers(self._stream_id, head, end_stream=end_stream)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._conn.h2.send_response(self._stream_id, head, end_stream=end_stream)
+        except Gone:
             raise StreamGone("the stream was reset") from None
         self._conn.flush()
         if end_stream:
@@ -130,8 +145,8 @@ class H2Reply:
         if fields:
             block = heads.header_block("trailers", (), fields)
             try:
-                self._conn.h2.send_headers(self._stream_id, block, end_stream=True)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self._conn.h2.send_trailers(self._stream_id, block)
+            except Gone:
                 raise StreamGone("the stream was reset") from None
             self._conn.flush()
         else:
@@ -147,7 +162,7 @@ class H2Reply:
 
     def abort(self) -> None:
         """The answer cannot be finished: reset this stream (the connection carries on)."""
-        self._conn.reset(self._stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self._conn.reset(self._stream_id, Codes.INTERNAL_ERROR)
 
 
 class H2ClientConnection(H2Peer):
@@ -155,14 +170,10 @@ class H2ClientConnection(H2Peer):
 
     def __init__(self, ctx: ProxyContext, handler: Handler, *, on_request: Callable[[], None],
                  on_lost: Callable[[], None], where: tuple[str, str] = ("plain", "-")):
-        # Inbound blocks are checked by h2; outbound ones were built by heads.header_block,
-        # which refuses all h2 would (tests/unit/test_heads.py holds it to h2's own checks).
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=True,
-                                           normalize_inbound_headers=True,
-                                           validate_outbound_headers=False,
-                                           normalize_outbound_headers=False)
-        super().__init__(Connection(config=config))
+        # Inbound blocks are checked by libnghttp2 (RFC 9113 §8.2, a malformed request's
+        # stream is reset); outbound ones were built by heads.header_block, which refuses all
+        # a strict peer would (tests/unit/test_heads.py holds it to h2's own checks).
+        super().__init__(ngh2.Connection(ngh2.Role.SERVER, configuration(MAX_HEADER_LIST)))
         self._ctx = ctx
         self._handler = handler
         self._on_request = on_request
@@ -177,41 +188,129 @@ class H2ClientConnection(H2Peer):
         self._lingering: asyncio.TimerHandle | None = None
         self._linger_until = self._linger_end = 0.0
         self._draining = False
+        self._guard = FrameGuard(MAX_STREAMS)
+        self._resetting: set[int] = set()  # streams either side reset, until they close
+        self._we_reset: set[int] = set()  # of those, the ones keyhole reset
 
     # -- transport events --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 0,
+        self.h2.initiate_connection({
+            ngh2.Setting.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            ngh2.Setting.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            ngh2.Setting.MAX_FRAME_SIZE: MAX_FRAME,
+            ngh2.Setting.ENABLE_CONNECT_PROTOCOL: 0,
         })
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW)
+        self.h2.set_local_window_size(CONNECTION_WINDOW)
         self.flush()
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        """The client's bytes through the guard to libnghttp2; then, before any stream of this
+        read is served, what it refused: a request it reset as malformed or over the stream
+        limit closes the connection (it is known once the reset is framed, so that is framed
+        now)."""
         if self._lingering is not None:
             self._linger_until = self._loop.time() + LINGER  # still talking: not yet
             return
-        super().data_received(data)
-
-    def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
-        """The client broke HTTP/2 (an oversized header list, a bad frame): one audit line,
-        a log line that says so — and the request counts as seen, so the connection's end is
-        not blamed on the client rejecting the CA."""
-        if self._draining:  # frames after the client's own GOAWAY: its goodbye, not a fault
-            log.info("closing an HTTP/2 connection the client ended (%s)", type(exc).__name__)
-            self._close()
+        if self.failed:
             return
-        detail = _PROTOCOL_ERRORS.get(type(exc).__name__, "it broke the HTTP/2 protocol")
-        log.warning("closing an HTTP/2 connection: %s (%s)", detail, type(exc).__name__)
+        for event in self.h2.events():  # what our writes concluded: streams now closed
+            self.on_event(event)
+        events: list[ngh2.Event] = []
+        for item in self._guard.feed(data):
+            if isinstance(item, Window):
+                if not self._pass(b"", events):
+                    return
+                if item.overflows(self._stream_window(item.stream_id)):
+                    log.warning("resetting an HTTP/2 stream: the client took its window over "
+                                "2^31-1")
+                    self.reset(item.stream_id, FLOW_CONTROL_ERROR)
+                    continue
+                item = item.frame
+            if isinstance(item, bytes):
+                if not self._pass(item, events):
+                    return
+                continue
+            if not self._pass(b"", events):  # what came before the refusal first
+                return
+            self._malformed(f"it sent {item.why}", ngh2.ErrorCode(item.code).name)
+            self._close(item.code)
+            return
+        self._pass(b"", events)
+
+    def _pass(self, data: bytes, events: list[ngh2.Event]) -> bool:
+        """Hand ``data`` to libnghttp2; with no data, act on what it said so far. False once
+        the connection is closing."""
+        if data:
+            try:
+                self.h2.receive_data(data)
+            except ngh2.ConnectionProtocolError as exc:  # DenialOfServiceError too
+                self.failed = True
+                self.protocol_error(exc)
+                return False
+            except ngh2.ConnectionStateError:  # it ended the connection (the client's GOAWAY)
+                self._pass(b"", events)
+                return False
+            events += self.h2.events()
+            return True
+        self.flush_now()  # frames libnghttp2's own refusals: their StreamClosed follows
+        events += self.h2.events()
+        refused = self._refused(events)
+        if refused is not None:
+            self._malformed(refused, "PROTOCOL_ERROR")
+            self._close(Codes.PROTOCOL_ERROR)
+            return False
+        batch = list(events)
+        events.clear()
+        for event in batch:
+            self.on_event(event)
+        self.flush()
+        return not self.done_writing
+
+    def _refused(self, events: list[ngh2.Event]) -> str | None:
+        """What libnghttp2 refused of the client's new streams, if anything."""
+        asked = {e.stream_id for e in events if isinstance(e, ngh2.RequestReceived)}
+        reset = self._resetting | {e.stream_id for e in events
+                                   if isinstance(e, ngh2.StreamReset)}
+        for event in events:
+            if isinstance(event, ngh2.StreamClosed) and event.error_code \
+                    and event.stream_id not in asked and event.stream_id not in self._streams \
+                    and event.stream_id not in reset:
+                if event.error_code == Codes.REFUSED_STREAM:
+                    return f"it opened more than {MAX_STREAMS} streams at once"
+                return "it sent a malformed request (RFC 9113 §8.1.1)"
+        return None
+
+    def _stream_window(self, stream_id: int) -> int | None:
+        try:
+            return self.h2.stream_remote_window_size(stream_id)
+        except (ngh2.NGH2Error, ValueError):
+            return None
+
+    def reset(self, stream_id: int, code: int) -> None:
+        self._resetting.add(stream_id)
+        self._we_reset.add(stream_id)
+        super().reset(stream_id, code)
+
+    def protocol_error(self, exc: ngh2.ConnectionProtocolError) -> None:
+        """libnghttp2 refused the client's bytes (an oversized header list, a CONTINUATION
+        flood) and can frame nothing more: our own GOAWAY, then close."""
+        self._malformed(_refusal(exc), type(exc).__name__)
+        self.write_goaway(Codes.ENHANCE_YOUR_CALM if isinstance(exc, ngh2.DenialOfServiceError)
+                          else Codes.PROTOCOL_ERROR)
+        self._close()
+
+    def _malformed(self, detail: str, name: str) -> None:
+        """The client broke HTTP/2: one audit line, a log line that says so — and the request
+        counts as seen, so the connection's end is not blamed on the client rejecting the CA."""
+        if self._draining:  # frames after the client's own GOAWAY: its goodbye, not a fault
+            log.info("closing an HTTP/2 connection the client ended (%s)", name)
+            return
+        log.warning("closing an HTTP/2 connection: %s (%s)", detail, name)
         mode, host = self._where
         self._ctx.account(mode, "-", host, "denied", "malformed", protocol="h2")
         self._on_request()
-        self._close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -233,9 +332,9 @@ class H2ClientConnection(H2Peer):
         Once: the events after the one that closed the connection are not acted on."""
         if self.done_writing:
             return
-        if code is not None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.close_connection(code)
+        if code is not None and not self.failed:
+            with contextlib.suppress(ngh2.NGH2Error):
+                self.h2.terminate_connection(code, last_stream_id=self.last_stream_id)
         self.flush_now()
         for body, task in self._streams.values():
             body.set_exception(ConnectionResetError("the connection is closing"))
@@ -262,37 +361,56 @@ class H2ClientConnection(H2Peer):
                                                 self._linger)
 
     # -- events --------------------------------------------------------------------------------
-    def on_event(self, event: h2.events.Event) -> None:
+    def on_event(self, event: ngh2.Event) -> None:
         if self.done_writing:
             return  # closing: what came after the GOAWAY's cause is not served
-        if isinstance(event, h2.events.RequestReceived):
+        if isinstance(event, ngh2.RequestReceived):
             self._start_stream(event)
-        elif isinstance(event, h2.events.DataReceived):
-            entry = self._streams.get(event.stream_id)
+        elif isinstance(event, ngh2.DataReceived):
+            stream_id = event.stream_id
+            entry = self._streams.get(stream_id)
             if entry is not None:
-                entry[0].feed(event.data, event.flow_controlled_length)
-            elif event.stream_id in self._discarding:
-                self._discard(event.stream_id, event.flow_controlled_length)
+                entry[0].feed(event.data)
+                if event.end_stream:
+                    entry[0].feed_eof()
+            elif stream_id in self._discarding:
+                self._discard(stream_id, len(event.data))
             else:
-                self.acknowledge(event.stream_id, event.flow_controlled_length)
-        elif isinstance(event, h2.events.StreamEnded):
+                self.acknowledge(stream_id, len(event.data))
+            if event.end_stream:
+                self._stop_discarding(stream_id)  # the client is done: no reset needed
+        elif isinstance(event, ngh2.TrailersReceived):  # a request's trailers end its body
             entry = self._streams.get(event.stream_id)
             if entry is not None:
                 entry[0].feed_eof()
-            self._stop_discarding(event.stream_id)  # the client is done: no reset needed
-        elif isinstance(event, h2.events.StreamReset):
+            self._stop_discarding(event.stream_id)
+        elif isinstance(event, ngh2.StreamReset):
+            self._resetting.add(event.stream_id)
             self._stop_discarding(event.stream_id)
             self._stream_reset(event.stream_id)
-        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            if isinstance(event, h2.events.RemoteSettingsChanged):
-                self._spend("settings")
-            self.window_opened(getattr(event, "stream_id", None))
-        elif isinstance(event, h2.events.PingReceived):
+        elif isinstance(event, ngh2.StreamClosed):
+            self.stream_done(event.stream_id)
+            self._guard.closed(event.stream_id, by_us=event.stream_id in self._we_reset)
+            self._resetting.discard(event.stream_id)
+            self._we_reset.discard(event.stream_id)
+            if event.error_code and event.stream_id in self._streams:
+                # libnghttp2 reset it (a body longer or shorter than its content-length)
+                self._stream_gone(event.stream_id, "the request broke HTTP/2")
+        elif isinstance(event, ngh2.SettingsReceived):
+            self._spend("settings")
+        elif isinstance(event, ngh2.PingReceived):
             self._spend("ping")
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif isinstance(event, ngh2.GoAwayReceived):
             self._draining = True  # the client's GOAWAY: finish what it asked, then close
             if not self._streams:
                 self._close()
+        elif isinstance(event, ngh2.ConnectionClosed):
+            # libnghttp2 ended the connection with its GOAWAY (a protocol error, more
+            # streams than advertised) — or our own terminate, whose cause is already said.
+            if event.error_code and not self.done_writing:
+                self._malformed(_GOAWAYS.get(event.error_code, "it broke the HTTP/2 protocol"),
+                                ngh2.ErrorCode(event.error_code).name)
+            self._close()
 
     def _spend(self, kind: str) -> None:
         now = self._loop.time()
@@ -303,20 +421,24 @@ class H2ClientConnection(H2Peer):
             log.warning("closing an HTTP/2 connection that sent over %d %s frames in %.0fs",
                         BUDGETS[kind], kind, BUDGET_WINDOW)
             self._ctx.metrics.decisions.labels("denied", f"h2_{kind}_flood").inc()
-            self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._close(Codes.ENHANCE_YOUR_CALM)
 
     def _stream_reset(self, stream_id: int) -> None:
+        self._stream_gone(stream_id, "the client reset the stream")
+        self._spend("reset")
+
+    def _stream_gone(self, stream_id: int, why: str) -> None:
         entry = self._streams.pop(stream_id, None)
         if entry is not None:
             body, task = entry
-            body.set_exception(ConnectionResetError("the client reset the stream"))
+            body.set_exception(ConnectionResetError(why))
             task.cancel()  # the upstream's stream goes with it
-        self._spend("reset")
         self._arm_idle()
 
-    def _start_stream(self, event: h2.events.RequestReceived) -> None:
+    def _start_stream(self, event: ngh2.RequestReceived) -> None:
         self._on_request()
         stream_id = event.stream_id
+        self.last_stream_id = max(self.last_stream_id, stream_id)
         pseudo: dict[bytes, bytes] = {}
         headers: CIMultiDict[str] = CIMultiDict()
         cookies: list[str] = []
@@ -342,7 +464,7 @@ class H2ClientConnection(H2Peer):
         path = pseudo.get(b":path", b"/").decode("ascii", "surrogateescape")
         raw_path, _, raw_query = path.partition("?")
         url = URL.build(path=raw_path, query_string=raw_query, encoded=True)
-        ended = event.stream_ended is not None
+        ended = event.end_stream
         body = H2Body(lambda size: self.acknowledge(stream_id, size))
         if ended:
             body.feed_eof()
@@ -356,10 +478,12 @@ class H2ClientConnection(H2Peer):
 
     def _refuse(self, stream_id: int, status: int, text: str) -> None:
         body = f"keyhole: {text}\n".encode()
-        self.h2.send_headers(stream_id, heads.header_block("response", [(":status", str(status))], [
-            ("content-type", "text/plain; charset=utf-8"), ("x-keyhole-error", "bad_request"),
-            ("content-length", str(len(body)))]))
-        self.h2.send_data(stream_id, body, end_stream=True)
+        with contextlib.suppress(Gone):
+            self.h2.send_response(stream_id, heads.header_block(
+                "response", [(":status", str(status))], [
+                    ("content-type", "text/plain; charset=utf-8"),
+                    ("x-keyhole-error", "bad_request"), ("content-length", str(len(body)))]))
+            self.h2.send_data(stream_id, body, end_stream=True)
         self.flush()
 
     async def _serve(self, stream_id: int, request: Request, reply: H2Reply,
@@ -372,7 +496,7 @@ class H2ClientConnection(H2Peer):
             self._streams.pop(stream_id, None)
             if not self.closed:
                 if not reply.ended:
-                    self.reset(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                    self.reset(stream_id, Codes.INTERNAL_ERROR)
                 elif not body.is_eof():  # answered before the body ended
                     self._start_discarding(stream_id, body)
                 if self._draining and not self._streams:
@@ -400,7 +524,7 @@ class H2ClientConnection(H2Peer):
     def _end_discarding(self, stream_id: int) -> None:
         """Still sending after the allowance: RST_STREAM NO_ERROR, "stop, you were answered"."""
         if self._stop_discarding(stream_id) and not self.closed:
-            self.reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            self.reset(stream_id, Codes.NO_ERROR)
 
     def _stop_discarding(self, stream_id: int) -> bool:
         entry = self._discarding.pop(stream_id, None)
@@ -418,4 +542,4 @@ class H2ClientConnection(H2Peer):
     def _idle_timeout(self) -> None:
         self._idle = None
         if not self._streams and not self.closed:
-            self._close(h2.errors.ErrorCodes.NO_ERROR)
+            self._close(Codes.NO_ERROR)

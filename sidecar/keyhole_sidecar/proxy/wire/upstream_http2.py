@@ -1,4 +1,5 @@
-"""The upstream's side of the relay over HTTP/2: one connection, many streams, framed by ``h2``.
+"""The upstream's side of the relay over HTTP/2: one connection, many streams, framed by
+libnghttp2 (``ngh2``).
 
 The pool opens it when the upstream picks ``h2`` by ALPN and shares it among requests until
 the upstream's SETTINGS_MAX_CONCURRENT_STREAMS is reached or it sends GOAWAY. Each request is
@@ -12,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import http
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
+import ngh2
 from multidict import CIMultiDict
 
 from keyhole_sidecar.proxy.exchange import Answer, Outbound, Unprocessed, UpstreamClosed
-from keyhole_sidecar.proxy.wire.h2peer import CONNECTION_WINDOW, Connection, H2Body, H2Peer
+from keyhole_sidecar.proxy.wire.h2peer import (
+    CONNECTION_WINDOW,
+    H2Body,
+    H2Peer,
+    configuration,
+)
 from keyhole_sidecar.proxy.wire.heads import h2_fields, header_block, within_length
 
 MAX_HEADER_LIST = 2**16  # what we accept from an upstream, decoded
@@ -54,7 +55,7 @@ class UpstreamStream:
         await self._conn.send_data(self.stream_id, data, end_stream)
 
     async def answer(self, timeout: float) -> Answer:
-        """The final answer's head (1xx skipped by ``h2``); TimeoutError after ``timeout``."""
+        """The final answer's head (1xx skipped); TimeoutError after ``timeout``."""
         if self._answer is None:
             if self._failure is not None:
                 raise self._failure
@@ -76,7 +77,7 @@ class UpstreamStream:
             self.sending.cancel()
         self._conn.forget(self.stream_id)
         if not self.ended or not self.sent_whole():
-            self._conn.reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._conn.reset(self.stream_id, ngh2.ErrorCode.CANCEL)
 
     # -- the connection's side ---------------------------------------------------------------
     def answered(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -125,11 +126,7 @@ class H2Upstream(H2Peer):
     multiplexed = True
 
     def __init__(self, key: tuple[str, str, int]):
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                           validate_inbound_headers=True,
-                                           validate_outbound_headers=False,  # heads did
-                                           normalize_outbound_headers=False)
-        super().__init__(Connection(config=config))
+        super().__init__(ngh2.Connection(ngh2.Role.CLIENT, configuration(MAX_HEADER_LIST)))
         self.key = key
         self.idle_since = self._loop.time()
         self._streams: dict[int, UpstreamStream] = {}
@@ -137,20 +134,21 @@ class H2Upstream(H2Peer):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.h2.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # we accept no pushed streams
+        self.h2.initiate_connection({
+            ngh2.Setting.ENABLE_PUSH: 0,
+            ngh2.Setting.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            ngh2.Setting.MAX_CONCURRENT_STREAMS: 0,  # we accept no pushed streams
         })
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW)
+        self.h2.set_local_window_size(CONNECTION_WINDOW)
         self.flush()
 
     def available(self) -> bool:
         """May this connection carry one more stream now?"""
-        return (not self.closed and not self._goaway and self.transport is not None
-                and not self.transport.is_closing()
-                and self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams)
+        if self.closed or self.failed or self._goaway or self.transport is None \
+                or self.transport.is_closing() or not self.h2.can_send_request:
+            return False
+        limit = self.h2.remote_settings.get(ngh2.Setting.MAX_CONCURRENT_STREAMS, 100)
+        return len(self._streams) < limit
 
     @property
     def busy(self) -> bool:
@@ -160,10 +158,13 @@ class H2Upstream(H2Peer):
         """Send a request's header block on a new stream."""
         if not self.available():
             raise UpstreamClosed(False)
-        stream_id = self.h2.get_next_available_stream_id()
+        try:
+            stream_id = self.h2.send_request(block, end_stream=end_stream)
+        except (ngh2.ConnectionClosingError, ngh2.NoAvailableStreamIDError,
+                ngh2.ConnectionStateError):
+            raise UpstreamClosed(False) from None
         stream = UpstreamStream(self, stream_id)
         self._streams[stream_id] = stream
-        self.h2.send_headers(stream_id, block, end_stream=end_stream)
         self.flush()
         return stream
 
@@ -179,8 +180,10 @@ class H2Upstream(H2Peer):
             self.transport.close()
 
     # -- transport events --------------------------------------------------------------------
-    def protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
-        self.flush_now()  # the GOAWAY, before the close
+    def protocol_error(self, exc: ngh2.ConnectionProtocolError) -> None:
+        self.write_goaway(ngh2.ErrorCode.ENHANCE_YOUR_CALM
+                          if isinstance(exc, ngh2.DenialOfServiceError)
+                          else ngh2.ErrorCode.PROTOCOL_ERROR)
         self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -189,34 +192,38 @@ class H2Upstream(H2Peer):
         for stream in streams.values():
             stream.failed(UpstreamClosed(stream.body.is_eof()))
 
-    def on_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
+    def on_event(self, event: ngh2.Event) -> None:
+        if isinstance(event, ngh2.ResponseReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream.answered(event.headers, event.stream_ended is not None)
-        elif isinstance(event, h2.events.DataReceived):
+                stream.answered(event.headers, event.end_stream)
+        elif isinstance(event, ngh2.DataReceived):
             stream = self._streams.get(event.stream_id)
             if stream is None:
-                self.acknowledge(event.stream_id, event.flow_controlled_length)
+                self.acknowledge(event.stream_id, len(event.data))
             else:
-                stream.body.feed(event.data, event.flow_controlled_length)
-        elif isinstance(event, h2.events.TrailersReceived):
+                stream.body.feed(event.data)
+                if event.end_stream:
+                    stream.finished()
+        elif isinstance(event, ngh2.TrailersReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.trailers(event.headers)
-        elif isinstance(event, h2.events.StreamEnded):
-            stream = self._streams.get(event.stream_id)
-            if stream is not None:
                 stream.finished()
-        elif isinstance(event, h2.events.StreamReset):
+        elif isinstance(event, ngh2.StreamReset):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                refused = event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                refused = event.error_code == ngh2.ErrorCode.REFUSED_STREAM
                 stream.failed(Unprocessed() if refused and stream._answer is None
                               else UpstreamClosed(stream.body.is_eof()))
-        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            self.window_opened(getattr(event, "stream_id", None))
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif isinstance(event, ngh2.StreamClosed):
+            self.stream_done(event.stream_id)
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and not stream.ended:
+                # libnghttp2 reset it: a malformed answer (bad fields, a body longer or
+                # shorter than its content-length)
+                stream.failed(UpstreamClosed(stream.body.is_eof()))
+        elif isinstance(event, ngh2.GoAwayReceived):
             self._goaway = True
             last = event.last_stream_id or 0
             for stream_id, stream in list(self._streams.items()):
@@ -224,6 +231,9 @@ class H2Upstream(H2Peer):
                     stream.failed(Unprocessed())
             if not self._streams:
                 self.close()
+        elif isinstance(event, ngh2.ConnectionClosed):
+            self._goaway = True
+            self.close()
 
 
 async def exchange(conn: H2Upstream, out: Outbound, timeout: float
