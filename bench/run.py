@@ -287,6 +287,7 @@ def main() -> None:
         for number in range(args.rounds):
             ws = Workspace(Path(folder) / f"round-{number}")
             upstreams, table = start(ws, others, limits=args.limits, budgets=args.budgets)
+            started = [p.process for p in table.values() if p.process]  # stopped, measured or not
             if args.only:
                 table = {name: peer for name, peer in table.items()
                          if name == "direct" or name in args.only}
@@ -303,7 +304,7 @@ def main() -> None:
                 measured.get("keyhole", {}).update(idle)
                 rounds.append(measured)
             finally:
-                for process in {id(p.process): p.process for p in table.values() if p.process}.values():
+                for process in {id(p): p for p in started}.values():
                     process.stop()
                 for process in upstreams:
                     process.stop()
