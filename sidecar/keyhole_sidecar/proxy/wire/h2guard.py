@@ -14,7 +14,9 @@ says what to do; every other byte goes to ``ngh2`` as it arrives, unread:
 - HEADERS opening more streams than SETTINGS_MAX_CONCURRENT_STREAMS allows: PROTOCOL_ERROR
   (§5.1.2; libnghttp2 refuses each stream over the limit before its SETTINGS are
   acknowledged, and an attacker need not acknowledge them).
-- PRIORITY on stream 0, or making a stream depend on itself: PROTOCOL_ERROR (§6.3, §5.3.1).
+- A frame on a stream its type may not use (PRIORITY on stream 0, GOAWAY on a stream:
+  ``hyperframe`` refuses its header), or a PRIORITY making a stream depend on itself:
+  PROTOCOL_ERROR (§6, §5.3.1).
 - WINDOW_UPDATE that takes a stream's window past 2^31-1: that stream is reset with
   FLOW_CONTROL_ERROR and the frame goes no further (§6.9.1). The window is libnghttp2's, read
   when the bytes before the frame have reached it: the guard hands back a :class:`Window`.
@@ -142,9 +144,7 @@ class FrameGuard:
         if frame.type == _RST_STREAM and stream_id:  # what follows for it is an error
             self.closed(stream_id, by_us=False)
             return None
-        if frame.type not in (_DATA, _HEADERS) or not stream_id:
-            if frame.type == _PRIORITY and not stream_id:
-                return Refusal(PROTOCOL_ERROR, "a PRIORITY frame on stream 0")
+        if frame.type not in (_DATA, _HEADERS):
             return None
         if self._closed.get(stream_id):
             return Refusal(STREAM_CLOSED, f"a frame on stream {stream_id}, which it had closed")
