@@ -11,6 +11,7 @@ from pathlib import Path
 from keyhole_common.ca import CAError, CertificateAuthority
 from keyhole_common.spec import SpecError
 from keyhole_sidecar import __version__
+from keyhole_sidecar.allocator import keep_large_buffers_off_the_heap
 from keyhole_sidecar.app import Options, StartupError, run
 from keyhole_sidecar.config import Sources, load_route_table
 from keyhole_sidecar.egress import Egress
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--operator-url {args.operator_url!r}: the channel is HTTPS "
                      "(https://HOST:PORT)")
     configure(args.log_level, args.log_format)
+    keep_large_buffers_off_the_heap()
     options = Options(
         injections=args.injections, secrets_dir=args.secrets_dir, ca_dir=args.ca_dir,
         listen=args.listen, admin_listen=args.admin_listen, unmatched=args.unmatched,
