@@ -193,13 +193,20 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
     runtime = _runtime(memo)
     pod = plain(body)
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
-    listed = await _ask("keyhole-inject", f"the SecretInjections of namespace {namespace}",
-                        runtime.cluster.list_namespace_injections, namespace)
+    reads = [_ask("keyhole-inject", f"the SecretInjections of namespace {namespace}",
+                  runtime.cluster.list_namespace_injections, namespace)]
+    if runtime.settings.channel_url:  # both lists at once: a review waits for the slower
+        reads.append(_ask("keyhole-inject", "the ClusterSecretInjections",
+                          runtime.cluster.list_cluster_injections))
+    results = await asyncio.gather(*reads, return_exceptions=True)  # each read waited for
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    listed, *cluster_listed = results
     injections = valid_injections(listed)
     candidates, labels = list(injections), None
-    if runtime.settings.channel_url:
-        fleet = valid_injections(await _ask("keyhole-inject", "the ClusterSecretInjections",
-                                            runtime.cluster.list_cluster_injections))
+    if cluster_listed:
+        fleet = valid_injections(cluster_listed[0])
         if fleet:
             labels = await _ask("keyhole-inject", f"the labels of namespace {namespace}",
                                 runtime.cluster.namespace_labels, namespace)
