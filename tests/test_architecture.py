@@ -1,6 +1,9 @@
 """docs/architecture.md draws the packages as file trees; they must list exactly the modules
-the code has (a new module undocumented, or a documented one gone, fails here). And the one
-rule about imports that import-linter cannot state: aiohttp's internals stay in the wire."""
+the code has (a new module undocumented, or a documented one gone, fails here). The one
+rule about imports that import-linter cannot state: aiohttp's internals stay in the wire. And
+the shape the stage pipeline keeps (issue 31): forward.py only orders the stages and relays,
+and nothing the sidecar runs takes more than 8 parameters (a ninth is an object waiting to be
+named)."""
 
 from __future__ import annotations
 
@@ -90,6 +93,35 @@ def test_only_the_wire_touches_aiohttp_internals():
         if private:
             offenders[str(path.relative_to(ROOT))] = sorted(private)
     assert not offenders, f"aiohttp internals outside proxy/wire: {offenders}"
+
+
+FORWARD = ROOT / "sidecar" / "keyhole_sidecar" / "proxy" / "forward.py"
+MAX_PARAMETERS = 8
+
+
+def _parameters(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    args = function.args
+    named = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+    return len([a for a in named if a.arg not in ("self", "cls")])
+
+
+def _wide_functions(path: Path) -> list[str]:
+    return [f"{path.name}:{node.lineno} {node.name}" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and _parameters(node) > MAX_PARAMETERS]
+
+
+def test_forward_keeps_only_the_order_of_the_stages_and_the_relay():
+    lines = len(FORWARD.read_text().splitlines())
+    assert lines < 250, f"forward.py has {lines} lines: what was added belongs in a stage"
+
+
+def test_no_function_of_the_sidecar_takes_more_than_eight_parameters(tmp_path):
+    wide = [f for path in (ROOT / "sidecar").rglob("*.py") for f in _wide_functions(path)]
+    assert not wide, f"more than {MAX_PARAMETERS} parameters: {wide}"
+    sample = tmp_path / "x.py"  # and the check sees one
+    sample.write_text("def f(self, a, b, c, d, e, f, g, h, *, i): ...\n")
+    assert _wide_functions(sample) == ["x.py:1 f"]
 
 
 def test_the_internals_check_sees_an_internal_import(tmp_path):

@@ -26,6 +26,17 @@ class _ExpiringSource(Protocol):
     def expires_in(self, now: float) -> float | None: ...
 
 
+class _Answered(Protocol):
+    """What of a request's audit record its metrics count."""
+    method: str
+    protocol: str | None
+    status: int
+    decision: str
+    reason: str
+    bytes_in: int
+    bytes_out: int
+
+
 def method_label(method: str) -> str:
     return method if method in _METHODS else "OTHER"
 
@@ -267,15 +278,14 @@ class Metrics:
             self.available.remove(stale)
         self._available_labels = names
 
-    def request_done(self, injection: str, method: str, status: int, decision: str, reason: str,
-                     seconds: float, bytes_in: int, bytes_out: int,
-                     protocol: str = "http/1.1") -> None:
+    def request_done(self, injection: str, answered: _Answered, seconds: float) -> None:
         """Account for one answered request. Label lookups are memoised (the label sets are
         bounded, see the module docstring): prometheus-client's ``labels()`` locks and
         validates on every call, which showed in the request path's profile."""
         children = self._injection_children(injection)
-        outcome = (injection, method_label(method), f"{status // 100}xx", protocol, decision,
-                   reason)
+        decision, reason = answered.decision, answered.reason
+        outcome = (injection, method_label(answered.method), f"{answered.status // 100}xx",
+                   answered.protocol or "http/1.1", decision, reason)
         counters = self._per_outcome.get(outcome)
         if counters is None:
             counters = self._per_outcome[outcome] = (
@@ -283,5 +293,5 @@ class Metrics:
         counters[0].inc()
         counters[1].inc()
         children[0].observe(seconds)
-        children[1].inc(bytes_in)
-        children[2].inc(bytes_out)
+        children[1].inc(answered.bytes_in)
+        children[2].inc(answered.bytes_out)

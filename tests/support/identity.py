@@ -232,12 +232,11 @@ def verify_sigv4(request: web.Request, body: bytes,
     if content_hash == "UNSIGNED-PAYLOAD":
         if service != "s3":
             return "UNSIGNED-PAYLOAD is for S3 only"
-        from keyhole_sidecar.credentials.sigv4 import AwsKeys, sign
+        from keyhole_sidecar.credentials.sigv4 import AwsKeys, Scope, Unsigned, sign
         path, _, query = request.raw_path.partition("?")
-        expected = sign(method=request.method, raw_path=path, raw_query=query,
-                        headers=headers.items(), signed_headers=signed,
-                        payload_hash=content_hash, keys=AwsKeys(key_id, secret),
-                        region=region, service=service, amz_date=amz_date).authorization
+        expected = sign(Unsigned(request.method, path, query, headers.items(), signed,
+                                 content_hash),
+                        AwsKeys(key_id, secret), Scope(region, service, amz_date)).authorization
     else:
         if content_hash != hashlib.sha256(body).hexdigest():
             return "x-amz-content-sha256 does not match the body"

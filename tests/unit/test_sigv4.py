@@ -12,6 +12,8 @@ import pytest
 
 from keyhole_sidecar.credentials.sigv4 import (
     AwsKeys,
+    Scope,
+    Unsigned,
     canonical_uri,
     sign,
     without_presign_parameters,
@@ -46,12 +48,10 @@ def test_aws_published_vector(vector):
     headers = [(name, value) for name, value in request["headers"]]
     amz_date = next(value for name, value in headers if name.lower() == "x-amz-date")
     signed = sign(
-        method=request["method"], raw_path=request["path"], raw_query=request["query"],
-        headers=headers, signed_headers=[name for name, _ in headers],
-        payload_hash=hashlib.sha256(request["body"].encode()).hexdigest(),
-        keys=AwsKeys(config["accessKeyId"], config["secretAccessKey"]),
-        region=config["region"], service=config["service"], amz_date=amz_date,
-    )
+        Unsigned(request["method"], request["path"], request["query"], headers, [name for name, _ in headers],
+                 hashlib.sha256(request["body"].encode()).hexdigest()),
+        AwsKeys(config["accessKeyId"], config["secretAccessKey"]),
+        Scope(config["region"], config["service"], amz_date))
     assert signed.canonical_request == vector["creq"]
     consistent = hashlib.sha256(vector["creq"].encode()).hexdigest() == vector["sts"].split("\n")[-1]
     if consistent:
@@ -62,12 +62,10 @@ def test_aws_published_vector(vector):
     if KNOWN_ERRATA[vector["name"]].startswith("signs "):
         named = vector["authz"].split("SignedHeaders=")[1].split(",")[0].split(";")
         resigned = sign(
-            method=request["method"], raw_path=request["path"], raw_query=request["query"],
-            headers=headers, signed_headers=named,
-            payload_hash=hashlib.sha256(request["body"].encode()).hexdigest(),
-            keys=AwsKeys(config["accessKeyId"], config["secretAccessKey"]),
-            region=config["region"], service=config["service"], amz_date=amz_date,
-        )
+            Unsigned(request["method"], request["path"], request["query"], headers, named,
+                     hashlib.sha256(request["body"].encode()).hexdigest()),
+            AwsKeys(config["accessKeyId"], config["secretAccessKey"]),
+            Scope(config["region"], config["service"], amz_date))
         assert (resigned.string_to_sign, resigned.authorization) == (vector["sts"], vector["authz"])
 
 

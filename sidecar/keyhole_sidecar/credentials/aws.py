@@ -54,9 +54,7 @@ def sign_outgoing(out: Outgoing, keys: sigv4.AwsKeys, region: str, service: str)
     signed_names = {name.lower() for name in out.headers
                     if name.lower().startswith("x-amz-") or name.lower() in EXTRA_SIGNED}
     signed = sigv4.sign(
-        method=out.method, raw_path=out.path, raw_query=out.query,
-        headers=out.headers.items(), signed_headers=signed_names | {"host"},
-        payload_hash=payload_hash, keys=keys, region=region, service=service,
-        amz_date=amz_date,
-    )
+        sigv4.Unsigned(out.method, out.path, out.query, out.headers.items(),
+                       signed_names | {"host"}, payload_hash),
+        keys, sigv4.Scope(region, service, amz_date))
     out.headers["Authorization"] = signed.authorization

@@ -94,18 +94,38 @@ def signing_key(secret_access_key: str, date: str, region: str, service: str) ->
     return key
 
 
-def sign(*, method: str, raw_path: str, raw_query: str, headers: Iterable[tuple[str, str]],
-         signed_headers: Iterable[str], payload_hash: str, keys: AwsKeys, region: str,
-         service: str, amz_date: str) -> Signed:
-    """Sign one request. ``headers`` must already hold ``host`` and ``x-amz-date`` (and the
-    session token, when it is to be signed); ``amz_date`` is ``YYYYMMDDTHHMMSSZ``."""
-    block, signed_list = canonical_headers(headers, signed_headers)
-    creq = "\n".join((method, canonical_uri(raw_path, service), canonical_query(raw_query),
-                      block, signed_list, payload_hash))
-    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
-    sts = "\n".join((ALGORITHM, amz_date, scope, hashlib.sha256(creq.encode()).hexdigest()))
-    key = signing_key(keys.secret_access_key, amz_date[:8], region, service)
+@dataclass(frozen=True, slots=True)
+class Unsigned:
+    """The parts of a request that are signed. ``headers`` must already hold ``host`` and
+    ``x-amz-date`` (and the session token, when it is to be signed)."""
+    method: str
+    raw_path: str
+    raw_query: str
+    headers: Iterable[tuple[str, str]]
+    signed_headers: Iterable[str]
+    payload_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where and when a signature holds; ``amz_date`` is ``YYYYMMDDTHHMMSSZ``."""
+    region: str
+    service: str
+    amz_date: str
+
+
+def sign(request: Unsigned, keys: AwsKeys, scope: Scope) -> Signed:
+    """Sign one request."""
+    block, signed_list = canonical_headers(request.headers, request.signed_headers)
+    creq = "\n".join((request.method, canonical_uri(request.raw_path, scope.service),
+                      canonical_query(request.raw_query), block, signed_list,
+                      request.payload_hash))
+    day = scope.amz_date[:8]
+    credential_scope = f"{day}/{scope.region}/{scope.service}/aws4_request"
+    sts = "\n".join((ALGORITHM, scope.amz_date, credential_scope,
+                     hashlib.sha256(creq.encode()).hexdigest()))
+    key = signing_key(keys.secret_access_key, day, scope.region, scope.service)
     signature = hmac.new(key, sts.encode(), hashlib.sha256).hexdigest()
-    authorization = (f"{ALGORITHM} Credential={keys.access_key_id}/{scope}, "
+    authorization = (f"{ALGORITHM} Credential={keys.access_key_id}/{credential_scope}, "
                      f"SignedHeaders={signed_list}, Signature={signature}")
     return Signed(creq, sts, authorization)

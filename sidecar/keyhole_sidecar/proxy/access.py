@@ -50,17 +50,15 @@ def ask_of(body: bytes) -> tuple[str, int, str | None]:
 async def serve(ctx: ProxyContext, request: Request, record: AuditRecord) -> None:
     started = time.monotonic()
     status, body = await _answer(ctx, request, record)
-    record.status = status
     payload = (json.dumps(body) + "\n").encode()
+    record.status, record.protocol, record.bytes_out = status, request.protocol, len(payload)
     try:
         await request.reply.send(status, HTTPStatus(status).phrase,
                                  [("Content-Type", "application/json")], payload)
     except ConnectionError:
         pass
     finally:
-        ctx.metrics.request_done("-", request.method, status, record.decision, record.reason,
-                                 time.monotonic() - started, record.bytes_in, len(payload),
-                                 request.protocol)
+        ctx.metrics.request_done("-", record, time.monotonic() - started)
         ctx.audit.write(record)
 
 

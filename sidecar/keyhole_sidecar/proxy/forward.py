@@ -111,21 +111,20 @@ def _outbound(ex: Exchange) -> Outbound:
 
 async def _send(ctx: ProxyContext, out: Outbound, target: Target):
     """The upstream's answer to ``out``, or the ProxyError that says why there is none."""
-    where = f"{target.host}:{target.port}"
     try:
         return await ctx.pool.exchange(out, ctx.settings.upstream_timeout)
     except UnsafeHead as exc:
         raise BadRequest("bad_request", f"the request cannot be sent as it is: {exc}") from None
     except UpstreamClosed:
         ctx.metrics.upstream_errors.labels("upstream_reset").inc()
-        raise UpstreamFailed("upstream_reset", f"{where} closed the connection before "
+        raise UpstreamFailed("upstream_reset", f"{target.where} closed the connection before "
                              "answering") from None
     except BadResponse as exc:
         if exc.encoding:
             ctx.metrics.upstream_errors.labels("encoding").inc()
             raise refused_encoding(target.host, "unsupported") from None
         ctx.metrics.upstream_errors.labels("bad_response").inc()
-        raise UpstreamFailed("bad_response", f"{where} sent a malformed response") from None
+        raise UpstreamFailed("bad_response", f"{target.where} sent a malformed response") from None
     except (TimeoutError, OSError, ValueError, TargetRefused) as exc:
         failure = connect_failure(exc, target.host, target.port)
         if not isinstance(failure, Denied):
@@ -146,10 +145,9 @@ async def _relay(ex: Exchange, stages: list[Stage]) -> None:
     """Pass the upstream's answer to the client through the stages (nearest the upstream
     first): small bodies in one write, the rest as they arrive."""
     answer, request, target = ex.answer, ex.request, ex.target
-    where = f"{target.host}:{target.port}"
     if answer.code == 101:
         ex.ctx.metrics.upstream_errors.labels("bad_response").inc()
-        raise UpstreamFailed("bad_response", f"{where} switched protocols unasked")
+        raise UpstreamFailed("bad_response", f"{target.where} switched protocols unasked")
     ex.record.status = answer.code
     ex.bodyless = request.method == "HEAD" or answer.code in _NO_BODY_STATUSES
     length = content_length(answer.headers)
@@ -171,7 +169,7 @@ async def _relay(ex: Exchange, stages: list[Stage]) -> None:
             await _stream(ex, headers, stages, None if target.routed else length)
     except UnsafeHead as exc:  # raised before the head's first byte was written
         ex.ctx.metrics.upstream_errors.labels("bad_response").inc()
-        raise UpstreamFailed("bad_response", f"{where} sent a head the proxy will not pass "
+        raise UpstreamFailed("bad_response", f"{target.where} sent a head the proxy will not pass "
                              f"on: {exc}") from None
 
 
@@ -193,7 +191,7 @@ def _through(stages: list[Stage], data: bytes, last: bool) -> bytes:
 async def _answer_whole(ex: Exchange, headers: Fields, stages: list[Stage]) -> None:
     """Read a small body whole, pass it through the stages, answer in one write. Nothing has
     been sent to the client yet, so an upstream failing mid-body becomes a clean 502 here."""
-    payload, target = ex.answer.body, ex.target
+    payload = ex.answer.body
     try:
         if payload.is_eof() and payload.exception() is None:
             body = payload.read_nowait(-1)  # it came with the head (the usual case): no await
@@ -201,14 +199,14 @@ async def _answer_whole(ex: Exchange, headers: Fields, stages: list[Stage]) -> N
             body = await payload.read()
     except (ConnectionError, TimeoutError):
         ex.ctx.metrics.upstream_errors.labels("mid_body").inc()
-        raise UpstreamFailed("upstream_mid_body", f"{target.host}:{target.port} closed the "
-                             "connection before sending the whole response") from None
+        raise UpstreamFailed("upstream_mid_body", f"{ex.target.where} closed the connection "
+                             "before sending the whole response") from None
     try:
         body = _through(stages, body, True)
     except GrpcBodyError as exc:
         ex.ctx.metrics.upstream_errors.labels("encoding").inc()
-        raise UpstreamFailed("grpc_uninspectable", f"{target.host} sent a gRPC answer keyhole "
-                             f"cannot inspect for secrets: {exc}") from None
+        raise UpstreamFailed("grpc_uninspectable", f"{ex.target.host} sent a gRPC answer "
+                             f"keyhole cannot inspect for secrets: {exc}") from None
     ex.record.bytes_out = len(body)
     await ex.request.reply.send(ex.answer.code, ex.answer.reason, headers, body,
                                 _trailers(ex, stages))

@@ -124,9 +124,7 @@ async def _serve(ctx: ProxyContext, request: Request, record: AuditRecord,
                                                     "request; see the sidecar log"))
     finally:  # reasons are short codes: bounded labels
         ctx.inflight.leave()
-        ctx.metrics.request_done(label, request.method, record.status, record.decision,
-                                 record.reason, time.monotonic() - started,
-                                 record.bytes_in, record.bytes_out, request.protocol)
+        ctx.metrics.request_done(label, record, time.monotonic() - started)
         ctx.audit.write(record)
         if ctx.traces is not None:
             ctx.traces(record)

@@ -58,6 +58,11 @@ class Target:
         host = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
         return host if self.port == _DEFAULT_PORT.get(self.scheme) else f"{host}:{self.port}"
 
+    @property
+    def where(self) -> str:
+        """``host:port``, as errors name the upstream."""
+        return f"{self.host}:{self.port}"
+
     def url(self, scheme: str | None = None, query: str | None = None) -> URL:
         return URL.build(scheme=scheme or self.scheme, host=self.host, port=self.port,
                          path=self.path, encoded=True, query_string=(
