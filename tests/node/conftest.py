@@ -241,6 +241,9 @@ class Agents:
         pods = [p for p in self.kube.get_all("pods", self.namespace)
                 if p["metadata"].get("labels", {}).get("app") == app
                 and not p["metadata"].get("deletionTimestamp")]
+        evicted = [f"{p['metadata']['name']}: {p['status'].get('message')}" for p in pods
+                   if p.get("status", {}).get("reason") == "Evicted"]
+        assert not evicted, f"the kubelet evicted {app} pods: {evicted}"
         assert len(pods) == 1, f"expected one {app} pod, found {[p['metadata']['name'] for p in pods]}"
         return pods[0]
 

@@ -89,8 +89,10 @@ def sidecar_volumes(injections: list[Injection], settings: Settings) -> list[dic
 def no_api_token_volume() -> dict:
     """Nothing, mounted read-only: what keyhole's containers see where the pod's API token
     would be (an emptyDir: the API server writes an empty projected volume's sources as null,
-    which the protect-secrets policy's CEL cannot iterate)."""
-    return {"name": layout.NO_API_TOKEN_VOLUME, "emptyDir": {"sizeLimit": "1Ki"}}
+    which the protect-secrets policy's CEL cannot iterate). No sizeLimit: the kubelet measures
+    an emptyDir with du, an empty directory takes a block (4 KiB on ext4), and a limit below
+    that evicted every tagged pod a minute or two after it started."""
+    return {"name": layout.NO_API_TOKEN_VOLUME, "emptyDir": {}}
 
 
 NO_API_TOKEN_MOUNT = {"name": layout.NO_API_TOKEN_VOLUME, "mountPath": layout.API_TOKEN_DIR,
