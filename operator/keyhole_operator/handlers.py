@@ -27,6 +27,7 @@ What a reconcile does is ``reconcile``'s; approvals are ``approval_handlers``'.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import kopf
@@ -193,11 +194,12 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
     runtime = _runtime(memo)
     pod = plain(body)
     namespace = (pod.get("metadata") or {}).get("namespace") or ""
+    cluster = runtime.cluster  # both lists at once, from the watch cache (kube.CACHED)
     reads = [_ask("keyhole-inject", f"the SecretInjections of namespace {namespace}",
-                  runtime.cluster.list_namespace_injections, namespace)]
-    if runtime.settings.channel_url:  # both lists at once: a review waits for the slower
+                  functools.partial(cluster.list_namespace_injections, namespace, cached=True))]
+    if runtime.settings.channel_url:
         reads.append(_ask("keyhole-inject", "the ClusterSecretInjections",
-                          runtime.cluster.list_cluster_injections))
+                          functools.partial(cluster.list_cluster_injections, cached=True)))
     results = await asyncio.gather(*reads, return_exceptions=True)  # each read waited for
     for result in results:
         if isinstance(result, BaseException):

@@ -19,6 +19,18 @@ from keyhole_operator.annotations import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY
 log = logging.getLogger("keyhole.operator")
 
 
+CACHED = {"resource_version": "0"}
+"""A list served from the API server's watch cache as it stands, not a consistent read: under
+load a consistent list of a resource nobody is writing waits for the cache to be told of
+etcd's newest revision (40-50 ms median at 20 pod creates/s, measured by bench.admission),
+while the cache itself trails etcd by milliseconds. Pod admission reads this way: an injection
+created a few milliseconds before a pod may be missed, and the operator then marks the pod
+restart-required, as it does for a pod created before its injection."""
+
+
+POD_PAGE = 100
+
+
 class Cluster:
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None):
         if api_client is None:
@@ -109,20 +121,22 @@ class Cluster:
                                                           _preload_content=False)
         return json.loads(response.data)["items"]
 
-    def list_namespace_injections(self, namespace: str) -> list[dict]:
+    def list_namespace_injections(self, namespace: str, *, cached: bool = False) -> list[dict]:
+        """With ``cached``, what the API server's watch cache holds (see CACHED)."""
         response = self.custom.list_namespaced_custom_object(
             "keyhole.dev", "v1alpha1", namespace, "secretinjections", _preload_content=False,
-            _request_timeout=3)
+            _request_timeout=3, **(CACHED if cached else {}))
         return json.loads(response.data)["items"]
 
     # -- ClusterSecretInjections and the namespaces they serve --------------------------------
-    def list_cluster_injections(self) -> list[dict]:
+    def list_cluster_injections(self, *, cached: bool = False) -> list[dict]:
         """Every ClusterSecretInjection; none when their CRD is not installed (a chart
-        installed with crds.enabled=false and only the SecretInjection CRD applied)."""
+        installed with crds.enabled=false and only the SecretInjection CRD applied). With
+        ``cached``, what the API server's watch cache holds (see CACHED)."""
         try:
             response = self.custom.list_cluster_custom_object(
                 "keyhole.dev", "v1alpha1", "clustersecretinjections", _preload_content=False,
-                _request_timeout=3)
+                _request_timeout=3, **(CACHED if cached else {}))
         except ApiException as exc:
             if exc.status == 404:
                 return []
@@ -171,8 +185,20 @@ class Cluster:
 
     # -- pods ------------------------------------------------------------------------------
     def list_pods(self, namespace: str) -> list[dict]:
-        response = self.core.list_namespaced_pod(namespace, _preload_content=False)
-        return json.loads(response.data)["items"]
+        """Every pod of the namespace, read a page at a time (one consistent snapshot, as
+        kubectl reads): decoding a page is one call that holds the GIL, and one page of a
+        thousand pods stalled the webhook's event loop for tens of milliseconds."""
+        pods: list[dict] = []
+        token = None
+        while True:
+            response = self.core.list_namespaced_pod(
+                namespace, limit=POD_PAGE, _preload_content=False,
+                **({"_continue": token} if token else {}))
+            page = json.loads(response.data)
+            pods += page["items"]
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return pods
 
     def read_pod(self, namespace: str, name: str) -> dict | None:
         return _read_json(self.core.read_namespaced_pod, namespace, name)

@@ -79,6 +79,20 @@ def test_every_example_applies(kube, operator, namespace):
         kube.kubectl("delete", "clustersecretinjection", "openai", "--ignore-not-found")
 
 
+def test_the_operator_reads_every_pod_of_a_namespace_a_page_at_a_time(kube, operator, namespace,
+                                                                      monkeypatch):
+    """Reconciliation reads pods in pages (kube.POD_PAGE): none is lost between pages."""
+    import kubernetes
+
+    from keyhole_operator import kube as kube_module
+
+    monkeypatch.setattr(kube_module, "POD_PAGE", 2)
+    kube.apply([pod(f"paged-{number}") for number in range(5)], namespace)
+    cluster = kube_module.Cluster(kubernetes.config.new_client_from_config(str(kube.kubeconfig)))
+    assert sorted(p["metadata"]["name"] for p in cluster.list_pods(namespace)) == [
+        f"paged-{number}" for number in range(5)]
+
+
 def test_the_crd_refuses_mistakes_at_apply_time_with_cel(kube, crd, namespace):
     bad = openai_injection()
     bad["spec"]["headers"][0]["format"] = "Bearer\n{value}"
