@@ -211,7 +211,7 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
         fleet = valid_injections(cluster_listed[0])
         if fleet:
             labels = await _ask("keyhole-inject", f"the labels of namespace {namespace}",
-                                runtime.cluster.namespace_labels, namespace)
+                                cluster.namespace_labels, namespace)
             candidates += fleet
     chosen = injections_for_pod(candidates, pod, labels)
     if not chosen:
@@ -221,7 +221,7 @@ async def inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo, 
     level = None
     if wants_transparent(chosen, runtime.settings):  # keyhole-init needs NET_ADMIN and NET_RAW
         level = await _ask("keyhole-inject", f"the Pod Security level of namespace {namespace}",
-                           runtime.cluster.pod_security_level, namespace)
+                           cluster.pod_security_level, namespace)
     try:
         result = mutate(pod, chosen, runtime.settings, runtime.key(namespace), level,
                         managed_secrets(injections))

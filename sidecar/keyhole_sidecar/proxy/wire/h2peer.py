@@ -180,11 +180,14 @@ class H2Peer(asyncio.Protocol):
         if self._sending:
             self._wake_sent()
 
-    def write_goaway(self, code: int) -> None:
+    def write_goaway(self, refusal: ngh2.ConnectionProtocolError) -> None:
         """The GOAWAY for a connection ``ngh2`` can no longer frame for (it refused the peer's
-        bytes): built by hyperframe from the last stream we acted on and ``code``."""
+        bytes): built by hyperframe from the last stream we acted on, ENHANCE_YOUR_CALM for a
+        flood, PROTOCOL_ERROR for the rest."""
         from hyperframe.frame import GoAwayFrame
 
+        code = (ngh2.ErrorCode.ENHANCE_YOUR_CALM if isinstance(refusal, ngh2.DenialOfServiceError)
+                else ngh2.ErrorCode.PROTOCOL_ERROR)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(GoAwayFrame(0, last_stream_id=self.last_stream_id,
                                              error_code=code).serialize())
@@ -217,7 +220,7 @@ class H2Peer(asyncio.Protocol):
         for stream_id, waiter in list(self._sending.items()):
             try:
                 queued = self.h2.queued_body_size(stream_id)
-            except Exception:  # the stream is gone; the writer finds out
+            except ngh2.NGH2Error:  # the connection is spent; the writer finds out
                 queued = 0
             if queued == 0:
                 del self._sending[stream_id]

@@ -297,8 +297,7 @@ class H2ClientConnection(H2Peer):
         """libnghttp2 refused the client's bytes (an oversized header list, a CONTINUATION
         flood) and can frame nothing more: our own GOAWAY, then close."""
         self._malformed(_refusal(exc), type(exc).__name__)
-        self.write_goaway(Codes.ENHANCE_YOUR_CALM if isinstance(exc, ngh2.DenialOfServiceError)
-                          else Codes.PROTOCOL_ERROR)
+        self.write_goaway(exc)
         self._close()
 
     def _malformed(self, detail: str, name: str) -> None:

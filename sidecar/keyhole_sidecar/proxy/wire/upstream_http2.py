@@ -181,9 +181,7 @@ class H2Upstream(H2Peer):
 
     # -- transport events --------------------------------------------------------------------
     def protocol_error(self, exc: ngh2.ConnectionProtocolError) -> None:
-        self.write_goaway(ngh2.ErrorCode.ENHANCE_YOUR_CALM
-                          if isinstance(exc, ngh2.DenialOfServiceError)
-                          else ngh2.ErrorCode.PROTOCOL_ERROR)
+        self.write_goaway(exc)
         self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
