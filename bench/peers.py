@@ -19,6 +19,8 @@ from pathlib import Path
 
 import trustme
 
+from tests.support.cache import cache_root, go_program
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "bench.routed.test"
 TOKEN = "sk-bench-0123456789abcdefABCDEF"  # noqa: S105 - a made-up benchmark value
@@ -32,20 +34,8 @@ def free_port() -> int:
 
 
 def go_binary(name: str) -> Path:
-    """The Go program in ``bench/<name>`` built once per version of its source, in the cache
-    outside the work tree (Go builds the bench's own tools: nothing of the product is Go)."""
-    import hashlib
-
-    source = Path(__file__).resolve().parent / name
-    files = sorted(n for n in ("main.go", "go.mod", "go.sum") if (source / n).exists())
-    digest = hashlib.sha256(b"".join((source / n).read_bytes() for n in files)).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
-    binary = cache / f"bench-{name}-{digest}"
-    if not binary.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source, check=True,
-                       env={**os.environ, "GOFLAGS": "-mod=mod"}, timeout=600)
-    return binary
+    """The Go program in ``bench/<name>`` (the bench's own tools), built once per version."""
+    return go_program(Path(__file__).resolve().parent / name, f"bench-{name}")
 
 
 def pinned(cpu: int, command: list[str]) -> list[str]:
@@ -346,7 +336,7 @@ workers 1
     return process
 
 
-MITM_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole" / "mitmproxy-venv"
+MITM_VENV = cache_root() / "mitmproxy-venv"
 MITM_VERSION = "11.0.2"  # the newest that runs on Python 3.11
 
 

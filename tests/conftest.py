@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.support.cache import cache_root, go_program
 from tests.support.config import GRPC_KEY, H2_KEY, INJECTIONS, SECRETS, injection, ref, resolve_all
 from tests.support.h2_upstream import GrpcUpstream, H2EchoServer
 from tests.support.mcp import mcp_proxy, mcp_upstreams  # noqa: F401 (fixtures: MCP tests)
@@ -151,10 +152,9 @@ def go_client(tmp_path_factory):
     """The Go client, built once per source version into the user's cache."""
     source = Path(__file__).resolve().parent / "clients" / "fetch.go"
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
-    binary = cache / f"fetch-go-{digest}"
+    binary = cache_root() / f"fetch-go-{digest}"
     if not binary.exists():
-        cache.mkdir(parents=True, exist_ok=True)
+        binary.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["go", "build", "-o", str(binary), str(source)], check=True,
                        capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod",
                                                  "GO111MODULE": "off"}, timeout=600)
@@ -168,19 +168,8 @@ def grpc_go_client():
 
 
 def _go_binary(name: str) -> Path:
-    """A Go program under tests/clients/``name``, built once per source version into the
-    user's cache (Go only builds test infrastructure)."""
-    source = Path(__file__).resolve().parent / "clients" / name
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(source.iterdir())
-                                     if p.suffix in (".go", ".mod", ".sum"))).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
-    binary = cache / f"{name}-{digest}"
-    if not binary.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "build", "-o", str(binary), "."], check=True, cwd=source,
-                       capture_output=True, env={**os.environ, "GOFLAGS": "-mod=mod"},
-                       timeout=600)
-    return binary
+    """A Go program under tests/clients/``name``, built once per source version."""
+    return go_program(Path(__file__).resolve().parent / "clients" / name, name)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support.cache import cache_root
 from tests.support.ports import free_port
 from tests.support.probe import http_status
 
@@ -53,11 +54,6 @@ HELM_LDFLAGS = " ".join([  # what helm's Makefile stamps: its version, and its d
 ])
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_CIDR_FIRST = "10.96.0.1"  # the `kubernetes` Service, which pods reach the API server by
-
-
-def cache_root() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "keyhole"
 
 
 def pins_digest(module: Path = HERE) -> str:

@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.cluster.controlplane import HERE, KUBERNETES_VERSION, _go, cache_root
+from tests.cluster.controlplane import HERE, KUBERNETES_VERSION, _go
+from tests.support.cache import cache_root
 
 ROOT = HERE.parents[1]
 REGISTRY = "keyhole.test"

@@ -19,10 +19,11 @@ import trustme
 import yaml
 
 from tests.chart.helm import CHART
-from tests.cluster.controlplane import build, cache_root, helm_binary
+from tests.cluster.controlplane import build, helm_binary
 from tests.cluster.images import all_images
 from tests.cluster.kube import Kube
 from tests.cluster.node import NODE_IP, Node
+from tests.support.cache import cache_root
 from tests.support.upstream import TEST_HOSTS, Upstream, UpstreamServer
 
 ROOT = Path(__file__).resolve().parents[2]

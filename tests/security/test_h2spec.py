@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cache import cache_root
+
 H2SPEC = "github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible"
 KEPT_DEVIATIONS = {("http2/3.5", "Sends invalid connection preface")}  # HTTP/1.1 answers it
 
@@ -22,8 +24,7 @@ KEPT_DEVIATIONS = {("http2/3.5", "Sends invalid connection preface")}  # HTTP/1.
 def h2spec() -> Path:
     """h2spec, built once per version into the user's cache from the Go module proxy."""
     version = H2SPEC.rpartition("@")[2]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keyhole"
-    folder = cache / f"h2spec-{version}"
+    folder = cache_root() / f"h2spec-{version}"
     binary = folder / "h2spec"
     if not binary.exists():
         folder.mkdir(parents=True, exist_ok=True)
